@@ -1,0 +1,40 @@
+# cnnlab: `make run` trains the default model, `make test` runs the tests; both set up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The offline copy of fashion_mnist beside this repo; elsewhere TFDS downloads it.
+SHARED_DATA ?= $(abspath ../shared/data/tfds_array_record)
+export TFDS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+
+.PHONY: help setup run test test-full lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/cnnlab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/cnnlab ## create .venv and install cnnlab with its test tools
+
+run: setup ## train ResNet-20 on fashion_mnist (the default config) and report test error
+	$(BIN)/cnnlab train $(ARGS)
+
+test: setup ## run the test suite (skips tests marked slow)
+	$(BIN)/pytest -q -m "not slow" $(ARGS)
+
+test-full: setup ## run every test, slow ones included
+	$(BIN)/pytest -q $(ARGS)
+
+lint: setup ## ruff
+	$(BIN)/ruff check .
+
+bench: setup ## throughput of cnnlab vs an equivalent PyTorch script, ResNet-20 and -56
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+clean: ## remove run outputs (not the venv)
+	rm -rf outputs multirun .pytest_cache

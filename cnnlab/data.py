@@ -1,0 +1,347 @@
+"""TFDS image-classification datasets loaded once into host NumPy arrays.
+
+The trainer moves these arrays to the accelerator itself; this module only decides how to read a
+dataset that TFDS has prepared (or can prepare) and returns uint8 images, int32 labels and the
+per-channel normalisation statistics of the training images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
+
+# Examples per `__getitems__` call: large enough that the per-call overhead of the array_record
+# reader vanishes, small enough that a chunk of decoded example dicts stays a few tens of MB even
+# for 32x32x3 or larger images.
+_READ_CHUNK = 4096
+# Images per chunk when computing mean/std, bounding the float64 temporary to ~100 MB at 32x32x3.
+_STATS_CHUNK = 4096
+
+# (builder, split, image_key, label_key, image_shape, max_examples) -> (images, labels)
+_Reader = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset is neither prepared in data_dir nor downloadable.
+
+    The message is a single line that names the dataset, the folder searched and what to do.
+    """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: `==` on arrays is not a bool
+class ArraySplit:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int32
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}"
+            )
+        if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be int32 ({len(self.images)},), got "
+                f"{self.labels.dtype} {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    train: ArraySplit
+    test: ArraySplit
+    val: ArraySplit | None
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    mean: np.ndarray  # (C,) float32, of the train images (after val hold-out), pixel scale [0, 1]
+    std: np.ndarray  # (C,) float32, same
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    image_key: str = "image",
+    label_key: str = "label",
+    val_size: int = 0,
+    val_seed: int = 0,
+    download: bool = True,
+    max_examples: int | None = None,
+) -> Dataset:
+    """Loads a TFDS classification dataset into memory as NumPy arrays.
+
+    Args:
+      name: TFDS name, optionally with config/version (``"cifar10"``, ``"mnist:3.0.1"``).
+      data_dir: TFDS data dir; ``None`` uses TFDS's default, which honours ``TFDS_DATA_DIR``.
+      train_split, test_split: TFDS split names or slices (``"train[:50%]"``).
+      image_key, label_key: feature names of the image and of its ``ClassLabel``.
+      val_size: number of train examples held out (and removed from train) as validation.
+      val_seed: seed of the hold-out permutation; independent of any training seed so the
+        validation set stays the same across training runs.
+      download: whether a dataset missing from ``data_dir`` may be downloaded and prepared.
+      max_examples: keep only the first ``max_examples`` of each split (quick runs and tests).
+        The hold-out is drawn after truncation, so it depends on this value.
+
+    Raises:
+      DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
+      ValueError: inconsistent arguments (``val_size``, ``max_examples``, feature keys).
+    """
+    if val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+
+    start = time.perf_counter()
+    builder = _builder(name, data_dir)
+    image_shape, num_classes = _feature_spec(builder, image_key, label_key)
+    read = _choose_reader(builder, download)
+
+    def read_split(split: str) -> ArraySplit:
+        images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)
+        return _to_array_split(images, labels, image_shape, num_classes, f"{name}/{split}")
+
+    train = read_split(train_split)
+    if not len(train):
+        raise ValueError(f"{name}/{train_split} is empty: no statistics or training possible")
+    val = None
+    if val_size:
+        if val_size >= len(train):
+            raise ValueError(
+                f"val_size={val_size} must be smaller than the {len(train)} examples of "
+                f"{name}/{train_split}"
+            )
+        train, val = _hold_out(train, val_size, val_seed)
+    test = read_split(test_split)
+    mean, std = channel_mean_std(train.images)
+    log.info(
+        "loaded %s: train=%d val=%d test=%d %s in %.1fs",
+        name,
+        len(train),
+        0 if val is None else len(val),
+        len(test),
+        image_shape,
+        time.perf_counter() - start,
+    )
+    return Dataset(
+        name=name,
+        train=train,
+        test=test,
+        val=val,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        mean=mean,
+        std=std,
+    )
+
+
+def channel_mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of uint8 NHWC images, on the [0, 1] pixel scale."""
+    num_channels = images.shape[-1]
+    count = images.size // num_channels
+    # Two passes over uint8 chunks: a float64 copy of the whole train set would be 8x its size,
+    # and E[x^2] - E[x]^2 in one pass loses precision that the second pass keeps.
+    total = np.zeros(num_channels, np.float64)
+    for chunk in _chunks(images, _STATS_CHUNK):
+        total += chunk.sum(axis=(0, 1, 2), dtype=np.float64)
+    mean = total / count
+    sq_dev = np.zeros(num_channels, np.float64)
+    for chunk in _chunks(images, _STATS_CHUNK):
+        sq_dev += np.square(chunk - mean).sum(axis=(0, 1, 2))
+    std = np.sqrt(sq_dev / count)
+    return (mean / 255.0).astype(np.float32), (std / 255.0).astype(np.float32)
+
+
+def _chunks(array: np.ndarray, size: int) -> Sequence[np.ndarray]:
+    return [array[i : i + size] for i in range(0, len(array), size)]
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    # Imported here so that importing cnnlab (e.g. for --help) does not pay for TFDS.
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as exc:
+        raise DatasetUnavailableError(
+            f"unknown TFDS dataset {name!r} (tensorflow-datasets {tfds.__version__} has no builder "
+            "of that name): check the spelling, e.g. 'cifar10', 'cifar100', 'mnist', "
+            "'fashion_mnist', 'svhn_cropped'"
+        ) from exc
+    except Exception as exc:  # bad version/config: TFDS raises assorted types with long messages
+        raise DatasetUnavailableError(
+            f"cannot construct TFDS dataset {name!r}: {_one_line(exc)}"
+        ) from exc
+
+
+def _feature_spec(
+    builder: tfds.core.DatasetBuilder, image_key: str, label_key: str
+) -> tuple[tuple[int, int, int], int]:
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    name = builder.info.name
+    for key in (image_key, label_key):
+        if key not in features:
+            raise ValueError(f"{name} has no feature {key!r}; it has {sorted(features.keys())}")
+    image = features[image_key]
+    shape = tuple(image.shape)
+    if len(shape) != 3 or None in shape or np.dtype(image.np_dtype) != np.uint8:
+        raise ValueError(
+            f"{name}/{image_key} must be fixed-size uint8 (H, W, C) images, got "
+            f"{image.np_dtype} {shape}"
+        )
+    label = features[label_key]
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise ValueError(f"{name}/{label_key} must be a ClassLabel, got {type(label).__name__}")
+    return (int(shape[0]), int(shape[1]), int(shape[2])), int(label.num_classes)
+
+
+def _choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
+    import tensorflow_datasets as tfds
+
+    name = builder.info.name
+    array_record = tfds.core.FileFormat.ARRAY_RECORD
+    if builder.is_prepared():
+        formats = builder.info.available_file_formats()
+        if array_record in formats:
+            return _read_data_source
+        if tfds.core.FileFormat.TFRECORD in formats:
+            if _tensorflow_available():
+                return _read_tensorflow
+            raise DatasetUnavailableError(
+                f"{name} in {builder.data_dir} is prepared as tfrecord, which TFDS can only read "
+                "with TensorFlow: `pip install tensorflow`, or point data_dir at an array_record "
+                f"copy (`tfds build {name} --file_format=array_record --data_dir DIR`)"
+            )
+        raise DatasetUnavailableError(
+            f"{name} in {builder.data_dir} is prepared as {sorted(f.value for f in formats)}, "
+            "which this loader cannot read: re-prepare it with --file_format=array_record"
+        )
+
+    build_hint = (
+        f"build it where there is internet with `tfds build {name} --file_format=array_record "
+        "--data_dir DIR` and pass dataset.data_dir=DIR (or set TFDS_DATA_DIR=DIR)"
+    )
+    if not download:
+        raise DatasetUnavailableError(
+            f"{name} is not prepared in {builder.data_dir} and download=False: allow the download "
+            f"(dataset.download=true), or {build_hint}"
+        )
+    log.info("%s not prepared in %s: downloading and preparing it", name, builder.data_dir)
+    try:
+        # array_record so the result is readable without TensorFlow, by random access.
+        builder.download_and_prepare(file_format=array_record.value)
+    except Exception as exc:
+        cause = _one_line(exc)
+        if isinstance(exc, ImportError) and "tensorflow" in cause.lower():
+            hint = f"preparing needs TensorFlow: `pip install tensorflow`, or {build_hint}"
+        else:
+            hint = f"rerun where there is internet, or {build_hint}"
+        raise DatasetUnavailableError(
+            f"{name} is not prepared in {builder.data_dir} and could not be downloaded "
+            f"({type(exc).__name__}: {cause}): {hint}"
+        ) from exc
+    return _read_data_source
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _read_data_source(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    image_key: str,
+    label_key: str,
+    image_shape: tuple[int, int, int],
+    max_examples: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        source = builder.as_data_source(split=split)
+    except ValueError as exc:  # unknown split or bad slice; TFDS's message spans lines
+        raise ValueError(f"{builder.info.name}: bad split {split!r}: {_one_line(exc)}") from exc
+    n = len(source) if max_examples is None else min(len(source), max_examples)
+    images = np.empty((n, *image_shape), np.uint8)
+    labels = np.empty((n,), np.int64)
+    for start in range(0, n, _READ_CHUNK):
+        stop = min(n, start + _READ_CHUNK)
+        # One batched read per chunk: array_record serves a list of keys with one call, whereas
+        # per-index access pays Python and file-seek overhead for every example.
+        examples = source.__getitems__(range(start, stop))
+        for i, example in enumerate(examples, start):
+            # reshape: grayscale decoders may drop the trailing channel axis.
+            images[i] = np.reshape(example[image_key], image_shape)
+            labels[i] = example[label_key]
+    return images, labels
+
+
+def _read_tensorflow(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    image_key: str,
+    label_key: str,
+    image_shape: tuple[int, int, int],
+    max_examples: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow_datasets as tfds
+
+    # batch_size=-1 materialises the split as one tensor per feature; truncating afterwards
+    # keeps user split strings such as "train[:10%]" valid (no second slice appended).
+    try:
+        dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
+    except ValueError as exc:
+        raise ValueError(f"{builder.info.name}: bad split {split!r}: {_one_line(exc)}") from exc
+    batch = tfds.as_numpy(dataset)
+    images = np.asarray(batch[image_key])[:max_examples]
+    labels = np.asarray(batch[label_key])[:max_examples]
+    return np.ascontiguousarray(images).reshape((len(images), *image_shape)), labels
+
+
+def _to_array_split(
+    images: np.ndarray,
+    labels: np.ndarray,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    where: str,
+) -> ArraySplit:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{where} has labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes})"
+        )
+    return ArraySplit(
+        images=np.asarray(images, np.uint8).reshape((len(images), *image_shape)),
+        labels=labels.astype(np.int32),
+    )
+
+
+def _hold_out(train: ArraySplit, val_size: int, val_seed: int) -> tuple[ArraySplit, ArraySplit]:
+    perm = np.random.default_rng(val_seed).permutation(len(train))
+    # Sorted indices keep both parts in the original file order, so the result does not depend
+    # on permutation order beyond set membership and memory access stays sequential.
+    val_idx = np.sort(perm[:val_size])
+    train_idx = np.sort(perm[val_size:])
+    return (
+        ArraySplit(images=train.images[train_idx], labels=train.labels[train_idx]),
+        ArraySplit(images=train.images[val_idx], labels=train.labels[val_idx]),
+    )
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

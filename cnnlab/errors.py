@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI turns these into one line on stderr and exit code 2."""
+
+
+class ConfigError(ValueError):
+    """A bad value in the user's config or command line, detected before anything compiles."""

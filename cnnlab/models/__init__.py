@@ -1,0 +1,62 @@
+"""Model families, looked up by the `family` key of a `conf/model/*.yaml` file."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab.errors import ConfigError
+from cnnlab.models import cifar_resnet
+from cnnlab.models.layers import Layers, build_layers
+from cnnlab.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A family's option schema (a dataclass with `validate()`) and its builder."""
+
+    options: type
+    build: Callable[[Any, int, Layers], nn.Module]
+
+
+FAMILIES: Registry[ModelFamily] = Registry("model family")
+FAMILIES.register("cifar_resnet", ModelFamily(cifar_resnet.CifarResNetOptions, cifar_resnet.build))
+
+# Keys every model config has besides its family's own options.
+COMMON_KEYS = ("name", "family")
+
+
+def model_options(model_cfg: DictConfig) -> Any:
+    """Type-check a model config against its family's schema and validate the values."""
+    family = FAMILIES.get(model_cfg.family)
+    own = {k: v for k, v in OmegaConf.to_container(model_cfg).items() if k not in COMMON_KEYS}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(family.options), own)
+    except OmegaConfBaseException as e:
+        key = f"model.{e.full_key}" if getattr(e, "full_key", None) else "model"
+        raise ConfigError(f"{key}: {e.msg.splitlines()[0]}") from None
+    options = OmegaConf.to_object(merged)
+    options.validate()
+    return options
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """The Flax module a full run config describes."""
+    layers = build_layers(cfg.init, cfg.activation, cfg.norm)
+    return FAMILIES.get(cfg.model.family).build(model_options(cfg.model), num_classes, layers)
+
+
+def count_params(params: Any) -> int:
+    return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> Any:
+    """Initialize on a single dummy image; shapes only depend on the input's H, W, C."""
+    return jax.jit(model.init, static_argnames="train")(
+        key, jnp.zeros((1, *image_shape), jnp.float32), train=False
+    )

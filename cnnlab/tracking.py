@@ -1,0 +1,92 @@
+"""Where metrics go: `metrics.jsonl` and `summary.json` in the run directory, and W&B.
+
+The local files are the source of truth (offline tools such as `cnnlab compare` read them); W&B
+mirrors them. W&B defaults to offline mode, which needs neither an API key nor a network.
+"""
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact that it diverged readable
+    return value
+
+
+class RunTracker:
+    """Appends one JSON object per logging event and mirrors it to W&B."""
+
+    def __init__(self, run_dir: Path, config: dict, logger: DictConfig, group: str | None,
+                 resume_step: int | None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.summary_path = self.run_dir / SUMMARY_FILE
+        self._drop_events_after(resume_step or 0)
+        self._wandb = self._init_wandb(config, logger, group) if logger.mode != "disabled" else None
+
+    def _drop_events_after(self, step: int) -> None:
+        """On resume, forget events past the checkpoint: they are recomputed identically."""
+        if not self.metrics_path.exists():
+            return
+        kept = [
+            line for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
+
+    def _init_wandb(self, config: dict, logger: DictConfig, group: str | None) -> Any:
+        import wandb
+
+        id_path = self.run_dir / WANDB_ID_FILE
+        if not id_path.exists():
+            id_path.write_text(secrets.token_hex(4))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return wandb.init(
+            project=logger.project,
+            entity=logger.entity,
+            group=group,
+            tags=list(logger.tags),
+            name=logger.name,
+            config=config,
+            dir=str(self.run_dir),
+            mode=logger.mode,
+            id=id_path.read_text().strip(),
+            resume="allow",
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return None if self._wandb is None else self._wandb.dir
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        event = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        clean = {k: _jsonable(v) for k, v in summary.items()}
+        tmp = self.summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(clean, indent=2) + "\n")
+        tmp.replace(self.summary_path)
+        if self._wandb is not None:
+            self._wandb.summary.update(clean)
+
+    def finish(self, failed: bool = False) -> None:
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=1 if failed else 0)
+            self._wandb = None

@@ -1,0 +1,214 @@
+"""`train(cfg, run_dir)`: one complete run, from data loading to the final summary.
+
+The host loop only dispatches compiled chunks of `train.steps_per_call` steps; it reads metrics
+back from the device at logging intervals, where it also checks for divergence.
+"""
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cnnlab import data as data_lib
+from cnnlab import steps
+from cnnlab.augment import make_augment
+from cnnlab.checkpoint import Checkpointer
+from cnnlab.errors import ConfigError
+from cnnlab.models import build_model, count_params, init_variables
+from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab.tracking import RunTracker
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def load_data(cfg: DictConfig) -> data_lib.Dataset:
+    ds = cfg.dataset
+    try:
+        return data_lib.load_dataset(
+            ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
+            image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
+            val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
+        )
+    except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
+        raise ConfigError(f"dataset {ds.name}: {e}") from None
+
+
+def to_device(split: data_lib.ArraySplit, dataset: data_lib.Dataset,
+              pad_to: int = 1) -> steps.DeviceSplit:
+    """Move a split to the default device, padded to a multiple of `pad_to` examples."""
+    n = len(split)
+    padded = math.ceil(n / pad_to) * pad_to
+    images = np.zeros((padded, *split.images.shape[1:]), np.uint8)
+    images[:n] = split.images
+    labels = np.zeros((padded,), np.int32)
+    labels[:n] = split.labels
+    return jax.device_put(steps.DeviceSplit(
+        images=images, labels=labels, mask=np.arange(padded) < n,
+        mean=np.asarray(dataset.mean, np.float32), std=np.asarray(dataset.std, np.float32),
+    ))
+
+
+def init_state(
+    cfg: DictConfig, model: Any, tx: Any, image_shape: tuple[int, ...]
+) -> steps.TrainState:
+    root = jax.random.PRNGKey(cfg.seed)
+    init_key, run_key = jax.random.split(root)
+    variables = init_variables(model, init_key, image_shape)
+    params = variables["params"]
+    return steps.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=run_key,
+    )
+
+
+class Evaluator:
+    """Evaluates the state on the held-out splits; one compiled function for all of them."""
+
+    def __init__(self, model: Any, dataset: data_lib.Dataset, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._eval_batch = steps.make_eval_batch(model, batch_size)
+        self.splits = {"test": to_device(dataset.test, dataset, batch_size)}
+        if dataset.val is not None:
+            self.splits["val"] = to_device(dataset.val, dataset, batch_size)
+
+    def __call__(self, state: steps.TrainState) -> dict[str, float]:
+        results = {}
+        for name, split in self.splits.items():
+            sums = steps.zero_metrics()
+            for index in range(split.labels.shape[0] // self.batch_size):
+                batch = self._eval_batch(state.params, state.batch_stats, split, index)
+                sums = jax.tree.map(jnp.add, sums, batch)
+            for key, value in steps.summarize(jax.device_get(sums)).items():
+                results[f"{name}/{key}"] = value
+        return results
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """Train as `cfg` says, writing logs and checkpoints to `run_dir`; returns the summary."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    dataset = load_data(cfg)
+    if tc.batch_size > len(dataset.train):
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} exceeds the {len(dataset.train)} training "
+            f"examples of {dataset.name}"
+        )
+    model = build_model(cfg, dataset.num_classes)
+    schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, tc.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    state = init_state(cfg, model, tx, dataset.image_shape)
+    num_params = count_params(state.params)
+
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint.keep)
+    meta: dict[str, Any] = {"wall_time": 0.0, "best": {}}
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        state, meta = checkpointer.restore(resume_step, state)
+    start_step = int(state.step)
+
+    tracker = RunTracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger, group,
+                         resume_step)
+    train_data = to_device(dataset.train, dataset)
+    train_chunk = steps.make_train_chunk(
+        steps.make_train_step(model, tx, make_augment(cfg.augment), tc.batch_size)
+    )
+    evaluate = Evaluator(model, dataset, tc.eval_batch_size)
+    steps_per_epoch = len(dataset.train) // tc.batch_size
+
+    summary: dict[str, Any] = {
+        "status": "running", "model": cfg.model.name, "dataset": dataset.name,
+        "params": num_params, "steps": tc.steps, "seed": cfg.seed,
+        "resumed_from": resume_step,
+    }
+    tracker.write_summary(summary)
+    best: dict[str, float] = meta["best"]
+    wall_offset = meta["wall_time"] - (time.perf_counter() - t_start)
+    window_sums, window_steps = steps.zero_metrics(), 0
+    # Throughput is timed from the end of the first (compiling) chunk.
+    timer_start, timed_steps = None, 0
+    throughput: list[float] = []
+    last: dict[str, float] = {}
+    status = "finished"
+    progress = tqdm(total=tc.steps, initial=start_step, disable=not cfg.progress,
+                    desc=cfg.model.name, unit="step", dynamic_ncols=True)
+    step = start_step
+    try:
+        while step < tc.steps:
+            num_steps = min(tc.steps_per_call, tc.steps - step)
+            state, sums = train_chunk(state, train_data, num_steps)
+            step += num_steps
+            progress.update(num_steps)
+            window_sums = jax.tree.map(jnp.add, window_sums, sums)
+            window_steps += num_steps
+            if timer_start is None:
+                jax.block_until_ready(sums)
+                timer_start = time.perf_counter()
+            else:
+                timed_steps += num_steps
+
+            event: dict[str, float] = {}
+            if _due(step, tc.log_every) or step == tc.steps:
+                event.update({f"train/{k}": v for k, v in
+                              steps.summarize(jax.device_get(window_sums)).items()})
+                if timed_steps:
+                    rate = timed_steps * tc.batch_size / (time.perf_counter() - timer_start)
+                    event["images_per_sec"] = rate
+                    throughput.append(rate)
+                window_sums, window_steps = steps.zero_metrics(), 0
+            if _due(step, tc.eval_every) or step == tc.steps:
+                event.update(evaluate(state))
+                for key in ("test/error", "val/error"):
+                    if key in event:
+                        best[key] = min(best.get(key, math.inf), event[key])
+            if event:
+                event.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
+                             wall_time=wall_offset + time.perf_counter() - t_start)
+                tracker.log(step, event)
+                last.update(event)
+                if "train/loss" in event:
+                    progress.set_postfix(loss=f"{event['train/loss']:.3f}",
+                                         err=f"{event['train/error']:.1f}%")
+                if tc.stop_on_nan and not math.isfinite(event.get("train/loss", 0.0)):
+                    status = "diverged"
+                    break
+            if cfg.checkpoint.enabled and (_due(step, cfg.checkpoint.every) or step == tc.steps):
+                meta = {"wall_time": wall_offset + time.perf_counter() - t_start, "best": best}
+                checkpointer.save(step, state, meta)
+            if event:
+                # Restart the clock after host work so evaluation and saving are not counted.
+                timer_start, timed_steps = time.perf_counter(), 0
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException as error:
+        status = "failed"
+        summary["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise
+    finally:
+        progress.close()
+        checkpointer.close()
+        summary.update(
+            status=status,
+            final_step=step,
+            wall_time=wall_offset + time.perf_counter() - t_start,
+            images_per_sec=float(np.median(throughput)) if throughput else None,
+            **{f"final/{k}": v for k, v in last.items() if "/" in k},
+            **{f"best/{k}": v for k, v in best.items()},
+        )
+        tracker.write_summary(summary)
+        tracker.finish(failed=status != "finished")
+    return summary
+

@@ -1,0 +1,139 @@
+"""Test helpers: the offline fashion_mnist, tiny run overrides, config composition, the CLI."""
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow_datasets as tfds
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from tensorflow_datasets.testing import mocking
+
+from cnnlab.config import CONF_DIR, resolve_presets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("CNNLAB_SHARED_DATA",
+                               REPO.parent / "shared" / "data" / "tfds_array_record"))
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "fashion_mnist").is_dir():
+        pytest.skip(f"offline fashion_mnist not found at {path}")
+    return path
+
+
+# A few seconds per run on 2 CPU cores: ResNet-8 at width 4 on 1,024 real images.
+TINY = [
+    "model=resnet20", "model.depth=8", "model.width=4",
+    "dataset.max_examples=1024", "train.batch_size=32", "train.steps=20",
+    "train.steps_per_call=5", "train.log_every=10", "train.eval_every=0",
+    "train.eval_batch_size=256", "checkpoint.every=10", "progress=false",
+]
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides or [])
+    resolve_presets(cfg)
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `cnnlab ARGS` in a fresh process, as a user would."""
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["TFDS_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_wandb_records(path: Path) -> list:
+    """Decode an offline `run-<id>.wandb` file into wandb's protobuf `Record`s.
+
+    The file is a LevelDB-style log: a 7-byte header (b":W&B", magic, version), then 32 KiB
+    blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first,
+    3 middle, 4 last). wandb 0.31 no longer ships a Python reader, so the tests carry this one.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    block, data = 32768, Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        left_in_block = block - pos % block
+        if left_in_block < 7:
+            pos += left_in_block
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def wandb_run_contents(run_dir: Path) -> dict:
+    """History rows, config keys, group and summary of the offline W&B run(s) in `run_dir`."""
+    import json as json_lib
+
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    out: dict = {"files": files, "history": [], "config": {}, "groups": set(), "summary": {}}
+    for file in files:
+        for record in read_wandb_records(file):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                row = {(i.key or "/".join(i.nested_key)): json_lib.loads(i.value_json)
+                       for i in record.history.item}
+                out["history"].append(row)
+            elif kind == "run":
+                out["groups"].add(record.run.run_group)
+                for item in record.run.config.update:
+                    out["config"][item.key] = json_lib.loads(item.value_json)
+            elif kind == "config":
+                for item in record.config.update:
+                    out["config"][item.key] = json_lib.loads(item.value_json)
+            elif kind == "summary":
+                for item in record.summary.update:
+                    out["summary"][item.key or "/".join(item.nested_key)] = json_lib.loads(
+                        item.value_json)
+    return out
+
+
+# ---------------------------------------------------------------------- mocked TFDS datasets
+
+
+def _bound_or_unbound_getitems(*args: object, generator: object, serialized: bool = False):
+    # TFDS 4.9.10 assigns functools.partial(_getitems, generator=...) as an attribute of a
+    # MagicMock instance. MagicMock only binds the dunders it knows and `__getitems__` is not one,
+    # so TFDS's own batched read calls the partial without `self` and the keys land in `self`.
+    # Accept both call forms and delegate to TFDS's implementation.
+    *_, record_keys = args
+    return _ORIGINAL_GETITEMS(None, record_keys, generator=generator, serialized=serialized)
+
+
+_ORIGINAL_GETITEMS = mocking._getitems
+
+
+@pytest.fixture
+def mock_tfds(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(mocking, "_getitems", _bound_or_unbound_getitems)
+    return functools.partial(tfds.testing.mock_data, policy=tfds.testing.MockPolicy.USE_CODE)
+
+

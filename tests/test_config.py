@@ -1,0 +1,93 @@
+"""Config composition, the experiment recipe, and one-line errors for bad input."""
+
+import pytest
+
+from cnnlab.config import group_options, validate
+from cnnlab.errors import ConfigError
+from cnnlab.optim import make_schedule
+from tests.helpers import compose_config, run_cli
+
+
+def test_defaults_compose_to_the_documented_run():
+    cfg = compose_config()
+    assert cfg.model.name == "resnet20" and cfg.model.depth == 20 and cfg.model.shortcut == "A"
+    assert cfg.dataset.name == "fashion_mnist"
+    # `augment: default` resolves to the dataset's preset, so logs show what ran.
+    assert cfg.augment.name == "crop_flip" and cfg.augment.crop_pad == 4 and cfg.augment.flip
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (
+        0.1, 0.9, 1e-4)
+    assert cfg.logger.mode == "offline"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "init", "activation", "norm", "augment",
+                                   "optimizer", "schedule", "logger"])
+def test_every_group_option_composes_and_validates(group):
+    options = group_options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        validate(compose_config([f"{group}={option}"]))
+
+
+def test_plain_and_resnet_differ_only_in_shortcuts():
+    for depth in (20, 32, 44, 56, 110):
+        plain = compose_config([f"model=plain{depth}"]).model
+        res = compose_config([f"model=resnet{depth}"]).model
+        assert plain.depth == res.depth == depth
+        assert (plain.residual, res.residual) == (False, True)
+
+
+def test_paper_recipe_is_one_override_away():
+    cfg = compose_config(["experiment=resnet_cifar10", "model=resnet110"])
+    assert cfg.dataset.name == "cifar10" and cfg.dataset.val_size == 5000
+    assert cfg.augment.crop_pad == 4 and cfg.augment.flip
+    assert (cfg.train.steps, cfg.train.batch_size) == (64000, 128)
+    assert cfg.model.depth == 110
+    schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
+    # He et al.: 0.1, divided by 10 at 32k and 48k iterations.
+    lrs = [float(schedule(s)) for s in (0, 31999, 32000, 47999, 48000, 63999)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=0", "train.steps=0 must be a positive integer"),
+    ("train.batch_size=-4", "train.batch_size=-4 must be a positive integer"),
+    ("train.log_every=7", "train.log_every=7 must be a multiple of train.steps_per_call=10"),
+    ("model.depth=21", "model.depth=21 is not 6n+2"),
+    ("model.shortcut=D", "valid choices: A, B, C"),
+    ("init.conv=he_normall", "unknown initializer 'he_normall'; valid choices:"),
+    ("schedule.milestones=[0.8,0.5]", "must be increasing fractions"),
+])
+def test_semantic_validation_names_the_value(override, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        validate(compose_config([override]))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model=resnet21"], ["resnet21", "resnet56", "plain20"]),
+    (["train.steps=abc"], ["train.steps", "abc"]),
+    (["train.stepz=3"], ["stepz"]),
+    (["train.batch_size=-1"], ["train.batch_size=-1"]),
+    (["-m", "model=resnet20,resnet99", "seed=0,1"], ["resnet99", "valid choices"]),
+    (["dataset=imagenet42"], ["imagenet42", "fashion_mnist", "cifar10"]),
+    (["optimizer.lr=fast"], ["optimizer.lr", "fast"]),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expected):
+    result = run_cli(["train", *args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in expected:
+        assert word in lines[0]
+    # Rejected before anything ran: no run directory content.
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_unknown_command(tmp_path):
+    result = run_cli(["trian"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "cnnlab: error: unknown command 'trian'; valid choices: train")

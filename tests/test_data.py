@@ -1,0 +1,330 @@
+"""Tests for cnnlab.data.
+
+Real data: fashion_mnist prepared by TFDS as array_record (the shared `fashion_dir` fixture:
+../shared/data/tfds_array_record from the repo root, or $CNNLAB_SHARED_DATA) and as tfrecord in
+its sibling folder `tfds/`. Other datasets: `tfds.testing.mock_data`, and tiny datasets that TFDS
+itself prepares offline in tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from cnnlab import data
+
+
+@pytest.fixture(scope="module")
+def tfrecord_dir(fashion_dir: Path) -> str:
+    folder = fashion_dir.parent / "tfds"
+    if not (folder / "fashion_mnist").is_dir():
+        pytest.skip(f"tfrecord fashion_mnist not found in {folder}")
+    return str(folder)
+
+
+def _row_keys(split: data.ArraySplit) -> np.ndarray:
+    """One opaque, sortable key per example (pixels + label), for multiset comparisons."""
+    rows = np.concatenate(
+        [split.images.reshape(len(split), -1), split.labels.astype(np.uint8)[:, None]], axis=1
+    )
+    rows = np.ascontiguousarray(rows)
+    return np.sort(rows.view(np.dtype((np.void, rows.shape[1]))).ravel())
+
+
+# --------------------------------------------------------------------------- real fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_dir: Path) -> data.Dataset:
+    return data.load_dataset("fashion_mnist", data_dir=str(fashion_dir))
+
+
+def test_fashion_mnist_shapes_dtypes_and_class_balance(fashion: data.Dataset) -> None:
+    assert fashion.name == "fashion_mnist"
+    assert fashion.num_classes == 10
+    assert fashion.image_shape == (28, 28, 1)
+    assert fashion.val is None
+    assert fashion.train.images.shape == (60000, 28, 28, 1)
+    assert fashion.test.images.shape == (10000, 28, 28, 1)
+    assert len(fashion.train) == 60000 and len(fashion.test) == 10000
+    for split in (fashion.train, fashion.test):
+        assert split.images.dtype == np.uint8
+        assert split.labels.dtype == np.int32
+        assert split.labels.shape == (len(split),)
+    # The data README: 6,000 per class in train, 1,000 per class in test.
+    np.testing.assert_array_equal(np.bincount(fashion.train.labels, minlength=10), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(fashion.test.labels, minlength=10), [1000] * 10)
+    # Real pixels, not a zero-filled preallocation: both extremes occur and images differ.
+    assert fashion.train.images.min() == 0 and fashion.train.images.max() == 255
+    assert not np.array_equal(fashion.train.images[0], fashion.train.images[1])
+
+
+def test_fashion_mnist_mean_std(fashion: data.Dataset) -> None:
+    assert fashion.mean.dtype == np.float32 and fashion.mean.shape == (1,)
+    assert fashion.std.dtype == np.float32 and fashion.std.shape == (1,)
+    pixels = fashion.train.images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(fashion.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(fashion.std, pixels.std(axis=(0, 1, 2)), rtol=1e-6)
+    # Published Fashion-MNIST statistics, as an anchor independent of this code.
+    np.testing.assert_allclose(fashion.mean, [0.2860], atol=1e-4)
+    np.testing.assert_allclose(fashion.std, [0.3530], atol=1e-4)
+
+
+def test_fashion_mnist_val_hold_out(fashion: data.Dataset, fashion_dir: Path) -> None:
+    n, val_size = 4000, 1000
+    kwargs = dict(data_dir=str(fashion_dir), max_examples=n, val_size=val_size)
+    held = data.load_dataset("fashion_mnist", val_seed=7, **kwargs)
+    assert held.val is not None
+    assert len(held.train) == n - val_size and len(held.val) == val_size
+    assert len(held.test) == n  # max_examples truncates every split (test has 10000)
+
+    original = data.ArraySplit(fashion.train.images[:n], fashion.train.labels[:n])
+    # train and val together are exactly the original examples (a permutation of them) ...
+    both = data.ArraySplit(
+        np.concatenate([held.train.images, held.val.images]),
+        np.concatenate([held.train.labels, held.val.labels]),
+    )
+    np.testing.assert_array_equal(_row_keys(both), _row_keys(original))
+    # ... and val is the documented choice: the first val_size of default_rng(val_seed)'s
+    # permutation, removed from train.
+    val_idx = np.random.default_rng(7).permutation(n)[:val_size]
+    assert sorted(map(bytes, held.val.images)) == sorted(map(bytes, original.images[val_idx]))
+    np.testing.assert_array_equal(np.sort(held.val.labels), np.sort(original.labels[val_idx]))
+
+    # Statistics describe the remaining train images only.
+    pixels = held.train.images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(held.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(held.std, pixels.std(axis=(0, 1, 2)), rtol=1e-6)
+
+    again = data.load_dataset("fashion_mnist", val_seed=7, **kwargs)
+    np.testing.assert_array_equal(again.val.images, held.val.images)
+    np.testing.assert_array_equal(again.val.labels, held.val.labels)
+    np.testing.assert_array_equal(again.train.images, held.train.images)
+
+    other = data.load_dataset("fashion_mnist", val_seed=8, **kwargs)
+    assert not np.array_equal(other.val.images, held.val.images)
+
+
+def test_argument_validation(fashion_dir: Path) -> None:
+    data_dir = str(fashion_dir)
+    with pytest.raises(ValueError, match="val_size"):
+        data.load_dataset("fashion_mnist", data_dir=data_dir, val_size=-1)
+    with pytest.raises(ValueError, match="val_size=50 must be smaller than the 50 examples"):
+        data.load_dataset("fashion_mnist", data_dir=data_dir, max_examples=50, val_size=50)
+    with pytest.raises(ValueError, match="has no feature 'img'"):
+        data.load_dataset("fashion_mnist", data_dir=data_dir, image_key="img")
+    for split in ("trian", "test[:200%]"):
+        with pytest.raises(ValueError, match="bad split") as info:
+            data.load_dataset("fashion_mnist", data_dir=data_dir, test_split=split, max_examples=5)
+        assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------ error messages
+
+
+def test_tfrecord_folder_without_tensorflow_is_a_clear_error(tfrecord_dir: str) -> None:
+    data_dir = tfrecord_dir
+    if data._tensorflow_available():
+        pytest.skip("TensorFlow is installed, so the tfrecord folder is readable")
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load_dataset("fashion_mnist", data_dir=data_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "tfrecord" in message and "pip install tensorflow" in message
+    assert "array_record" in message and data_dir in message
+
+
+def test_not_prepared_and_download_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def offline(self: tfds.core.DatasetBuilder, *args: object, **kwargs: object) -> None:
+        calls.append(kwargs)
+        # What requests raises when DNS fails (requests.ConnectionError is an OSError).
+        raise OSError("[Errno -2] Name or service not known\nwhile fetching https://example")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("mnist ") and str(tmp_path) in message
+    assert "tfds build mnist --file_format=array_record" in message and "TFDS_DATA_DIR" in message
+    assert isinstance(info.value.__cause__, OSError)
+    assert calls == [{"file_format": "array_record"}]
+
+
+def test_not_prepared_and_download_disabled(tmp_path: Path) -> None:
+    with pytest.raises(data.DatasetUnavailableError, match="download=False") as info:
+        data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_unknown_dataset_name(tmp_path: Path) -> None:
+    with pytest.raises(data.DatasetUnavailableError, match="no_such_dataset_xyz") as info:
+        data.load_dataset("no_such_dataset_xyz", data_dir=str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_tfrecord_folder_with_tensorflow_reads_whole_split(
+    monkeypatch: pytest.MonkeyPatch, tfrecord_dir: str
+) -> None:
+    """Routing and conversion of the TensorFlow reader; TensorFlow itself is faked here."""
+    data_dir = tfrecord_dir
+    requests = []
+
+    def as_dataset(self: tfds.core.DatasetBuilder, split: str, **kwargs: object) -> dict:
+        requests.append((split, kwargs["batch_size"]))
+        rng = np.random.default_rng(len(requests))
+        n = 12 if split == "train" else 9
+        # Grayscale without the channel axis and int64 labels, to exercise the conversion.
+        return {"image": rng.integers(0, 256, (n, 28, 28), np.uint8), "label": np.arange(n) % 10}
+
+    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", as_dataset)
+    monkeypatch.setattr(tfds, "as_numpy", lambda tree: tree)
+    ds = data.load_dataset("fashion_mnist", data_dir=data_dir, max_examples=10)
+    assert requests == [("train", -1), ("test", -1)]
+    assert ds.train.images.shape == (10, 28, 28, 1) and ds.test.images.shape == (9, 28, 28, 1)
+    assert ds.train.labels.dtype == np.int32
+    np.testing.assert_array_equal(ds.train.labels, np.arange(10) % 10)
+
+
+# ---------------------------------------------------------------------- mocked TFDS datasets
+
+
+def test_tfds_mock_batched_reads_are_broken_without_the_shim() -> None:
+    """Documents why `mock_tfds` patches TFDS: drop the shim once this starts failing."""
+    with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = tfds.data_source("mnist", split="train")
+        assert source[0]["image"].shape == (28, 28, 1)  # single reads work
+        with pytest.raises(TypeError, match="record_keys"):
+            source.__getitems__([0, 1])
+
+
+@pytest.mark.parametrize(
+    ("name", "label_key", "image_shape", "num_classes"),
+    [
+        ("cifar10", "label", (32, 32, 3), 10),
+        ("cifar100", "label", (32, 32, 3), 100),
+        ("cifar100", "coarse_label", (32, 32, 3), 20),
+        ("mnist", "label", (28, 28, 1), 10),
+        ("svhn_cropped", "label", (32, 32, 3), 10),
+    ],
+)
+def test_mocked_datasets(
+    mock_tfds, tmp_path: Path, name: str, label_key: str, image_shape: tuple, num_classes: int
+) -> None:
+    with mock_tfds(num_examples=48):
+        ds = data.load_dataset(name, data_dir=str(tmp_path), label_key=label_key, val_size=8)
+    assert ds.image_shape == image_shape and ds.num_classes == num_classes
+    assert ds.train.images.shape == (40, *image_shape)
+    assert ds.val.images.shape == (8, *image_shape)
+    assert ds.test.images.shape == (48, *image_shape)
+    for split in (ds.train, ds.val, ds.test):
+        assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+        assert 0 <= split.labels.min() and split.labels.max() < num_classes
+    assert len(np.unique(ds.train.labels)) > 1
+    # Mock pixels are uniform on [0, 255): per channel mean ~0.5 and std ~0.29 in [0, 1] units.
+    channels = image_shape[-1]
+    assert ds.mean.shape == ds.std.shape == (channels,)
+    np.testing.assert_allclose(ds.mean, 0.5, atol=0.05)
+    np.testing.assert_allclose(ds.std, 0.29, atol=0.03)
+
+
+def test_mocked_max_examples(mock_tfds, tmp_path: Path) -> None:
+    with mock_tfds(num_examples=30):
+        ds = data.load_dataset("cifar10", data_dir=str(tmp_path), max_examples=11)
+    assert len(ds.train) == 11 and len(ds.test) == 11
+
+
+# ------------------------------------------- tiny datasets really prepared by TFDS, offline
+
+
+def _tiny_image(index: int, shape: tuple[int, int, int]) -> np.ndarray:
+    # Unique per index (first pixel == index) and non-trivial elsewhere.
+    values = (np.arange(np.prod(shape)) * 7 + index * 13) % 256
+    values[0] = index
+    return values.reshape(shape).astype(np.uint8)
+
+
+class _TinyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Prepared through TFDS's real download_and_prepare; images arrive as PNG bytes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SHAPE: tuple[int, int, int] = (4, 5, 3)
+    SIZES = {"train": 40, "test": 7}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=self.SHAPE),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager: object) -> dict:
+        return {
+            "train": self._generate_examples(0, self.SIZES["train"]),
+            "test": self._generate_examples(100, self.SIZES["test"]),
+        }
+
+    def _generate_examples(self, start: int, count: int):
+        # PNG bytes made with PIL: TFDS only needs TensorFlow to encode numpy images itself.
+        for index in range(start, start + count):
+            image = _tiny_image(index, self.SHAPE)
+            buffer = io.BytesIO()
+            Image.fromarray(image[..., 0] if self.SHAPE[-1] == 1 else image).save(buffer, "PNG")
+            yield index, {"image": buffer.getvalue(), "label": index % 3}
+
+
+class CnnlabTinyRgb(_TinyBuilder):
+    SHAPE = (4, 5, 3)
+
+
+class CnnlabTinyGray(_TinyBuilder):
+    SHAPE = (4, 5, 1)
+
+
+@pytest.mark.parametrize("builder_cls", [CnnlabTinyRgb, CnnlabTinyGray])
+def test_download_and_prepare_then_read(tmp_path: Path, builder_cls: type[_TinyBuilder]) -> None:
+    name = builder_cls.name
+    ds = data.load_dataset(name, data_dir=str(tmp_path), val_size=5)
+    prepared = tfds.builder(name, data_dir=str(tmp_path))
+    assert prepared.is_prepared()
+    assert prepared.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+    assert ds.image_shape == builder_cls.SHAPE and ds.num_classes == 3
+    assert len(ds.train) == 35 and len(ds.val) == 5 and len(ds.test) == 7
+
+    # Every image decodes to exactly what the generator wrote, with its own label.
+    for split in (ds.train, ds.val, ds.test):
+        assert split.images.shape[1:] == builder_cls.SHAPE
+        for image, label in zip(split.images, split.labels, strict=True):
+            index = int(image.flat[0])
+            np.testing.assert_array_equal(image, _tiny_image(index, builder_cls.SHAPE))
+            assert label == index % 3
+    train_ids = {int(i.flat[0]) for i in ds.train.images}
+    val_ids = {int(i.flat[0]) for i in ds.val.images}
+    assert train_ids.isdisjoint(val_ids) and train_ids | val_ids == set(range(40))
+    assert {int(i.flat[0]) for i in ds.test.images} == set(range(100, 107))
+
+    # A second call reads the prepared files (no preparation) and gives the same arrays.
+    again = data.load_dataset(name, data_dir=str(tmp_path), val_size=5, download=False)
+    np.testing.assert_array_equal(again.train.images, ds.train.images)
+    np.testing.assert_array_equal(again.val.labels, ds.val.labels)
+
+
+def test_channel_mean_std_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (data._STATS_CHUNK * 2 + 3, 3, 2, 3), dtype=np.uint8)
+    images[..., 2] //= 4  # channels must not share statistics
+    mean, std = data.channel_mean_std(images)
+    pixels = images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(axis=(0, 1, 2)), rtol=1e-6)
+    assert mean.dtype == std.dtype == np.float32

@@ -1,0 +1,99 @@
+"""CIFAR ResNets and plain nets against He et al. 2016 and independent implementations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnlab.models import build_model, count_params
+from cnnlab.models.cifar_resnet import pad_shortcut
+from tests.helpers import compose_config
+
+# He et al. 2016, Table 6 (CIFAR-10), in millions, as printed.
+PAPER_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
+# Exact counts of option-A CIFAR ResNets with 10 classes as reported by the widely used
+# PyTorch reproduction (github.com/akamaster/pytorch_resnet_cifar10, README table).
+REFERENCE_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
+
+
+def param_count(overrides, shape=(32, 32, 3), num_classes=10):
+    model = build_model(compose_config(overrides), num_classes)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    return count_params(variables["params"])
+
+
+@pytest.mark.parametrize("depth", sorted(PAPER_PARAMS_M))
+def test_param_counts_match_the_paper(depth):
+    resnet = param_count([f"model=resnet{depth}"])
+    assert resnet == REFERENCE_PARAMS[depth]
+    assert round(resnet / 1e6, 2 if depth < 100 else 1) == PAPER_PARAMS_M[depth]
+    # Option A shortcuts have no parameters: the plain net has exactly the same count.
+    assert param_count([f"model=plain{depth}"]) == resnet
+
+
+def test_projection_shortcuts_add_exactly_the_1x1_convs():
+    # Option B: 1x1 projections (no bias) + BN where the shape changes: 16->32 and 32->64.
+    extra = (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    assert param_count(["model=resnet20", "model.shortcut=B"]) == REFERENCE_PARAMS[20] + extra
+
+
+def test_without_norm_convs_get_biases_and_no_bn_params():
+    n_convs_channels = 16 + 3 * 2 * (16 + 32 + 64)  # stem + two convs per block, n = 3
+    bn_params = 2 * n_convs_channels
+    assert param_count(["model=resnet20", "norm=none"]) == (
+        REFERENCE_PARAMS[20] - bn_params + n_convs_channels)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (40, 24, 4)])
+def test_stem_adapts_to_channels_and_size(shape):
+    model = build_model(compose_config(["model=resnet20", "model.depth=8"]), 7)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, *shape)), train=False)
+    assert variables["params"]["stem"]["kernel"].shape == (3, 3, shape[-1], 16)
+    logits = model.apply(variables, jnp.ones((2, *shape)), train=False)
+    assert logits.shape == (2, 7)
+    # Only the stem depends on the channel count.
+    base = param_count(["model=resnet20", "model.depth=8"], shape=(32, 32, 3), num_classes=7)
+    assert count_params(variables["params"]) == base + 9 * 16 * (shape[-1] - 3)
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads_channels():
+    x = np.arange(2 * 8 * 8 * 16, dtype=np.float32).reshape(2, 8, 8, 16)
+    y = np.asarray(pad_shortcut(jnp.asarray(x), 32, 2))
+    assert y.shape == (2, 4, 4, 32)
+    np.testing.assert_array_equal(y[..., 8:24], x[:, ::2, ::2, :])
+    assert not y[..., :8].any() and not y[..., 24:].any()
+
+
+def test_plain_block_has_no_identity_path():
+    # With every conv zeroed, a residual net passes its stem activation through the
+    # shortcuts while a plain net outputs only the head's bias.
+    def features(model_name):
+        cfg = compose_config([f"model={model_name}", "model.depth=8", "norm=none"])
+        model = build_model(cfg, 10)
+        x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, p: p if "stem" in jax.tree_util.keystr(path) else jnp.zeros_like(p),
+            variables["params"])
+        params["head"]["kernel"] = jnp.ones_like(params["head"]["kernel"])
+        return model.apply({"params": params}, x, train=False)
+
+    assert np.abs(np.asarray(features("plain20"))).max() == 0
+    assert np.abs(np.asarray(features("resnet20"))).max() > 0
+
+
+def test_matches_pytorch_reference_parameter_count():
+    torch = pytest.importorskip("torch")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_resnet.py"
+    spec = importlib.util.spec_from_file_location("torch_resnet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for depth in (20, 56):
+        net = module.CifarResNet(depth, num_classes=10)
+        torch_count = sum(p.numel() for p in net.parameters())
+        assert torch_count == param_count([f"model=resnet{depth}"])
+    del torch

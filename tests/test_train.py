@@ -1,0 +1,168 @@
+"""Real runs through the CLI: real fashion_mnist, real W&B offline files, real Orbax resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from omegaconf import OmegaConf
+
+from cnnlab.train import train
+from tests.helpers import TINY, compose_config, run_cli, wandb_run_contents
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def with_overrides(base: list[str], **changes: object) -> list[str]:
+    keys = {f"{k.replace('__', '.')}" for k in changes}
+    kept = [o for o in base if o.split("=")[0] not in keys]
+    return kept + [f"{k.replace('__', '.')}={v}" for k, v in changes.items()]
+
+
+def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
+    args = with_overrides(TINY, train__steps=60, train__log_every=15, train__steps_per_call=5,
+                          train__eval_every=30, checkpoint__every=30)
+    result = run_cli(["train", *args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                     data_dir=fashion_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    events = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [e["step"] for e in events] == [15, 30, 45, 60]
+    assert events[-1]["train/loss"] < events[0]["train/loss"] - 0.2, events
+    assert events[-1]["test/error"] < 60.0  # 10 classes: chance is 90%
+    for event in events:
+        assert {"train/loss", "train/error", "lr", "wall_time", "epoch"} <= event.keys()
+    assert "test/loss" in events[1] and "test/loss" not in events[0]
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final_step"] == 60
+    assert summary["final/test/error"] == events[-1]["test/error"]
+    assert summary["best/test/error"] == min(e["test/error"] for e in events if "test/error" in e)
+    # ResNet-8, width 4, 1 input channel, 10 classes: stem 36 + 6 convs and the head.
+    convs = [(1, 4), (4, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)]
+    expected = sum(9 * a * b + 2 * b for a, b in convs) + 16 * 10 + 10
+    assert summary["params"] == expected
+
+    wb = wandb_run_contents(tmp_path)
+    assert len(wb["files"]) == 1
+    assert [row["_step"] for row in wb["history"]] == [15, 30, 45, 60]
+    assert [row["train/loss"] for row in wb["history"]] == [e["train/loss"] for e in events]
+    assert wb["config"]["model"]["depth"] == 8 and wb["config"]["augment"]["name"] == "crop_flip"
+    assert wb["summary"]["status"] == "finished"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["30", "60"]
+
+
+def load_params(run_dir: Path, step: int) -> dict:
+    restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    return restored
+
+
+def flat(tree: dict) -> dict[str, np.ndarray]:
+    import jax
+
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path):
+    args = with_overrides(TINY, train__steps=300, train__log_every=10, checkpoint__every=20,
+                          checkpoint__keep=20)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run_cli(["train", *args, "logger.mode=disabled", f"hydra.run.dir={straight}"],
+                     cwd=tmp_path, data_dir=fashion_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    env = {**os.environ, "TFDS_DATA_DIR": str(fashion_dir)}
+    command = [sys.executable, "-m", "cnnlab.cli", "train", *args, f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "40").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "running"  # killed: nothing had a chance to clean up
+    assert summary["final_step"] if "final_step" in summary else True
+    interrupted_at = max(int(p.name) for p in (killed / "checkpoints").iterdir()
+                         if p.name.isdigit())
+    assert interrupted_at < 300
+
+    result = run_cli(["train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path,
+                     data_dir=fashion_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumed_from"] == interrupted_at
+
+    a, b = flat(load_params(straight, 300)), flat(load_params(killed, 300))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # bitwise, not allclose
+
+    # The local log has every step once, with the values of the uninterrupted run.
+    straight_events, killed_events = (read_jsonl(d / "metrics.jsonl") for d in (straight, killed))
+    assert [e["step"] for e in killed_events] == [e["step"] for e in straight_events]
+    for x, y in zip(straight_events, killed_events, strict=True):
+        assert x["train/loss"] == y["train/loss"] and x["train/error"] == y["train/error"]
+
+    # W&B keeps one run id; the resumed part continues after the checkpoint.
+    wb = wandb_run_contents(killed)
+    assert len({f.stem for f in wb["files"]}) == 1
+    assert wb["history"][-1]["_step"] == 300
+
+
+def test_multirun_of_two_configs_shares_a_group(fashion_dir, tmp_path):
+    args = with_overrides(TINY, train__steps=10, train__log_every=5)
+    result = run_cli(["train", "-m", *[a for a in args if not a.startswith("model=")],
+                      "model=resnet20,plain20", f"hydra.sweep.dir={tmp_path}"],
+                     cwd=tmp_path, data_dir=fashion_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if (p / "summary.json").exists())
+    assert len(runs) == 2
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    assert {s["model"] for s in summaries} == {"resnet8", "plain8"}
+    assert all(s["status"] == "finished" for s in summaries)
+    groups = [wandb_run_contents(r)["groups"] for r in runs]
+    assert groups[0] == groups[1] and len(groups[0]) == 1 and next(iter(groups[0]))
+
+
+def test_cifar10_code_path_on_mock_data(mock_tfds, tmp_path):
+    """CIFAR cannot be downloaded here: TFDS's own mock serves the same data_source path."""
+    cfg = compose_config(with_overrides(TINY, dataset="cifar10", train__steps=10,
+                                        train__log_every=5, logger__mode="disabled"))
+    with mock_tfds(num_examples=96):
+        summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished" and summary["dataset"] == "cifar10"
+    assert OmegaConf.select(cfg, "augment.crop_pad") == 4
+    # 3 input channels: the stem has 3x3x3x4 weights.
+    assert summary["params"] == 4934 + 9 * 4 * 2
+
+
+def test_missing_dataset_says_what_to_do(tmp_path):
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    result = run_cli(["train", "dataset=cifar10", f"dataset.data_dir={empty}",
+                      "dataset.download=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert "cifar10" in line and str(empty) in line
+
+
+@pytest.mark.parametrize("bad", ["train.batch_size=100000"])
+def test_batch_larger_than_dataset_is_a_config_error(fashion_dir, tmp_path, bad):
+    result = run_cli(["train", *TINY, bad, f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                     data_dir=fashion_dir, timeout=120)
+    assert result.returncode == 2
+    assert "train.batch_size=100000 exceeds" in result.stderr.strip().splitlines()[-1]
