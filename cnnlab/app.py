@@ -36,6 +36,8 @@ def train_task(cfg: DictConfig) -> float | None:
         validate(cfg)
         summary = train(cfg, run_dir, group=cfg.logger.group or sweep_group())
     except (ConfigError, DatasetUnavailableError) as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job and the sweep goes on
         print(f"cnnlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("final/test/error")

@@ -4,6 +4,8 @@ The host loop only dispatches compiled chunks of `train.steps_per_call` steps; i
 back from the device at logging intervals, where it also checks for divergence.
 """
 
+import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -22,7 +24,9 @@ from cnnlab.checkpoint import Checkpointer
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, count_params, init_variables
 from cnnlab.optim import make_optimizer, make_schedule
-from cnnlab.tracking import RunTracker
+from cnnlab.tracking import SUMMARY_FILE, RunTracker
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -118,6 +122,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     if resume_step is not None:
         state, meta = checkpointer.restore(resume_step, state)
     start_step = int(state.step)
+    if start_step >= tc.steps and (run_dir / SUMMARY_FILE).exists():
+        checkpointer.close()
+        log.info("%s already finished at step %d; nothing to do", run_dir, start_step)
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
 
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger, group,
                          resume_step)

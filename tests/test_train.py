@@ -59,6 +59,13 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     assert wb["summary"]["status"] == "finished"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["30", "60"]
 
+    # The same command again finds the run complete: nothing is retrained or overwritten.
+    before = {f: (tmp_path / f).read_text() for f in ("metrics.jsonl", "summary.json")}
+    again = run_cli(["train", *args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                    data_dir=fashion_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert before == {f: (tmp_path / f).read_text() for f in before}
+
 
 def load_params(run_dir: Path, step: int) -> dict:
     restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
