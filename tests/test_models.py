@@ -97,3 +97,28 @@ def test_matches_pytorch_reference_parameter_count():
         torch_count = sum(p.numel() for p in net.parameters())
         assert torch_count == param_count([f"model=resnet{depth}"])
     del torch
+
+
+@pytest.mark.parametrize("stride, pad, kernel, shape", [
+    (1, 1, 3, (2, 8, 8, 3)), (2, 1, 3, (2, 7, 7, 4)), (2, 0, 1, (2, 8, 8, 4)),
+    (4, 0, 11, (1, 35, 35, 3)), (1, 2, 5, (2, 9, 9, 2)),
+])
+def test_cpu_conv_gradients_equal_xla_autodiff(stride, pad, kernel, shape):
+    from jax import lax
+
+    from cnnlab.models.conv import conv_general_dilated
+
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, shape[-1], 6))
+    args = ((stride, stride), ((pad, pad), (pad, pad)))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args, dimension_numbers=dn)))
+
+    expected = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+    got = jax.grad(loss(conv_general_dilated), (0, 1))(x, w)
+    np.testing.assert_allclose(
+        loss(conv_general_dilated)(x, w), loss(lax.conv_general_dilated)(x, w), rtol=1e-6)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))

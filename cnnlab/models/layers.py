@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnlab.models import conv
 from cnnlab.registry import Registry
 
 Initializer = Callable[..., jax.Array]
@@ -79,6 +80,8 @@ class Layers:
     norm: Callable[[], nn.Module]
     # Convolutions followed by a normalization need no bias (it would be subtracted away).
     conv_bias: bool
+    # None: lax.conv_general_dilated. On CPU, a version with a fast kernel gradient (conv.py).
+    conv_impl: Callable | None = None
 
     def conv(self, features: int, kernel: int, stride: int = 1, padding: int | None = None,
              name: str | None = None) -> nn.Conv:
@@ -91,6 +94,7 @@ class Layers:
             use_bias=self.conv_bias,
             kernel_init=self.conv_init,
             bias_init=self.bias_init,
+            conv_general_dilated=self.conv_impl,
             name=name,
         )
 
@@ -110,4 +114,5 @@ def build_layers(init: Any, activation: Any, norm: Any) -> Layers:
         act=ACTIVATIONS.get(activation.name),
         norm=NORMS.get(norm.name)(**norm_options),
         conv_bias=norm.name == "none",
+        conv_impl=conv.conv_general_dilated if jax.default_backend() == "cpu" else None,
     )
