@@ -40,7 +40,12 @@ def train_task(cfg: DictConfig) -> float | None:
             raise  # Hydra records the failed job and the sweep goes on
         print(f"cnnlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return summary.get("final/test/error")
+    error = summary.get("final/test/error")
+    if error is not None:
+        print(f"{summary['model']} on {summary['dataset']}: test error {error:.2f}% "
+              f"(accuracy {100 - error:.2f}%) at step {summary['final_step']}, "
+              f"{summary['wall_time']:.0f} s; run directory: {run_dir}")
+    return error
 
 
 def run_train_app() -> None:
