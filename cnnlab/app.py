@@ -27,9 +27,10 @@ def train_task(cfg: DictConfig) -> float | None:
     """Train one configuration; returns the final test error (for sweepers that optimize it)."""
     from cnnlab.train import train
 
-    # Orbax and TFDS log every checkpoint step and file at INFO through absl; keep the terminal
+    # Orbax/TFDS (through absl) and JAX log routine steps at INFO; keep the terminal
     # for the progress bar and our own messages.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         resolve_presets(cfg)
