@@ -100,7 +100,6 @@ def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path
     proc.wait()
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "running"  # killed: nothing had a chance to clean up
-    assert summary["final_step"] if "final_step" in summary else True
     interrupted_at = max(int(p.name) for p in (killed / "checkpoints").iterdir()
                          if p.name.isdigit())
     assert interrupted_at < 300
