@@ -104,6 +104,14 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     """Train as `cfg` says, writing logs and checkpoints to `run_dir`; returns the summary."""
     t_start = time.perf_counter()
     tc = cfg.train
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint.keep)
+    resume_step = checkpointer.latest_step()
+    # A finished run is recognised from its files alone, before any data is read or compiled.
+    if resume_step is not None and resume_step >= tc.steps and (run_dir / SUMMARY_FILE).exists():
+        checkpointer.close()
+        log.info("%s already finished at step %d; nothing to do", run_dir, resume_step)
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+
     dataset = load_data(cfg)
     if tc.batch_size > len(dataset.train):
         raise ConfigError(
@@ -116,16 +124,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     state = init_state(cfg, model, tx, dataset.image_shape)
     num_params = count_params(state.params)
 
-    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint.keep)
     meta: dict[str, Any] = {"wall_time": 0.0, "best": {}}
-    resume_step = checkpointer.latest_step()
     if resume_step is not None:
         state, meta = checkpointer.restore(resume_step, state)
     start_step = int(state.step)
-    if start_step >= tc.steps and (run_dir / SUMMARY_FILE).exists():
-        checkpointer.close()
-        log.info("%s already finished at step %d; nothing to do", run_dir, start_step)
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
 
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger, group,
                          resume_step)
