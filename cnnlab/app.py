@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.config import CONF_DIR, resolve_presets, validate
+from cnnlab.config import CONF_DIR, resolve_presets, validate_for_training
 from cnnlab.data import DatasetUnavailableError
 from cnnlab.errors import ConfigError
 
@@ -34,7 +34,7 @@ def train_task(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         resolve_presets(cfg)
-        validate(cfg)
+        validate_for_training(cfg)
         summary = train(cfg, run_dir, group=cfg.logger.group or sweep_group())
     except (ConfigError, DatasetUnavailableError) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -8,8 +8,12 @@ import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 USAGE = """usage: cnnlab COMMAND [HYDRA OVERRIDES...]
 
@@ -17,6 +21,9 @@ commands:
   train    train a model: cnnlab train model=resnet56 dataset=cifar10 seed=1
            sweep with Hydra's multirun: cnnlab train -m model=plain20,resnet20 seed=0,1,2
            see the composed config: cnnlab train --cfg job
+
+  summary  per-layer output shapes, parameters and multiply-adds, without data:
+           cnnlab summary model=vgg_d dataset=imagenet [summary.format=json] [summary.depth=2]
 
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
@@ -96,24 +103,29 @@ def _one_line(error: Exception) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
-def check_config(overrides: list[str]) -> None:
-    """Compose and validate every run the command line describes; exit 2 on the first error."""
+def check_config(overrides: list[str], for_training: bool = True) -> "DictConfig":
+    """Compose and validate every run the command line describes; exit 2 on the first error.
+
+    Returns the last composed config (the only one when there is no sweep).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnnlab.config import CONF_DIR, resolve_presets, validate
+    from cnnlab.config import CONF_DIR, resolve_presets, validate, validate_for_training
 
+    check = validate_for_training if for_training else validate
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combination in _expand(overrides, CONF_DIR):
             try:
                 cfg = compose(config_name="config", overrides=combination)
                 resolve_presets(cfg)
-                validate(cfg)
+                check(cfg)
             except ConfigError as e:
                 fail(str(e))
             except (HydraException, OmegaConfBaseException, ValueError) as e:
                 fail(_one_line(e))
+    return cfg
 
 
 def train_command(args: list[str]) -> None:
@@ -126,7 +138,30 @@ def train_command(args: list[str]) -> None:
     run_train_app()
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"train": train_command}
+def summary_command(args: list[str]) -> None:
+    overrides, info_only = _split_args(args)
+    if info_only or len(overrides) != len(args):
+        fail("summary takes overrides only, e.g. cnnlab summary model=vgg_d dataset=imagenet "
+             "summary.format=json")
+    cfg = check_config(overrides, for_training=False)
+    if cfg.dataset.image_shape is None or cfg.dataset.num_classes is None:
+        fail(f"dataset {cfg.dataset.name} does not declare image_shape and num_classes; "
+             "set dataset.image_shape=[H,W,C] dataset.num_classes=N")
+    from cnnlab.models import build_model
+    from cnnlab.models.summary import summarize
+
+    model = build_model(cfg, cfg.dataset.num_classes)
+    summary = summarize(model, tuple(cfg.dataset.image_shape), cfg.model.name)
+    if cfg.summary.format == "json":
+        print(summary.to_json(cfg.summary.depth))
+    else:
+        print(summary.to_table(cfg.summary.depth))
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": train_command,
+    "summary": summary_command,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,12 +23,17 @@ class DatasetConfig:
     test_split: str = "test"
     image_key: str = "image"
     label_key: str = "label"
+    # Known without loading the data: used by `cnnlab summary` and the geometry check.
+    image_shape: list[int] | None = None
+    num_classes: int | None = None
     data_dir: str | None = None
     download: bool = True
     val_size: int = 0
     val_seed: int = 0
     max_examples: int | None = None
     default_augment: str = "none"
+    # Shapes only (ImageNet): `cnnlab summary` uses it, `cnnlab train` refuses it.
+    summary_only: bool = False
 
 
 @dataclasses.dataclass
@@ -104,6 +109,14 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class SummaryConfig:
+    # table: aligned text; json: the same rows and totals for programs.
+    format: str = "table"
+    # Nesting depth of the rows: 1 lists the top-level layers and blocks, 2 their parts, ...
+    depth: int = 1
+
+
+@dataclasses.dataclass
 class Config:
     # A model family's own keys are typed by that family's schema (cnnlab.models).
     model: dict[str, Any] = MISSING
@@ -117,6 +130,7 @@ class Config:
     logger: LoggerConfig = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    summary: SummaryConfig = dataclasses.field(default_factory=SummaryConfig)
     seed: int = 0
     progress: bool = True
 
@@ -126,11 +140,12 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 LOGGER_MODES = ("online", "offline", "disabled")
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd",)
+SUMMARY_FORMATS = ("table", "json")
 
 
 def group_options(group: str) -> list[str]:
     """The option names of a config group, from the YAML files in `conf/<group>/`."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def resolve_presets(cfg: DictConfig) -> None:
@@ -216,3 +231,18 @@ def validate(cfg: DictConfig) -> None:
 
     _require(cfg.logger.mode in LOGGER_MODES,
              f"logger.mode='{cfg.logger.mode}'; valid choices: {', '.join(LOGGER_MODES)}")
+    _require(cfg.summary.format in SUMMARY_FORMATS,
+             f"summary.format='{cfg.summary.format}'; valid choices: {', '.join(SUMMARY_FORMATS)}")
+    _require(cfg.summary.depth >= 1, f"summary.depth={cfg.summary.depth} must be >= 1")
+    shape = cfg.dataset.image_shape
+    _require(shape is None or (len(shape) == 3 and min(shape) > 0),
+             f"dataset.image_shape={shape} must be [height, width, channels] or null")
+    if shape is not None:
+        models.check_geometry(cfg, tuple(shape))
+
+
+def validate_for_training(cfg: DictConfig) -> None:
+    validate(cfg)
+    _require(not cfg.dataset.summary_only,
+             f"dataset={cfg.dataset.name} describes shapes for `cnnlab summary` only; cnnlab "
+             "keeps datasets in device memory, which it does not fit")

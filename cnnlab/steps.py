@@ -15,6 +15,7 @@ import optax
 from flax import struct
 
 from cnnlab.augment import Augment, normalize
+from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
 
 
 class TrainState(struct.PyTreeNode):
@@ -68,15 +69,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
         x = normalize(augment(aug_key, images), data.mean, data.std)
 
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        def cross_entropy(logits: jax.Array) -> jax.Array:
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
             logits, updates = model.apply(
                 _variables(params, state.batch_stats), x, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_key},
+                mutable=["batch_stats", AUX_COLLECTION], rngs={"dropout": dropout_key},
             )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, updates.get("batch_stats", state.batch_stats))
+            loss = cross_entropy(logits)
+            # Auxiliary heads (GoogLeNet) add their weighted losses to the optimized objective;
+            # the logged loss stays that of the main classifier.
+            objective = loss + aux_loss(updates.get(AUX_COLLECTION, {}), cross_entropy)
+            return objective, (loss, logits, updates.get("batch_stats", state.batch_stats))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -43,6 +43,19 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
         raise ConfigError(f"dataset {ds.name}: {e}") from None
 
 
+def check_declared_shapes(cfg: DictConfig, dataset: data_lib.Dataset) -> None:
+    """The dataset config's image_shape/num_classes (used before loading) must match the data."""
+    declared = cfg.dataset.image_shape
+    if declared is not None and tuple(declared) != tuple(dataset.image_shape):
+        raise ConfigError(
+            f"dataset.image_shape={list(declared)} but {dataset.name} holds "
+            f"{'x'.join(map(str, dataset.image_shape))} images; correct the dataset config")
+    classes = cfg.dataset.num_classes
+    if classes is not None and classes != dataset.num_classes:
+        raise ConfigError(f"dataset.num_classes={classes} but {dataset.name} has "
+                          f"{dataset.num_classes} classes; correct the dataset config")
+
+
 def to_device(split: data_lib.ArraySplit, dataset: data_lib.Dataset,
               pad_to: int = 1) -> steps.DeviceSplit:
     """Move a split to the default device, padded to a multiple of `pad_to` examples."""
@@ -113,6 +126,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
         return json.loads((run_dir / SUMMARY_FILE).read_text())
 
     dataset = load_data(cfg)
+    check_declared_shapes(cfg, dataset)
     if tc.batch_size > len(dataset.train):
         raise ConfigError(
             f"train.batch_size={tc.batch_size} exceeds the {len(dataset.train)} training "

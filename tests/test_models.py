@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cnnlab.models import build_model, count_params
-from cnnlab.models.cifar_resnet import pad_shortcut
+from cnnlab.models.blocks import pad_shortcut
 from tests.helpers import compose_config
 
 # He et al. 2016, Table 6 (CIFAR-10), in millions, as printed.

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
-from cnnlab.models import cifar_resnet
-from cnnlab.models.layers import Layers, build_layers
+from cnnlab.models import cifar_resnet, stack
+from cnnlab.models.layers import InputFit, Layers, build_layers
 from cnnlab.registry import Registry
 
 
@@ -21,14 +21,26 @@ class ModelFamily:
     """A family's option schema (a dataclass with `validate()`) and its builder."""
 
     options: type
-    build: Callable[[Any, int, Layers], nn.Module]
+    build: Callable[[Any, int, Layers, InputFit], nn.Module]
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model family")
 FAMILIES.register("cifar_resnet", ModelFamily(cifar_resnet.CifarResNetOptions, cifar_resnet.build))
+FAMILIES.register("stack", ModelFamily(stack.StackOptions, stack.build))
 
 # Keys every model config has besides its family's own options.
-COMMON_KEYS = ("name", "family")
+COMMON_KEYS = ("name", "family", "input_size", "input_fit")
+INPUT_FITS = ("resize", "pad")
+
+
+def input_fit(model_cfg: DictConfig) -> InputFit:
+    """The model's `input_size` (null: the dataset's own) and how images are brought to it."""
+    size, mode = model_cfg.get("input_size"), model_cfg.get("input_fit", "resize")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(f"model.input_size={size!r} must be a positive integer or null")
+    if mode not in INPUT_FITS:
+        raise ConfigError(f"model.input_fit='{mode}'; valid choices: {', '.join(INPUT_FITS)}")
+    return InputFit(size, mode)
 
 
 def model_options(model_cfg: DictConfig) -> Any:
@@ -42,13 +54,25 @@ def model_options(model_cfg: DictConfig) -> Any:
         raise ConfigError(f"{key}: {e.msg.splitlines()[0]}") from None
     options = OmegaConf.to_object(merged)
     options.validate()
+    input_fit(model_cfg)
     return options
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     """The Flax module a full run config describes."""
     layers = build_layers(cfg.init, cfg.activation, cfg.norm)
-    return FAMILIES.get(cfg.model.family).build(model_options(cfg.model), num_classes, layers)
+    family = FAMILIES.get(cfg.model.family)
+    return family.build(model_options(cfg.model), num_classes, layers, input_fit(cfg.model))
+
+
+def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
+    """The model's variables as shapes only: traces the model without compiling or computing.
+
+    Tracing runs every layer's geometry check, so an impossible configuration fails here with
+    a ConfigError naming the layer, before anything is compiled.
+    """
+    dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
 
 
 def count_params(params: Any) -> int:
@@ -65,3 +89,15 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...
     lowered = jax.jit(model.init, static_argnames="train").lower(key, dummy, train=False)
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
     return compiled(key, dummy)
+
+
+_checked: set[str] = set()
+
+
+def check_geometry(cfg: DictConfig, image_shape: tuple[int, ...]) -> None:
+    """Trace the model on `image_shape` (no compiling); ConfigError names an impossible layer."""
+    key = OmegaConf.to_yaml({k: cfg[k] for k in ("model", "init", "activation", "norm")})
+    key += f"{image_shape}{cfg.dataset.num_classes}"
+    if key not in _checked:
+        abstract_variables(build_model(cfg, cfg.dataset.num_classes or 10), image_shape)
+        _checked.add(key)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.errors import ConfigError
-from cnnlab.models.layers import Layers
+from cnnlab.models.blocks import BasicBlock
+from cnnlab.models.layers import InputFit, Layers
 
 Shortcut = Literal["A", "B", "C"]
 
@@ -39,41 +40,6 @@ class CifarResNetOptions:
             raise ConfigError(f"model.shortcut='{self.shortcut}'; valid choices: A, B, C")
 
 
-def pad_shortcut(x: jax.Array, features: int, stride: int) -> jax.Array:
-    """Option A: subsample by the stride and zero-pad the new channels, half on each side."""
-    x = x[:, ::stride, ::stride, :]
-    extra = features - x.shape[-1]
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers; with `residual`, the input is added back before the last act."""
-
-    features: int
-    stride: int
-    layers: Layers
-    residual: bool = True
-    shortcut: Shortcut = "A"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        lay = self.layers
-        y = lay.conv(self.features, 3, self.stride, name="conv1")(x)
-        y = lay.act(lay.norm(name="norm1")(y, train))
-        y = lay.conv(self.features, 3, 1, name="conv2")(y)
-        y = lay.norm(name="norm2")(y, train)
-        if self.residual:
-            y = y + self._shortcut(x, train)
-        return lay.act(y)
-
-    def _shortcut(self, x: jax.Array, train: bool) -> jax.Array:
-        reshapes = self.stride != 1 or x.shape[-1] != self.features
-        if self.shortcut == "C" or (self.shortcut == "B" and reshapes):
-            x = self.layers.conv(self.features, 1, self.stride, padding=0, name="proj")(x)
-            return self.layers.norm(name="proj_norm")(x, train)
-        return pad_shortcut(x, self.features, self.stride) if reshapes else x
-
-
 class CifarResNet(nn.Module):
     depth: int
     num_classes: int
@@ -81,19 +47,20 @@ class CifarResNet(nn.Module):
     width: int = 16
     residual: bool = True
     shortcut: Shortcut = "A"
+    fit: InputFit = InputFit()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         lay = self.layers
         blocks_per_stage = (self.depth - 2) // 6
-        x = lay.conv(self.width, 3, name="stem")(x)
+        x = lay.conv(self.fit(x), self.width, 3, name="stem")
         x = lay.act(lay.norm(name="stem_norm")(x, train))
         for stage in range(3):
             for block in range(blocks_per_stage):
                 x = BasicBlock(
                     features=self.width * 2**stage,
-                    stride=2 if stage > 0 and block == 0 else 1,
                     layers=lay,
+                    stride=2 if stage > 0 and block == 0 else 1,
                     residual=self.residual,
                     shortcut=self.shortcut,
                     name=f"stage{stage + 1}_block{block + 1}",
@@ -102,7 +69,8 @@ class CifarResNet(nn.Module):
         return lay.dense(self.num_classes, name="head")(x)
 
 
-def build(options: CifarResNetOptions, num_classes: int, layers: Layers) -> nn.Module:
+def build(options: CifarResNetOptions, num_classes: int, layers: Layers,
+          fit: InputFit) -> nn.Module:
     return CifarResNet(
         depth=options.depth,
         num_classes=num_classes,
@@ -110,4 +78,5 @@ def build(options: CifarResNetOptions, num_classes: int, layers: Layers) -> nn.M
         width=options.width,
         residual=options.residual,
         shortcut=options.shortcut,
+        fit=fit,
     )

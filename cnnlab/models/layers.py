@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab.models import conv
+from cnnlab.errors import ConfigError
+from cnnlab.models import conv, geometry
 from cnnlab.registry import Registry
 
 Initializer = Callable[..., jax.Array]
@@ -35,6 +36,8 @@ INITIALIZERS.register("zeros", nn.initializers.zeros)
 ACTIVATIONS: Registry[Activation] = Registry("activation")
 ACTIVATIONS.register("relu", nn.relu)
 ACTIVATIONS.register("tanh", jnp.tanh)
+# LeCun et al. 1998 (Appendix A): f(x) = 1.7159 tanh(2x/3), so that f(+-1) = +-1.
+ACTIVATIONS.register("scaled_tanh", lambda x: 1.7159 * jnp.tanh(2.0 / 3.0 * x))
 
 
 class Identity(nn.Module):
@@ -58,6 +61,27 @@ class BatchNorm(nn.Module):
         )(x)
 
 
+class LocalResponseNorm(nn.Module):
+    """Krizhevsky et al. 2012, section 3.3: b_i = a_i / (k + alpha * sum_j a_j^2) ** beta, the sum
+    running over the `size` channels centred on i (clipped at the edges).
+
+    As in the paper, alpha multiplies the plain sum; PyTorch and Caffe divide alpha by `size`.
+    """
+
+    size: int = 5
+    k: float = 2.0
+    alpha: float = 1e-4
+    beta: float = 0.75
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        half = self.size // 2
+        squares = jax.lax.reduce_window(
+            jnp.square(x), 0.0, jax.lax.add, (1, 1, 1, self.size), (1, 1, 1, 1),
+            ((0, 0), (0, 0), (0, 0), (half, self.size - 1 - half)))
+        return x / (self.k + self.alpha * squares) ** self.beta
+
+
 # Each entry builds a norm module factory from the norm config's extra keys.
 NORMS: Registry[Callable[..., Callable[[], nn.Module]]] = Registry("norm")
 NORMS.register("none", lambda: Identity)
@@ -67,6 +91,28 @@ NORMS.register(
         BatchNorm, momentum=momentum, epsilon=epsilon
     ),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFit:
+    """Bring images to the size a model was designed for: `resize` (bilinear, antialiased) or
+    `pad` (centred zero padding, as LeCun et al. padded 28x28 digits to 32x32)."""
+
+    size: int | None = None
+    mode: str = "resize"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.size is None or x.shape[1:3] == (self.size, self.size):
+            return x
+        n, h, w, c = x.shape
+        if self.mode == "resize":
+            return jax.image.resize(x, (n, self.size, self.size, c), "bilinear")
+        if h > self.size or w > self.size:
+            raise ConfigError(f"model.input_size={self.size} with input_fit=pad cannot hold a "
+                              f"{h}x{w} input; use model.input_fit=resize")
+        top, left = (self.size - h) // 2, (self.size - w) // 2
+        return jnp.pad(x, ((0, 0), (top, self.size - h - top), (left, self.size - w - left),
+                           (0, 0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +129,27 @@ class Layers:
     # None: lax.conv_general_dilated. On CPU, a version with a fast kernel gradient (conv.py).
     conv_impl: Callable | None = None
 
-    def conv(self, features: int, kernel: int, stride: int = 1, padding: int | None = None,
-             name: str | None = None) -> nn.Conv:
-        pad = (kernel - 1) // 2 if padding is None else padding
+    def conv(self, x: jax.Array, features: int, kernel: int, stride: int = 1,
+             padding: geometry.Padding = "same", groups: int = 1, name: str | None = None,
+             label: str | None = None) -> jax.Array:
+        """Apply a kernel x kernel convolution to `x`, refusing geometry that does not tile.
+
+        `label` names the layer in the error message (default: `name`).
+        """
+        pads = geometry.window_pads(label or name or "conv", x.shape[1:3], kernel, stride,
+                                    padding)
         return nn.Conv(
             features,
             (kernel, kernel),
             strides=(stride, stride),
-            padding=((pad, pad), (pad, pad)),
+            padding=pads,
+            feature_group_count=groups,
             use_bias=self.conv_bias,
             kernel_init=self.conv_init,
             bias_init=self.bias_init,
             conv_general_dilated=self.conv_impl,
             name=name,
-        )
+        )(x)
 
     def dense(self, features: int, name: str | None = None) -> nn.Dense:
         return nn.Dense(
