@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab.models import blocks
+from cnnlab.models import blocks, count_params
 from cnnlab.models.layers import Identity, LocalResponseNorm
 
 
@@ -124,7 +124,7 @@ def _subtree_size(tree: Any, path: tuple[str, ...]) -> int:
         if not isinstance(tree, dict) or key not in tree:
             return 0
         tree = tree[key]
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+    return count_params(tree)
 
 
 def summarize(model: nn.Module, image_shape: tuple[int, ...], name: str = "") -> Summary:
