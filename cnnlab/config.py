@@ -46,13 +46,23 @@ class InitConfig:
 @dataclasses.dataclass
 class ActivationConfig:
     name: str = "relu"
+    # Used by leaky_relu only.
+    negative_slope: float = 0.01
 
 
 @dataclasses.dataclass
 class NormConfig:
+    # Each norm takes some of these keys (null: its default); a key it does not take is refused.
     name: str = "batch"
     momentum: float | None = None
     epsilon: float | None = None
+    # lrn: window size n, k, alpha, beta (Krizhevsky et al. 2012, section 3.3).
+    size: int | None = None
+    k: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    # group: number of groups G.
+    num_groups: int | None = None
 
 
 @dataclasses.dataclass
@@ -64,11 +74,36 @@ class AugmentConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
+    # Update rules: cnnlab/optim.py. Each optimizer reads the keys OPTIMIZER_KEYS lists for it;
+    # the others must stay null, so that no value in a run's config is silently unused.
     name: str = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
+    # sgd, momentum, nesterov: torch.optim.SGD's momentum and nesterov.
+    momentum: float | None = None
+    nesterov: bool | None = None
+    # adam, adamw: Kingma & Ba's beta1, beta2; adam, adamw, adadelta: epsilon.
+    b1: float | None = None
+    b2: float | None = None
+    eps: float | None = None
+    # adadelta: Zeiler's decay rate rho.
+    rho: float | None = None
     weight_decay: float = 0.0
+    # coupled: wd * w added to the gradient (L2); decoupled: lr * wd * w added to the step.
+    decay: str = "coupled"
+    # Global-norm clipping of the gradient, before anything else; null: off.
+    clip_norm: float | None = None
+
+
+@dataclasses.dataclass
+class RegularizationConfig:
+    # Penalties added to the optimized objective (not to the logged loss):
+    # l1 * sum |w| + (l2 / 2) * sum w^2 over the weights `apply_to` selects.
+    l1: float = 0.0
+    l2: float = 0.0
+    # kernels: conv and dense kernels only; all: every parameter.
+    apply_to: str = "kernels"
+    # Szegedy et al. 2016: train against (1 - eps) * one_hot + eps / K.
+    label_smoothing: float = 0.0
 
 
 @dataclasses.dataclass
@@ -126,6 +161,8 @@ class Config:
     norm: NormConfig = MISSING
     augment: AugmentConfig = MISSING
     optimizer: OptimizerConfig = MISSING
+    regularization: RegularizationConfig = dataclasses.field(
+        default_factory=RegularizationConfig)
     schedule: ScheduleConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -139,7 +176,15 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 
 LOGGER_MODES = ("online", "offline", "disabled")
 SCHEDULES = ("constant", "step", "cosine")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adadelta", "adam", "adamw")
+# torch.optim.SGD under three names: plain, heavy-ball and Nesterov presets.
+SGD_FAMILY = ("sgd", "momentum", "nesterov")
+# The keys each optimizer reads besides lr, weight_decay, decay and clip_norm.
+OPTIMIZER_KEYS = {**{name: ("momentum", "nesterov") for name in SGD_FAMILY},
+                  "adadelta": ("rho", "eps"), "adam": ("b1", "b2", "eps"),
+                  "adamw": ("b1", "b2", "eps")}
+DECAY_MODES = ("coupled", "decoupled")
+REGULARIZE_TARGETS = ("kernels", "all")
 SUMMARY_FORMATS = ("table", "json")
 
 
@@ -182,6 +227,59 @@ def _multiple_of_call(cfg: DictConfig, key: str) -> None:
     )
 
 
+def _unit_interval(key: str, value: float) -> None:
+    _require(0 <= value < 1, f"{key}={value} must be in [0, 1)")
+
+
+def _validate_optimizer(opt: DictConfig) -> None:
+    _require(opt.name in OPTIMIZERS,
+             f"unknown optimizer '{opt.name}'; valid choices: {', '.join(OPTIMIZERS)}")
+    takes = OPTIMIZER_KEYS[opt.name]
+    for key in ("momentum", "nesterov", "b1", "b2", "eps", "rho"):
+        value = opt[key]
+        if key in takes:
+            _require(value is not None,
+                     f"optimizer '{opt.name}' needs optimizer.{key}, which is null; select it "
+                     f"with optimizer={opt.name} to get its defaults")
+        else:
+            _require(value is None,
+                     f"optimizer.{key}={value} is not used by optimizer '{opt.name}' (it reads "
+                     f"{', '.join(takes)}); set optimizer.{key}=null")
+    _require(opt.lr > 0, f"optimizer.lr={opt.lr} must be positive")
+    for key in ("momentum", "b1", "b2", "rho"):
+        if opt[key] is not None:
+            _unit_interval(f"optimizer.{key}", opt[key])
+    if opt.eps is not None:
+        _require(opt.eps > 0, f"optimizer.eps={opt.eps} must be positive")
+    if opt.name in SGD_FAMILY:
+        # The name is logged with the run, so it must say what ran; `sgd` is torch.optim.SGD
+        # and may carry any momentum.
+        _require(not opt.nesterov or opt.momentum > 0,
+                 f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum})")
+        _require(opt.name == "sgd" or opt.momentum > 0,
+                 f"optimizer '{opt.name}' needs optimizer.momentum in (0, 1), got "
+                 f"{opt.momentum}; optimizer=sgd is plain SGD")
+        _require(opt.name == "sgd" or opt.nesterov == (opt.name == "nesterov"),
+                 f"optimizer '{opt.name}' with optimizer.nesterov={str(opt.nesterov).lower()} "
+                 f"is optimizer={'nesterov' if opt.nesterov else 'momentum'}")
+    _require(opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay} must be >= 0")
+    _require(opt.decay in DECAY_MODES,
+             f"optimizer.decay='{opt.decay}'; valid choices: {', '.join(DECAY_MODES)}")
+    _require(opt.name != "adamw" or opt.decay == "decoupled",
+             "optimizer 'adamw' is Adam with decoupled weight decay (optimizer.decay=decoupled); "
+             "for Adam with an L2 term use optimizer=adam")
+    _require(opt.clip_norm is None or opt.clip_norm > 0,
+             f"optimizer.clip_norm={opt.clip_norm} must be positive or null")
+
+
+def _validate_regularization(reg: DictConfig) -> None:
+    for key in ("l1", "l2"):
+        _require(reg[key] >= 0, f"regularization.{key}={reg[key]} must be >= 0")
+    _require(reg.apply_to in REGULARIZE_TARGETS, f"regularization.apply_to='{reg.apply_to}'; "
+             f"valid choices: {', '.join(REGULARIZE_TARGETS)}")
+    _unit_interval("regularization.label_smoothing", reg.label_smoothing)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values and names; raises ConfigError with a one-line message naming the choices."""
     # Local import: cnnlab.models pulls in JAX, which the CLI's fast error path should not need.
@@ -211,12 +309,8 @@ def validate(cfg: DictConfig) -> None:
         f"dataset.max_examples={cfg.dataset.max_examples} must be positive or null",
     )
 
-    opt = cfg.optimizer
-    _require(opt.name in OPTIMIZERS,
-             f"unknown optimizer '{opt.name}'; valid choices: {', '.join(OPTIMIZERS)}")
-    _require(opt.lr > 0, f"optimizer.lr={opt.lr} must be positive")
-    _require(0 <= opt.momentum < 1, f"optimizer.momentum={opt.momentum} must be in [0, 1)")
-    _require(opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay} must be >= 0")
+    _validate_optimizer(cfg.optimizer)
+    _validate_regularization(cfg.regularization)
 
     sched = cfg.schedule
     _require(sched.name in SCHEDULES,

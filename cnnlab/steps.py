@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from omegaconf import DictConfig
 
 from cnnlab.augment import Augment, normalize
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
+from cnnlab.optim import make_penalty, smoothed_cross_entropy
 
 
 class TrainState(struct.PyTreeNode):
@@ -59,8 +61,14 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
-                    batch_size: int) -> Callable:
-    """`train_step(state, data) -> (state, metrics)` for one batch."""
+                    batch_size: int, regularization: DictConfig | None = None) -> Callable:
+    """`train_step(state, data) -> (state, metrics)` for one batch.
+
+    `regularization` (l1, l2, apply_to, label_smoothing) changes the optimized objective only;
+    the logged loss stays the cross entropy against the true labels, so runs compare.
+    """
+    penalty = make_penalty(regularization)
+    smoothing = float(regularization.label_smoothing) if regularization is not None else 0.0
 
     def train_step(state: TrainState, data: DeviceSplit) -> tuple[TrainState, dict]:
         data_key, step_key = jax.random.split(state.rng)
@@ -72,15 +80,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         def cross_entropy(logits: jax.Array) -> jax.Array:
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+        def smoothed(logits: jax.Array) -> jax.Array:
+            return smoothed_cross_entropy(logits, labels, smoothing)
+
+        # Label smoothing is a training target: every head's term of the objective uses it,
+        # what is logged or evaluated never does.
+        train_loss = smoothed if smoothing else cross_entropy
+
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
             logits, updates = model.apply(
                 _variables(params, state.batch_stats), x, train=True,
                 mutable=["batch_stats", AUX_COLLECTION], rngs={"dropout": dropout_key},
             )
             loss = cross_entropy(logits)
-            # Auxiliary heads (GoogLeNet) add their weighted losses to the optimized objective;
-            # the logged loss stays that of the main classifier.
-            objective = loss + aux_loss(updates.get(AUX_COLLECTION, {}), cross_entropy)
+            # Auxiliary heads (GoogLeNet) and weight penalties join the optimized objective;
+            # the logged loss stays the main classifier's data loss.
+            objective = train_loss(logits) if smoothing else loss
+            objective += aux_loss(updates.get(AUX_COLLECTION, {}), train_loss)
+            if penalty is not None:
+                objective += penalty(params)
             return objective, (loss, logits, updates.get("batch_stats", state.batch_stats))
 
         (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -147,7 +147,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                          resume_step)
     train_data = to_device(dataset.train, dataset)
     train_chunk = steps.make_train_chunk(
-        steps.make_train_step(model, tx, make_augment(cfg.augment), tc.batch_size)
+        steps.make_train_step(model, tx, make_augment(cfg.augment), tc.batch_size,
+                              cfg.regularization)
     )
     evaluate = Evaluator(model, dataset, tc.eval_batch_size)
     steps_per_epoch = len(dataset.train) // tc.batch_size

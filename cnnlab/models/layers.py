@@ -7,6 +7,8 @@ layer of every model the same way.
 
 import dataclasses
 import functools
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,23 +23,90 @@ from cnnlab.registry import Registry
 Initializer = Callable[..., jax.Array]
 Activation = Callable[[jax.Array], jax.Array]
 
-# Plain (untruncated) normals: the variance formulas of LeCun, Glorot and He are stated for them.
+
+def _needs_fan(name: str, init: Initializer) -> Initializer:
+    """Refuse 1-D shapes in a clear message: a bias has no fan in or out to scale by."""
+
+    def checked(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        if len(shape) < 2:
+            raise ConfigError(f"initializer '{name}' scales by a weight's fan and cannot "
+                              f"initialize the {tuple(shape)} bias; use init.bias=zeros")
+        return init(key, shape, dtype)
+
+    return checked
+
+
+# Fans as jax computes them: a conv kernel (kh, kw, c_in, c_out) has n_in = kh*kw*c_in and
+# n_out = kh*kw*c_out (for grouped convs c_in is per group but c_out is not, as in PyTorch).
+# "normal" is the plain untruncated normal: the papers' variance formulas are stated for it.
+_VARIANCE_SCALING = {
+    # LeCun et al. 1998 (Efficient BackProp, section 4.6): Var = 1/n_in.
+    "lecun_normal": (1.0, "fan_in", "normal"),
+    "lecun_uniform": (1.0, "fan_in", "uniform"),
+    # Glorot & Bengio 2010, eq. 12 and 16: Var = 2/(n_in + n_out).
+    "glorot_normal": (1.0, "fan_avg", "normal"),
+    "glorot_uniform": (1.0, "fan_avg", "uniform"),
+    # He et al. 2015, eq. 10: Var = 2/n_in keeps forward activations' scale under ReLU;
+    # eq. 14 (the backward case): Var = 2/n_out keeps the gradients' scale instead.
+    "he_normal": (2.0, "fan_in", "normal"),
+    "he_uniform": (2.0, "fan_in", "uniform"),
+    "he_normal_fan_out": (2.0, "fan_out", "normal"),
+    "he_uniform_fan_out": (2.0, "fan_out", "uniform"),
+    # Torch7's nn.Linear / SpatialConvolution reset(): U[-1/sqrt(n_in), 1/sqrt(n_in)], whose
+    # variance is 1/(3 n_in); PyTorch's default weight init draws from the same interval.
+    "torch_uniform": (1.0 / 3.0, "fan_in", "uniform"),
+}
+
 INITIALIZERS: Registry[Initializer] = Registry("initializer")
-INITIALIZERS.register("he_normal", nn.initializers.variance_scaling(2.0, "fan_in", "normal"))
-INITIALIZERS.register("he_uniform", nn.initializers.variance_scaling(2.0, "fan_in", "uniform"))
-INITIALIZERS.register("glorot_normal", nn.initializers.variance_scaling(1.0, "fan_avg", "normal"))
+for _name, (_scale, _mode, _distribution) in _VARIANCE_SCALING.items():
+    INITIALIZERS.register(
+        _name, _needs_fan(_name, nn.initializers.variance_scaling(_scale, _mode, _distribution)))
+# Saxe et al. 2014: orthogonal weights over the flattened fan-in (kh*kw*c_in) x c_out; the gain
+# sqrt(2) for ReLU is He et al. 2015's factor (PyTorch's calculate_gain("relu")).
+INITIALIZERS.register("orthogonal", _needs_fan("orthogonal", nn.initializers.orthogonal(1.0)))
 INITIALIZERS.register(
-    "glorot_uniform", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-)
-INITIALIZERS.register("lecun_normal", nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
-INITIALIZERS.register("lecun_uniform", nn.initializers.variance_scaling(1.0, "fan_in", "uniform"))
+    "orthogonal_relu", _needs_fan("orthogonal_relu", nn.initializers.orthogonal(2.0**0.5)))
 INITIALIZERS.register("zeros", nn.initializers.zeros)
 
-ACTIVATIONS: Registry[Activation] = Registry("activation")
-ACTIVATIONS.register("relu", nn.relu)
-ACTIVATIONS.register("tanh", jnp.tanh)
+
+@dataclasses.dataclass(frozen=True)
+class LeakyReLU:
+    """Maas et al. 2013: f(x) = x for x > 0, negative_slope * x otherwise."""
+
+    negative_slope: float = 0.01
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.leaky_relu(x, self.negative_slope)
+
+
+def _fixed(fn: Activation) -> Callable[[Any], Activation]:
+    return lambda cfg: fn
+
+
+def _leaky_relu(cfg: Any) -> Activation:
+    slope = getattr(cfg, "negative_slope", 0.01)
+    # Outside (0, 1) it is no longer a leaky ReLU: 0 is relu, 1 the identity, < 0 not monotone.
+    if not 0 < slope < 1:
+        raise ConfigError(f"activation.negative_slope={slope} must be in (0, 1) "
+                          "(0.01 to 0.3 is the usual range)")
+    return LeakyReLU(float(slope))
+
+
+# Each entry builds the activation from the activation config node.
+ACTIVATIONS: Registry[Callable[[Any], Activation]] = Registry("activation")
+ACTIVATIONS.register("relu", _fixed(nn.relu))
+ACTIVATIONS.register("leaky_relu", _leaky_relu)
+ACTIVATIONS.register("sigmoid", _fixed(nn.sigmoid))
+ACTIVATIONS.register("tanh", _fixed(jnp.tanh))
 # LeCun et al. 1998 (Appendix A): f(x) = 1.7159 tanh(2x/3), so that f(+-1) = +-1.
-ACTIVATIONS.register("scaled_tanh", lambda x: 1.7159 * jnp.tanh(2.0 / 3.0 * x))
+ACTIVATIONS.register("scaled_tanh", _fixed(lambda x: 1.7159 * jnp.tanh(2.0 / 3.0 * x)))
+# Clevert et al. 2016: x for x > 0, alpha (e^x - 1) otherwise, alpha = 1.
+ACTIVATIONS.register("elu", _fixed(nn.elu))
+# Hendrycks & Gimpel 2016: x * Phi(x) with the exact normal CDF (flax defaults to the tanh
+# approximation).
+ACTIVATIONS.register("gelu", _fixed(functools.partial(nn.gelu, approximate=False)))
+# Elfwing et al. 2018 (SiLU), Ramachandran et al. 2017 (Swish, beta = 1): x * sigmoid(x).
+ACTIVATIONS.register("silu", _fixed(nn.silu))
 
 
 class Identity(nn.Module):
@@ -82,15 +151,65 @@ class LocalResponseNorm(nn.Module):
         return x / (self.k + self.alpha * squares) ** self.beta
 
 
+class GroupNorm(nn.Module):
+    """Wu & He 2018: normalize each example over (H, W, C / G) per group of C / G channels.
+
+    A layer with C channels uses gcd(num_groups, C) groups: num_groups when it divides C (the
+    paper's G = 32 for widths 64 and up), C when C divides num_groups (one channel per group,
+    e.g. 16 channels), and fewer otherwise, so that every model builds with any width.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        groups = math.gcd(self.num_groups, x.shape[-1])
+        return nn.GroupNorm(num_groups=groups, epsilon=self.epsilon)(x)
+
+
+class LayerNorm(nn.Module):
+    """Ba et al. 2016: normalize each example over all units of the layer, (H, W, C) for a
+    feature map, with a learned scale and shift per channel."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return nn.LayerNorm(epsilon=self.epsilon, reduction_axes=tuple(range(1, x.ndim)),
+                            feature_axes=-1)(x)
+
+
+def _batch(momentum: float = 0.9, epsilon: float = 1e-5) -> Callable[[], nn.Module]:
+    return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon)
+
+
+def _lrn(size: int = 5, k: float = 2.0, alpha: float = 1e-4,
+         beta: float = 0.75) -> Callable[[], nn.Module]:
+    if size < 1:
+        raise ConfigError(f"norm.size={size} must be a positive integer")
+    return functools.partial(LocalResponseNorm, size=size, k=k, alpha=alpha, beta=beta)
+
+
+def _group(num_groups: int = 32, epsilon: float = 1e-5) -> Callable[[], nn.Module]:
+    if num_groups < 1:
+        raise ConfigError(f"norm.num_groups={num_groups} must be a positive integer")
+    return functools.partial(GroupNorm, num_groups=num_groups, epsilon=epsilon)
+
+
+def _layer(epsilon: float = 1e-5) -> Callable[[], nn.Module]:
+    return functools.partial(LayerNorm, epsilon=epsilon)
+
+
 # Each entry builds a norm module factory from the norm config's extra keys.
 NORMS: Registry[Callable[..., Callable[[], nn.Module]]] = Registry("norm")
 NORMS.register("none", lambda: Identity)
-NORMS.register(
-    "batch",
-    lambda momentum=0.9, epsilon=1e-5: functools.partial(
-        BatchNorm, momentum=momentum, epsilon=epsilon
-    ),
-)
+NORMS.register("batch", _batch)
+NORMS.register("lrn", _lrn)
+NORMS.register("group", _group)
+NORMS.register("layer", _layer)
+# Norms without a learned shift: the convolution before them keeps its bias.
+NORMS_WITHOUT_SHIFT = ("none", "lrn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +243,8 @@ class Layers:
     bias_init: Initializer
     act: Activation
     norm: Callable[[], nn.Module]
-    # Convolutions followed by a normalization need no bias (it would be subtracted away).
+    # A convolution followed by a norm with a learned shift needs no bias (it would be
+    # subtracted away); LRN has no shift, so convolutions before it keep theirs.
     conv_bias: bool
     # None: lax.conv_general_dilated. On CPU, a version with a fast kernel gradient (conv.py).
     conv_impl: Callable | None = None
@@ -160,12 +280,18 @@ class Layers:
 def build_layers(init: Any, activation: Any, norm: Any) -> Layers:
     """Build the `Layers` bundle from the `init`, `activation` and `norm` config nodes."""
     norm_options = {k: v for k, v in dict(norm).items() if k != "name" and v is not None}
+    norm_factory = NORMS.get(norm.name)
+    accepted = inspect.signature(norm_factory).parameters
+    for key in norm_options:
+        if key not in accepted:
+            raise ConfigError(f"norm.{key} does not apply to norm={norm.name}; its keys: "
+                              f"{', '.join(accepted) or 'none'}")
     return Layers(
         conv_init=INITIALIZERS.get(init.conv),
         dense_init=INITIALIZERS.get(init.dense),
         bias_init=INITIALIZERS.get(init.bias),
-        act=ACTIVATIONS.get(activation.name),
-        norm=NORMS.get(norm.name)(**norm_options),
-        conv_bias=norm.name == "none",
+        act=ACTIVATIONS.get(activation.name)(activation),
+        norm=norm_factory(**norm_options),
+        conv_bias=norm.name in NORMS_WITHOUT_SHIFT,
         conv_impl=conv.conv_general_dilated if jax.default_backend() == "cpu" else None,
     )
