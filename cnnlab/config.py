@@ -66,6 +66,13 @@ class NormConfig:
 
 
 @dataclasses.dataclass
+class PreprocessConfig:
+    # How uint8 pixels become the network's input (cnnlab/preprocess.py); statistics come from
+    # the training split after the validation hold-out.
+    name: str = "channel"
+
+
+@dataclasses.dataclass
 class AugmentConfig:
     name: str = "none"
     crop_pad: int = 0
@@ -116,6 +123,21 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass
+class EarlyStoppingConfig:
+    # Stop when `metric` has not improved for `patience` evaluations (0: never stop early).
+    patience: int = 0
+    metric: str = "val/error"
+    # Keep the checkpoint of the best evaluation of `metric` in <run_dir>/best.
+    keep_best: bool = True
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # Evaluation-time options (cnnlab/evaluate.py): averaged weights, test-time augmentation.
+    pass
+
+
+@dataclasses.dataclass
 class LoggerConfig:
     mode: str = "offline"
     project: str = "cnnlab"
@@ -159,6 +181,7 @@ class Config:
     init: InitConfig = MISSING
     activation: ActivationConfig = MISSING
     norm: NormConfig = MISSING
+    preprocess: PreprocessConfig = MISSING
     augment: AugmentConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     regularization: RegularizationConfig = dataclasses.field(
@@ -167,6 +190,8 @@ class Config:
     logger: LoggerConfig = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     summary: SummaryConfig = dataclasses.field(default_factory=SummaryConfig)
     seed: int = 0
     progress: bool = True
