@@ -118,8 +118,17 @@ class ScheduleConfig:
     name: str = "constant"
     warmup_steps: int = 0
     milestones: list[float] | None = None
+    # step: lr multiplier at each milestone; plateau: at each reduction.
     factor: float = 0.1
     final_factor: float = 0.0
+    # cyclic_cosine (snapshot ensembles, Huang et al. 2017): number of cosine cycles.
+    cycles: int = 1
+    # plateau: reduce when `metric` has not improved by more than `threshold` (absolute) for
+    # `patience` evaluations, at most `max_reductions` times.
+    metric: str = "val/error"
+    patience: int = 5
+    threshold: float = 0.0
+    max_reductions: int = 3
 
 
 @dataclasses.dataclass
@@ -200,7 +209,7 @@ class Config:
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 LOGGER_MODES = ("online", "offline", "disabled")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "cyclic_cosine", "plateau")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adadelta", "adam", "adamw")
 # torch.optim.SGD under three names: plain, heavy-ball and Nesterov presets.
 SGD_FAMILY = ("sgd", "momentum", "nesterov")
