@@ -24,6 +24,7 @@ from cnnlab import steps
 from cnnlab.augment import make_augment
 from cnnlab.models import build_model, count_params
 from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab.preprocess import PreprocessStats
 from cnnlab.train import init_state
 
 HERE = Path(__file__).resolve().parent
@@ -36,8 +37,8 @@ def synthetic_split(n: int, shape: tuple[int, int, int], num_classes: int,
         images=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
         labels=rng.integers(0, num_classes, (n,), dtype=np.int32),
         mask=np.ones((n,), bool),
-        mean=np.full((shape[-1],), 0.5, np.float32),
-        std=np.full((shape[-1],), 0.25, np.float32),
+        stats=PreprocessStats(mean=np.full((shape[-1],), 0.5, np.float32),
+                              std=np.full((shape[-1],), 0.25, np.float32)),
     ))
 
 

@@ -14,7 +14,8 @@ class Checkpointer:
     leaves the previous checkpoint as the latest.
     """
 
-    def __init__(self, directory: Path, keep: int) -> None:
+    def __init__(self, directory: Path, keep: int | None) -> None:
+        # keep=None keeps every checkpoint (snapshot ensembles need all of them).
         self._manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -22,6 +23,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         self._manager.save(

@@ -25,6 +25,10 @@ commands:
   summary  per-layer output shapes, parameters and multiply-adds, without data:
            cnnlab summary model=vgg_d dataset=imagenet [summary.format=json] [summary.depth=2]
 
+  eval     evaluate trained runs on their test split, several runs as an ensemble:
+           cnnlab eval RUN_DIR [RUN_DIR ...] [eval.tta=none|flip|ten_crop]
+           [eval.weights=final|best|ema|snapshots] [eval.format=json] [eval.output=FILE]
+
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
 
@@ -158,9 +162,68 @@ def summary_command(args: list[str]) -> None:
         print(summary.to_table(cfg.summary.depth))
 
 
+def _is_override(arg: str) -> bool:
+    # Multirun job folders are named `<n>_key=value,...`, so a folder that exists is a run
+    # directory even when its name holds '='.
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and not Path(arg).is_dir() and key.replace(".", "_").isidentifier()
+
+
+def eval_command(args: list[str]) -> None:
+    """`cnnlab eval RUN_DIR [RUN_DIR ...] [eval.KEY=VALUE ...]` (cnnlab/evaluate.py)."""
+    if any(arg in _INFO_FLAGS for arg in args):
+        print(USAGE)
+        return
+    overrides = [arg for arg in args if _is_override(arg)]
+    run_dirs = [arg for arg in args if not _is_override(arg)]
+    for arg in run_dirs:
+        if arg.startswith("-"):
+            fail(f"eval takes run directories and eval.* overrides, not '{arg}' (JSON output: "
+                 "eval.format=json)")
+    for override in overrides:
+        key = override.partition("=")[0]
+        if not key.startswith("eval."):
+            fail(f"eval takes eval.* overrides only, got '{override}'; the model, data and "
+                 "training settings come from each run's saved config")
+        if key == "eval.ema_decay":
+            fail("eval.ema_decay is a training setting; cnnlab eval reads each run's own "
+                 "(use eval.weights=ema)")
+    if not run_dirs:
+        fail("eval needs at least one run directory: cnnlab eval RUN_DIR [RUN_DIR ...] "
+             "[eval.tta=flip]")
+
+    import json
+    import logging
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cnnlab.config import EvalConfig
+
+    try:
+        ev = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(
+            [o.removeprefix("eval.") for o in overrides]))
+    except OmegaConfBaseException as e:
+        key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
+        fail(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}")
+    from cnnlab.data import DatasetUnavailableError
+    from cnnlab.evaluate import evaluate_runs, format_report
+
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        report = evaluate_runs([Path(d) for d in run_dirs], ev)
+    except (ConfigError, DatasetUnavailableError) as e:
+        fail(str(e))
+    print(format_report(report, ev.format))
+    if ev.output is not None:
+        Path(ev.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command,
     "summary": summary_command,
+    "eval": eval_command,
 }
 
 

@@ -67,16 +67,34 @@ class NormConfig:
 
 @dataclasses.dataclass
 class PreprocessConfig:
-    # How uint8 pixels become the network's input (cnnlab/preprocess.py); statistics come from
-    # the training split after the validation hold-out.
+    # How pixels become the network's input (cnnlab/preprocess.py): channel, mean_image, zca,
+    # none; statistics come from the training split after the validation hold-out.
     name: str = "channel"
+    # zca only (null otherwise): eps in W = U diag(1 / sqrt(lambda + eps)) U^T, [0, 1] scale.
+    epsilon: float | None = None
 
 
 @dataclasses.dataclass
 class AugmentConfig:
+    # Each option is off by default; order and definitions: cnnlab/augment.py.
     name: str = "none"
     crop_pad: int = 0
     flip: bool = False
+    # RandomResizedCrop (Szegedy et al. 2015): area fraction ~ U[crop_scale], log aspect ratio
+    # ~ U[log crop_ratio], resized back to the image size.
+    resized_crop: bool = False
+    crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = dataclasses.field(default_factory=lambda: [3 / 4, 4 / 3])
+    # torchvision ColorJitter strengths s: factor ~ U[max(0, 1 - s), 1 + s].
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    # AlexNet's PCA lighting: std of alpha (0.1 in Krizhevsky et al. 2012).
+    lighting: float = 0.0
+    # Cutout (DeVries & Taylor 2017): side of the zeroed square in pixels.
+    cutout: int = 0
+    # mixup (Zhang et al. 2018): alpha of Beta(alpha, alpha).
+    mixup: float = 0.0
 
 
 @dataclasses.dataclass
@@ -143,7 +161,27 @@ class EarlyStoppingConfig:
 @dataclasses.dataclass
 class EvalConfig:
     # Evaluation-time options (cnnlab/evaluate.py): averaged weights, test-time augmentation.
-    pass
+    # Exponential moving average of the weights and BN statistics, updated every step and
+    # evaluated as `test_ema/...` (Polyak & Juditsky 1992; Kingma & Ba 2015 sec. 7.2, with
+    # its bias correction); null: off. E.g. 0.999 averages over about the last 1,000 steps.
+    ema_decay: float | None = None
+    # Test-time augmentation: none, flip (image + mirror image), ten_crop (4 corners + centre,
+    # each also mirrored; Krizhevsky et al. 2012 sec. 4.1); the softmaxes are averaged.
+    # During training a value other than none adds `test_tta/...` to each evaluation.
+    tta: str = "none"
+    # ten_crop windows: null = windows of the image's size cut from the image zero-padded by
+    # augment.crop_pad (the training crops' extremes); N = NxN windows of the image itself,
+    # scaled back to the image's size.
+    crop_size: int | None = None
+    # `cnnlab eval` only: which weights each run contributes: final (latest checkpoint), best
+    # (<run_dir>/best), ema (the averaged weights of the latest checkpoint) or snapshots (every
+    # <run_dir>/snapshots/<step>, one ensemble member each).
+    weights: str = "final"
+    # `cnnlab eval` only: table (aligned text) or json; output: also write the JSON report to
+    # this file (null: do not); batch_size: null = each run's train.eval_batch_size.
+    format: str = "table"
+    output: str | None = None
+    batch_size: int | None = None
 
 
 @dataclasses.dataclass
@@ -220,6 +258,8 @@ OPTIMIZER_KEYS = {**{name: ("momentum", "nesterov") for name in SGD_FAMILY},
 DECAY_MODES = ("coupled", "decoupled")
 REGULARIZE_TARGETS = ("kernels", "all")
 SUMMARY_FORMATS = ("table", "json")
+TTA_MODES = ("none", "flip", "ten_crop")
+EVAL_WEIGHTS = ("final", "best", "ema", "snapshots")
 
 
 def group_options(group: str) -> list[str]:
@@ -228,7 +268,12 @@ def group_options(group: str) -> list[str]:
 
 
 def resolve_presets(cfg: DictConfig) -> None:
-    """Replace `augment: default` by the preset the dataset names, so logs show what ran."""
+    """Replace `augment: default` by the preset the dataset names, so logs show what ran.
+
+    Keys set on the command line (`augment.cutout=16`) stay on top of the preset: they are the
+    ones that differ from the schema's defaults, which is all that `default.yaml` holds. (So
+    `augment.flip=false`, a schema default, cannot undo a preset's flip: name the preset.)
+    """
     if cfg.augment.name != "default":
         return
     preset = cfg.dataset.default_augment
@@ -238,8 +283,11 @@ def resolve_presets(cfg: DictConfig) -> None:
             + ", ".join(o for o in group_options("augment") if o != "default")
         )
     with open_dict(cfg):
+        schema = OmegaConf.structured(AugmentConfig)
         preset_cfg = OmegaConf.load(CONF_DIR / "augment" / f"{preset}.yaml")
-        cfg.augment = OmegaConf.merge(OmegaConf.structured(AugmentConfig), preset_cfg)
+        overrides = {key: value for key, value in cfg.augment.items()
+                     if key != "name" and value != schema[key]}
+        cfg.augment = OmegaConf.merge(schema, preset_cfg, overrides)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -314,10 +362,91 @@ def _validate_regularization(reg: DictConfig) -> None:
     _unit_interval("regularization.label_smoothing", reg.label_smoothing)
 
 
+def _validate_selection(cfg: DictConfig) -> None:
+    """Reduce-on-plateau and early stopping watch a validation metric at each evaluation."""
+    from cnnlab.selection import MONITORED_METRICS
+
+    sched, stopping = cfg.schedule, cfg.early_stopping
+    watchers = []
+    if sched.name == "plateau":
+        watchers.append(("schedule.metric", sched.metric))
+        _require(0 < sched.factor < 1, f"schedule.factor={sched.factor} must be in (0, 1)")
+        _require(sched.patience >= 0, f"schedule.patience={sched.patience} must be >= 0")
+        _require(sched.threshold >= 0, f"schedule.threshold={sched.threshold} must be >= 0")
+        _require(sched.max_reductions >= 0,
+                 f"schedule.max_reductions={sched.max_reductions} must be >= 0")
+    _require(stopping.patience >= 0,
+             f"early_stopping.patience={stopping.patience} must be >= 0 (0: off)")
+    if stopping.patience > 0 or stopping.keep_best:
+        watchers.append(("early_stopping.metric", stopping.metric))
+    for key, metric in watchers:
+        _require(metric in MONITORED_METRICS, f"{key}='{metric}'; valid choices: "
+                 f"{', '.join(MONITORED_METRICS)} (selecting on the test set would leak it)")
+    if sched.name == "plateau" or stopping.patience > 0:
+        what = "schedule=plateau" if sched.name == "plateau" else "early_stopping.patience > 0"
+        _require(cfg.dataset.val_size > 0,
+                 f"{what} watches the validation split; set dataset.val_size > 0")
+        _require(cfg.train.eval_every > 0,
+                 f"{what} acts at evaluations; set train.eval_every > 0")
+
+
+def cycle_length(total_steps: int, cycles: int) -> int:
+    """Steps per cycle of `cyclic_cosine`: ceil(T / M) (Huang et al. 2017, eq. 2)."""
+    return -(-total_steps // cycles)
+
+
+def _validate_cycles(cfg: DictConfig) -> None:
+    """Snapshots are saved by the host between compiled chunks, so every cycle must end on one."""
+    if cfg.schedule.name != "cyclic_cosine":
+        return
+    total, cycles, per_call = cfg.train.steps, cfg.schedule.cycles, cfg.train.steps_per_call
+    _require(cycles >= 1, f"schedule.cycles={cycles} must be a positive integer")
+    length = cycle_length(total, cycles)
+    _require(length % per_call == 0,
+             f"schedule.cycles={cycles} gives cycles of ceil({total}/{cycles})={length} steps, "
+             f"which must be a multiple of train.steps_per_call={per_call}")
+    _require((cycles - 1) * length < total,
+             f"schedule.cycles={cycles} with cycles of {length} steps leaves the last cycle of "
+             f"train.steps={total} empty; choose train.steps divisible by schedule.cycles")
+
+
+def fixed_square_crop_scale(augment: DictConfig) -> float | None:
+    """The area fraction of `resized_crop` when every window is the same square (augment=alexnet:
+    224^2 / 256^2), else None; ten_crop then takes windows of that size."""
+    if not augment.get("resized_crop", False):
+        return None
+    scale, ratio = list(augment.crop_scale), list(augment.crop_ratio)
+    return scale[0] if scale[0] == scale[1] and ratio == [1.0, 1.0] else None
+
+
+def validate_eval(ev: DictConfig, augment: DictConfig, image_shape: Any = None) -> None:
+    """The `eval` keys; `augment` (the training crops) and the image shape fix ten_crop."""
+    _require(ev.ema_decay is None or 0 < ev.ema_decay < 1,
+             f"eval.ema_decay={ev.ema_decay} must be in (0, 1) or null")
+    _require(ev.tta in TTA_MODES, f"eval.tta='{ev.tta}'; valid choices: {', '.join(TTA_MODES)}")
+    _require(ev.crop_size is None or ev.crop_size > 0,
+             f"eval.crop_size={ev.crop_size} must be a positive integer or null")
+    if ev.tta == "ten_crop":
+        _require(ev.crop_size is not None or augment.crop_pad > 0
+                 or fixed_square_crop_scale(augment) is not None,
+                 "eval.tta=ten_crop needs training crops of one size (augment.crop_pad > 0, or "
+                 "augment=alexnet's fixed-scale crops) or a window size eval.crop_size=N")
+    if ev.crop_size is not None and image_shape is not None:
+        side = min(image_shape[0], image_shape[1])
+        _require(ev.crop_size <= side, f"eval.crop_size={ev.crop_size} exceeds the "
+                 f"{image_shape[0]}x{image_shape[1]} images")
+    _require(ev.weights in EVAL_WEIGHTS,
+             f"eval.weights='{ev.weights}'; valid choices: {', '.join(EVAL_WEIGHTS)}")
+    _require(ev.format in SUMMARY_FORMATS,
+             f"eval.format='{ev.format}'; valid choices: {', '.join(SUMMARY_FORMATS)}")
+    _require(ev.batch_size is None or ev.batch_size > 0,
+             f"eval.batch_size={ev.batch_size} must be a positive integer or null")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values and names; raises ConfigError with a one-line message naming the choices."""
     # Local import: cnnlab.models pulls in JAX, which the CLI's fast error path should not need.
-    from cnnlab import augment, models
+    from cnnlab import augment, models, preprocess
     from cnnlab.models import layers
 
     models.model_options(cfg.model)
@@ -330,6 +459,7 @@ def validate(cfg: DictConfig) -> None:
     ):
         registry.get(OmegaConf.select(cfg, key))
     augment.validate(cfg.augment)
+    preprocess.validate(cfg.preprocess, cfg.dataset.image_shape)
 
     _positive(cfg, "train.steps", "train.batch_size", "train.steps_per_call", "train.log_every",
               "train.eval_batch_size", "checkpoint.every", "checkpoint.keep")
@@ -356,6 +486,10 @@ def validate(cfg: DictConfig) -> None:
             all(0 < m < 1 for m in ms) and ms == sorted(ms),
             f"schedule.milestones={ms} must be increasing fractions of train.steps in (0, 1)",
         )
+
+    _validate_selection(cfg)
+    _validate_cycles(cfg)
+    validate_eval(cfg.eval, cfg.augment, cfg.dataset.image_shape)
 
     _require(cfg.logger.mode in LOGGER_MODES,
              f"logger.mode='{cfg.logger.mode}'; valid choices: {', '.join(LOGGER_MODES)}")

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,6 +69,9 @@ class Dataset:
     image_shape: tuple[int, int, int]  # (H, W, C)
     mean: np.ndarray  # (C,) float32, of the train images (after val hold-out), pixel scale [0, 1]
     std: np.ndarray  # (C,) float32, same
+    # The run's preprocessing statistics (cnnlab.preprocess.PreprocessStats), set by
+    # cnnlab.train.load_data; None: per-channel standardization with mean and std.
+    preprocess: Any = None
 
 
 def load_dataset(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from omegaconf import DictConfig
 
-from cnnlab.config import OPTIMIZERS, REGULARIZE_TARGETS, SGD_FAMILY
+from cnnlab.config import OPTIMIZERS, REGULARIZE_TARGETS, SGD_FAMILY, cycle_length
 from cnnlab.errors import ConfigError
 
 
@@ -45,6 +45,8 @@ def make_schedule(sched: DictConfig, lr: float, total_steps: int) -> optax.Sched
         main = optax.piecewise_constant_schedule(lr, boundaries)
     elif sched.name == "cosine":
         main = optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=sched.final_factor)
+    elif sched.name == "cyclic_cosine":
+        main = cyclic_cosine_schedule(lr, total_steps, sched.get("cycles", 1))
     else:
         main = optax.constant_schedule(lr)
     warmup = sched.warmup_steps
@@ -56,6 +58,23 @@ def make_schedule(sched: DictConfig, lr: float, total_steps: int) -> optax.Sched
         return jnp.where(step < warmup, lr * (step + 1) / warmup, main(step))
 
     return with_warmup
+
+
+def cyclic_cosine_schedule(lr: float, total_steps: int, cycles: int) -> optax.Schedule:
+    """Snapshot ensembles' schedule (Huang et al. 2017, eq. 2): M cosine cycles that restart at
+    lr0, lr(t) = lr0 / 2 * (cos(pi * mod(t, ceil(T/M)) / ceil(T/M)) + 1) for t = 0, 1, ...
+
+    The paper counts iterations from 1 and writes mod(t - 1, ...); optax's counter starts at 0,
+    so the same values are mod(t, ...) here: each cycle starts at lr0. The weights at the end of
+    each cycle are the snapshots (cnnlab/train.py saves them).
+    """
+    length = cycle_length(total_steps, cycles)
+
+    def schedule(step: jnp.ndarray) -> jnp.ndarray:
+        phase = jnp.mod(step, length) / length
+        return lr / 2 * (jnp.cos(jnp.pi * phase) + 1)
+
+    return schedule
 
 
 def _direction(opt: DictConfig, name: str) -> optax.GradientTransformation:

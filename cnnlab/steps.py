@@ -4,6 +4,7 @@ Nothing here touches the host: batches are gathered from the device-resident dat
 derived from the run's key and the step number, so resuming at step s replays the same order.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +16,10 @@ import optax
 from flax import struct
 from omegaconf import DictConfig
 
-from cnnlab.augment import Augment, normalize
+from cnnlab.augment import Augment, mixup_loss
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
 from cnnlab.optim import make_penalty, smoothed_cross_entropy
+from cnnlab.preprocess import PreprocessStats, preprocess
 
 
 class TrainState(struct.PyTreeNode):
@@ -27,6 +29,12 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     # Root key of the run; per-step keys are folded from it, so it never needs advancing.
     rng: jax.Array
+    # Multiplies every update, i.e. the lr of every optimizer here (lr is their last factor):
+    # reduce-on-plateau lowers it between chunks, from the host, without recompiling.
+    lr_scale: jax.Array = dataclasses.field(default_factory=lambda: jnp.ones((), jnp.float32))
+    # eval.ema_decay: optax.ema's state (count, biased average) of {"params", "batch_stats"};
+    # None when off, so the state and its checkpoints are unchanged for runs without it.
+    ema: Any = None
 
 
 class DeviceSplit(struct.PyTreeNode):
@@ -35,8 +43,9 @@ class DeviceSplit(struct.PyTreeNode):
     images: jax.Array
     labels: jax.Array
     mask: jax.Array
-    mean: jax.Array
-    std: jax.Array
+    # The training set's preprocessing statistics (the same buffers in every split): data, not
+    # constants of the compiled functions, since a ZCA matrix is 3072x3072 for CIFAR.
+    stats: PreprocessStats
 
 
 def zero_metrics() -> dict[str, jax.Array]:
@@ -60,12 +69,45 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def ema_transform(decay: float) -> optax.GradientTransformation:
+    """The moving average of the weights: m_t = decay * m_{t-1} + (1 - decay) * w_t, m_0 = 0.
+
+    Kingma & Ba 2015 (sec. 7.2, "temporal averaging") start the average at zero and divide by
+    1 - decay^t (`ema_variables`), so that the first steps are not pulled towards zero nor
+    towards the random initialization; Polyak & Juditsky 1992 average uniformly instead.
+    """
+    return optax.ema(decay, debias=True)
+
+
+def init_ema(decay: float | None, params: Any, batch_stats: Any) -> Any:
+    """The initial `TrainState.ema` (None when `decay` is None)."""
+    if decay is None:
+        return None
+    return ema_transform(decay).init({"params": params, "batch_stats": batch_stats})
+
+
+def ema_variables(ema: Any, decay: float) -> tuple[Any, Any]:
+    """(params, batch_stats) of the bias-corrected average m_t / (1 - decay^t)."""
+    # Before any step (t = 0) the average is empty; return the zeros rather than 0 / 0.
+    count = jnp.maximum(ema.count, 1)
+    averaged = optax.tree.bias_correction(ema.ema, decay, count)
+    return averaged["params"], averaged["batch_stats"]
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
-                    batch_size: int, regularization: DictConfig | None = None) -> Callable:
+                    batch_size: int, regularization: DictConfig | None = None,
+                    ema_decay: float | None = None) -> Callable:
     """`train_step(state, data) -> (state, metrics)` for one batch.
+
+    With `ema_decay`, the step also updates the moving average of the new weights and BN
+    statistics in `state.ema` (`ema_transform`), on the device like the rest of the step.
 
     `regularization` (l1, l2, apply_to, label_smoothing) changes the optimized objective only;
     the logged loss stays the cross entropy against the true labels, so runs compare.
+
+    With mixup (`augment.mixup_alpha` > 0) the labels are the mixed targets: every loss term,
+    logged or optimized, is lam * L(y) + (1 - lam) * L(y_partner) (Zhang et al. 2018), and the
+    logged error counts the argmax against the dominant label (y when lam >= 1/2).
     """
     penalty = make_penalty(regularization)
     smoothing = float(regularization.label_smoothing) if regularization is not None else 0.0
@@ -75,27 +117,35 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         idx = batch_indices(data_key, state.step, data.labels.shape[0], batch_size)
         images, labels = data.images[idx], data.labels[idx]
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
-        x = normalize(augment(aug_key, images), data.mean, data.std)
+        # cnnlab/augment.py's order: pixel-space augmentation, preprocessing, cutout, mixup.
+        x = augment.cutout(aug_key, preprocess(augment(aug_key, images), data.stats))
+        mixing = augment.mixup_alpha > 0
+        if mixing:
+            x, partners, lam = augment.mixup(aug_key, x, labels)
 
-        def cross_entropy(logits: jax.Array) -> jax.Array:
+        def cross_entropy(logits: jax.Array, labels: jax.Array = labels) -> jax.Array:
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        def smoothed(logits: jax.Array) -> jax.Array:
+        def smoothed(logits: jax.Array, labels: jax.Array = labels) -> jax.Array:
             return smoothed_cross_entropy(logits, labels, smoothing)
 
         # Label smoothing is a training target: every head's term of the objective uses it,
         # what is logged or evaluated never does.
         train_loss = smoothed if smoothing else cross_entropy
+        data_loss = cross_entropy
+        if mixing:
+            data_loss = mixup_loss(cross_entropy, lam, labels, partners)
+            train_loss = mixup_loss(smoothed, lam, labels, partners) if smoothing else data_loss
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
             logits, updates = model.apply(
                 _variables(params, state.batch_stats), x, train=True,
                 mutable=["batch_stats", AUX_COLLECTION], rngs={"dropout": dropout_key},
             )
-            loss = cross_entropy(logits)
+            loss = data_loss(logits)
             # Auxiliary heads (GoogLeNet) and weight penalties join the optimized objective;
             # the logged loss stays the main classifier's data loss.
-            objective = train_loss(logits) if smoothing else loss
+            objective = loss if train_loss is data_loss else train_loss(logits)
             objective += aux_loss(updates.get(AUX_COLLECTION, {}), train_loss)
             if penalty is not None:
                 objective += penalty(params)
@@ -105,15 +155,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
         state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+        if ema_decay is not None:
+            # BN statistics are averaged with the weights (as timm's ModelEma averages the whole
+            # state dict): running statistics of the raw weights would not match averaged ones.
+            _, ema = ema_transform(ema_decay).update(
+                {"params": state.params, "batch_stats": state.batch_stats}, state.ema)
+            state = state.replace(ema=ema)
         metrics = {
             "loss_sum": loss * batch_size,
-            "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
+            "correct": jnp.sum(jnp.argmax(logits, -1) == (
+                jnp.where(lam >= 0.5, labels, partners) if mixing else labels)).astype(jnp.int32),
             "count": jnp.asarray(batch_size, jnp.int32),
         }
         return state, metrics
@@ -146,19 +204,55 @@ def make_train_chunk(train_step: Callable) -> Callable:
     return train_chunk
 
 
-def make_eval_batch(model: nn.Module, batch_size: int) -> Callable:
-    """`eval_batch(params, batch_stats, split, index) -> summed metrics` of the index-th batch."""
+# Test-time augmentation: a raw uint8 batch (B, H, W, C) -> its V views (V, B, H, W, C), which
+# are preprocessed and classified like any batch (cnnlab/evaluate.py makes them).
+Views = Callable[[jax.Array], jax.Array]
+
+
+def make_log_probs(model: nn.Module, views: Views | None = None) -> Callable:
+    """`log_probs(params, batch_stats, split, images) -> (B, K)` log class probabilities.
+
+    With `views` the prediction is the mean of the views' softmaxes (Krizhevsky et al. 2012,
+    sec. 4.1), taken in log space so that the loss of a confident mistake stays finite; the views
+    are classified one after another (`lax.map`), so memory does not grow with their number.
+    """
+
+    def log_probs(params: Any, batch_stats: Any, split: DeviceSplit,
+                  images: jax.Array) -> jax.Array:
+        variables = _variables(params, batch_stats)
+
+        def classify(images: jax.Array) -> jax.Array:
+            logits = model.apply(variables, preprocess(images, split.stats), train=False)
+            return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+        if views is None:
+            return classify(images)
+        per_view = jax.lax.map(classify, views(images))
+        return jax.nn.logsumexp(per_view, axis=0) - jnp.log(per_view.shape[0])
+
+    return log_probs
+
+
+def _eval_slice(split: DeviceSplit, index: jax.Array, batch_size: int) -> tuple:
+    take = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=index * batch_size,
+                             slice_size=batch_size)
+    return take(split.images), take(split.labels), take(split.mask)
+
+
+def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = None) -> Callable:
+    """`eval_batch(params, batch_stats, split, index) -> summed metrics` of the index-th batch.
+
+    The loss is the negative log of the predicted probability of the label (with `views`: of
+    the averaged probability), the error that of its argmax.
+    """
+    log_probs = make_log_probs(model, views)
 
     @jax.jit
     def eval_batch(params: Any, batch_stats: Any, split: DeviceSplit, index: jax.Array) -> dict:
-        start = index * batch_size
-        take = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start,
-                                 slice_size=batch_size)
-        images, labels, mask = take(split.images), take(split.labels), take(split.mask)
-        logits = model.apply(_variables(params, batch_stats),
-                             normalize(images, split.mean, split.std), train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        hits = (jnp.argmax(logits, -1) == labels) & mask
+        images, labels, mask = _eval_slice(split, index, batch_size)
+        logp = log_probs(params, batch_stats, split, images)
+        losses = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        hits = (jnp.argmax(logp, -1) == labels) & mask
         return {
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
             "correct": jnp.sum(hits).astype(jnp.int32),
@@ -166,6 +260,20 @@ def make_eval_batch(model: nn.Module, batch_size: int) -> Callable:
         }
 
     return eval_batch
+
+
+def make_predict_batch(model: nn.Module, batch_size: int, views: Views | None = None) -> Callable:
+    """`predict_batch(params, batch_stats, split, index) -> (batch_size, K)` log probabilities of
+    the index-th batch, padded tail included (`split.mask` marks the real examples)."""
+    log_probs = make_log_probs(model, views)
+
+    @jax.jit
+    def predict_batch(params: Any, batch_stats: Any, split: DeviceSplit,
+                      index: jax.Array) -> jax.Array:
+        images, _, _ = _eval_slice(split, index, batch_size)
+        return log_probs(params, batch_stats, split, images)
+
+    return predict_batch
 
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:

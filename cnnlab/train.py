@@ -4,6 +4,7 @@ The host loop only dispatches compiled chunks of `train.steps_per_call` steps; i
 back from the device at logging intervals, where it also checks for divergence.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,29 +19,39 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from cnnlab import data as data_lib
-from cnnlab import steps
+from cnnlab import preprocess, steps
 from cnnlab.augment import make_augment
 from cnnlab.checkpoint import Checkpointer
+from cnnlab.config import cycle_length
 from cnnlab.errors import ConfigError
+from cnnlab.evaluate import SNAPSHOT_DIR, make_views
 from cnnlab.models import build_model, count_params, init_variables
 from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab.selection import EarlyStopping, Plateau
 from cnnlab.tracking import SUMMARY_FILE, RunTracker
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+# The weights of the best evaluation of early_stopping.metric (the selected model).
+BEST_DIR = "best"
 
 
 def load_data(cfg: DictConfig) -> data_lib.Dataset:
+    """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
     ds = cfg.dataset
     try:
-        return data_lib.load_dataset(
+        dataset = data_lib.load_dataset(
             ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
             image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
             val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
         )
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
         raise ConfigError(f"dataset {ds.name}: {e}") from None
+    # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
+    # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
+    stats = jax.device_put(preprocess.compute_stats(cfg.preprocess, dataset))
+    return dataclasses.replace(dataset, preprocess=stats)
 
 
 def check_declared_shapes(cfg: DictConfig, dataset: data_lib.Dataset) -> None:
@@ -65,10 +76,12 @@ def to_device(split: data_lib.ArraySplit, dataset: data_lib.Dataset,
     images[:n] = split.images
     labels = np.zeros((padded,), np.int32)
     labels[:n] = split.labels
+    stats = dataset.preprocess
+    if stats is None:  # a Dataset that did not come through load_data
+        stats = preprocess.PreprocessStats(mean=np.asarray(dataset.mean, np.float32),
+                                           std=np.asarray(dataset.std, np.float32))
     return jax.device_put(steps.DeviceSplit(
-        images=images, labels=labels, mask=np.arange(padded) < n,
-        mean=np.asarray(dataset.mean, np.float32), std=np.asarray(dataset.std, np.float32),
-    ))
+        images=images, labels=labels, mask=np.arange(padded) < n, stats=stats))
 
 
 def init_state(
@@ -78,34 +91,53 @@ def init_state(
     init_key, run_key = jax.random.split(root)
     variables = init_variables(model, init_key, image_shape)
     params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
     return steps.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=run_key,
+        ema=steps.init_ema(cfg.eval.ema_decay, params, batch_stats),
     )
 
 
 class Evaluator:
-    """Evaluates the state on the held-out splits; one compiled function for all of them."""
+    """Evaluates the state on the held-out splits; one compiled function for all of them.
 
-    def __init__(self, model: Any, dataset: data_lib.Dataset, batch_size: int) -> None:
+    Keys are `<split>/loss`, `<split>/error`; with `ema_decay` also `<split>_ema/...` (the
+    averaged weights), with `views` (eval.tta) also `<split>_tta/...` (the raw weights).
+    """
+
+    def __init__(self, model: Any, dataset: data_lib.Dataset, batch_size: int,
+                 ema_decay: float | None = None, views: steps.Views | None = None) -> None:
         self.batch_size = batch_size
         self._eval_batch = steps.make_eval_batch(model, batch_size)
+        self._tta_batch = steps.make_eval_batch(model, batch_size, views) if views else None
+        self._ema_decay = ema_decay
         self.splits = {"test": to_device(dataset.test, dataset, batch_size)}
         if dataset.val is not None:
             self.splits["val"] = to_device(dataset.val, dataset, batch_size)
 
+    def _sums(self, eval_batch: Any, params: Any, batch_stats: Any,
+              split: steps.DeviceSplit) -> dict[str, float]:
+        sums = steps.zero_metrics()
+        for index in range(split.labels.shape[0] // self.batch_size):
+            sums = jax.tree.map(jnp.add, sums, eval_batch(params, batch_stats, split, index))
+        return steps.summarize(jax.device_get(sums))
+
     def __call__(self, state: steps.TrainState) -> dict[str, float]:
+        variants = [("", self._eval_batch, state.params, state.batch_stats)]
+        if self._ema_decay is not None:
+            variants.append(("_ema", self._eval_batch,
+                             *steps.ema_variables(state.ema, self._ema_decay)))
+        if self._tta_batch is not None:
+            variants.append(("_tta", self._tta_batch, state.params, state.batch_stats))
         results = {}
         for name, split in self.splits.items():
-            sums = steps.zero_metrics()
-            for index in range(split.labels.shape[0] // self.batch_size):
-                batch = self._eval_batch(state.params, state.batch_stats, split, index)
-                sums = jax.tree.map(jnp.add, sums, batch)
-            for key, value in steps.summarize(jax.device_get(sums)).items():
-                results[f"{name}/{key}"] = value
+            for suffix, eval_batch, params, batch_stats in variants:
+                for key, value in self._sums(eval_batch, params, batch_stats, split).items():
+                    results[f"{name}{suffix}/{key}"] = value
         return results
 
 
@@ -120,10 +152,12 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint.keep)
     resume_step = checkpointer.latest_step()
     # A finished run is recognised from its files alone, before any data is read or compiled.
-    if resume_step is not None and resume_step >= tc.steps and (run_dir / SUMMARY_FILE).exists():
-        checkpointer.close()
-        log.info("%s already finished at step %d; nothing to do", run_dir, resume_step)
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    if resume_step is not None and (run_dir / SUMMARY_FILE).exists():
+        previous = json.loads((run_dir / SUMMARY_FILE).read_text())
+        if resume_step >= tc.steps or previous.get("early_stopped_at") == resume_step:
+            checkpointer.close()
+            log.info("%s already finished at step %d; nothing to do", run_dir, resume_step)
+            return previous
 
     dataset = load_data(cfg)
     check_declared_shapes(cfg, dataset)
@@ -138,19 +172,43 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     state = init_state(cfg, model, tx, dataset.image_shape)
     num_params = count_params(state.params)
 
+    sched = cfg.schedule
+    plateau = (Plateau(sched.factor, sched.patience, sched.threshold, sched.max_reductions)
+               if sched.name == "plateau" else None)
+    stopping = EarlyStopping(cfg.early_stopping.patience)
+    selection_metric = cfg.early_stopping.metric
+    keep_best = (cfg.early_stopping.keep_best and cfg.checkpoint.enabled
+                 and dataset.val is not None)
+    best_checkpointer = Checkpointer(run_dir / BEST_DIR, keep=1) if keep_best else None
+
     meta: dict[str, Any] = {"wall_time": 0.0, "best": {}}
     if resume_step is not None:
         state, meta = checkpointer.restore(resume_step, state)
+        if plateau is not None and "plateau" in meta:
+            plateau.load(meta["plateau"])
+        if "stopping" in meta:
+            stopping.load(meta["stopping"])
+    selected: dict[str, float] = meta.get("selected", {})
     start_step = int(state.step)
 
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger, group,
                          resume_step)
     train_data = to_device(dataset.train, dataset)
+    # AlexNet's lighting noise follows the training set's RGB principal components.
+    lighting_pca = (preprocess.channel_pca(dataset.train.images) if cfg.augment.lighting
+                    else None)
     train_chunk = steps.make_train_chunk(
-        steps.make_train_step(model, tx, make_augment(cfg.augment), tc.batch_size,
-                              cfg.regularization)
+        steps.make_train_step(model, tx, make_augment(cfg.augment, lighting_pca), tc.batch_size,
+                              cfg.regularization, cfg.eval.ema_decay)
     )
-    evaluate = Evaluator(model, dataset, tc.eval_batch_size)
+    evaluate = Evaluator(model, dataset, tc.eval_batch_size, cfg.eval.ema_decay,
+                         make_views(cfg.eval.tta, cfg.augment, cfg.eval.crop_size,
+                                    dataset.image_shape))
+    # Snapshot ensembles (Huang et al. 2017): the weights at the end of every cyclic_cosine
+    # cycle, all kept (checkpoint.keep does not apply); validation made cycles end on chunks.
+    snapshot_every = (cycle_length(tc.steps, cfg.schedule.cycles)
+                      if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled else 0)
+    snapshots = Checkpointer(run_dir / SNAPSHOT_DIR, keep=None) if snapshot_every else None
     steps_per_epoch = len(dataset.train) // tc.batch_size
 
     summary: dict[str, Any] = {
@@ -193,13 +251,30 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                     event["images_per_sec"] = rate
                     throughput.append(rate)
                 window_sums, window_steps = steps.zero_metrics(), 0
+            # The lr the chunk ran with, before a plateau reduction below changes it.
+            lr = float(schedule(step - 1)) * (plateau.scale if plateau is not None else 1.0)
+            stop_early = False
             if _due(step, tc.eval_every) or step == tc.steps:
                 event.update(evaluate(state))
                 for key in ("test/error", "val/error"):
                     if key in event:
                         best[key] = min(best.get(key, math.inf), event[key])
+                if plateau is not None and plateau.observe(event[sched.metric]):
+                    # Takes effect from the next step; the state's shape is unchanged, so the
+                    # compiled chunk is reused.
+                    state = state.replace(lr_scale=jnp.asarray(plateau.scale, jnp.float32))
+                    log.info("step %d: %s stalled; lr scaled by %g", step, sched.metric,
+                             plateau.scale)
+                if selection_metric in event:
+                    improved, stop_early = stopping.observe(step, event[selection_metric])
+                    if improved:
+                        selected = {"step": step, **{k: v for k, v in event.items()
+                                                     if k.startswith(("val/", "test/"))}}
+                        if best_checkpointer is not None:
+                            best_checkpointer.save(step, state, {"selected": selected})
+                    stop_early = stop_early and step < tc.steps
             if event:
-                event.update(lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
+                event.update(lr=lr, epoch=step / steps_per_epoch,
                              wall_time=wall_offset + time.perf_counter() - t_start)
                 tracker.log(step, event)
                 last.update(event)
@@ -209,9 +284,21 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                 if tc.stop_on_nan and not math.isfinite(event.get("train/loss", 0.0)):
                     status = "diverged"
                     break
-            if cfg.checkpoint.enabled and (_due(step, cfg.checkpoint.every) or step == tc.steps):
-                meta = {"wall_time": wall_offset + time.perf_counter() - t_start, "best": best}
+            if cfg.checkpoint.enabled and (_due(step, cfg.checkpoint.every) or step == tc.steps
+                                           or stop_early):
+                meta = {"wall_time": wall_offset + time.perf_counter() - t_start, "best": best,
+                        "stopping": stopping.state(), "selected": selected}
+                if plateau is not None:
+                    meta["plateau"] = plateau.state()
                 checkpointer.save(step, state, meta)
+            if (snapshots is not None and (_due(step, snapshot_every) or step == tc.steps)
+                    and step not in snapshots.all_steps()):  # a resumed run may redo a cycle
+                snapshots.save(step, state, {"cycle": -(-step // snapshot_every)})
+            if stop_early:
+                summary["early_stopped_at"] = step
+                log.info("step %d: %s has not improved for %d evaluations; stopping early",
+                         step, selection_metric, stopping.patience)
+                break
             if event:
                 # Restart the clock after host work so evaluation and saving are not counted.
                 timer_start, timed_steps = time.perf_counter(), 0
@@ -225,6 +312,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     finally:
         progress.close()
         checkpointer.close()
+        if best_checkpointer is not None:
+            best_checkpointer.close()
+        if snapshots is not None:
+            snapshots.close()
         summary.update(
             status=status,
             final_step=step,
@@ -232,6 +323,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
             images_per_sec=float(np.median(throughput)) if throughput else None,
             **{f"final/{k}": v for k, v in last.items() if "/" in k},
             **{f"best/{k}": v for k, v in best.items()},
+            **{f"selected/{k}": v for k, v in selected.items()},
         )
         tracker.write_summary(summary)
         tracker.finish(failed=status != "finished")

@@ -295,6 +295,7 @@ def _initial() -> tuple[object, object, object]:
     """ResNet-8, its initial train state and random 16x16x3 data, shared by all runs below."""
     from cnnlab import steps as steps_lib
     from cnnlab.models import build_model
+    from cnnlab.preprocess import PreprocessStats
     from cnnlab.train import init_state
 
     cfg = compose_config(list(MODEL))
@@ -304,7 +305,8 @@ def _initial() -> tuple[object, object, object]:
     data = jax.device_put(steps_lib.DeviceSplit(
         images=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
         labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
-        mean=np.full((3,), 0.5, np.float32), std=np.full((3,), 0.25, np.float32)))
+        stats=PreprocessStats(mean=np.full((3,), 0.5, np.float32),
+                              std=np.full((3,), 0.25, np.float32))))
     return model, state, data
 
 

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.augment import make_augment, normalize, random_crop, random_flip
 from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab.preprocess import PreprocessStats
 from cnnlab.steps import batch_indices
 
 
@@ -104,7 +105,8 @@ def test_train_chunks_make_no_host_transfers():
     data = jax.device_put(steps.DeviceSplit(
         images=rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8),
         labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
-        mean=np.full((1,), 0.5, np.float32), std=np.full((1,), 0.25, np.float32)))
+        stats=PreprocessStats(mean=np.full((1,), 0.5, np.float32),
+                              std=np.full((1,), 0.25, np.float32))))
     chunk = steps.make_train_chunk(
         steps.make_train_step(model, tx, make_augment(cfg.augment), 16))
     state, _ = chunk(state, data, 2)  # compile outside the guard

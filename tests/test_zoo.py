@@ -21,6 +21,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, check_geometry, init_variables
 from cnnlab.models.blocks import AUX_COLLECTION, CONNECTION_TABLES, TableConv
 from cnnlab.models.summary import Summary, summarize
+from cnnlab.preprocess import PreprocessStats
 from tests.helpers import compose_config, run_cli
 
 IMAGENET = ["dataset=imagenet"]
@@ -388,7 +389,7 @@ def train_two_steps(model_name: str, *overrides: str) -> tuple[dict, dict, dict]
         rng=jax.random.PRNGKey(1))
     images = jax.random.randint(jax.random.PRNGKey(2), (4, *shape), 0, 256).astype(jnp.uint8)
     data = steps.DeviceSplit(images=images, labels=jnp.arange(4) % 10, mask=jnp.ones(4, bool),
-                             mean=jnp.full(3, 0.5), std=jnp.full(3, 0.25))
+                             stats=PreprocessStats(mean=jnp.full(3, 0.5), std=jnp.full(3, 0.25)))
     step = jax.jit(steps.make_train_step(model, tx, make_augment(cfg.augment), 2))
     new_state, metrics = step(state, data)
     new_state, metrics = step(new_state, data)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from cnnlab.errors import ConfigError
 from cnnlab.models import geometry
 from cnnlab.models.layers import Layers
+from cnnlab.models.regularization import StochasticDepth
 from cnnlab.registry import Registry
 
 # Which input maps feed each output map of a sparsely connected convolution.
@@ -237,25 +238,52 @@ class Shortcut(nn.Module):
         return pad_shortcut(x, self.features, self.stride) if reshapes else x
 
 
+def _block_dropout(rate: float, y: jax.Array, train: bool) -> jax.Array:
+    """Dropout before a residual block's last conv (Zagoruyko & Komodakis 2016's wide ResNets,
+    between the two 3x3 convs; rate 0.3 there); rate 0 adds no module."""
+    return Dropout(rate, name="dropout")(y, train) if rate else y
+
+
+def _add_shortcut(branch: jax.Array, shortcut: nn.Module, x: jax.Array, survival: float,
+                  per_example: bool, train: bool) -> jax.Array:
+    """branch + shortcut, the branch gated by stochastic depth when its survival is below 1.
+
+    The shortcut applies whether or not the branch survives: a dropped downsampling block is its
+    shortcut alone (the paper's id(): option A's pad, or B/C's projection). Called inside a
+    block's compact method, so the gate module is the block's `stochastic_depth`.
+    """
+    if survival < 1:
+        branch = StochasticDepth(survival, per_example, name="stochastic_depth")(branch, train)
+    return branch + shortcut(x, train)
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers; with `residual`, the input is added back before the last act."""
+    """Two 3x3 conv-norm layers; with `residual`, the input is added back before the last act.
+
+    `survival`: the branch's stochastic-depth survival probability (Huang et al. 2016; 1 = off),
+    drawn per mini-batch or, with `per_example`, per example; `dropout`: the rate of a dropout
+    between the two convs (wide ResNets). Neither adds parameters.
+    """
 
     features: int
     layers: Layers
     stride: int = 1
     residual: bool = True
     shortcut: str = "A"
+    survival: float = 1.0
+    per_example: bool = False
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         lay = self.layers
         y = lay.conv(x, self.features, 3, self.stride, name="conv1", label=self.name)
-        y = lay.act(lay.norm(name="norm1")(y, train))
+        y = _block_dropout(self.dropout, lay.act(lay.norm(name="norm1")(y, train)), train)
         y = lay.conv(y, self.features, 3, 1, name="conv2", label=self.name)
         y = lay.norm(name="norm2")(y, train)
         if self.residual:
-            y = y + Shortcut(self.features, self.stride, lay, self.shortcut, name="shortcut")(
-                x, train)
+            shortcut = Shortcut(self.features, self.stride, lay, self.shortcut, name="shortcut")
+            y = _add_shortcut(y, shortcut, x, self.survival, self.per_example, train)
         return lay.act(y)
 
 
@@ -273,6 +301,10 @@ class Bottleneck(nn.Module):
     shortcut: str = "B"
     stride_at: str = "1x1"
     expansion: int = 4
+    # As in BasicBlock; the dropout sits between the 3x3 and the last 1x1.
+    survival: float = 1.0
+    per_example: bool = False
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -281,10 +313,11 @@ class Bottleneck(nn.Module):
         y = lay.conv(x, self.features, 1, first, name="conv1", label=self.name)
         y = lay.act(lay.norm(name="norm1")(y, train))
         y = lay.conv(y, self.features, 3, middle, name="conv2", label=self.name)
-        y = lay.act(lay.norm(name="norm2")(y, train))
+        y = _block_dropout(self.dropout, lay.act(lay.norm(name="norm2")(y, train)), train)
         out = self.features * self.expansion
         y = lay.conv(y, out, 1, 1, name="conv3", label=self.name)
         y = lay.norm(name="norm3")(y, train)
         if self.residual:
-            y = y + Shortcut(out, self.stride, lay, self.shortcut, name="shortcut")(x, train)
+            shortcut = Shortcut(out, self.stride, lay, self.shortcut, name="shortcut")
+            y = _add_shortcut(y, shortcut, x, self.survival, self.per_example, train)
         return lay.act(y)

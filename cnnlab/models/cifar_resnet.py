@@ -6,6 +6,11 @@ Depth 6n+2: a 3x3 conv with 16 filters, then three stages of n two-conv blocks o
 Shortcut options as in the paper's ImageNet section: A = identity, zero-padded channels when the
 shape changes (no parameters; what the CIFAR table uses); B = 1x1 projection only where the shape
 changes; C = projections on every block.
+
+Regularizers (cnnlab.models.regularization): `stochastic_depth` is the last block's survival
+probability p_L of Huang et al. 2016 (their CIFAR experiments use this very net, 110 layers, 54
+blocks, p_L = 0.5); `dropout_at` puts dropout at the end of each stage, before the classifier or
+inside every block between its two convs (Zagoruyko & Komodakis 2016).
 """
 
 import dataclasses
@@ -16,10 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.errors import ConfigError
-from cnnlab.models.blocks import BasicBlock
+from cnnlab.models.blocks import BasicBlock, Dropout
 from cnnlab.models.layers import InputFit, Layers
+from cnnlab.models.regularization import DropoutPlaces, check_stochastic_depth, linear_decay
 
 Shortcut = Literal["A", "B", "C"]
+# The dropout places this family has: no hidden fc layers, no conv layers outside its blocks
+# but the stem.
+DROPOUT_PLACES = ("stage", "head", "block")
 
 
 @dataclasses.dataclass
@@ -28,6 +37,12 @@ class CifarResNetOptions:
     width: int = 16
     residual: bool = True
     shortcut: str = "A"
+    # Huang et al. 2016's p_L, the last block's survival probability (1 = off; paper: 0.5).
+    stochastic_depth: float = 1.0
+    # batch: one draw per block and mini-batch (the paper); example: per example (drop path).
+    stochastic_depth_mode: str = "batch"
+    # Dropout rates by place (0 = none): stage, head, block.
+    dropout_at: DropoutPlaces = dataclasses.field(default_factory=DropoutPlaces)
 
     def validate(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:
@@ -38,6 +53,9 @@ class CifarResNetOptions:
             raise ConfigError(f"model.width={self.width} must be a positive integer")
         if self.shortcut not in ("A", "B", "C"):
             raise ConfigError(f"model.shortcut='{self.shortcut}'; valid choices: A, B, C")
+        check_stochastic_depth(self.stochastic_depth, self.stochastic_depth_mode, self.residual,
+                               "this is a plain net (model.residual=false)")
+        self.dropout_at.validate(DROPOUT_PLACES, "CIFAR ResNet")
 
 
 class CifarResNet(nn.Module):
@@ -48,11 +66,19 @@ class CifarResNet(nn.Module):
     residual: bool = True
     shortcut: Shortcut = "A"
     fit: InputFit = InputFit()
+    # p_L of stochastic depth (1 = off) and whether it draws per example.
+    stochastic_depth: float = 1.0
+    per_example: bool = False
+    # Dropout rates (0 = none) after each stage, before the classifier, inside each block.
+    dropout_stage: float = 0.0
+    dropout_head: float = 0.0
+    dropout_block: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         lay = self.layers
         blocks_per_stage = (self.depth - 2) // 6
+        survival = linear_decay(3 * blocks_per_stage, self.stochastic_depth)
         x = lay.conv(self.fit(x), self.width, 3, name="stem")
         x = lay.act(lay.norm(name="stem_norm")(x, train))
         for stage in range(3):
@@ -63,9 +89,17 @@ class CifarResNet(nn.Module):
                     stride=2 if stage > 0 and block == 0 else 1,
                     residual=self.residual,
                     shortcut=self.shortcut,
+                    # Blocks are numbered 1..L across the stages, as in the paper.
+                    survival=survival[stage * blocks_per_stage + block],
+                    per_example=self.per_example,
+                    dropout=self.dropout_block,
                     name=f"stage{stage + 1}_block{block + 1}",
                 )(x, train)
+            if self.dropout_stage:
+                x = Dropout(self.dropout_stage, name=f"stage{stage + 1}_dropout")(x, train)
         x = jnp.mean(x, axis=(1, 2))
+        if self.dropout_head:
+            x = Dropout(self.dropout_head, name="head_dropout")(x, train)
         return lay.dense(self.num_classes, name="head")(x)
 
 
@@ -79,4 +113,9 @@ def build(options: CifarResNetOptions, num_classes: int, layers: Layers,
         residual=options.residual,
         shortcut=options.shortcut,
         fit=fit,
+        stochastic_depth=options.stochastic_depth,
+        per_example=options.stochastic_depth_mode == "example",
+        dropout_stage=options.dropout_at.stage,
+        dropout_head=options.dropout_at.head,
+        dropout_block=options.dropout_at.block,
     )

@@ -4,6 +4,10 @@ LeNet-5, AlexNet, the VGG configurations, GoogLeNet and the ImageNet ResNets are
 lists in `conf/model/` (syntax in `cnnlab.models.spec`), built from `cnnlab.models.blocks`. After
 the list comes the optional `head:` list, then the classifier: a dense layer with one unit per
 class of the dataset.
+
+The lists hold each paper's own dropout (`dropout` entries). `dropout_at` adds more at kinds of
+places (after conv or fc layers, at stage ends, before the classifier, inside residual blocks),
+and `stochastic_depth` drops residual blocks (both in cnnlab.models.regularization).
 """
 
 import dataclasses
@@ -17,7 +21,19 @@ from omegaconf import MISSING
 from cnnlab.errors import ConfigError
 from cnnlab.models import blocks
 from cnnlab.models.layers import InputFit, Layers, LocalResponseNorm
+from cnnlab.models.regularization import (
+    DROPOUT_PLACES,
+    DropoutPlaces,
+    check_stochastic_depth,
+    linear_decay,
+)
 from cnnlab.models.spec import LayerSpec, parse_layers
+
+RESIDUAL_KINDS = ("basic", "bottleneck")
+POOL_KINDS = ("maxpool", "avgpool", "subsample")
+# What each dropout place is, for messages.
+PLACE_NAMES = {"conv": "conv layers", "stage": "pooling layers or residual stages",
+               "fc": "hidden fc layers", "head": "layers", "block": "residual blocks"}
 
 
 @dataclasses.dataclass
@@ -36,6 +52,12 @@ class StackOptions:
     aux_classifiers: bool = True
     # Multiplies every layer's width (not the classifier's): 0.25 for a quick CPU variant.
     width: float = 1.0
+    # Huang et al. 2016's p_L, the last residual block's survival probability (1 = off).
+    stochastic_depth: float = 1.0
+    # batch: one draw per block and mini-batch (the paper); example: per example (drop path).
+    stochastic_depth_mode: str = "batch"
+    # Dropout added by kind of place, one rate each (0 = none): conv, stage, fc, head, block.
+    dropout_at: DropoutPlaces = dataclasses.field(default_factory=DropoutPlaces)
 
     def validate(self) -> None:
         body, head = self.specs()
@@ -51,11 +73,79 @@ class StackOptions:
             raise ConfigError(f"model.stride_at='{self.stride_at}'; valid choices: 1x1, 3x3")
         if self.width <= 0:
             raise ConfigError(f"model.width={self.width} must be positive")
+        has_blocks = any(s.kind in RESIDUAL_KINDS for s in body + head)
+        check_stochastic_depth(
+            self.stochastic_depth, self.stochastic_depth_mode, has_blocks and self.residual,
+            "model.residual=false removes their shortcuts" if has_blocks
+            else "this model has none (only basic and bottleneck blocks have shortcuts)")
+        self.dropout_at.validate(DROPOUT_PLACES, "stack")
+        if self.dropout_at.block and not has_blocks:
+            raise ConfigError(f"model.dropout_at.block={self.dropout_at.block}: this model has "
+                              "no residual blocks (basic, bottleneck) to put dropout in")
+        self.dropout_after()
 
     def specs(self) -> tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]:
         used: set[str] = {"classifier"}
         return (tuple(parse_layers(list(self.layers), "model.layers", used)),
                 tuple(parse_layers(list(self.head), "model.head", used)))
+
+    def survival(self) -> tuple[tuple[str, float], ...]:
+        """(block name, p_l) of every residual block, numbered 1..L through the whole list."""
+        if self.stochastic_depth == 1 or not self.residual:
+            return ()
+        body, head = self.specs()
+        names = [s.name for s in body + head if s.kind in RESIDUAL_KINDS]
+        return tuple(zip(names, linear_decay(len(names), self.stochastic_depth), strict=True))
+
+    def dropout_after(self) -> tuple[tuple[str, float], ...]:
+        """(layer name, rate) of every dropout `dropout_at` adds after a layer of the lists.
+
+        One dropout per position: a position already next to one of the list's own `dropout`
+        entries keeps that entry alone, and where two places meet the later of conv, stage, fc,
+        head sets the rate. A place that ends up with no position is a ConfigError.
+        """
+        body, head = self.specs()
+        specs = body + head
+        rates: dict[int, float] = {}
+        for place, rate in self.dropout_at.active().items():
+            if place == "block":
+                continue
+            candidates = [i for i in range(len(specs)) if _is_place(place, specs, i)]
+            free = [i for i in candidates if not _next_to_dropout(specs, i)]
+            if not free:
+                where = ("has its own dropout entry at every such place already (its rate: "
+                         "the entry's, or model.dropout)" if candidates
+                         else f"has no {PLACE_NAMES[place]}")
+                raise ConfigError(f"model.dropout_at.{place}={rate}: this model {where}")
+            rates.update(dict.fromkeys(free, rate))
+        used = {s.name for s in specs}
+        for i in rates:
+            if f"{specs[i].name}_dropout" in used:
+                raise ConfigError(f"model.dropout_at: the dropout after {specs[i].name} would be "
+                                  f"named {specs[i].name}_dropout, which a layer already is")
+        return tuple((specs[i].name, rates[i]) for i in sorted(rates))
+
+
+def _is_place(place: str, specs: tuple[LayerSpec, ...], i: int) -> bool:
+    """Whether the position right after specs[i] is a `place` (see DropoutPlaces)."""
+    kind = specs[i].kind
+    if place in ("conv", "fc"):
+        return kind == place
+    if place == "head":
+        return i == len(specs) - 1
+    # stage: a pooling layer, or a residual block the next layer does not continue (a stride
+    # starts the next stage).
+    if kind in POOL_KINDS:
+        return True
+    if kind not in RESIDUAL_KINDS:
+        return False
+    following = specs[i + 1] if i + 1 < len(specs) else None
+    return (following is None or following.kind not in RESIDUAL_KINDS
+            or following["stride"] > 1)
+
+
+def _next_to_dropout(specs: tuple[LayerSpec, ...], i: int) -> bool:
+    return specs[i].kind == "dropout" or (i + 1 < len(specs) and specs[i + 1].kind == "dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +155,10 @@ class Context:
     layers: Layers
     options: StackOptions
     num_classes: int
+    # (residual block name, survival probability); blocks not listed always survive.
+    survival: tuple[tuple[str, float], ...] = ()
+    # (layer name, rate) of the dropout layers `dropout_at` adds after layers of the lists.
+    dropout_after: tuple[tuple[str, float], ...] = ()
 
     def width(self, features: int) -> int:
         return blocks.scaled(features, self.options.width)
@@ -81,7 +175,10 @@ def _residual_block(block: type) -> Callable[[LayerSpec, Context], nn.Module]:
     def build(spec: LayerSpec, ctx: Context) -> nn.Module:
         extra = {"stride_at": ctx.options.stride_at} if block is blocks.Bottleneck else {}
         return block(ctx.width(spec["features"]), ctx.layers, spec["stride"],
-                     ctx.options.residual, ctx.options.shortcut, name=spec.name, **extra)
+                     ctx.options.residual, ctx.options.shortcut, name=spec.name,
+                     survival=dict(ctx.survival).get(spec.name, 1.0),
+                     per_example=ctx.options.stochastic_depth_mode == "example",
+                     dropout=ctx.options.dropout_at.block, **extra)
     return build
 
 
@@ -125,14 +222,19 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = self.fit(x)
+        dropout_after = dict(self.context.dropout_after)
         for spec in self.body + self.head:
             layer = BUILDERS[spec.kind](spec, self.context)
             if layer is not None:
                 x = layer(x, train)
+            if spec.name in dropout_after:
+                x = blocks.Dropout(dropout_after[spec.name], name=f"{spec.name}_dropout")(
+                    x, train)
         ctx = self.context
         return blocks.Dense(ctx.num_classes, ctx.layers, activate=False, name="classifier")(x)
 
 
 def build(options: StackOptions, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
     body, head = options.specs()
-    return Stack(body, head, Context(layers, options, num_classes), fit)
+    context = Context(layers, options, num_classes, options.survival(), options.dropout_after())
+    return Stack(body, head, context, fit)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from cnnlab.models import blocks, count_params
 from cnnlab.models.layers import Identity, LocalResponseNorm
+from cnnlab.models.regularization import StochasticDepth
 
 
 @dataclasses.dataclass
@@ -99,6 +100,8 @@ def _kind(module: nn.Module) -> str:
         return f"conv {k}x{k}/{s}"
     if isinstance(module, blocks.Pool):
         return f"{module.kind}pool {module.kernel}x{module.kernel}/{module.stride}"
+    if isinstance(module, StochasticDepth):
+        return f"stochastic depth {module.survival:.3g}"
     labels = {blocks.Dense: "fc", nn.Dense: "dense", blocks.GlobalAvgPool: "global avgpool",
               blocks.AuxClassifier: "aux classifier", blocks.Subsample: "subsample",
               blocks.TableConv: "conv (table)",

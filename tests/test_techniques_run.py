@@ -1,0 +1,116 @@
+"""A short real run (offline fashion_mnist, tiny ResNet) with every training technique switched on.
+
+`TECHNIQUES` lists each option as the overrides that switch it on. `make test` trains the
+`COMBINED` runs, which between them switch on every technique (checked below), several at a
+time; `make test-full` also trains each technique alone.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from cnnlab.train import train
+from tests.helpers import TINY, compose_config
+from tests.test_train import with_overrides
+
+# Validation split and evaluations, for the options that watch the validation error.
+WATCHED = ["dataset.val_size=128", "train.eval_every=2"]
+
+TECHNIQUES: dict[str, list[str]] = {
+    # initializers (conv and dense separately where the run combines them)
+    **{f"init={name}": [f"init={name}"] for name in (
+        "lecun_normal", "lecun_uniform", "glorot_normal", "glorot_uniform", "he_normal",
+        "he_uniform", "he_normal_fan_out", "he_uniform_fan_out", "orthogonal",
+        "orthogonal_relu", "torch_uniform")},
+    # activations
+    **{f"activation={name}": [f"activation={name}"] for name in (
+        "relu", "leaky_relu", "sigmoid", "tanh", "scaled_tanh", "elu", "gelu", "silu")},
+    "activation.negative_slope": ["activation=leaky_relu", "activation.negative_slope=0.2"],
+    # normalization
+    **{f"norm={name}": [f"norm={name}"] for name in ("none", "batch", "lrn", "group", "layer")},
+    "norm.momentum": ["norm=batch", "norm.momentum=0.99", "norm.epsilon=1e-3"],
+    # optimizers, decay, clipping
+    **{f"optimizer={name}": [f"optimizer={name}"] for name in (
+        "sgd", "momentum", "nesterov", "adadelta", "adam", "adamw")},
+    "optimizer.decay=decoupled": ["optimizer=momentum", "optimizer.decay=decoupled",
+                                  "optimizer.weight_decay=0.01"],
+    "optimizer.clip_norm": ["optimizer.clip_norm=1.0"],
+    # regularization
+    "regularization.l1": ["regularization.l1=1e-5"],
+    "regularization.l2": ["regularization.l2=1e-4", "optimizer.weight_decay=0"],
+    "regularization.label_smoothing": ["regularization.label_smoothing=0.1"],
+    # schedules and model selection
+    **{f"schedule={name}": [f"schedule={name}"] for name in ("constant", "step", "cosine")},
+    "schedule.warmup_steps": ["schedule.warmup_steps=2"],
+    "schedule=plateau": ["schedule=plateau", "schedule.patience=0", *WATCHED],
+    "early_stopping": ["early_stopping.patience=1", *WATCHED],
+}
+
+
+
+def _keys(overrides: list[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in overrides)
+
+
+def combine(techniques: dict[str, list[str]]) -> list[list[str]]:
+    """Pack the techniques into few runs: each goes into the first run whose overrides do not
+    set one of its keys to another value (two activations cannot share a run)."""
+    runs: list[dict[str, str]] = []
+    for overrides in techniques.values():
+        wanted = _keys(overrides)
+        for run in runs:
+            if all(run.get(k, v) == v for k, v in wanted.items()):
+                run.update(wanted)
+                break
+        else:
+            runs.append(dict(wanted))
+    return [[f"{k}={v}" for k, v in run.items()] for run in runs]
+
+
+# Each run switches on several techniques at once.
+COMBINED = combine(TECHNIQUES)
+
+
+def run_tiny(overrides: list[str], run_dir: Path, data_dir: Path) -> dict:
+    args = with_overrides(TINY, train__steps=4, train__steps_per_call=2, train__log_every=2,
+                          train__eval_every=0, checkpoint__every=2, dataset__max_examples=512,
+                          train__batch_size=32, logger__mode="disabled")
+    cfg = compose_config(args + overrides + [f"dataset.data_dir={data_dir}"])
+    summary = train(cfg, run_dir)
+    assert summary["status"] == "finished", summary
+    assert math.isfinite(summary["final/train/loss"]), summary
+    assert 0 <= summary["final/test/error"] <= 100
+    # Group choices are Hydra's to apply; plain keys must reach the run's config as given.
+    for key, value in _keys(overrides).items():
+        if "." in key:
+            actual = OmegaConf.select(cfg, key)
+            assert str(actual) == value or _close(actual, value), (key, actual)
+    return summary
+
+
+def _close(actual, expected: str) -> bool:
+    try:
+        return math.isclose(float(actual), float(expected))
+    except (TypeError, ValueError):
+        return False
+
+
+def test_combined_runs_switch_on_every_technique():
+    for name, overrides in TECHNIQUES.items():
+        assert any(set(overrides) <= set(run) for run in COMBINED), f"{name} is in no run"
+    for run in COMBINED:
+        keys = [o.split("=", 1)[0] for o in run]
+        assert len({k: _keys(run)[k] for k in keys}) == len(set(keys)), run
+
+
+@pytest.mark.parametrize("overrides", COMBINED, ids=lambda o: ",".join(o)[:80])
+def test_combined_techniques_train(overrides, fashion_dir, tmp_path):
+    run_tiny(overrides, tmp_path, fashion_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", list(TECHNIQUES.values()), ids=list(TECHNIQUES))
+def test_each_technique_trains_alone(overrides, fashion_dir, tmp_path):
+    run_tiny(overrides, tmp_path, fashion_dir)
