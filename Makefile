@@ -23,11 +23,12 @@ setup: $(BIN)/cnnlab ## create .venv and install cnnlab with its test tools
 run: setup ## train ResNet-20 on fashion_mnist (the default config) and report test error
 	$(BIN)/cnnlab train $(ARGS)
 
+# Two test processes: most tests wait on single-threaded XLA compiles, so the 2 cores overlap them.
 test: setup ## run the test suite (skips tests marked slow)
-	$(BIN)/pytest -q -m "not slow" $(ARGS)
+	$(BIN)/pytest -q -n 2 --dist worksteal -m "not slow" $(ARGS)
 
 test-full: setup ## run every test, slow ones included
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q -n 2 --dist worksteal $(ARGS)
 
 lint: setup ## ruff
 	$(BIN)/ruff check .

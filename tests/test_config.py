@@ -20,13 +20,18 @@ def test_defaults_compose_to_the_documented_run():
     validate(cfg)
 
 
-@pytest.mark.parametrize("group", ["model", "dataset", "init", "activation", "norm", "augment",
-                                   "optimizer", "schedule", "logger"])
+# Options that watch the validation error need a validation split.
+NEEDS = {"schedule=plateau": ["dataset.val_size=100"]}
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "init", "activation", "norm", "preprocess",
+                                   "augment", "optimizer", "schedule", "logger"])
 def test_every_group_option_composes_and_validates(group):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
     for option in options:
-        validate(compose_config([f"{group}={option}"]))
+        choice = f"{group}={option}"
+        validate(compose_config([choice, *NEEDS.get(choice, [])]))
 
 
 def test_plain_and_resnet_differ_only_in_shortcuts():
@@ -90,4 +95,4 @@ def test_cli_unknown_command(tmp_path):
     result = run_cli(["trian"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "cnnlab: error: unknown command 'trian'; valid choices: train, summary")
+        "cnnlab: error: unknown command 'trian'; valid choices: train, summary, eval")

@@ -265,6 +265,7 @@ def test_bad_norm_keys_are_one_line_errors(overrides, message):
 
 
 # Every new norm, activation and initializer preset at least once, paired to keep this fast.
+@pytest.mark.slow  # tests/test_techniques_run.py trains with each of these
 @pytest.mark.parametrize("norm, act, init", [
     ("lrn", "sigmoid", "torch_uniform"),
     ("group", "leaky_relu", "orthogonal_relu"),

@@ -488,6 +488,7 @@ def test_summary_counts_are_unchanged_and_shows_the_gates(model_name, extra, dat
     assert "stochastic depth" not in base.to_table(depth=2)
 
 
+@pytest.mark.slow  # tests/test_techniques_run.py trains with these options in `make test`
 def test_training_steps_with_every_option():
     """SGD steps as the train step runs them: inside a jitted, fully unrolled lax.scan, with a
     `dropout` key folded from the step number."""

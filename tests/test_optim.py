@@ -340,6 +340,8 @@ def _max_change(a: object, b: object) -> float:
                zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+# tests/test_techniques_run.py trains with each optimizer in `make test`; this one is thorough.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_optimizer_trains_a_real_model(name):
     losses, states = _train((f"optimizer={name}",))
