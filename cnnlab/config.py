@@ -458,6 +458,9 @@ def validate(cfg: DictConfig) -> None:
         ("norm.name", layers.NORMS),
     ):
         registry.get(OmegaConf.select(cfg, key))
+    _require(cfg.init.bias in layers.BIAS_INITIALIZERS,
+             f"init.bias='{cfg.init.bias}' scales by a weight's fan, which a bias does not have; "
+             f"valid choices: {', '.join(layers.BIAS_INITIALIZERS)}")
     augment.validate(cfg.augment)
     preprocess.validate(cfg.preprocess, cfg.dataset.image_shape)
 

@@ -86,7 +86,8 @@ def test_zeros_and_fan_initializers_on_a_bias():
         draw("he_normal", (7,))
     with pytest.raises(ConfigError) as info:
         validate(compose_config(["init.bias=orthogonal"]))
-    assert "init.bias=zeros" in str(info.value) and "\n" not in str(info.value)
+    assert "init.bias='orthogonal'" in str(info.value) and "valid choices: zeros" in str(
+        info.value) and "\n" not in str(info.value)
 
 
 def activation(name: str, **options: float):
@@ -282,3 +283,4 @@ def test_tiny_resnet_runs_forward(norm, act, init):
     variables = init_variables(model, KEY, (16, 16, 3))
     logits = model.apply(variables, x, train=False)
     assert logits.shape == (2, 10) and bool(jnp.isfinite(logits).all())
+

@@ -26,7 +26,6 @@ TECHNIQUES: dict[str, list[str]] = {
     # initializers: the first half on the convs, the rest on the dense layer, so runs combine
     **{f"init={name}": [f"init.conv={name}"] for name in INITIALIZERS[:6]},
     **{f"init={name}": [f"init.dense={name}"] for name in INITIALIZERS[6:]},
-    "init.bias": ["init.bias=torch_uniform"],
     # activations
     **{f"activation={name}": [f"activation={name}"] for name in (
         "relu", "leaky_relu", "sigmoid", "tanh", "scaled_tanh", "elu", "gelu", "silu")},
@@ -117,7 +116,7 @@ def run_tiny(overrides: list[str], run_dir: Path, data_dir: Path) -> dict:
     for key, value in _keys(overrides).items():
         if "." in key:
             actual = OmegaConf.select(cfg, key)
-            same = str(actual).replace(" ", "") == value or _close(actual, value)
+            same = str(actual).replace(" ", "").lower() == value.lower() or _close(actual, value)
             assert same, (key, actual)
     return summary
 

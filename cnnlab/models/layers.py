@@ -67,6 +67,8 @@ INITIALIZERS.register("orthogonal", _needs_fan("orthogonal", nn.initializers.ort
 INITIALIZERS.register(
     "orthogonal_relu", _needs_fan("orthogonal_relu", nn.initializers.orthogonal(2.0**0.5)))
 INITIALIZERS.register("zeros", nn.initializers.zeros)
+# A bias has no fan to scale by, so of the above only these can initialize one.
+BIAS_INITIALIZERS = ("zeros",)
 
 
 @dataclasses.dataclass(frozen=True)
