@@ -29,8 +29,9 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     # Root key of the run; per-step keys are folded from it, so it never needs advancing.
     rng: jax.Array
-    # Multiplies every update, i.e. the lr of every optimizer here (lr is their last factor):
-    # reduce-on-plateau lowers it between chunks, from the host, without recompiling.
+    # With schedule=plateau, multiplies every update, i.e. the lr of every optimizer here (lr is
+    # their last factor): reduce-on-plateau lowers it between chunks, from the host, without
+    # recompiling.
     lr_scale: jax.Array = dataclasses.field(default_factory=lambda: jnp.ones((), jnp.float32))
     # eval.ema_decay: optax.ema's state (count, biased average) of {"params", "batch_stats"};
     # None when off, so the state and its checkpoints are unchanged for runs without it.
@@ -96,11 +97,13 @@ def ema_variables(ema: Any, decay: float) -> tuple[Any, Any]:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
                     batch_size: int, regularization: DictConfig | None = None,
-                    ema_decay: float | None = None) -> Callable:
+                    ema_decay: float | None = None, scale_lr: bool = False) -> Callable:
     """`train_step(state, data) -> (state, metrics)` for one batch.
 
     With `ema_decay`, the step also updates the moving average of the new weights and BN
     statistics in `state.ema` (`ema_transform`), on the device like the rest of the step.
+
+    With `scale_lr`, updates are multiplied by `state.lr_scale` (reduce-on-plateau).
 
     `regularization` (l1, l2, apply_to, label_smoothing) changes the optimized objective only;
     the logged loss stays the cross entropy against the true labels, so runs compare.
@@ -155,7 +158,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+        if scale_lr:
+            # Only where reduce-on-plateau is on: the extra product changes how XLA fuses (and
+            # rounds) the update, and a run without it stays bitwise what it was.
+            updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
         state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),

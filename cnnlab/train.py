@@ -199,7 +199,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                     else None)
     train_chunk = steps.make_train_chunk(
         steps.make_train_step(model, tx, make_augment(cfg.augment, lighting_pca), tc.batch_size,
-                              cfg.regularization, cfg.eval.ema_decay)
+                              cfg.regularization, cfg.eval.ema_decay,
+                              scale_lr=plateau is not None)
     )
     evaluate = Evaluator(model, dataset, tc.eval_batch_size, cfg.eval.ema_decay,
                          make_views(cfg.eval.tta, cfg.augment, cfg.eval.crop_size,

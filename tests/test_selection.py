@@ -101,7 +101,7 @@ def test_lr_scale_multiplies_the_step_like_a_smaller_lr():
     def run(lr: float, scale: float) -> dict:
         tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, lr, 100))
         step = jax.jit(make_train_step(model, tx, make_augment(cfg.augment), 16,
-                                       cfg.regularization))
+                                       cfg.regularization, scale_lr=True))
         state = init_state(cfg, model, tx, (28, 28, 1))
         state = state.replace(lr_scale=jnp.asarray(scale, jnp.float32))
         for _ in range(3):
