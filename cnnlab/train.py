@@ -252,8 +252,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                     event["images_per_sec"] = rate
                     throughput.append(rate)
                 window_sums, window_steps = steps.zero_metrics(), 0
-            # The lr the chunk ran with, before a plateau reduction below changes it.
-            lr = float(schedule(step - 1)) * (plateau.scale if plateau is not None else 1.0)
+            # The lr scale the chunk ran with, before a plateau reduction below changes it (a host
+            # float: the lr itself is computed only when an event is logged).
+            lr_scale = plateau.scale if plateau is not None else 1.0
             stop_early = False
             if _due(step, tc.eval_every) or step == tc.steps:
                 event.update(evaluate(state))
@@ -275,7 +276,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                             best_checkpointer.save(step, state, {"selected": selected})
                     stop_early = stop_early and step < tc.steps
             if event:
-                event.update(lr=lr, epoch=step / steps_per_epoch,
+                event.update(lr=float(schedule(step - 1)) * lr_scale,
+                             epoch=step / steps_per_epoch,
                              wall_time=wall_offset + time.perf_counter() - t_start)
                 tracker.log(step, event)
                 last.update(event)
