@@ -1,4 +1,9 @@
-"""The Hydra application behind `cnnlab train`: one call per run (per job of a multirun)."""
+"""The Hydra application behind `cnnlab train`: one call per run (per job of a multirun).
+
+In a multirun every job ends with a `summary.json` saying how it ended, and a job that fails
+(diverged, bad config, crash) raises, so that Hydra records it as failed; the sweeper runs the
+remaining jobs all the same (Optuna: `max_failure_rate` in conf/hydra/sweeper/).
+"""
 
 import logging
 import sys
@@ -12,6 +17,11 @@ from omegaconf import DictConfig
 from cnnlab.config import CONF_DIR, resolve_presets, validate_for_training
 from cnnlab.data import DatasetUnavailableError
 from cnnlab.errors import ConfigError
+from cnnlab.tracking import read_summary, write_summary
+
+
+class RunFailed(RuntimeError):
+    """A job that ran but did not finish (diverged); the message is the one-line reason."""
 
 
 def sweep_group() -> str | None:
@@ -22,31 +32,70 @@ def sweep_group() -> str | None:
     return "sweep-" + "_".join(Path(hc.sweep.dir).parts[-2:])
 
 
+def sweep_tags() -> list[str]:
+    """The experiment a run belongs to tags it (W&B filters by tag across sweeps)."""
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return [experiment.replace("/", "-")] if experiment not in (None, "null") else []
+
+
+def objective(summary: dict) -> float | None:
+    """What a sweeper minimizes: the final validation error when there is a validation split.
+
+    Tuning on the test error would leak the test set into the choice of hyperparameters.
+    """
+    for key in ("final/val/error", "final/test/error"):
+        if summary.get(key) is not None:
+            return summary[key]
+    return None
+
+
+def record_failure(run_dir: Path, cfg: DictConfig, reason: str) -> None:
+    """Make sure the job's summary.json says it failed and why (train() writes its own once
+    training has started; earlier failures, such as a bad config, end up here)."""
+    summary = read_summary(run_dir)
+    if summary is None or summary.get("status") == "running":
+        write_summary(run_dir, {**(summary or {}), "status": "failed", "failure": reason,
+                                "model": cfg.model.name, "dataset": cfg.dataset.name,
+                                "seed": cfg.seed})
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def train_task(cfg: DictConfig) -> float | None:
-    """Train one configuration; returns the final test error (for sweepers that optimize it)."""
-    from cnnlab.train import train
+    """Train one configuration; returns the objective (for sweepers that optimize it)."""
+    from cnnlab.train import failure_reason, train
 
     # Orbax/TFDS (through absl) and JAX log routine steps at INFO; keep the terminal
     # for the progress bar and our own messages.
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         resolve_presets(cfg)
         validate_for_training(cfg)
-        summary = train(cfg, run_dir, group=cfg.logger.group or sweep_group())
+        summary = train(cfg, run_dir, group=cfg.logger.group or sweep_group(),
+                        tags=sweep_tags())
     except (ConfigError, DatasetUnavailableError) as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        record_failure(run_dir, cfg, f"config: {e}")
+        if multirun:
             raise  # Hydra records the failed job and the sweep goes on
         print(f"cnnlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        record_failure(run_dir, cfg, failure_reason(e))
+        raise
+    if summary["status"] != "finished":
+        if multirun:
+            raise RunFailed(summary.get("failure", summary["status"]))
+        print(f"cnnlab: run {summary['status']}: {summary.get('failure', '')}; run directory: "
+              f"{run_dir}", file=sys.stderr)
+        raise SystemExit(1)
     error = summary.get("final/test/error")
     if error is not None:
         print(f"{summary['model']} on {summary['dataset']}: test error {error:.2f}% "
               f"(accuracy {100 - error:.2f}%) at step {summary['final_step']}, "
               f"{summary['wall_time']:.0f} s; run directory: {run_dir}")
-    return error
+    return objective(summary)
 
 
 def run_train_app() -> None:

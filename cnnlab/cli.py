@@ -20,6 +20,9 @@ USAGE = """usage: cnnlab COMMAND [HYDRA OVERRIDES...]
 commands:
   train    train a model: cnnlab train model=resnet56 dataset=cifar10 seed=1
            sweep with Hydra's multirun: cnnlab train -m model=plain20,resnet20 seed=0,1,2
+           [hydra/launcher=parallel|slurm] [hydra/sweeper=search]
+           run a study of experiments/: cnnlab train experiment=resnet_vs_plain
+           (its CI size: experiment=smoke/resnet_vs_plain)
            see the composed config: cnnlab train --cfg job
 
   summary  per-layer output shapes, parameters and multiply-adds, without data:
@@ -28,6 +31,11 @@ commands:
   eval     evaluate trained runs on their test split, several runs as an ensemble:
            cnnlab eval RUN_DIR [RUN_DIR ...] [eval.tta=none|flip|ten_crop]
            [eval.weights=final|best|ema|snapshots] [eval.format=json] [eval.output=FILE]
+
+  compare  tables (mean ± std over seeds) and error curves of runs, from their files:
+           cnnlab compare MULTIRUN_DIR|RUN_DIR [...] [compare.panel_by=model.residual]
+           [compare.metric=error|loss] [compare.ylim=[0,20]] [compare.format=markdown|csv]
+           [compare.output=DIR]; a W&B group (online): cnnlab compare wandb:ENTITY/PROJECT/GROUP
 
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
@@ -66,8 +74,14 @@ def _group_dirs(conf_dir: Path) -> set[str]:
 
 
 def _expand(overrides: list[str], conf_dir: Path) -> list[list[str]]:
-    """Check group choices and expand sweeps into the list of single-run override lists."""
+    """Check group choices and expand sweeps into the list of single-run override lists.
+
+    A later override of a key replaces an earlier one, as in Hydra's basic sweeper (so the
+    command line wins over a config's `hydra.sweeper.params`). Ranges of a continuous search
+    (Optuna's `interval(...)`) cannot be listed: those keys are checked in each job instead.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
     from hydra.errors import HydraException
 
     from cnnlab.config import group_options
@@ -77,10 +91,13 @@ def _expand(overrides: list[str], conf_dir: Path) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(str(e).splitlines()[0] if str(e) else "could not parse the overrides")
-    axes: list[list[str]] = []
+    axes: dict[str, list[str]] = {}
     for override in parsed:
         key = override.get_key_element().lstrip("~+")
-        if key.startswith("hydra"):
+        if isinstance(override.value(), IntervalSweep):
+            continue
+        if key.startswith("hydra"):  # Hydra's own settings (launcher, sweeper, mode): fixed
+            axes[key] = [override.input_line]
             continue
         values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
                   else [override.get_value_element_as_str()])
@@ -90,8 +107,15 @@ def _expand(overrides: list[str], conf_dir: Path) -> list[list[str]]:
                 if value not in valid and value != "null":
                     fail(f"unknown {key} '{value}'; valid choices: {', '.join(valid)}")
         prefix = override.get_key_element()
-        axes.append([f"{prefix}={v}" if not override.is_delete() else prefix for v in values])
-    return [list(c) for c in itertools.islice(itertools.product(*axes), MAX_CHECKED_COMBINATIONS)]
+        axes[key] = [f"{prefix}={v}" if not override.is_delete() else prefix for v in values]
+    return [list(c) for c in itertools.islice(itertools.product(*axes.values()),
+                                              MAX_CHECKED_COMBINATIONS)]
+
+
+def _config_sweep(hydra_cfg: "DictConfig") -> list[str]:
+    """The sweep a config declares in `hydra.sweeper.params`, as override strings."""
+    params = hydra_cfg.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
 
 
 def _one_line(error: Exception) -> str:
@@ -107,10 +131,13 @@ def _one_line(error: Exception) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
-def check_config(overrides: list[str], for_training: bool = True) -> "DictConfig":
+def check_config(overrides: list[str], for_training: bool = True,
+                 multirun: bool = False) -> "DictConfig":
     """Compose and validate every run the command line describes; exit 2 on the first error.
 
-    Returns the last composed config (the only one when there is no sweep).
+    A multirun (`-m`, or `hydra.mode: MULTIRUN` in a config such as an experiments/ study) also
+    expands the sweep that the config declares in `hydra.sweeper.params`. Returns the last
+    composed config (the only one when there is no sweep).
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -119,27 +146,83 @@ def check_config(overrides: list[str], for_training: bool = True) -> "DictConfig
     from cnnlab.config import CONF_DIR, resolve_presets, validate, validate_for_training
 
     check = validate_for_training if for_training else validate
+
+    def composed(combination: list[str], with_hydra: bool = False) -> "DictConfig":
+        try:
+            return compose(config_name="config", overrides=combination,
+                           return_hydra_config=with_hydra)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            fail(_one_line(e))
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combination in _expand(overrides, CONF_DIR):
-            try:
-                cfg = compose(config_name="config", overrides=combination)
-                resolve_presets(cfg)
-                check(cfg)
-            except ConfigError as e:
-                fail(str(e))
-            except (HydraException, OmegaConfBaseException, ValueError) as e:
-                fail(_one_line(e))
+            hydra_cfg = composed(combination, with_hydra=True).hydra
+            runs = [combination]
+            if multirun or hydra_cfg.mode == "MULTIRUN":
+                runs = _expand(_config_sweep(hydra_cfg) + combination, CONF_DIR)
+            for run in runs:
+                cfg = composed(run)
+                try:
+                    resolve_presets(cfg)
+                    check(cfg)
+                except ConfigError as e:
+                    fail(str(e))
+                except (OmegaConfBaseException, ValueError) as e:
+                    fail(_one_line(e))
     return cfg
+
+
+# Keys that never name a multirun job's folder (conf/config.yaml's list, kept in step).
+_UNNAMED_KEYS = ["hydra.run.dir", "hydra.sweep.dir", "logger.mode", "progress", "experiment"]
+
+
+def _name_jobs_by_swept_keys(overrides: list[str]) -> list[str]:
+    """Name multirun job folders by what varies (`3_model=plain56,seed=1`), not by every
+    override: settings shared by the whole sweep would repeat in each name and can push it past
+    the file system's limit. Returns the Hydra override that says so (none if the user set one).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    key_setting = "hydra.job.config.override_dirname.exclude_keys"
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return []
+    if any(o.get_key_element() == key_setting for o in parsed):
+        return []
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    fixed = [o.get_key_element() for o in parsed if o.get_key_element() not in swept
+             and not o.get_key_element().startswith("hydra")]
+    keys = list(dict.fromkeys(_UNNAMED_KEYS + fixed))
+    return [f"{key_setting}=[{','.join(keys)}]"]
+
+
+def _with_job_naming(args: list[str], overrides: list[str]) -> list[str]:
+    """`args` with the job-naming override placed among the user's overrides: Hydra's parser
+    takes its positional overrides as one run, so one appended after a flag would be refused."""
+    if not overrides:
+        return args
+    first = args.index(overrides[0])
+    return [*args[:first], *_name_jobs_by_swept_keys(overrides), *args[first:]]
 
 
 def train_command(args: list[str]) -> None:
     overrides, info_only = _split_args(args)
     if not info_only:
-        check_config(overrides)
+        check_config(overrides, multirun=bool({"-m", "--multirun"} & set(args)))
     from cnnlab.app import run_train_app
 
-    sys.argv = ["cnnlab train", *args]
-    run_train_app()
+    sys.argv = ["cnnlab train", *_with_job_naming(args, overrides)]
+    from cnnlab import sweep
+
+    try:
+        run_train_app()
+    finally:
+        # Hydra exits 1 after a sweep with failed jobs (the others have all run); say how many.
+        if sweep.current_sweep_dir is not None and sweep.current_sweep_dir.is_dir():
+            line, _ = sweep.report(sweep.current_sweep_dir)
+            print(f"cnnlab: {line}", file=sys.stderr)
 
 
 def summary_command(args: list[str]) -> None:
@@ -169,25 +252,31 @@ def _is_override(arg: str) -> bool:
     return bool(sep) and not Path(arg).is_dir() and key.replace(".", "_").isidentifier()
 
 
+def _paths_and_overrides(args: list[str], command: str, what: str,
+                         example: str) -> tuple[list[str], list[str]]:
+    """Split `cnnlab eval|compare` arguments into directories and `<command>.KEY=VALUE`."""
+    overrides = [arg for arg in args if _is_override(arg)]
+    paths = [arg for arg in args if not _is_override(arg)]
+    for arg in paths:
+        if arg.startswith("-"):
+            fail(f"{command} takes {what} and {command}.* overrides, not '{arg}' ({example})")
+    for override in overrides:
+        if not override.startswith(f"{command}."):
+            fail(f"{command} takes {command}.* overrides only, got '{override}'; the model, "
+                 "data and training settings come from each run's saved config")
+    return paths, overrides
+
+
 def eval_command(args: list[str]) -> None:
     """`cnnlab eval RUN_DIR [RUN_DIR ...] [eval.KEY=VALUE ...]` (cnnlab/evaluate.py)."""
     if any(arg in _INFO_FLAGS for arg in args):
         print(USAGE)
         return
-    overrides = [arg for arg in args if _is_override(arg)]
-    run_dirs = [arg for arg in args if not _is_override(arg)]
-    for arg in run_dirs:
-        if arg.startswith("-"):
-            fail(f"eval takes run directories and eval.* overrides, not '{arg}' (JSON output: "
-                 "eval.format=json)")
-    for override in overrides:
-        key = override.partition("=")[0]
-        if not key.startswith("eval."):
-            fail(f"eval takes eval.* overrides only, got '{override}'; the model, data and "
-                 "training settings come from each run's saved config")
-        if key == "eval.ema_decay":
-            fail("eval.ema_decay is a training setting; cnnlab eval reads each run's own "
-                 "(use eval.weights=ema)")
+    run_dirs, overrides = _paths_and_overrides(args, "eval", "run directories",
+                                               "JSON output: eval.format=json")
+    if "eval.ema_decay" in {o.partition("=")[0] for o in overrides}:
+        fail("eval.ema_decay is a training setting; cnnlab eval reads each run's own "
+             "(use eval.weights=ema)")
     if not run_dirs:
         fail("eval needs at least one run directory: cnnlab eval RUN_DIR [RUN_DIR ...] "
              "[eval.tta=flip]")
@@ -220,10 +309,30 @@ def eval_command(args: list[str]) -> None:
         Path(ev.output).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def compare_command(args: list[str]) -> None:
+    """`cnnlab compare PATH [PATH ...] [compare.KEY=VALUE ...]` (cnnlab/compare.py)."""
+    if any(arg in _INFO_FLAGS for arg in args):
+        print(USAGE)
+        return
+    paths, overrides = _paths_and_overrides(args, "compare", "run or multirun directories",
+                                            "CSV output: compare.format=csv")
+    from cnnlab.compare import compare, parse_config
+
+    try:
+        text, written = compare(paths, parse_config(overrides))
+    except ConfigError as e:
+        fail(str(e))
+    print(text, end="")
+    folders = sorted({str(path.parent) for path in written})
+    print(f"cnnlab compare: wrote {', '.join(p.name for p in written)} to {', '.join(folders)}",
+          file=sys.stderr)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command,
     "summary": summary_command,
     "eval": eval_command,
+    "compare": compare_command,
 }
 
 

@@ -203,6 +203,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 1000
     stop_on_nan: bool = True
+    # With stop_on_nan, a mean training loss above this also counts as diverged (null: only
+    # NaN/inf). Cross-entropy starts near ln(classes); weights that blew up give 1e10 and more.
+    divergence_threshold: float | None = 1.0e4
 
 
 @dataclasses.dataclass
@@ -242,9 +245,29 @@ class Config:
     summary: SummaryConfig = dataclasses.field(default_factory=SummaryConfig)
     seed: int = 0
     progress: bool = True
+    compile_cache_dir: str | None = None
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
+
+MAX_DIRNAME = 100
+
+
+def short_dirname(name: str) -> str:
+    """A multirun job's folder name from its overrides, cut to MAX_DIRNAME characters.
+
+    Names past the file system's 255-byte limit would crash the sweep; the hash of the whole
+    keeps cut names distinct. The job's full overrides are in `.hydra/overrides.yaml`.
+    """
+    if len(name) <= MAX_DIRNAME:
+        return name
+    import hashlib
+
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[:MAX_DIRNAME - 9]}~{digest}"
+
+
+OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 LOGGER_MODES = ("online", "offline", "disabled")
 SCHEDULES = ("constant", "step", "cosine", "cyclic_cosine", "plateau")
@@ -263,8 +286,13 @@ EVAL_WEIGHTS = ("final", "best", "ema", "snapshots")
 
 
 def group_options(group: str) -> list[str]:
-    """The option names of a config group, from the YAML files in `conf/<group>/`."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+    """The option names of a config group, from the YAML files in `conf/<group>/`.
+
+    Options in sub-folders are named by their path, as Hydra names them (`smoke/init_study`).
+    """
+    root = CONF_DIR / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
+                  if not any(part.startswith("_") for part in p.relative_to(root).parts))
 
 
 def resolve_presets(cfg: DictConfig) -> None:

@@ -26,6 +26,7 @@ from cnnlab.config import cycle_length
 from cnnlab.errors import ConfigError
 from cnnlab.evaluate import SNAPSHOT_DIR, make_views
 from cnnlab.models import build_model, count_params, init_variables
+from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
 from cnnlab.selection import EarlyStopping, Plateau
 from cnnlab.tracking import SUMMARY_FILE, RunTracker
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 # The weights of the best evaluation of early_stopping.metric (the selected model).
 BEST_DIR = "best"
+CURVES_FILE = "curves.png"
 
 
 def load_data(cfg: DictConfig) -> data_lib.Dataset:
@@ -145,8 +147,31 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
-    """Train as `cfg` says, writing logs and checkpoints to `run_dir`; returns the summary."""
+def divergence(loss: float, train_cfg: DictConfig, step: int) -> str | None:
+    """Why a run with this mean training loss counts as diverged, or None if it does not."""
+    if not train_cfg.stop_on_nan:
+        return None
+    threshold = train_cfg.divergence_threshold
+    if not math.isfinite(loss) or (threshold is not None and loss > threshold):
+        return f"diverged: train/loss reached {loss:.4g} by step {step}"
+    return None
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Keep compiled programs on disk; compiles of >= 1 s are worth a lookup."""
+    if path is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
+          tags: list[str] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says, writing logs and checkpoints to `run_dir`; returns the summary.
+
+    `group` and `tags` label the W&B run (a sweep's runs share them). The summary's `status`
+    is finished, diverged (non-finite training loss; `failure` says when), failed or interrupted.
+    """
     t_start = time.perf_counter()
     tc = cfg.train
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint.keep)
@@ -159,6 +184,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
             log.info("%s already finished at step %d; nothing to do", run_dir, resume_step)
             return previous
 
+    use_compile_cache(cfg.compile_cache_dir)
     dataset = load_data(cfg)
     check_declared_shapes(cfg, dataset)
     if tc.batch_size > len(dataset.train):
@@ -171,6 +197,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     tx = make_optimizer(cfg.optimizer, schedule)
     state = init_state(cfg, model, tx, dataset.image_shape)
     num_params = count_params(state.params)
+    macs = summarize(model, tuple(dataset.image_shape)).macs
 
     sched = cfg.schedule
     plateau = (Plateau(sched.factor, sched.patience, sched.threshold, sched.max_reductions)
@@ -192,7 +219,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     start_step = int(state.step)
 
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger, group,
-                         resume_step)
+                         resume_step, tags)
     train_data = to_device(dataset.train, dataset)
     # AlexNet's lighting noise follows the training set's RGB principal components.
     lighting_pca = (preprocess.channel_pca(dataset.train.images) if cfg.augment.lighting
@@ -214,7 +241,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
 
     summary: dict[str, Any] = {
         "status": "running", "model": cfg.model.name, "dataset": dataset.name,
-        "params": num_params, "steps": tc.steps, "seed": cfg.seed,
+        "params": num_params, "macs": macs, "steps": tc.steps, "seed": cfg.seed,
         "resumed_from": resume_step,
     }
     tracker.write_summary(summary)
@@ -229,10 +256,24 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
     progress = tqdm(total=tc.steps, initial=start_step, disable=not cfg.progress,
                     desc=cfg.model.name, unit="step", dynamic_ncols=True)
     step = start_step
+    # The previous chunk's metric sums: divergence is checked one chunk late, so reading them
+    # waits only for that chunk while the next one is already queued, and the device never idles.
+    previous_sums = None
     try:
         while step < tc.steps:
             num_steps = min(tc.steps_per_call, tc.steps - step)
             state, sums = train_chunk(state, train_data, num_steps)
+            if tc.stop_on_nan and previous_sums is not None and (reason := divergence(
+                    steps.summarize(jax.device_get(previous_sums))["loss"], tc, step)):
+                status, summary["failure"] = "diverged", reason
+                event = {f"train/{k}": v for k, v in
+                         steps.summarize(jax.device_get(window_sums)).items()}
+                event.update(epoch=step / steps_per_epoch,
+                             wall_time=wall_offset + time.perf_counter() - t_start)
+                tracker.log(step, event)
+                last.update(event)
+                break
+            previous_sums = sums
             step += num_steps
             progress.update(num_steps)
             window_sums = jax.tree.map(jnp.add, window_sums, sums)
@@ -284,8 +325,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                 if "train/loss" in event:
                     progress.set_postfix(loss=f"{event['train/loss']:.3f}",
                                          err=f"{event['train/error']:.1f}%")
-                if tc.stop_on_nan and not math.isfinite(event.get("train/loss", 0.0)):
-                    status = "diverged"
+                if "train/loss" in event and (
+                        reason := divergence(event["train/loss"], tc, step)):
+                    status, summary["failure"] = "diverged", reason
                     break
             if cfg.checkpoint.enabled and (_due(step, cfg.checkpoint.every) or step == tc.steps
                                            or stop_early):
@@ -307,10 +349,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
                 timer_start, timed_steps = time.perf_counter(), 0
     except KeyboardInterrupt:
         status = "interrupted"
+        summary["failure"] = f"interrupted at step {step}"
         raise
     except BaseException as error:
         status = "failed"
-        summary["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        summary["failure"] = failure_reason(error)
         raise
     finally:
         progress.close()
@@ -329,6 +372,25 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str,
             **{f"selected/{k}": v for k, v in selected.items()},
         )
         tracker.write_summary(summary)
+        _log_curves(tracker, run_dir, step)
         tracker.finish(failed=status != "finished")
     return summary
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a run failed, for summary.json and sweep reports."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _log_curves(tracker: RunTracker, run_dir: Path, step: int) -> None:
+    """The run's train/test error curves as `curves.png` and a W&B image; never fails the run."""
+    try:
+        from cnnlab.plots import plot_run
+
+        path = plot_run(run_dir, run_dir / CURVES_FILE)
+        if path is not None:
+            tracker.log_image(step, "curves", path)
+    except Exception as error:  # a plot is a convenience: a broken one must not lose the run
+        log.warning("could not plot the curves of %s: %s", run_dir, error)
 

@@ -95,4 +95,4 @@ def test_cli_unknown_command(tmp_path):
     result = run_cli(["trian"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "cnnlab: error: unknown command 'trian'; valid choices: train, summary, eval")
+        "cnnlab: error: unknown command 'trian'; valid choices: train, summary, eval, compare")

@@ -50,13 +50,23 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     convs = [(1, 4), (4, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)]
     expected = sum(9 * a * b + 2 * b for a, b in convs) + 16 * 10 + 10
     assert summary["params"] == expected
+    # Multiply-adds per 28x28 image: each 3x3 conv costs 9*c_in*c_out per output position
+    # (28x28, 14x14, 7x7 by stage), plus the classifier; zero-padded shortcuts cost none.
+    sizes = [28, 28, 28, 14, 14, 7, 7]
+    conv_macs = sum(9 * a * b * s * s for (a, b), s in zip(convs, sizes, strict=True))
+    assert summary["macs"] == conv_macs + 16 * 10
 
     wb = wandb_run_contents(tmp_path)
     assert len(wb["files"]) == 1
     assert [row["_step"] for row in wb["history"]] == [15, 30, 45, 60]
     assert [row["train/loss"] for row in wb["history"]] == [e["train/loss"] for e in events]
-    assert wb["config"]["model"]["depth"] == 8 and wb["config"]["augment"]["name"] == "crop_flip"
+    # Flattened, so that W&B's filters and parallel-coordinates panels see each key.
+    assert wb["config"]["model.depth"] == 8 and wb["config"]["augment.name"] == "crop_flip"
     assert wb["summary"]["status"] == "finished"
+    assert {k: wb["summary"][k] for k in summary if k != "status"} == {
+        k: v for k, v in summary.items() if k != "status"}
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert wb["history"][-1]["curves/_type"] == "image-file"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["30", "60"]
 
     # The same command again finds the run complete: nothing is retrained or overwritten.

@@ -1,0 +1,725 @@
+"""`cnnlab compare PATH...`: tables and training curves over runs, mean ± std over seeds.
+
+Everything comes from the files each run wrote (cnnlab/tracking.py): `.hydra/config.yaml` and
+`.hydra/overrides.yaml`, `metrics.jsonl`, `summary.json`; `wandb:ENTITY/PROJECT/GROUP` reads the
+same from W&B (online). The steps are pure functions over plain records, each testable alone:
+
+    load (files -> Run) -> group (Runs -> Configuration) -> aggregate (Stat, Curve)
+    -> render (markdown, CSV here; PNG in cnnlab/plots.py)
+
+A configuration is a resolved config without `seed` and the bookkeeping keys below; the runs
+of one configuration are its seeds. Only finished runs are averaged and drawn; the others are
+listed with their reason.
+"""
+
+import csv
+import dataclasses
+import difflib
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab.errors import ConfigError
+from cnnlab.tracking import METRICS_FILE, SUMMARY_FILE, flatten
+
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+COMPARE_DIR = "compare"
+CURVES_FILE = "curves.png"
+TABLE_MD, TABLE_CSV, FAILED_CSV = "table.md", "table.csv", "failed.csv"
+WANDB_PREFIX = "wandb:"
+NO_SUMMARY = "no summary.json (the job crashed before training started)"
+
+# Only finished runs are averaged and drawn. The others are listed: diverged and failed runs
+# failed; interrupted and running ones (a kill leaves "running" behind) are incomplete.
+FINISHED = "finished"
+
+# Keys that say how a run was logged, stored or fetched, not what was trained: runs differing
+# only there are seeds of one configuration. (`summary.*` configures `cnnlab summary`.)
+BOOKKEEPING = ("seed", "logger", "progress", "checkpoint", "compile_cache_dir", "dataset.data_dir",
+               "dataset.download", "summary", "hydra")
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """`compare.KEY=VALUE` options of `cnnlab compare`."""
+
+    # Where the files go; null: <PATH>/compare for a single directory PATH, else ./compare.
+    output: str | None = None
+    # What is printed: markdown (both tables) or csv (the configuration table; failed.csv is
+    # written beside it). The files are always written in both formats.
+    format: str = "markdown"
+    # Curves of train/test error (%) or train/test loss.
+    metric: str = "error"
+    # A flattened config key (e.g. model.residual): one panel per value, side by side, as
+    # He et al. 2016 Figure 6 has plain nets left and ResNets right. null: one panel.
+    panel_by: str | None = None
+    # y-axis range [lo, hi]; null: matplotlib's.
+    ylim: list[float] | None = None
+    # Shade mean ± std over seeds around each curve.
+    shade_std: bool = False
+    dpi: int = 150
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    train: str
+    test: str
+    axis_label: str
+
+
+METRICS: dict[str, Metric] = {
+    "error": Metric("train/error", "test/error", "error (%)"),
+    "loss": Metric("train/loss", "test/loss", "loss"),
+}
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run as its files describe it."""
+
+    name: str  # for tables: the run dir relative to the compared path when possible
+    source: str  # unique id (resolved path or W&B path), to drop runs given twice
+    config: dict[str, Any]  # flattened resolved config, all keys
+    overrides: tuple[str, ...] | None  # the job's command-line overrides; None: unknown
+    summary: dict[str, Any]
+    metrics: tuple[dict[str, Any], ...]  # events by step, non-finite strings made floats
+    status: str
+    reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def seed(self) -> Any:
+        return self.summary.get("seed", self.config.get("seed"))
+
+
+_NONFINITE = {"nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infinity"}
+
+
+def _floats(record: dict[str, Any]) -> dict[str, Any]:
+    # tracking.py writes NaN/inf as strings (JSON has neither); make them numbers again.
+    return {k: float(v) if isinstance(v, str) and v.lower() in _NONFINITE else v
+            for k, v in record.items()}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl sorted by step, events of one step merged; [] if none."""
+    if not Path(path).is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, or the last line of a killed run, cut short
+        if isinstance(event, dict) and isinstance(event.get("step"), int | float):
+            by_step.setdefault(int(event["step"]), {}).update(_floats(event))
+    return [{**event, "step": step} for step, event in sorted(by_step.items())]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    # Hydra saves the config unresolved (`name: plain${.depth}`); resolve like the run did.
+    # An interpolation that only resolves inside Hydra (${hydra:...}) keeps its raw text.
+    cfg = OmegaConf.load(path)
+    try:
+        return flatten(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException:
+        return flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _read_overrides(path: Path) -> tuple[str, ...] | None:
+    try:
+        overrides = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return tuple(map(str, overrides)) if isinstance(overrides, list) else None
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return {"status": "failed", "failure": f"unreadable {SUMMARY_FILE}: {e}"}
+    return _floats(summary) if isinstance(summary, dict) else {"status": "failed"}
+
+
+def _divergence(metrics: Iterable[dict[str, Any]]) -> str | None:
+    for event in metrics:
+        loss = event.get("train/loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            return f"train/loss is {loss} at step {event['step']}"
+    return None
+
+
+# Said when a run's summary gives no reason (runs from before `failure` was written).
+_DEFAULT_REASONS: dict[str, Callable[[Sequence[dict[str, Any]]], str | None]] = {
+    "diverged": _divergence,
+    "running": lambda _: "no final summary: still running, or killed",
+    "interrupted": lambda _: "interrupted",
+}
+
+
+def run_status(summary: dict[str, Any] | None,
+               metrics: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """(status, reason) of a run; a missing summary.json means the job never trained."""
+    if summary is None:
+        return "failed", NO_SUMMARY
+    status = str(summary.get("status", "failed"))
+    if status == FINISHED:
+        return status, None
+    reason = summary.get("failure") or summary.get("error")
+    if not reason and status in _DEFAULT_REASONS:
+        reason = _DEFAULT_REASONS[status](metrics)
+    return status, reason
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / HYDRA_CONFIG).is_file()
+
+
+def _natural_key(path: Path) -> tuple:
+    # Job dirs are `<num>_<overrides>`: order 2_... before 10_..., as Hydra numbered them.
+    parts = []
+    for part in path.parts:
+        number = re.match(r"\d+", part)
+        parts.append((int(number.group()) if number else math.inf, part))
+    return tuple(parts)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """`root` if it is a run dir, else the run dirs below it in job-number order."""
+    if is_run_dir(root):
+        return [root]
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if here != root and is_run_dir(here):
+            found.append(here)
+            dirnames.clear()  # checkpoints and wandb/ inside a run hold no runs
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found, key=lambda p: _natural_key(p.relative_to(root)))
+
+
+def load_run(run_dir: Path, name: str | None = None) -> Run:
+    """The Run record of one run directory (it must hold .hydra/config.yaml)."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    summary = _read_summary(run_dir / SUMMARY_FILE)
+    status, reason = run_status(summary, metrics)
+    return Run(
+        name=name or str(run_dir), source=str(run_dir.resolve()),
+        config=_read_config(run_dir / HYDRA_CONFIG),
+        overrides=_read_overrides(run_dir / HYDRA_OVERRIDES),
+        summary=summary or {}, metrics=tuple(metrics), status=status, reason=reason,
+    )
+
+
+def _load_path(path: Path, relative_names: bool) -> list[Run]:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory; compare takes multirun directories, run "
+                          f"directories or {WANDB_PREFIX}ENTITY/PROJECT/GROUP")
+    run_dirs = find_run_dirs(path)
+    if not run_dirs:
+        raise ConfigError(f"no runs in {path}: no directory there holds {HYDRA_CONFIG}")
+
+    def name(run_dir: Path) -> str:
+        if run_dir == path:
+            return str(path)
+        relative = run_dir.relative_to(path)
+        return str(relative if relative_names else path / relative)
+
+    return [load_run(d, name(d)) for d in run_dirs]
+
+
+def load_runs(paths: Sequence[str]) -> list[Run]:
+    """The runs under each PATH, in order, each once."""
+    if not paths:
+        raise ConfigError("compare needs at least one multirun directory, run directory or "
+                          f"{WANDB_PREFIX}ENTITY/PROJECT/GROUP")
+    runs: dict[str, Run] = {}
+    for spec in paths:
+        loaded = (load_wandb_runs(spec) if spec.startswith(WANDB_PREFIX)
+                  else _load_path(Path(spec), relative_names=len(paths) == 1))
+        for run in loaded:
+            runs.setdefault(run.source, run)
+    return list(runs.values())
+
+
+# W&B's run states, onto summary.json's statuses (for runs whose summary has none).
+_WANDB_STATES = {"finished": "finished", "crashed": "failed", "failed": "failed",
+                 "killed": "interrupted", "running": "running"}
+
+
+def _wandb_run(remote: Any, project: str) -> Run:
+    """A W&B public-API run as the Run its local files would give (no overrides in W&B)."""
+    summary = _floats({k: v for k, v in dict(remote.summary_metrics).items()
+                       if not k.startswith("_")})
+    summary.setdefault("status", _WANDB_STATES.get(remote.state, "failed"))
+    metrics = []
+    for row in remote.scan_history():
+        if row.get("_step") is not None:
+            values = {k: v for k, v in row.items() if not k.startswith("_") and v is not None}
+            metrics.append({**_floats(values), "step": int(row["_step"])})
+    status, reason = run_status(summary, metrics)
+    return Run(name=remote.name or remote.id, source=f"{WANDB_PREFIX}{project}/{remote.id}",
+               config=flatten(dict(remote.config)), overrides=None, summary=summary,
+               metrics=tuple(metrics), status=status, reason=reason)
+
+
+def load_wandb_runs(spec: str) -> list[Run]:
+    """The runs of `wandb:ENTITY/PROJECT/GROUP`, read online (needs `wandb login`)."""
+    parts = spec.removeprefix(WANDB_PREFIX).split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ConfigError(f"'{spec}': expected {WANDB_PREFIX}ENTITY/PROJECT/GROUP")
+    entity, project, group = parts
+    try:
+        import wandb
+
+        remote = wandb.Api(timeout=30).runs(f"{entity}/{project}", filters={"group": group})
+        runs = [_wandb_run(r, f"{entity}/{project}") for r in remote]
+    except Exception as e:  # no API key, no network, no such project: one line all the same
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ConfigError(f"cannot read W&B group {entity}/{project}/{group}: {lines[0]}") from None
+    if not runs:
+        raise ConfigError(f"W&B project {entity}/{project} has no runs in group {group}")
+    return runs
+
+
+# ----------------------------------------------------------------------------------- grouping
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """Runs with one configuration: its seeds."""
+
+    label: str
+    config: dict[str, Any]  # flattened, without seed and bookkeeping keys
+    runs: tuple[Run, ...]
+
+    @property
+    def finished(self) -> tuple[Run, ...]:
+        return tuple(run for run in self.runs if run.finished)
+
+
+def is_bookkeeping(key: str) -> bool:
+    return any(key == b or key.startswith(f"{b}.") for b in BOOKKEEPING)
+
+
+def configuration_of(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not is_bookkeeping(k)}
+
+
+def format_value(value: Any) -> str:
+    """A config value as it would be written on the command line."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)  # true/false/null
+    if isinstance(value, list):
+        return "[" + ",".join(map(format_value, value)) + "]"
+    return str(value)
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+DEFAULTS_LABEL = "defaults"
+# Fallback labels name every differing config key up to this many; beyond, the fewest keys
+# (in config order, keys all configurations have first) that tell the configurations apart.
+MAX_LABEL_KEYS = 4
+
+
+def _override_labels(groups: Sequence[Sequence[Run]]) -> list[str] | None:
+    """Labels from the overrides not shared by all runs; None when they cannot tell apart."""
+    runs = [run for group in groups for run in group]
+    if any(run.overrides is None for run in runs):
+        return None
+    kept = {id(run): [o for o in run.overrides if not is_bookkeeping(_override_key(o))]
+            for run in runs}
+    shared = set.intersection(*(set(k) for k in kept.values()))
+    if len(groups) == 1:  # nothing to tell apart: say what the one configuration was
+        return [", ".join(kept[id(groups[0][0])])]
+    labels = [", ".join(o for o in kept[id(group[0])] if o not in shared) for group in groups]
+    if labels.count("") == 1:  # the one configuration run with the defaults (of the others)
+        labels[labels.index("")] = DEFAULTS_LABEL
+    return labels if all(labels) and len(set(labels)) == len(labels) else None
+
+
+def _config_labels(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Labels from the flattened keys whose values differ between configurations."""
+    unset = "<unset>"  # a key of another config version, or of another model family
+
+    def value(config: dict[str, Any], key: str) -> str:
+        return format_value(config.get(key, unset))
+
+    keys = list(dict.fromkeys(k for config in configs for k in config))
+    differing = [k for k in keys if len({value(c, k) for c in configs}) > 1]
+    differing.sort(key=lambda k: not all(k in c for c in configs))  # stable: config order
+    chosen = differing
+    if len(differing) > MAX_LABEL_KEYS:
+        for count in range(1, len(differing) + 1):
+            chosen = differing[:count]
+            if len({tuple(value(c, k) for k in chosen) for c in configs}) == len(configs):
+                break
+    more = ", …" if len(chosen) < len(differing) else ""
+    return [", ".join(f"{k}={value(c, k)}" for k in chosen) + more for c in configs]
+
+
+def group_runs(runs: Sequence[Run]) -> list[Configuration]:
+    """Runs grouped by configuration, in order of first appearance, each labelled."""
+    groups: dict[str, list[Run]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        config = configuration_of(run.config)
+        key = json.dumps(config, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+        configs.setdefault(key, config)
+    members = list(groups.values())
+    labels = _override_labels(members) or _config_labels(list(configs.values()))
+    return [
+        Configuration(label or str(config.get("model.name", "all runs")), config, tuple(group))
+        for label, config, group in zip(labels, configs.values(), members, strict=True)
+    ]
+
+
+# -------------------------------------------------------------------------------- aggregation
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    mean: float | None
+    std: float | None  # sample std (ddof=1); None for fewer than 2 values
+    n: int
+
+
+def mean_std(values: Sequence[float]) -> Stat:
+    if not values:
+        return Stat(None, None, 0)
+    array = np.asarray(values, dtype=float)
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
+    return Stat(float(array.mean()), std, len(array))
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A table column: mean ± std over finished seeds of one summary.json key."""
+
+    name: str  # CSV: <name>_mean, <name>_std
+    key: str
+    header: str
+    fmt: Callable[[float], str]
+    spread: bool = True  # False: the same for every seed (architecture): show the value only
+    optional: bool = False  # left out when no finished run has it (val split, older runs)
+
+
+def _fixed(digits: int) -> Callable[[float], str]:
+    return lambda value: f"{value:.{digits}f}"
+
+
+def _count(value: float) -> str:
+    # Like the papers' tables: 0.27M parameters, 1.82G multiply-adds.
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}G"
+    return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:,.0f}"
+
+
+COLUMNS = (
+    Column("final_test_error", "final/test/error", "final test error (%)", _fixed(2)),
+    Column("best_test_error", "best/test/error", "best test error (%)", _fixed(2)),
+    Column("final_train_error", "final/train/error", "final train error (%)", _fixed(2)),
+    Column("final_val_error", "final/val/error", "final val error (%)", _fixed(2),
+           optional=True),
+    Column("best_val_error", "best/val/error", "best val error (%)", _fixed(2), optional=True),
+    Column("params", "params", "params", _count, spread=False),
+    Column("macs", "macs", "MACs", _count, spread=False, optional=True),
+    Column("images_per_sec", "images_per_sec", "images/s", _fixed(0)),
+    Column("wall_time", "wall_time", "wall time (s)", _fixed(0)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    finished: int
+    runs: int
+    stats: dict[str, Stat]  # by column name
+
+
+def _numbers(runs: Iterable[Run], key: str) -> list[float]:
+    values = (run.summary.get(key) for run in runs)
+    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def table_rows(configurations: Sequence[Configuration]) -> list[Row]:
+    return [
+        Row(c.label, len(c.finished), len(c.runs),
+            {col.name: mean_std(_numbers(c.finished, col.key)) for col in COLUMNS})
+        for c in configurations
+    ]
+
+
+def table_columns(rows: Sequence[Row]) -> list[Column]:
+    """The columns to show: optional ones only when some row has a value."""
+    return [col for col in COLUMNS
+            if not col.optional or any(row.stats[col.name].n for row in rows)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FailedRun:
+    run: str
+    label: str
+    seed: Any
+    status: str
+    step: Any  # final_step; None when the run never got that far
+    reason: str | None
+
+
+def failed_runs(runs: Sequence[Run], configurations: Sequence[Configuration]) -> list[FailedRun]:
+    """The runs not averaged, in the order given (job order), with their configuration."""
+    labels = {id(run): c.label for c in configurations for run in c.runs}
+    return [FailedRun(run.name, labels[id(run)], run.seed, run.status,
+                      run.summary.get("final_step"), run.reason)
+            for run in runs if not run.finished]
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # zeros for one seed
+    n: int  # seeds averaged
+
+
+def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], key: str) -> Curve | None:
+    """Mean and std over runs of `key` at the steps every run logged it; None if there are none.
+
+    Runs that never logged `key` are left out rather than emptying the intersection.
+    """
+    per_run = [{e["step"]: float(e[key]) for e in history
+                if isinstance(e.get(key), int | float)} for history in histories]
+    per_run = [values for values in per_run if values]
+    if not per_run:
+        return None
+    steps = sorted(set.intersection(*(set(values) for values in per_run)))
+    if not steps:
+        return None
+    table = np.array([[values[s] for s in steps] for values in per_run])
+    std = table.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(steps))
+    return Curve(np.array(steps), table.mean(axis=0), std, len(per_run))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveSet:
+    """One configuration's lines in a figure."""
+
+    label: str
+    train: Curve | None
+    test: Curve | None
+    panel: str | None = None  # panel title (panel_by's key=value); None: the only panel
+
+
+def check_panel_key(runs: Sequence[Run], key: str) -> None:
+    keys = {k for run in runs for k in run.config}
+    if key not in keys:
+        close = difflib.get_close_matches(key, sorted(keys), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"compare.panel_by: no run has config key '{key}'{hint}")
+
+
+def configuration_curves(configurations: Sequence[Configuration], metric: str = "error",
+                         panel_by: str | None = None) -> list[CurveSet]:
+    """The mean curves of each configuration's finished seeds (none: not drawn)."""
+    keys = METRICS[metric]
+    curve_sets = []
+    for c in configurations:
+        histories = [run.metrics for run in c.finished]
+        train, test = mean_curve(histories, keys.train), mean_curve(histories, keys.test)
+        if train is None and test is None:
+            continue
+        panel = (None if panel_by is None
+                 else f"{panel_by}={format_value(c.runs[0].config.get(panel_by))}")
+        curve_sets.append(CurveSet(c.label, train, test, panel))
+    return curve_sets
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def format_stat(stat: Stat, column: Column) -> str:
+    if stat.mean is None:
+        return "-"
+    if stat.std is None or not column.spread:
+        return column.fmt(stat.mean)
+    return f"{column.fmt(stat.mean)} ± {column.fmt(stat.std)}"
+
+
+def _cell(value: Any) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+              right: Sequence[bool]) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    columns = table_columns(rows)
+    return _markdown(
+        ["configuration", "seeds", *(col.header for col in columns)],
+        ([row.label, f"{row.finished}/{row.runs}",
+          *(format_stat(row.stats[col.name], col) for col in columns)] for row in rows),
+        [False, True, *(True for _ in columns)],
+    )
+
+
+FAILED_HEADERS = ("run", "configuration", "seed", "status", "step", "reason")
+
+
+def failed_markdown(failed: Sequence[FailedRun]) -> str:
+    if not failed:
+        return "none"
+    return _markdown(FAILED_HEADERS, (dataclasses.astuple(f) for f in failed),
+                     [False, False, True, False, True, False])
+
+
+def render_markdown(rows: Sequence[Row], failed: Sequence[FailedRun]) -> str:
+    return (f"## Configurations (mean ± std over finished seeds)\n\n{markdown_table(rows)}\n\n"
+            f"## Failed or incomplete runs\n\n{failed_markdown(failed)}\n")
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    # repr-exact floats; None (no value, or no std for one seed) as an empty field.
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return out.getvalue()
+
+
+def table_csv(rows: Sequence[Row]) -> str:
+    columns = table_columns(rows)
+    header = ["configuration", "n", "runs"]
+    for col in columns:
+        header += [f"{col.name}_mean", f"{col.name}_std"]
+    return _csv(header, (
+        [row.label, row.finished, row.runs,
+         *(v for col in columns for v in (row.stats[col.name].mean, row.stats[col.name].std))]
+        for row in rows))
+
+
+def failed_csv(failed: Sequence[FailedRun]) -> str:
+    return _csv(FAILED_HEADERS, (dataclasses.astuple(f) for f in failed))
+
+
+# -------------------------------------------------------------------------------- the command
+
+
+def parse_config(overrides: Sequence[str]) -> CompareConfig:
+    """`compare.KEY=VALUE` strings -> CompareConfig; ConfigError names the bad key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.from_dotlist(
+            [o.removeprefix("compare.") for o in overrides]))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = f"compare.{e.full_key}" if getattr(e, "full_key", None) else "compare"
+        raise ConfigError(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CompareConfig) -> None:
+    for key, value, valid in (("format", cfg.format, RENDERERS), ("metric", cfg.metric, METRICS)):
+        if value not in valid:
+            raise ConfigError(f"compare.{key}: unknown '{value}'; valid choices: "
+                              f"{', '.join(valid)}")
+    if cfg.ylim is not None and (len(cfg.ylim) != 2 or not cfg.ylim[0] < cfg.ylim[1]):
+        raise ConfigError(f"compare.ylim: expected [lo,hi] with lo < hi, got {cfg.ylim}")
+    if cfg.dpi <= 0:
+        raise ConfigError(f"compare.dpi: must be positive, got {cfg.dpi}")
+
+
+def output_dir(paths: Sequence[str], cfg: CompareConfig) -> Path:
+    if cfg.output is not None:
+        return Path(cfg.output)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return Path(paths[0]) / COMPARE_DIR
+    return Path(COMPARE_DIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    configurations: list[Configuration]
+    rows: list[Row]
+    failed: list[FailedRun]
+    curves: list[CurveSet]
+
+
+def build(runs: Sequence[Run], cfg: CompareConfig) -> Comparison:
+    """The pure part: runs -> everything the files show."""
+    if cfg.panel_by is not None:
+        check_panel_key(runs, cfg.panel_by)
+    configurations = group_runs(runs)
+    return Comparison(configurations, table_rows(configurations),
+                      failed_runs(runs, configurations),
+                      configuration_curves(configurations, cfg.metric, cfg.panel_by))
+
+
+# What `compare.format` prints.
+RENDERERS: dict[str, Callable[[Comparison], str]] = {
+    "markdown": lambda c: render_markdown(c.rows, c.failed),
+    "csv": lambda c: table_csv(c.rows),
+}
+
+
+def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> list[Path]:
+    """table.md, table.csv, failed.csv and (when a finished run logged curves) curves.png."""
+    from cnnlab.plots import plot_curves  # matplotlib: only when there is a figure to draw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = {TABLE_MD: render_markdown(comparison.rows, comparison.failed),
+             TABLE_CSV: table_csv(comparison.rows), FAILED_CSV: failed_csv(comparison.failed)}
+    written = []
+    for name, text in texts.items():
+        (out_dir / name).write_text(text)
+        written.append(out_dir / name)
+    if comparison.curves:
+        written.append(plot_curves(
+            comparison.curves, out_dir / CURVES_FILE, ylabel=METRICS[cfg.metric].axis_label,
+            ylim=cfg.ylim, shade_std=cfg.shade_std, dpi=cfg.dpi))
+    return written
+
+
+def compare(paths: Sequence[str], cfg: CompareConfig) -> tuple[str, list[Path]]:
+    """Load, compare and write; returns (what to print, the files written)."""
+    comparison = build(load_runs(paths), cfg)
+    out_dir = output_dir(paths, cfg)
+    try:
+        written = write_outputs(comparison, out_dir, cfg)
+    except OSError as e:  # e.g. a read-only sweep directory: compare.output=DIR elsewhere
+        raise ConfigError(f"cannot write to {out_dir}: {e.strerror or e}; set "
+                          "compare.output=DIR") from None
+    return RENDERERS[cfg.format](comparison), written

@@ -1,0 +1,63 @@
+"""What became of a multirun's jobs: a Hydra callback that reports failures as they happen,
+and the tally `cnnlab train` prints when the sweep ends (however its launcher ran the jobs)."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from cnnlab.tracking import read_summary
+
+log = logging.getLogger(__name__)
+
+# Set in the launching process when a multirun starts; read by the CLI when it ends.
+current_sweep_dir: Path | None = None
+
+
+class SweepReport(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global current_sweep_dir
+        current_sweep_dir = Path(config.hydra.sweep.dir)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.FAILED:
+            return
+        error = job_return._return_value
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.error("job %s_%s failed: %s", config.hydra.job.num,
+                  config.hydra.job.override_dirname, reason)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep (those Hydra wrote a config into), in job order."""
+    dirs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/config.yaml")]
+
+    def job_number(path: Path) -> tuple[int, str]:
+        head = path.name.split("_", 1)[0]
+        return (int(head) if head.isdigit() else 1 << 30, path.name)
+
+    return sorted(dirs, key=job_number)
+
+
+def tally(sweep_dir: Path) -> dict[str, list[Path]]:
+    """Job folders by the status in their summary.json (`failed` when there is none)."""
+    by_status: dict[str, list[Path]] = {}
+    for job in job_dirs(sweep_dir):
+        status = (read_summary(job) or {}).get("status", "failed")
+        by_status.setdefault(status, []).append(job)
+    return by_status
+
+
+def report(sweep_dir: Path) -> tuple[str, bool]:
+    """One line on how the sweep went, and whether every job finished."""
+    counts = tally(sweep_dir)
+    total = sum(len(jobs) for jobs in counts.values())
+    parts = ", ".join(f"{len(jobs)} {status}" for status, jobs in sorted(counts.items()))
+    all_finished = set(counts) <= {"finished"}
+    return (f"sweep of {total} jobs: {parts}; tables and plots: cnnlab compare {sweep_dir}",
+            all_finished)
