@@ -158,7 +158,7 @@ def check_config(overrides: list[str], for_training: bool = True,
         for combination in _expand(overrides, CONF_DIR):
             hydra_cfg = composed(combination, with_hydra=True).hydra
             runs = [combination]
-            if multirun or hydra_cfg.mode == "MULTIRUN":
+            if multirun or str(hydra_cfg.mode) in ("MULTIRUN", "RunMode.MULTIRUN"):
                 runs = _expand(_config_sweep(hydra_cfg) + combination, CONF_DIR)
             for run in runs:
                 cfg = composed(run)

@@ -66,6 +66,15 @@ def training_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def flatten(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
 def full_and_smoke(study: str) -> tuple[DictConfig, DictConfig]:
     return compose_study(study), compose_study(f"smoke/{study}")
 
@@ -127,15 +136,6 @@ def test_smoke_size_differs_only_in_size(study):
         k for k in differ if not k.startswith(SIZE_KEYS))
     assert set(full.logger.tags) <= set(smoke.logger.tags)
     assert smoke.dataset.max_examples <= 1024 and smoke.train.steps <= 8
-
-
-def flatten(node: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(node, dict):
-        out: dict[str, object] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): node}
 
 
 def job_config(study: str, **job: str) -> DictConfig:
@@ -219,6 +219,15 @@ def assert_vgg_recipe(cfg: DictConfig) -> None:
     assert (cfg.norm.name, cfg.init.conv, cfg.activation.name) == ("none", "he_normal", "relu")
     assert (cfg.augment.crop_pad, cfg.augment.flip) == (4, True)
     assert cfg.model.family == "stack" and cfg.model.width == 1
+
+
+def test_vgg_recipe_is_one_run_of_vgg_d():
+    cfg = compose_study("vgg_cifar10")
+    assert not cfg.hydra.sweeper.params and cfg.hydra.mode != RunMode.MULTIRUN
+    cfg = training_config(cfg)
+    assert cfg.model.name == "vgg_d_cifar"
+    assert_vgg_recipe(cfg)
+    validate_for_training(cfg)
 
 
 def test_vgg_depth_is_table_1_a_to_e():

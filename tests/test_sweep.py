@@ -180,3 +180,14 @@ def test_submitit_runs_the_jobs_it_would_send_to_slurm(fashion_dir, tmp_path):
     jobs = summaries(sweep_dir)
     assert sorted(jobs) == ["0_seed=0", "1_seed=1"]
     assert all(s["status"] == "finished" for s in jobs.values())
+
+
+def test_a_sweep_declared_in_a_config_is_checked_before_it_starts(tmp_path):
+    """The studies set hydra.mode: MULTIRUN and their sweep in hydra.sweeper.params: every job
+    of it is validated up front, without -m, as a command-line sweep is."""
+    result = run_cli(["train", "experiment=smoke/init_study",
+                      "hydra.sweeper.params.init='he_normal,bogus'"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        result.stderr.strip().splitlines()[0]] and "unknown init 'bogus'" in result.stderr
+    assert not (tmp_path / "multirun").exists()
