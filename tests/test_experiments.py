@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnlab.config import CONF_DIR, group_options, resolve_presets, validate_for_training
 from cnnlab.optim import make_schedule
+from cnnlab.tracking import flatten
 from tests.helpers import run_cli
 
 STUDIES = ["resnet_vs_plain", "init_study", "activation_study", "batchnorm_study",
@@ -64,15 +65,6 @@ def training_config(cfg: DictConfig) -> DictConfig:
         del cfg["hydra"]
     resolve_presets(cfg)
     return cfg
-
-
-def flatten(node: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(node, dict):
-        out: dict[str, object] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): node}
 
 
 def full_and_smoke(study: str) -> tuple[DictConfig, DictConfig]:
