@@ -33,21 +33,12 @@ class SweepReport(Callback):
                   config.hydra.job.override_dirname, reason)
 
 
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job folders of a sweep (those Hydra wrote a config into), in job order."""
-    dirs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/config.yaml")]
-
-    def job_number(path: Path) -> tuple[int, str]:
-        head = path.name.split("_", 1)[0]
-        return (int(head) if head.isdigit() else 1 << 30, path.name)
-
-    return sorted(dirs, key=job_number)
-
-
 def tally(sweep_dir: Path) -> dict[str, list[Path]]:
     """Job folders by the status in their summary.json (`failed` when there is none)."""
     by_status: dict[str, list[Path]] = {}
-    for job in job_dirs(sweep_dir):
+    from cnnlab.compare import find_run_dirs
+
+    for job in find_run_dirs(Path(sweep_dir)):
         status = (read_summary(job) or {}).get("status", "failed")
         by_status.setdefault(status, []).append(job)
     return by_status
