@@ -46,7 +46,6 @@ class RunTracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
-        self.summary_path = self.run_dir / SUMMARY_FILE
         self._drop_events_after(resume_step or 0)
         tags = list(dict.fromkeys([*logger.tags, *(tags or [])]))
         self._wandb = (self._init_wandb(flatten(config), logger, group, tags)

@@ -5,7 +5,6 @@ back from the device at logging intervals, where it also checks for divergence.
 """
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from cnnlab.models import build_model, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
 from cnnlab.selection import EarlyStopping, Plateau
-from cnnlab.tracking import SUMMARY_FILE, RunTracker
+from cnnlab.tracking import RunTracker, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +169,16 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
     """Train as `cfg` says, writing logs and checkpoints to `run_dir`; returns the summary.
 
     `group` and `tags` label the W&B run (a sweep's runs share them). The summary's `status`
-    is finished, diverged (non-finite training loss; `failure` says when), failed or interrupted.
+    is finished, diverged (training loss non-finite or above train.divergence_threshold;
+    `failure` says when), failed or interrupted.
     """
     t_start = time.perf_counter()
     tc = cfg.train
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint.keep)
     resume_step = checkpointer.latest_step()
     # A finished run is recognised from its files alone, before any data is read or compiled.
-    if resume_step is not None and (run_dir / SUMMARY_FILE).exists():
-        previous = json.loads((run_dir / SUMMARY_FILE).read_text())
+    previous = read_summary(run_dir) if resume_step is not None else None
+    if previous is not None:
         if resume_step >= tc.steps or previous.get("early_stopped_at") == resume_step:
             checkpointer.close()
             log.info("%s already finished at step %d; nothing to do", run_dir, resume_step)
