@@ -20,54 +20,41 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cnnlab import steps
-from cnnlab.augment import make_augment
-from cnnlab.models import build_model, count_params
-from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab import data
+from cnnlab.configure import compose
+from cnnlab.models import count_params
 from cnnlab.preprocess import PreprocessStats
-from cnnlab.train import init_state
+from cnnlab.run import build
 
 HERE = Path(__file__).resolve().parent
 
 
-def synthetic_split(n: int, shape: tuple[int, int, int], num_classes: int,
-                    seed: int = 0) -> steps.DeviceSplit:
+def synthetic_dataset(n: int, shape: tuple[int, int, int], num_classes: int,
+                      seed: int = 0) -> data.Dataset:
+    """Random uint8 images in memory, with fixed per-channel statistics."""
     rng = np.random.default_rng(seed)
-    return jax.device_put(steps.DeviceSplit(
-        images=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-        labels=rng.integers(0, num_classes, (n,), dtype=np.int32),
-        mask=np.ones((n,), bool),
-        stats=PreprocessStats(mean=np.full((shape[-1],), 0.5, np.float32),
-                              std=np.full((shape[-1],), 0.25, np.float32)),
-    ))
+    train = data.ArraySplit(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                            rng.integers(0, num_classes, (n,), dtype=np.int32))
+    mean, std = np.full((shape[-1],), 0.5, np.float32), np.full((shape[-1],), 0.25, np.float32)
+    return data.Dataset("synthetic", train, train, None, num_classes, shape, mean, std,
+                        preprocess=PreprocessStats(mean=mean, std=std))
 
 
 def bench_cnnlab(depth: int, batch_size: int, steps_per_call: int, calls: int,
                  warmup_calls: int) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from cnnlab.config import CONF_DIR, resolve_presets
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"model=resnet{depth}", "dataset=cifar10", f"train.batch_size={batch_size}"])
-    resolve_presets(cfg)
-    model = build_model(cfg, 10)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, cfg.optimizer.lr, 64000))
-    state = init_state(cfg, model, tx, (32, 32, 3))
-    data = synthetic_split(10_000, (32, 32, 3), 10)
-    chunk = steps.make_train_chunk(
-        steps.make_train_step(model, tx, make_augment(cfg.augment), batch_size))
+    cfg = compose([f"model=resnet{depth}", "dataset=cifar10", f"train.batch_size={batch_size}"])
+    run = build(cfg, synthetic_dataset(10_000, (32, 32, 3), 10))
+    state, data_on_device, chunk = run.state, run.train_data, run.train_chunk
     t0 = time.perf_counter()
-    state, sums = chunk(state, data, steps_per_call)
+    state, sums = chunk(state, data_on_device, steps_per_call)
     jax.block_until_ready(sums)
     compile_s = time.perf_counter() - t0
     for _ in range(warmup_calls - 1):
-        state, sums = chunk(state, data, steps_per_call)
+        state, sums = chunk(state, data_on_device, steps_per_call)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(calls):
-        state, sums = chunk(state, data, steps_per_call)
+        state, sums = chunk(state, data_on_device, steps_per_call)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - t0
     return {

@@ -14,10 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.config import CONF_DIR, resolve_presets, validate_for_training
+from cnnlab.config import CONF_DIR, resolve_presets
+from cnnlab.configure import validate_for_training
 from cnnlab.data import DatasetUnavailableError
 from cnnlab.errors import ConfigError
-from cnnlab.tracking import read_summary, write_summary
+from cnnlab.rundir import RunDir
 
 
 class RunFailed(RuntimeError):
@@ -49,12 +50,12 @@ def objective(summary: dict) -> float | None:
     return None
 
 
-def record_failure(run_dir: Path, cfg: DictConfig, reason: str) -> None:
+def record_failure(run_dir: RunDir, cfg: DictConfig, reason: str) -> None:
     """Make sure the job's summary.json says it failed and why (train() writes its own once
     training has started; earlier failures, such as a bad config, end up here)."""
-    summary = read_summary(run_dir)
+    summary = run_dir.read_summary()
     if summary is None or summary.get("status") == "running":
-        write_summary(run_dir, {**(summary or {}), "status": "failed", "failure": reason,
+        run_dir.write_summary({**(summary or {}), "status": "failed", "failure": reason,
                                 "model": cfg.model.name, "dataset": cfg.dataset.name,
                                 "seed": cfg.seed})
 
@@ -68,12 +69,12 @@ def train_task(cfg: DictConfig) -> float | None:
     # for the progress bar and our own messages.
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         resolve_presets(cfg)
         validate_for_training(cfg)
-        summary = train(cfg, run_dir, group=cfg.logger.group or sweep_group(),
+        summary = train(cfg, run_dir.path, group=cfg.logger.group or sweep_group(),
                         tags=sweep_tags())
     except (ConfigError, DatasetUnavailableError) as e:
         record_failure(run_dir, cfg, f"config: {e}")

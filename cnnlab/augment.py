@@ -322,13 +322,15 @@ class Augment:
 
 def make_augment(cfg: DictConfig, lighting_pca: tuple[np.ndarray, np.ndarray] | None = None
                  ) -> Augment:
-    """The augmentation an `augment` config describes (missing keys take the schema defaults).
+    """The augmentation an `augment` config describes (missing keys: conf/augment/_base.yaml's,
+    all off).
 
     `lighting_pca`: `cnnlab.preprocess.channel_pca(train_images)`, needed when lighting > 0.
     """
-    from cnnlab.config import AugmentConfig  # config imports this module lazily; no cycle
+    from cnnlab.config import AUGMENT_BASE, AugmentConfig, option_values
 
-    cfg = OmegaConf.merge(OmegaConf.structured(AugmentConfig), cfg)
+    cfg = OmegaConf.merge(OmegaConf.structured(AugmentConfig),
+                          option_values("augment", AUGMENT_BASE), cfg)
     if cfg.lighting and lighting_pca is None:
         raise ValueError("augment.lighting needs the training set's channel_pca")
     return Augment(

@@ -4,7 +4,6 @@ User errors (unknown option, wrong type, impossible value, missing dataset) are 
 anything compiles and reported as one line on stderr with exit code 2.
 """
 
-import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING
 from cnnlab.errors import ConfigError
 
 if TYPE_CHECKING:
+    import argparse
+
     from omegaconf import DictConfig
 
 USAGE = """usage: cnnlab COMMAND [HYDRA OVERRIDES...]
@@ -40,76 +41,62 @@ commands:
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
 
-# Hydra flags that take a value in the next argument.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
-                     "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-# Flags after which Hydra prints something instead of running: nothing to validate.
-_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion",
-               "-sc"}
-MAX_CHECKED_COMBINATIONS = 512
-
-
 def fail(message: str) -> None:
     print(f"cnnlab: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _split_args(args: list[str]) -> tuple[list[str], bool]:
-    """Separate overrides from Hydra's flags; returns (overrides, info_only)."""
-    overrides, skip_next, info_only = [], False, False
-    for arg in args:
-        if skip_next:
-            skip_next = False
-        elif arg in _FLAGS_WITH_VALUE:
-            skip_next = True
-        elif arg in _INFO_FLAGS:
-            info_only = True
-        elif not arg.startswith("-"):
-            overrides.append(arg)
-    return overrides, info_only
+def _hydra_args(args: list[str]) -> "argparse.Namespace":
+    """The command line as Hydra's own parser reads it (flags, then the overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        return get_args_parser().parse_args(args)
+    except SystemExit:
+        fail(f"could not parse the arguments {' '.join(args)}; see cnnlab train --help")
 
 
-def _group_dirs(conf_dir: Path) -> set[str]:
-    return {p.name for p in conf_dir.iterdir() if p.is_dir() and not p.name.startswith("_")}
+def _info_only(parsed: "argparse.Namespace") -> bool:
+    """Flags after which Hydra prints something instead of running: nothing to validate."""
+    return bool(parsed.help or parsed.hydra_help or parsed.info or parsed.cfg
+                or parsed.shell_completion)
 
 
-def _expand(overrides: list[str], conf_dir: Path) -> list[list[str]]:
-    """Check group choices and expand sweeps into the list of single-run override lists.
+def _check_group_choices(parsed: list) -> None:
+    """`model=resnt20` -> one line with the valid choices (and the closest one)."""
+    from cnnlab.config import CONF_DIR, group_options
+    from cnnlab.registry import unknown_choice
 
-    A later override of a key replaces an earlier one, as in Hydra's basic sweeper (so the
-    command line wins over a config's `hydra.sweeper.params`). Ranges of a continuous search
-    (Optuna's `interval(...)`) cannot be listed: those keys are checked in each job instead.
-    """
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    for override in parsed:
+        key = override.get_key_element().lstrip("~+")
+        if key not in groups or override.is_delete():
+            continue
+        values = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
+                  else [override.get_value_element_as_str()])
+        valid = group_options(key)
+        for value in values:
+            if value not in valid and value != "null":
+                fail(unknown_choice(key, value, valid))
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Every single-run override list a sweep describes, expanded by Hydra's basic sweeper (a
+    later override of a key replaces an earlier one, so the command line wins over a config's
+    `hydra.sweeper.params`). Ranges of a continuous search (Optuna's `interval(...)`) cannot be
+    listed: those keys are checked in each job instead."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import IntervalSweep
     from hydra.errors import HydraException
 
-    from cnnlab.config import group_options
-
-    groups = _group_dirs(conf_dir)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(str(e).splitlines()[0] if str(e) else "could not parse the overrides")
-    axes: dict[str, list[str]] = {}
-    for override in parsed:
-        key = override.get_key_element().lstrip("~+")
-        if isinstance(override.value(), IntervalSweep):
-            continue
-        if key.startswith("hydra"):  # Hydra's own settings (launcher, sweeper, mode): fixed
-            axes[key] = [override.input_line]
-            continue
-        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                  else [override.get_value_element_as_str()])
-        if key in groups and not override.is_delete():
-            valid = group_options(key)
-            for value in values:
-                if value not in valid and value != "null":
-                    fail(f"unknown {key} '{value}'; valid choices: {', '.join(valid)}")
-        prefix = override.get_key_element()
-        axes[key] = [f"{prefix}={v}" if not override.is_delete() else prefix for v in values]
-    return [list(c) for c in itertools.islice(itertools.product(*axes.values()),
-                                              MAX_CHECKED_COMBINATIONS)]
+    _check_group_choices(parsed)
+    listable = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
+    [batch] = BasicSweeper.split_arguments(listable, max_batch_size=None)
+    return batch
 
 
 def _config_sweep(hydra_cfg: "DictConfig") -> list[str]:
@@ -137,29 +124,30 @@ def check_config(overrides: list[str], for_training: bool = True,
 
     A multirun (`-m`, or `hydra.mode: MULTIRUN` in a config such as an experiments/ study) also
     expands the sweep that the config declares in `hydra.sweeper.params`. Returns the last
-    composed config (the only one when there is no sweep).
+    composed config with its `hydra` node (the only one when there is no sweep).
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnnlab.config import CONF_DIR, resolve_presets, validate, validate_for_training
+    from cnnlab.config import CONF_DIR, resolve_presets
+    from cnnlab.configure import validate, validate_for_training
 
     check = validate_for_training if for_training else validate
 
-    def composed(combination: list[str], with_hydra: bool = False) -> "DictConfig":
+    def composed(combination: list[str]) -> "DictConfig":
         try:
             return compose(config_name="config", overrides=combination,
-                           return_hydra_config=with_hydra)
+                           return_hydra_config=True)
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             fail(_one_line(e))
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for combination in _expand(overrides, CONF_DIR):
-            hydra_cfg = composed(combination, with_hydra=True).hydra
+        for combination in _expand(overrides):
+            cfg = composed(combination)
             runs = [combination]
-            if multirun or str(hydra_cfg.mode) in ("MULTIRUN", "RunMode.MULTIRUN"):
-                runs = _expand(_config_sweep(hydra_cfg) + combination, CONF_DIR)
+            if multirun or str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN"):
+                runs = _expand(_config_sweep(cfg.hydra) + combination)
             for run in runs:
                 cfg = composed(run)
                 try:
@@ -172,50 +160,37 @@ def check_config(overrides: list[str], for_training: bool = True,
     return cfg
 
 
-# Keys that never name a multirun job's folder (conf/config.yaml's list, kept in step).
-_UNNAMED_KEYS = ["hydra.run.dir", "hydra.sweep.dir", "logger.mode", "progress", "experiment"]
-
-
-def _name_jobs_by_swept_keys(overrides: list[str]) -> list[str]:
+def _name_jobs_by_swept_keys(overrides: list[str], cfg: "DictConfig") -> list[str]:
     """Name multirun job folders by what varies (`3_model=plain56,seed=1`), not by every
     override: settings shared by the whole sweep would repeat in each name and can push it past
     the file system's limit. Returns the Hydra override that says so (none if the user set one).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
     key_setting = "hydra.job.config.override_dirname.exclude_keys"
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException:
-        return []
+    parsed = OverridesParser.create().parse_overrides(overrides)
     if any(o.get_key_element() == key_setting for o in parsed):
         return []
-    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-    fixed = [o.get_key_element() for o in parsed if o.get_key_element() not in swept
+    fixed = [o.get_key_element() for o in parsed if not o.is_sweep_override()
              and not o.get_key_element().startswith("hydra")]
-    keys = list(dict.fromkeys(_UNNAMED_KEYS + fixed))
-    return [f"{key_setting}=[{','.join(keys)}]"]
-
-
-def _with_job_naming(args: list[str], overrides: list[str]) -> list[str]:
-    """`args` with the job-naming override placed among the user's overrides: Hydra's parser
-    takes its positional overrides as one run, so one appended after a flag would be refused."""
-    if not overrides:
-        return args
-    first = args.index(overrides[0])
-    return [*args[:first], *_name_jobs_by_swept_keys(overrides), *args[first:]]
+    excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    return [f"{key_setting}=[{','.join(dict.fromkeys(excluded + fixed))}]"]
 
 
 def train_command(args: list[str]) -> None:
-    overrides, info_only = _split_args(args)
-    if not info_only:
-        check_config(overrides, multirun=bool({"-m", "--multirun"} & set(args)))
+    parsed = _hydra_args(args)
+    argv = args
+    if not _info_only(parsed):
+        cfg = check_config(parsed.overrides, multirun=parsed.multirun)
+        if parsed.overrides:
+            # Hydra reads its overrides as one group of arguments: the naming joins that group.
+            first = args.index(parsed.overrides[0])
+            argv = [*args[:first], *_name_jobs_by_swept_keys(parsed.overrides, cfg),
+                    *args[first:]]
+    from cnnlab import sweep
     from cnnlab.app import run_train_app
 
-    sys.argv = ["cnnlab train", *_with_job_naming(args, overrides)]
-    from cnnlab import sweep
-
+    sys.argv = ["cnnlab train", *argv]
     try:
         run_train_app()
     finally:
@@ -226,23 +201,19 @@ def train_command(args: list[str]) -> None:
 
 
 def summary_command(args: list[str]) -> None:
-    overrides, info_only = _split_args(args)
-    if info_only or len(overrides) != len(args):
-        fail("summary takes overrides only, e.g. cnnlab summary model=vgg_d dataset=imagenet "
-             "summary.format=json")
-    cfg = check_config(overrides, for_training=False)
+    if any(arg.startswith("-") for arg in args):
+        print(USAGE)
+        return
+    cfg = check_config(args, for_training=False)
     if cfg.dataset.image_shape is None or cfg.dataset.num_classes is None:
         fail(f"dataset {cfg.dataset.name} does not declare image_shape and num_classes; "
              "set dataset.image_shape=[H,W,C] dataset.num_classes=N")
     from cnnlab.models import build_model
-    from cnnlab.models.summary import summarize
+    from cnnlab.models.summary import FORMATS, summarize
 
     model = build_model(cfg, cfg.dataset.num_classes)
     summary = summarize(model, tuple(cfg.dataset.image_shape), cfg.model.name)
-    if cfg.summary.format == "json":
-        print(summary.to_json(cfg.summary.depth))
-    else:
-        print(summary.to_table(cfg.summary.depth))
+    print(FORMATS.get(cfg.summary.format)(summary, cfg.summary.depth))
 
 
 def _is_override(arg: str) -> bool:
@@ -269,7 +240,7 @@ def _paths_and_overrides(args: list[str], command: str, what: str,
 
 def eval_command(args: list[str]) -> None:
     """`cnnlab eval RUN_DIR [RUN_DIR ...] [eval.KEY=VALUE ...]` (cnnlab/evaluate.py)."""
-    if any(arg in _INFO_FLAGS for arg in args):
+    if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return
     run_dirs, overrides = _paths_and_overrides(args, "eval", "run directories",
@@ -287,16 +258,17 @@ def eval_command(args: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnnlab.config import EvalConfig
+    from cnnlab.config import EvalConfig, root_values
 
     try:
-        ev = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(
-            [o.removeprefix("eval.") for o in overrides]))
+        # conf/config.yaml's eval section on the schema, then the command line's eval.* keys.
+        ev = OmegaConf.merge(OmegaConf.structured(EvalConfig), root_values("eval"),
+                             OmegaConf.from_dotlist([o.removeprefix("eval.") for o in overrides]))
     except OmegaConfBaseException as e:
         key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
         fail(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}")
     from cnnlab.data import DatasetUnavailableError
-    from cnnlab.evaluate import evaluate_runs, format_report
+    from cnnlab.ensemble import evaluate_runs, format_report
 
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -311,7 +283,7 @@ def eval_command(args: list[str]) -> None:
 
 def compare_command(args: list[str]) -> None:
     """`cnnlab compare PATH [PATH ...] [compare.KEY=VALUE ...]` (cnnlab/compare.py)."""
-    if any(arg in _INFO_FLAGS for arg in args):
+    if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return
     paths, overrides = _paths_and_overrides(args, "compare", "run or multirun directories",

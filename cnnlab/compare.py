@@ -17,25 +17,20 @@ import dataclasses
 import difflib
 import io
 import json
-import math
-import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
-from cnnlab.tracking import METRICS_FILE, SUMMARY_FILE, flatten
+from cnnlab.plots import CurveSet, mean_curve, plot_curves
+from cnnlab.rundir import CONFIG, CURVES, RunDir, find_run_dirs, floats
+from cnnlab.tracking import flatten
 
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 COMPARE_DIR = "compare"
-CURVES_FILE = "curves.png"
 TABLE_MD, TABLE_CSV, FAILED_CSV = "table.md", "table.csv", "failed.csv"
 WANDB_PREFIX = "wandb:"
 NO_SUMMARY = "no summary.json (the job crashed before training started)"
@@ -109,30 +104,6 @@ class Run:
         return self.summary.get("seed", self.config.get("seed"))
 
 
-_NONFINITE = {"nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infinity"}
-
-
-def _floats(record: dict[str, Any]) -> dict[str, Any]:
-    # tracking.py writes NaN/inf as strings (JSON has neither); make them numbers again.
-    return {k: float(v) if isinstance(v, str) and v.lower() in _NONFINITE else v
-            for k, v in record.items()}
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The events of a metrics.jsonl sorted by step, events of one step merged; [] if none."""
-    if not Path(path).is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # blank, or the last line of a killed run, cut short
-        if isinstance(event, dict) and isinstance(event.get("step"), int | float):
-            by_step.setdefault(int(event["step"]), {}).update(_floats(event))
-    return [{**event, "step": step} for step, event in sorted(by_step.items())]
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     # Hydra saves the config unresolved (`name: plain${.depth}`); resolve like the run did.
     # An interpolation that only resolves inside Hydra (${hydra:...}) keeps its raw text.
@@ -143,92 +114,29 @@ def _read_config(path: Path) -> dict[str, Any]:
         return flatten(OmegaConf.to_container(cfg, resolve=False))
 
 
-def _read_overrides(path: Path) -> tuple[str, ...] | None:
-    try:
-        overrides = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return tuple(map(str, overrides)) if isinstance(overrides, list) else None
+# A kill leaves a summary that still says "running".
+_RUNNING = "no final summary: still running, or killed"
 
 
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return {"status": "failed", "failure": f"unreadable {SUMMARY_FILE}: {e}"}
-    return _floats(summary) if isinstance(summary, dict) else {"status": "failed"}
-
-
-def _divergence(metrics: Iterable[dict[str, Any]]) -> str | None:
-    for event in metrics:
-        loss = event.get("train/loss")
-        if isinstance(loss, float) and not math.isfinite(loss):
-            return f"train/loss is {loss} at step {event['step']}"
-    return None
-
-
-# Said when a run's summary gives no reason (runs from before `failure` was written).
-_DEFAULT_REASONS: dict[str, Callable[[Sequence[dict[str, Any]]], str | None]] = {
-    "diverged": _divergence,
-    "running": lambda _: "no final summary: still running, or killed",
-    "interrupted": lambda _: "interrupted",
-}
-
-
-def run_status(summary: dict[str, Any] | None,
-               metrics: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+def run_status(summary: dict[str, Any] | None) -> tuple[str, str | None]:
     """(status, reason) of a run; a missing summary.json means the job never trained."""
     if summary is None:
         return "failed", NO_SUMMARY
     status = str(summary.get("status", "failed"))
     if status == FINISHED:
         return status, None
-    reason = summary.get("failure") or summary.get("error")
-    if not reason and status in _DEFAULT_REASONS:
-        reason = _DEFAULT_REASONS[status](metrics)
-    return status, reason
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / HYDRA_CONFIG).is_file()
-
-
-def _natural_key(path: Path) -> tuple:
-    # Job dirs are `<num>_<overrides>`: order 2_... before 10_..., as Hydra numbered them.
-    parts = []
-    for part in path.parts:
-        number = re.match(r"\d+", part)
-        parts.append((int(number.group()) if number else math.inf, part))
-    return tuple(parts)
-
-
-def find_run_dirs(root: Path) -> list[Path]:
-    """`root` if it is a run dir, else the run dirs below it in job-number order."""
-    if is_run_dir(root):
-        return [root]
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        here = Path(dirpath)
-        if here != root and is_run_dir(here):
-            found.append(here)
-            dirnames.clear()  # checkpoints and wandb/ inside a run hold no runs
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(root)))
+    return status, summary.get("failure") or (_RUNNING if status == "running" else None)
 
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
     """The Run record of one run directory (it must hold .hydra/config.yaml)."""
-    run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir / METRICS_FILE)
-    summary = _read_summary(run_dir / SUMMARY_FILE)
-    status, reason = run_status(summary, metrics)
+    files = RunDir(run_dir)
+    metrics = files.read_metrics()
+    summary = files.read_summary()
+    status, reason = run_status(summary)
     return Run(
-        name=name or str(run_dir), source=str(run_dir.resolve()),
-        config=_read_config(run_dir / HYDRA_CONFIG),
-        overrides=_read_overrides(run_dir / HYDRA_OVERRIDES),
+        name=name or str(run_dir), source=str(Path(run_dir).resolve()),
+        config=_read_config(files / CONFIG), overrides=files.overrides(),
         summary=summary or {}, metrics=tuple(metrics), status=status, reason=reason,
     )
 
@@ -241,7 +149,7 @@ def _load_path(path: Path, relative_names: bool) -> list[Run]:
                           f"directories or {WANDB_PREFIX}ENTITY/PROJECT/GROUP")
     run_dirs = find_run_dirs(path)
     if not run_dirs:
-        raise ConfigError(f"no runs in {path}: no directory there holds {HYDRA_CONFIG}")
+        raise ConfigError(f"no runs in {path}: no directory there holds {CONFIG}")
 
     def name(run_dir: Path) -> str:
         if run_dir == path:
@@ -273,15 +181,15 @@ _WANDB_STATES = {"finished": "finished", "crashed": "failed", "failed": "failed"
 
 def _wandb_run(remote: Any, project: str) -> Run:
     """A W&B public-API run as the Run its local files would give (no overrides in W&B)."""
-    summary = _floats({k: v for k, v in dict(remote.summary_metrics).items()
+    summary = floats({k: v for k, v in dict(remote.summary_metrics).items()
                        if not k.startswith("_")})
     summary.setdefault("status", _WANDB_STATES.get(remote.state, "failed"))
     metrics = []
     for row in remote.scan_history():
         if row.get("_step") is not None:
             values = {k: v for k, v in row.items() if not k.startswith("_") and v is not None}
-            metrics.append({**_floats(values), "step": int(row["_step"])})
-    status, reason = run_status(summary, metrics)
+            metrics.append({**floats(values), "step": int(row["_step"])})
+    status, reason = run_status(summary)
     return Run(name=remote.name or remote.id, source=f"{WANDB_PREFIX}{project}/{remote.id}",
                config=flatten(dict(remote.config)), overrides=None, summary=summary,
                metrics=tuple(metrics), status=status, reason=reason)
@@ -502,42 +410,6 @@ def failed_runs(runs: Sequence[Run], configurations: Sequence[Configuration]) ->
             for run in runs if not run.finished]
 
 
-@dataclasses.dataclass(frozen=True)
-class Curve:
-    steps: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray  # zeros for one seed
-    n: int  # seeds averaged
-
-
-def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], key: str) -> Curve | None:
-    """Mean and std over runs of `key` at the steps every run logged it; None if there are none.
-
-    Runs that never logged `key` are left out rather than emptying the intersection.
-    """
-    per_run = [{e["step"]: float(e[key]) for e in history
-                if isinstance(e.get(key), int | float)} for history in histories]
-    per_run = [values for values in per_run if values]
-    if not per_run:
-        return None
-    steps = sorted(set.intersection(*(set(values) for values in per_run)))
-    if not steps:
-        return None
-    table = np.array([[values[s] for s in steps] for values in per_run])
-    std = table.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(steps))
-    return Curve(np.array(steps), table.mean(axis=0), std, len(per_run))
-
-
-@dataclasses.dataclass(frozen=True)
-class CurveSet:
-    """One configuration's lines in a figure."""
-
-    label: str
-    train: Curve | None
-    test: Curve | None
-    panel: str | None = None  # panel title (panel_by's key=value); None: the only panel
-
-
 def check_panel_key(runs: Sequence[Run], key: str) -> None:
     keys = {k for run in runs for k in run.config}
     if key not in keys:
@@ -697,8 +569,6 @@ RENDERERS: dict[str, Callable[[Comparison], str]] = {
 
 def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> list[Path]:
     """table.md, table.csv, failed.csv and (when a finished run logged curves) curves.png."""
-    from cnnlab.plots import plot_curves  # matplotlib: only when there is a figure to draw
-
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = {TABLE_MD: render_markdown(comparison.rows, comparison.failed),
              TABLE_CSV: table_csv(comparison.rows), FAILED_CSV: failed_csv(comparison.failed)}
@@ -708,7 +578,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> 
         written.append(out_dir / name)
     if comparison.curves:
         written.append(plot_curves(
-            comparison.curves, out_dir / CURVES_FILE, ylabel=METRICS[cfg.metric].axis_label,
+            comparison.curves, out_dir / CURVES, ylabel=METRICS[cfg.metric].axis_label,
             ylim=cfg.ylim, shade_std=cfg.shade_std, dpi=cfg.dpi))
     return written
 

@@ -348,3 +348,15 @@ def _hold_out(train: ArraySplit, val_size: int, val_seed: int) -> tuple[ArraySpl
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate(ds: Any) -> None:
+    """The `dataset` keys that can be checked before any data is read."""
+    from cnnlab.errors import require
+
+    require(ds.val_size >= 0, f"dataset.val_size={ds.val_size} must be >= 0")
+    require(ds.max_examples is None or ds.max_examples > 0,
+            f"dataset.max_examples={ds.max_examples} must be positive or null")
+    shape = ds.image_shape
+    require(shape is None or (len(shape) == 3 and min(shape) > 0),
+            f"dataset.image_shape={shape} must be [height, width, channels] or null")

@@ -25,25 +25,19 @@ back to the host, once per member, where the ensemble is combined.
 """
 
 import dataclasses
-import json
 import math
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from cnnlab import steps
-from cnnlab.config import Config, fixed_square_crop_scale, resolve_presets, validate_eval
-from cnnlab.errors import ConfigError
-
-SNAPSHOT_DIR = "snapshots"
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-
+from cnnlab.errors import ConfigError, require
+from cnnlab.registry import Registry
+from cnnlab.rundir import BEST, CHECKPOINTS, SNAPSHOTS
 
 # ------------------------------------------------------------------- test-time augmentation
 
@@ -102,20 +96,34 @@ def ten_crop_geometry(augment: DictConfig, crop_size: int | None,
     return 0, max(1, round(math.sqrt(scale) * min(image_shape[0], image_shape[1])))
 
 
-def make_views(tta: str, augment: DictConfig | None = None, crop_size: int | None = None,
-               image_shape: Sequence[int] | None = None) -> steps.Views | None:
-    """The views `eval.tta` names, as a function of a raw uint8 batch; None for `none`.
-    ten_crop needs the run's `augment` config and image shape (`ten_crop_geometry`)."""
-    if tta == "none":
+ViewMaker = Callable[[DictConfig, int | None, Sequence[int]], steps.Views | None]
+# eval.tta: each mode's views as a function of the run's augment config, eval.crop_size and the
+# image shape (ten_crop follows the training crops: `ten_crop_geometry`).
+TTA_MODES: Registry[ViewMaker] = Registry("eval.tta")
+TTA_MODES.register("none", lambda augment, crop_size, image_shape: None)
+TTA_MODES.register("flip", lambda augment, crop_size, image_shape: flip_views)
+
+
+@TTA_MODES.register("ten_crop")
+def _ten_crop(augment: DictConfig, crop_size: int | None,
+              image_shape: Sequence[int]) -> steps.Views:
+    pad, side = ten_crop_geometry(augment, crop_size, image_shape)
+    return lambda images: ten_crop_views(images, pad, side)
+
+
+def make_views(tta: str, augment: DictConfig, crop_size: int | None,
+               image_shape: Sequence[int]) -> steps.Views | None:
+    """The views `eval.tta` names, as a function of a raw uint8 batch; None for `none`."""
+    return TTA_MODES.get(tta)(augment, crop_size, image_shape)
+
+
+def fixed_square_crop_scale(augment: DictConfig) -> float | None:
+    """The area fraction of `resized_crop` when every window is the same square (augment=alexnet:
+    224^2 / 256^2), else None; ten_crop then takes windows of that size."""
+    if not augment.resized_crop:
         return None
-    if tta == "flip":
-        return flip_views
-    if tta == "ten_crop":
-        if augment is None or image_shape is None:
-            raise ValueError("ten_crop needs the augment config and the image shape")
-        pad, side = ten_crop_geometry(augment, crop_size, image_shape)
-        return lambda images: ten_crop_views(images, pad, side)
-    raise ConfigError(f"eval.tta='{tta}'; valid choices: none, flip, ten_crop")
+    scale, ratio = list(augment.crop_scale), list(augment.crop_ratio)
+    return scale[0] if scale[0] == scale[1] and ratio == [1.0, 1.0] else None
 
 
 # ---------------------------------------------------------------------------------- ensembles
@@ -136,172 +144,85 @@ def prob_metrics(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "loss": float(-np.mean(picked))}
 
 
-# ------------------------------------------------------------------------------- cnnlab eval
+# ---------------------------------------------------------------------- evaluation in training
 
 
-def load_run_config(run_dir: Path) -> DictConfig:
-    """The config a run was trained with: what Hydra saved in <run_dir>/.hydra/config.yaml,
-    typed by the current schema (keys added since then take their defaults)."""
-    path = Path(run_dir) / HYDRA_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a cnnlab run directory: no {HYDRA_CONFIG}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-        resolve_presets(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-    return cfg
+class Evaluator:
+    """Evaluates a train state on the held-out splits; one compiled function for all of them.
+
+    Keys are `<split>/loss`, `<split>/error`; with `ema_decay` also `<split>_ema/...` (the
+    averaged weights), with `views` (eval.tta) also `<split>_tta/...` (the raw weights).
+    """
+
+    def __init__(self, model: Any, splits: dict[str, steps.DeviceSplit], batch_size: int,
+                 ema_decay: float | None = None, views: steps.Views | None = None) -> None:
+        self.batch_size = batch_size
+        self.splits = splits
+        self._eval_batch = steps.make_eval_batch(model, batch_size)
+        self._tta_batch = steps.make_eval_batch(model, batch_size, views) if views else None
+        self._ema_decay = ema_decay
+
+    def _sums(self, eval_batch: Any, params: Any, batch_stats: Any,
+              split: steps.DeviceSplit) -> dict[str, float]:
+        sums = steps.zero_metrics()
+        for index in range(split.labels.shape[0] // self.batch_size):
+            sums = jax.tree.map(jnp.add, sums, eval_batch(params, batch_stats, split, index))
+        return steps.summarize(jax.device_get(sums))
+
+    def __call__(self, state: steps.TrainState) -> dict[str, float]:
+        variants = [("", self._eval_batch, state.params, state.batch_stats)]
+        if self._ema_decay is not None:
+            variants.append(("_ema", self._eval_batch,
+                             *steps.ema_variables(state.ema, self._ema_decay)))
+        if self._tta_batch is not None:
+            variants.append(("_tta", self._tta_batch, state.params, state.batch_stats))
+        results = {}
+        for name, split in self.splits.items():
+            for suffix, eval_batch, params, batch_stats in variants:
+                for key, value in self._sums(eval_batch, params, batch_stats, split).items():
+                    results[f"{name}{suffix}/{key}"] = value
+        return results
 
 
-@dataclasses.dataclass
-class Member:
-    """One ensemble member: a run's weights at one step, and its test log-probabilities."""
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Which weights of a run `cnnlab eval` uses (cnnlab/ensemble.py): a checkpoint folder, its
+    newest step or every step, raw or averaged (EMA) weights."""
 
-    run_dir: Path
-    weights: str
-    step: int
-    log_probs: np.ndarray  # (N, K)
-
-
-def _checkpoint_steps(directory: Path, what: str, run_dir: Path) -> list[int]:
-    from cnnlab.checkpoint import Checkpointer
-
-    if not directory.is_dir():
-        raise ConfigError(f"{run_dir} has no {what} ({directory.name}/ is missing)")
-    checkpointer = Checkpointer(directory, keep=None)
-    found = checkpointer.all_steps()
-    checkpointer.close()
-    if not found:
-        raise ConfigError(f"{run_dir} has no {what} (nothing saved in {directory.name}/)")
-    return sorted(found)
+    folder: str
+    what: str  # for "RUN has no <what>"
+    every_step: bool = False
+    averaged: bool = False
 
 
-def _weights_to_restore(run_dir: Path, cfg: DictConfig, weights: str) -> tuple[Path, list[int]]:
-    """The checkpoint folder and steps `eval.weights` selects for one run."""
-    from cnnlab.train import BEST_DIR, CHECKPOINT_DIR
-
-    if weights == "snapshots":
-        return run_dir / SNAPSHOT_DIR, _checkpoint_steps(run_dir / SNAPSHOT_DIR,
-                                                         "snapshots (schedule=cyclic_cosine)",
-                                                         run_dir)
-    if weights == "best":
-        what = ("best checkpoint (kept with dataset.val_size > 0 and "
-                "early_stopping.keep_best=true)")
-        return run_dir / BEST_DIR, _checkpoint_steps(run_dir / BEST_DIR, what, run_dir)[-1:]
-    if weights == "ema" and cfg.eval.ema_decay is None:
-        raise ConfigError(f"{run_dir} was trained without eval.ema_decay: it has no averaged "
-                          "weights")
-    return run_dir / CHECKPOINT_DIR, _checkpoint_steps(run_dir / CHECKPOINT_DIR, "checkpoint",
-                                                       run_dir)[-1:]
+WEIGHTS: Registry[WeightSource] = Registry("eval.weights")
+WEIGHTS.register("final", WeightSource(CHECKPOINTS, "checkpoint"))
+WEIGHTS.register("best", WeightSource(BEST, "best checkpoint (kept with dataset.val_size > 0 and "
+                                      "early_stopping.keep_best=true)"))
+WEIGHTS.register("ema", WeightSource(CHECKPOINTS, "checkpoint", averaged=True))
+WEIGHTS.register("snapshots", WeightSource(SNAPSHOTS, "snapshots (schedule=cyclic_cosine)",
+                                           every_step=True))
+REPORT_FORMATS = ("table", "json")
 
 
-def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: steps.DeviceSplit,
-             batch_size: int, count: int) -> np.ndarray:
-    batches = [predict_batch(params, batch_stats, split, index)
-               for index in range(split.labels.shape[0] // batch_size)]
-    # One transfer per member: the batches are joined on the device first.
-    return np.asarray(jax.device_get(jnp.concatenate(batches)[:count]))
-
-
-def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
-    """Evaluate each run's `ev.weights` with `ev.tta` on its dataset's test split; with more
-    than one member, also their ensemble. Returns the report `format_report` prints."""
-    from cnnlab.checkpoint import Checkpointer
-    from cnnlab.models import build_model
-    from cnnlab.optim import make_optimizer, make_schedule
-    from cnnlab.train import check_declared_shapes, init_state, load_data, to_device
-
-    run_dirs = [Path(d) for d in run_dirs]
-    if not run_dirs:
-        raise ConfigError("cnnlab eval needs at least one run directory")
-    # Every run's config is checked before any data is read or anything compiles.
-    configs = [load_run_config(d) for d in run_dirs]
-    for run_dir, cfg in zip(run_dirs, configs, strict=True):
-        try:
-            validate_eval(ev, cfg.augment, cfg.dataset.image_shape)
-        except ConfigError as e:
-            raise ConfigError(f"{run_dir}: {e}") from None
-        _weights_to_restore(run_dir, cfg, ev.weights)
-
-    datasets: dict[str, Any] = {}
-    members: list[Member] = []
-    reference: tuple[Path, Any] | None = None
-    for run_dir, cfg in zip(run_dirs, configs, strict=True):
-        key = OmegaConf.to_yaml(cfg.dataset)
-        if key not in datasets:
-            datasets[key] = load_data(cfg)
-            check_declared_shapes(cfg, datasets[key])
-        dataset = datasets[key]
-        if reference is None:
-            reference = (run_dir, dataset)
-        elif not _same_test_set(reference[1], dataset):
-            first_dir, first = reference
-            raise ConfigError(
-                f"{run_dir} ({dataset.name}, {dataset.num_classes} classes, "
-                f"{len(dataset.test)} test examples) and {first_dir} ({first.name}, "
-                f"{first.num_classes} classes, {len(first.test)} test examples) do not share a "
-                "test set; an ensemble needs the same examples and classes")
-
-        batch_size = ev.batch_size or cfg.train.eval_batch_size
-        model = build_model(cfg, dataset.num_classes)
-        tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, cfg.optimizer.lr,
-                                                         cfg.train.steps))
-        like = init_state(cfg, model, tx, dataset.image_shape)
-        views = make_views(ev.tta, cfg.augment, ev.crop_size, dataset.image_shape)
-        predict_batch = steps.make_predict_batch(model, batch_size, views)
-        split = to_device(dataset.test, dataset, batch_size)
-        directory, restore_steps = _weights_to_restore(run_dir, cfg, ev.weights)
-        checkpointer = Checkpointer(directory, keep=None)
-        try:
-            for step in restore_steps:
-                state, _ = checkpointer.restore(step, like)
-                params, batch_stats = state.params, state.batch_stats
-                if ev.weights == "ema":
-                    params, batch_stats = steps.ema_variables(state.ema, cfg.eval.ema_decay)
-                log_probs = _predict(predict_batch, params, batch_stats, split, batch_size,
-                                     len(dataset.test))
-                members.append(Member(run_dir, ev.weights, step, log_probs))
-        finally:
-            checkpointer.close()
-
-    assert reference is not None
-    labels = reference[1].test.labels
-    report: dict[str, Any] = {
-        "dataset": reference[1].name, "split": configs[0].dataset.test_split,
-        "examples": int(len(labels)), "tta": ev.tta, "weights": ev.weights,
-        "members": [{"run_dir": str(m.run_dir), "weights": m.weights, "step": m.step,
-                     **prob_metrics(m.log_probs, labels)} for m in members],
-        "ensemble": None,
-    }
-    if len(members) > 1:
-        combined = ensemble_log_probs([m.log_probs for m in members])
-        report["ensemble"] = {"members": len(members), **prob_metrics(combined, labels)}
-    return report
-
-
-def _same_test_set(a: Any, b: Any) -> bool:
-    return (a.name == b.name and a.num_classes == b.num_classes
-            and np.array_equal(a.test.labels, b.test.labels))
-
-
-def format_report(report: dict[str, Any], fmt: str = "table") -> str:
-    """`fmt` json: the report as JSON; table: a row per member, then the ensemble."""
-    if fmt == "json":
-        return json.dumps(report, indent=2)
-    rows = [(m["run_dir"], m["weights"], str(m["step"]), f"{m['error']:.2f}",
-             f"{m['loss']:.4f}") for m in report["members"]]
-    if report["ensemble"] is not None:
-        ens = report["ensemble"]
-        rows.append((f"ensemble of {ens['members']}", "", "", f"{ens['error']:.2f}",
-                     f"{ens['loss']:.4f}"))
-    header = ("member", "weights", "step", "error %", "loss")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]),
-                 *(cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True))]
-        return "  ".join(cells).rstrip()
-
-    title = (f"{report['dataset']} {report['split']} split, {report['examples']} examples, "
-             f"tta={report['tta']}")
-    return "\n".join([title, line(header), *(line(r) for r in rows)])
+def validate(ev: DictConfig, augment: DictConfig, image_shape: Any = None) -> None:
+    """The `eval` keys; `augment` (the training crops) and the image shape fix ten_crop."""
+    require(ev.ema_decay is None or 0 < ev.ema_decay < 1,
+            f"eval.ema_decay={ev.ema_decay} must be in (0, 1) or null")
+    TTA_MODES.get(ev.tta)
+    require(ev.crop_size is None or ev.crop_size > 0,
+            f"eval.crop_size={ev.crop_size} must be a positive integer or null")
+    if ev.tta == "ten_crop":
+        require(ev.crop_size is not None or augment.crop_pad > 0
+                or fixed_square_crop_scale(augment) is not None,
+                "eval.tta=ten_crop needs training crops of one size (augment.crop_pad > 0, or "
+                "augment=alexnet's fixed-scale crops) or a window size eval.crop_size=N")
+    if ev.crop_size is not None and image_shape is not None:
+        side = min(image_shape[0], image_shape[1])
+        require(ev.crop_size <= side, f"eval.crop_size={ev.crop_size} exceeds the "
+                f"{image_shape[0]}x{image_shape[1]} images")
+    WEIGHTS.get(ev.weights)
+    require(ev.format in REPORT_FORMATS,
+            f"eval.format='{ev.format}'; valid choices: {', '.join(REPORT_FORMATS)}")
+    require(ev.batch_size is None or ev.batch_size > 0,
+            f"eval.batch_size={ev.batch_size} must be a positive integer or null")

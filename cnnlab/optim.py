@@ -26,6 +26,7 @@ Conventions (each test in tests/test_optim.py writes the rule out by hand):
   penalties are part of that gradient, coupled weight decay is added after it.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -34,21 +35,63 @@ import jax.numpy as jnp
 import optax
 from omegaconf import DictConfig
 
-from cnnlab.config import OPTIMIZERS, REGULARIZE_TARGETS, SGD_FAMILY, cycle_length
-from cnnlab.errors import ConfigError
+from cnnlab.errors import require
+from cnnlab.registry import Registry
+
+# ------------------------------------------------------------------------------- schedules
+
+ScheduleBuilder = Callable[[DictConfig, float, int], optax.Schedule]
+SCHEDULES: Registry[ScheduleBuilder] = Registry("schedule")
+
+
+def cycle_length(total_steps: int, cycles: int) -> int:
+    """Steps per cycle of `cyclic_cosine`: ceil(T / M) (Huang et al. 2017, eq. 2)."""
+    return -(-total_steps // cycles)
+
+
+@SCHEDULES.register("constant")
+def _constant(sched: DictConfig, lr: float, total_steps: int) -> optax.Schedule:
+    return optax.constant_schedule(lr)
+
+
+# Reduce-on-plateau is a constant schedule times `TrainState.lr_scale`, which cnnlab/selection.py
+# lowers between compiled chunks.
+SCHEDULES.register("plateau", _constant)
+
+
+@SCHEDULES.register("step")
+def _step(sched: DictConfig, lr: float, total_steps: int) -> optax.Schedule:
+    # Milestones are fractions of the run's steps.
+    boundaries = {int(round(m * total_steps)): sched.factor for m in sched.milestones}
+    return optax.piecewise_constant_schedule(lr, boundaries)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(sched: DictConfig, lr: float, total_steps: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=sched.final_factor)
+
+
+@SCHEDULES.register("cyclic_cosine")
+def cyclic_cosine_schedule(sched: DictConfig, lr: float, total_steps: int) -> optax.Schedule:
+    """Snapshot ensembles' schedule (Huang et al. 2017, eq. 2): M cosine cycles that restart at
+    lr0, lr(t) = lr0 / 2 * (cos(pi * mod(t, ceil(T/M)) / ceil(T/M)) + 1) for t = 0, 1, ...
+
+    The paper counts iterations from 1 and writes mod(t - 1, ...); optax's counter starts at 0,
+    so the same values are mod(t, ...) here: each cycle starts at lr0. The weights at the end of
+    each cycle are the snapshots (cnnlab/actions.py saves them).
+    """
+    length = cycle_length(total_steps, sched.cycles)
+
+    def schedule(step: jnp.ndarray) -> jnp.ndarray:
+        phase = jnp.mod(step, length) / length
+        return lr / 2 * (jnp.cos(jnp.pi * phase) + 1)
+
+    return schedule
 
 
 def make_schedule(sched: DictConfig, lr: float, total_steps: int) -> optax.Schedule:
-    """The lr at each step; milestones are fractions of `total_steps`."""
-    if sched.name == "step":
-        boundaries = {int(round(m * total_steps)): sched.factor for m in sched.milestones}
-        main = optax.piecewise_constant_schedule(lr, boundaries)
-    elif sched.name == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=sched.final_factor)
-    elif sched.name == "cyclic_cosine":
-        main = cyclic_cosine_schedule(lr, total_steps, sched.get("cycles", 1))
-    else:
-        main = optax.constant_schedule(lr)
+    """The lr at each step, with `schedule.warmup_steps` of linear warm-up in front."""
+    main = SCHEDULES.get(sched.name)(sched, lr, total_steps)
     warmup = sched.warmup_steps
     if not warmup:
         return main
@@ -60,90 +103,153 @@ def make_schedule(sched: DictConfig, lr: float, total_steps: int) -> optax.Sched
     return with_warmup
 
 
-def cyclic_cosine_schedule(lr: float, total_steps: int, cycles: int) -> optax.Schedule:
-    """Snapshot ensembles' schedule (Huang et al. 2017, eq. 2): M cosine cycles that restart at
-    lr0, lr(t) = lr0 / 2 * (cos(pi * mod(t, ceil(T/M)) / ceil(T/M)) + 1) for t = 0, 1, ...
-
-    The paper counts iterations from 1 and writes mod(t - 1, ...); optax's counter starts at 0,
-    so the same values are mod(t, ...) here: each cycle starts at lr0. The weights at the end of
-    each cycle are the snapshots (cnnlab/train.py saves them).
-    """
-    length = cycle_length(total_steps, cycles)
-
-    def schedule(step: jnp.ndarray) -> jnp.ndarray:
-        phase = jnp.mod(step, length) / length
-        return lr / 2 * (jnp.cos(jnp.pi * phase) + 1)
-
-    return schedule
-
-
-def _direction(opt: DictConfig, name: str) -> optax.GradientTransformation:
-    """The optimizer's transformation of the gradient, before the lr (and its sign) is applied."""
-    if name in SGD_FAMILY:
-        if not opt.momentum:
-            return optax.identity()
-        return optax.trace(decay=opt.momentum, nesterov=bool(opt.nesterov))
-    return optax.scale_by_adadelta(rho=opt.rho, eps=opt.eps)
+def validate_schedule(sched: DictConfig, train: DictConfig) -> None:
+    SCHEDULES.get(sched.name)
+    require(sched.warmup_steps >= 0, f"schedule.warmup_steps={sched.warmup_steps} must be >= 0")
+    if sched.name == "step":
+        ms = list(sched.milestones or [])
+        require(all(0 < m < 1 for m in ms) and ms == sorted(ms),
+                f"schedule.milestones={ms} must be increasing fractions of train.steps in (0, 1)")
+    if sched.name == "cyclic_cosine":
+        # Snapshots are saved by the host between compiled chunks: every cycle ends on one.
+        total, cycles, per_call = train.steps, sched.cycles, train.steps_per_call
+        require(cycles >= 1, f"schedule.cycles={cycles} must be a positive integer")
+        length = cycle_length(total, cycles)
+        require(length % per_call == 0,
+                f"schedule.cycles={cycles} gives cycles of ceil({total}/{cycles})={length} steps, "
+                f"which must be a multiple of train.steps_per_call={per_call}")
+        require((cycles - 1) * length < total,
+                f"schedule.cycles={cycles} with cycles of {length} steps leaves the last cycle of "
+                f"train.steps={total} empty; choose train.steps divisible by schedule.cycles")
 
 
-def _coupled(opt: DictConfig, name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
-    # optax's own aliases, so that the state of a default run keeps the pytree structure of
-    # checkpoints written before there was a choice of optimizer.
-    if name in SGD_FAMILY:
-        return optax.sgd(schedule, momentum=opt.momentum or None, nesterov=bool(opt.nesterov))
-    if name == "adadelta":
-        return optax.adadelta(schedule, rho=opt.rho, eps=opt.eps)
-    return optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+# ------------------------------------------------------------------------------ optimizers
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An update rule: the keys it reads (besides lr, weight_decay, decay and clip_norm) and its
+    transformation of the gradient before the lr (and its sign) is applied."""
+
+    keys: tuple[str, ...]
+    direction: Callable[[DictConfig], optax.GradientTransformation]
+
+
+def _sgd_direction(opt: DictConfig) -> optax.GradientTransformation:
+    # torch.optim.SGD: the buffer accumulates raw gradients, lr multiplies afterwards.
+    if not opt.momentum:
+        return optax.identity()
+    return optax.trace(decay=opt.momentum, nesterov=bool(opt.nesterov))
+
+
+_SGD = Optimizer(("momentum", "nesterov"), _sgd_direction)
+_ADAM = Optimizer(("b1", "b2", "eps"),
+                  lambda opt: optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
+# torch.optim.SGD under three names: plain, heavy-ball and Nesterov presets.
+for _name in ("sgd", "momentum", "nesterov"):
+    OPTIMIZERS.register(_name, _SGD)
+OPTIMIZERS.register("adadelta", Optimizer(
+    ("rho", "eps"), lambda opt: optax.scale_by_adadelta(rho=opt.rho, eps=opt.eps)))
+OPTIMIZERS.register("adam", _ADAM)
+OPTIMIZERS.register("adamw", _ADAM)
+
+# Where weight decay joins the update (module docstring): coupled, before the direction (so
+# momentum and Adam's moments see it); decoupled, after it.
+DECAY_MODES: Registry[Callable[[Any, Any], tuple]] = Registry("optimizer.decay")
+DECAY_MODES.register("coupled", lambda direction, decay: (decay, direction))
+DECAY_MODES.register("decoupled", lambda direction, decay: (direction, decay))
+OPTIONAL_KEYS = ("momentum", "nesterov", "b1", "b2", "eps", "rho")
 
 
 def make_optimizer(opt: DictConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """The optimizer the `optimizer` config names (module docstring: the exact update rules).
-
-    A config without `name`, `decay` or `clip_norm` is the SGD family, coupled, unclipped.
-    """
-    name, decay = opt.get("name", "sgd"), opt.get("decay", "coupled")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{name}'; valid choices: {', '.join(OPTIMIZERS)}")
-    if name == "adamw" and decay != "decoupled":
-        raise ConfigError("optimizer 'adamw' takes optimizer.decay=decoupled only")
-    if decay == "coupled":
-        tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                         _coupled(opt, name, schedule))
-    elif decay == "decoupled" and name in ("adam", "adamw"):
-        tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                         weight_decay=opt.weight_decay)
-    elif decay == "decoupled":
-        # optax.adamw's chain with another direction: the decay joins the step after the
-        # momentum buffer or Adadelta's rescaling, which therefore never see it, and before
-        # the lr, which scales it as in optax.adamw.
-        tx = optax.chain(_direction(opt, name), optax.add_decayed_weights(opt.weight_decay),
-                         optax.scale_by_learning_rate(schedule))
-    else:
-        raise ConfigError(f"optimizer.decay='{decay}'; valid choices: coupled, decoupled")
-    clip_norm = opt.get("clip_norm")
-    if clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    """The optimizer the `optimizer` config names (module docstring: the exact update rules)."""
+    direction = OPTIMIZERS.get(opt.name).direction(opt)
+    decay = optax.add_decayed_weights(opt.weight_decay)
+    tx = optax.chain(*DECAY_MODES.get(opt.decay)(direction, decay),
+                     optax.scale_by_learning_rate(schedule))
+    if opt.clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
     return tx
+
+
+def _unit_interval(key: str, value: float) -> None:
+    require(0 <= value < 1, f"{key}={value} must be in [0, 1)")
+
+
+def _validate_optimizer_keys(opt: DictConfig) -> None:
+    """Each optimizer reads its keys; the others must stay null, so that no value in a run's
+    config is silently unused."""
+    takes = OPTIMIZERS.get(opt.name).keys
+    for key in OPTIONAL_KEYS:
+        value = opt[key]
+        if key in takes:
+            require(value is not None,
+                    f"optimizer '{opt.name}' needs optimizer.{key}, which is null; select it "
+                    f"with optimizer={opt.name} to get its defaults")
+        else:
+            require(value is None,
+                    f"optimizer.{key}={value} is not used by optimizer '{opt.name}' (it reads "
+                    f"{', '.join(takes)}); set optimizer.{key}=null")
+
+
+def _validate_sgd_names(opt: DictConfig) -> None:
+    # The name is logged with the run, so it must say what ran; `sgd` is torch.optim.SGD and
+    # may carry any momentum.
+    require(not opt.nesterov or opt.momentum > 0,
+            f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum})")
+    require(opt.name == "sgd" or opt.momentum > 0,
+            f"optimizer '{opt.name}' needs optimizer.momentum in (0, 1), got {opt.momentum}; "
+            "optimizer=sgd is plain SGD")
+    require(opt.name == "sgd" or opt.nesterov == (opt.name == "nesterov"),
+            f"optimizer '{opt.name}' with optimizer.nesterov={str(opt.nesterov).lower()} "
+            f"is optimizer={'nesterov' if opt.nesterov else 'momentum'}")
+
+
+def validate_optimizer(opt: DictConfig) -> None:
+    _validate_optimizer_keys(opt)
+    require(opt.lr > 0, f"optimizer.lr={opt.lr} must be positive")
+    for key in ("momentum", "b1", "b2", "rho"):
+        if opt[key] is not None:
+            _unit_interval(f"optimizer.{key}", opt[key])
+    require(opt.eps is None or opt.eps > 0, f"optimizer.eps={opt.eps} must be positive")
+    if OPTIMIZERS.get(opt.name) is _SGD:
+        _validate_sgd_names(opt)
+    require(opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay} must be >= 0")
+    DECAY_MODES.get(opt.decay)
+    require(opt.name != "adamw" or opt.decay == "decoupled",
+            "optimizer 'adamw' is Adam with decoupled weight decay (optimizer.decay=decoupled); "
+            "for Adam with an L2 term use optimizer=adam")
+    require(opt.clip_norm is None or opt.clip_norm > 0,
+            f"optimizer.clip_norm={opt.clip_norm} must be positive or null")
 
 
 # ------------------------------------------------------------------ the regularized objective
 
 
+def _is_kernel(path: tuple, _: Any) -> bool:
+    last = path[-1] if path else None
+    return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+
+# Which parameters the penalties reach: `kernels` = conv and dense kernels, which flax names
+# `kernel`; biases, norm scales and shifts and other learned scalars are left out, as they set
+# a layer's offset or scale rather than its capacity.
+PENALTY_TARGETS: Registry[Callable[[tuple, Any], bool]] = Registry("regularization.apply_to")
+PENALTY_TARGETS.register("kernels", _is_kernel)
+PENALTY_TARGETS.register("all", lambda path, leaf: True)
+
+
 def penalty_mask(params: Any, apply_to: str) -> Any:
-    """True for the parameters the penalties reach: `kernels` = conv and dense kernels, which
-    flax names `kernel`; biases, norm scales and shifts and other learned scalars are left out,
-    as they set a layer's offset or scale rather than its capacity."""
-    if apply_to == "all":
-        return jax.tree.map(lambda _: True, params)
-    if apply_to != "kernels":
-        raise ConfigError(f"regularization.apply_to='{apply_to}'; valid choices: "
-                          + ", ".join(REGULARIZE_TARGETS))
+    """True for the parameters `regularization.apply_to` selects."""
+    return jax.tree_util.tree_map_with_path(PENALTY_TARGETS.get(apply_to), params)
 
-    def is_kernel(path: tuple, _: Any) -> bool:
-        last = path[-1] if path else None
-        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
 
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
+def validate_regularization(reg: DictConfig) -> None:
+    for key in ("l1", "l2"):
+        require(reg[key] >= 0, f"regularization.{key}={reg[key]} must be >= 0")
+    PENALTY_TARGETS.get(reg.apply_to)
+    _unit_interval("regularization.label_smoothing", reg.label_smoothing)
 
 
 def make_penalty(reg: DictConfig | None) -> Callable[[Any], jax.Array] | None:

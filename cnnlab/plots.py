@@ -6,17 +6,54 @@ matplotlib's Figure/Agg canvas without pyplot: no global figure state or GUI bac
 quick import, since train.py draws every run's curves at its end.
 """
 
-import json
+import dataclasses
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cnnlab.compare import CurveSet, mean_curve, read_metrics
-from cnnlab.tracking import METRICS_FILE, SUMMARY_FILE
+import numpy as np
+
+from cnnlab.rundir import RunDir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # zeros for one seed
+    n: int  # seeds averaged
+
+
+def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], key: str) -> Curve | None:
+    """Mean and std over runs of `key` at the steps every run logged it; None if there are none.
+
+    Runs that never logged `key` are left out rather than emptying the intersection.
+    """
+    per_run = [{e["step"]: float(e[key]) for e in history
+                if isinstance(e.get(key), int | float)} for history in histories]
+    per_run = [values for values in per_run if values]
+    if not per_run:
+        return None
+    steps = sorted(set.intersection(*(set(values) for values in per_run)))
+    if not steps:
+        return None
+    table = np.array([[values[s] for s in steps] for values in per_run])
+    std = table.std(axis=0, ddof=1) if len(per_run) > 1 else np.zeros(len(steps))
+    return Curve(np.array(steps), table.mean(axis=0), std, len(per_run))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveSet:
+    """One configuration's lines in a figure."""
+
+    label: str
+    train: Curve | None
+    test: Curve | None
+    panel: str | None = None  # panel title (panel_by's key=value); None: the only panel
+
 
 TRAIN_WIDTH = 0.8
 TEST_WIDTH = 2.2
@@ -88,22 +125,21 @@ def plot_curves(curve_sets: Sequence[CurveSet], path: Path, ylabel: str = "error
     return save_figure(curves_figure(curve_sets, ylabel, ylim, shade_std), path, dpi)
 
 
-def _run_label(run_dir: Path) -> str:
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+def _run_label(run_dir: RunDir) -> str:
+    summary = run_dir.read_summary() or {}
+    if "model" in summary and "dataset" in summary:
         return f"{summary['model']} on {summary['dataset']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return run_dir.name
+    return run_dir.path.name
 
 
-def plot_run(run_dir: Path, path: Path) -> Path | None:
+def plot_run(run_dir: RunDir | Path, path: Path) -> Path | None:
     """One run's train and test error curves from its metrics.jsonl into the PNG `path`.
 
     Returns `path`, or None when the run logged no error yet. No JAX: train.py calls it after
     every run to put the figure in W&B.
     """
-    run_dir = Path(run_dir)
-    metrics = [read_metrics(run_dir / METRICS_FILE)]
+    run_dir = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
+    metrics = [run_dir.read_metrics()]
     train, test = mean_curve(metrics, "train/error"), mean_curve(metrics, "test/error")
     if train is None and test is None:
         return None

@@ -1,5 +1,6 @@
 """Name -> object registries, so that a YAML file name selects an implementation."""
 
+import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -8,10 +9,19 @@ from cnnlab.errors import ConfigError
 T = TypeVar("T")
 
 
+def unknown_choice(kind: str, name: object, choices: list[str]) -> str:
+    """`unknown optimizer 'adm'; valid choices: ... (did you mean 'adam'?)` (one line)."""
+    what = f"{kind}='{name}'" if "." in kind else f"unknown {kind} '{name}'"
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{what}; valid choices: {', '.join(choices)}{hint}"
+
+
 class Registry(Generic[T]):
     """A named table of implementations; unknown names fail with the list of valid ones."""
 
     def __init__(self, kind: str) -> None:
+        # A dotted kind is a config key (`optimizer.decay`): errors then read `key='value'`.
         self.kind = kind
         self._items: dict[str, T] = {}
 
@@ -30,9 +40,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise ConfigError(
-                f"unknown {self.kind} '{name}'; valid choices: {', '.join(self.names())}"
-            ) from None
+            raise ConfigError(unknown_choice(self.kind, name, self.names())) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -11,6 +11,10 @@ import dataclasses
 import math
 from typing import Any
 
+from omegaconf import DictConfig
+
+from cnnlab.errors import require
+
 MONITORED_METRICS = ("val/error", "val/loss")
 
 
@@ -93,3 +97,27 @@ def _finite_or_none(value: float) -> float | None:
 
 def _inf_if_none(value: float | None) -> float:
     return math.inf if value is None else value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reduce-on-plateau and early stopping watch a validation metric at each evaluation."""
+    sched, stopping = cfg.schedule, cfg.early_stopping
+    watchers = []
+    if sched.name == "plateau":
+        watchers.append(("schedule.metric", sched.metric))
+        require(0 < sched.factor < 1, f"schedule.factor={sched.factor} must be in (0, 1)")
+        for key in ("patience", "threshold", "max_reductions"):
+            require(sched[key] >= 0, f"schedule.{key}={sched[key]} must be >= 0")
+    require(stopping.patience >= 0,
+            f"early_stopping.patience={stopping.patience} must be >= 0 (0: off)")
+    if stopping.patience > 0 or stopping.keep_best:
+        watchers.append(("early_stopping.metric", stopping.metric))
+    for key, metric in watchers:
+        require(metric in MONITORED_METRICS, f"{key}='{metric}'; valid choices: "
+                f"{', '.join(MONITORED_METRICS)} (selecting on the test set would leak it)")
+    if sched.name == "plateau" or stopping.patience > 0:
+        what = "schedule=plateau" if sched.name == "plateau" else "early_stopping.patience > 0"
+        require(cfg.dataset.val_size > 0,
+                f"{what} watches the validation split; set dataset.val_size > 0")
+        require(cfg.train.eval_every > 0,
+                f"{what} acts at evaluations; set train.eval_every > 0")

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from omegaconf import DictConfig
@@ -47,6 +48,19 @@ class DeviceSplit(struct.PyTreeNode):
     # The training set's preprocessing statistics (the same buffers in every split): data, not
     # constants of the compiled functions, since a ZCA matrix is 3072x3072 for CIFAR.
     stats: PreprocessStats
+
+
+def device_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSplit:
+    """A host split (cnnlab.data.ArraySplit) on the default device, zero-padded to a multiple
+    of `pad_to` examples (whole eval batches); `mask` marks the real ones."""
+    n = len(split)
+    padded = -(-n // pad_to) * pad_to
+    images = np.zeros((padded, *split.images.shape[1:]), np.uint8)
+    images[:n] = split.images
+    labels = np.zeros((padded,), np.int32)
+    labels[:n] = split.labels
+    return jax.device_put(DeviceSplit(images=images, labels=labels,
+                                      mask=np.arange(padded) < n, stats=stats))
 
 
 def zero_metrics() -> dict[str, jax.Array]:
@@ -159,8 +173,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         if scale_lr:
-            # Only where reduce-on-plateau is on: the extra product changes how XLA fuses (and
-            # rounds) the update, and a run without it stays bitwise what it was.
+            # Only under reduce-on-plateau: other runs skip a product per parameter per step.
             updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
         state = state.replace(
             step=state.step + 1,

@@ -9,7 +9,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cnnlab.tracking import read_summary
+from cnnlab.rundir import RunDir, find_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ class SweepReport(Callback):
         current_sweep_dir = Path(config.hydra.sweep.dir)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status != JobStatus.FAILED:
+        # A single run reports its own failure (and has no job number).
+        if job_return.status != JobStatus.FAILED or current_sweep_dir is None:
             return
         error = job_return._return_value
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -36,10 +37,8 @@ class SweepReport(Callback):
 def tally(sweep_dir: Path) -> dict[str, list[Path]]:
     """Job folders by the status in their summary.json (`failed` when there is none)."""
     by_status: dict[str, list[Path]] = {}
-    from cnnlab.compare import find_run_dirs
-
     for job in find_run_dirs(Path(sweep_dir)):
-        status = (read_summary(job) or {}).get("status", "failed")
+        status = (RunDir(job).read_summary() or {}).get("status", "failed")
         by_status.setdefault(status, []).append(job)
     return by_status
 

@@ -4,8 +4,6 @@ The local files are the source of truth (offline tools such as `cnnlab compare` 
 mirrors them. W&B defaults to offline mode, which needs neither an API key nor a network.
 """
 
-import json
-import math
 import os
 import secrets
 from pathlib import Path
@@ -13,9 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-WANDB_ID_FILE = "wandb_id.txt"
+from cnnlab.errors import require
+from cnnlab.rundir import RunDir
+
+# Keys whose W&B summary is the run's own (median throughput, total time), not the last logged.
 SUMMARY_OWNED_KEYS = ("images_per_sec", "wall_time")
 
 
@@ -32,42 +31,22 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep the fact that it diverged readable
-    return value
-
-
 class RunTracker:
     """Appends one JSON object per logging event and mirrors it to W&B."""
 
-    def __init__(self, run_dir: Path, config: dict, logger: DictConfig, group: str | None,
+    def __init__(self, run_dir: RunDir, config: dict, logger: DictConfig, group: str | None,
                  resume_step: int | None, tags: list[str] | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
-        self._drop_events_after(resume_step or 0)
+        self.run_dir = run_dir
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.drop_metrics_after(resume_step or 0)
         tags = list(dict.fromkeys([*logger.tags, *(tags or [])]))
         self._wandb = (self._init_wandb(flatten(config), logger, group, tags)
                        if logger.mode != "disabled" else None)
-
-    def _drop_events_after(self, step: int) -> None:
-        """On resume, forget events past the checkpoint: they are recomputed identically."""
-        if not self.metrics_path.exists():
-            return
-        kept = [
-            line for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
 
     def _init_wandb(self, config: dict, logger: DictConfig, group: str | None,
                     tags: list[str]) -> Any:
         import wandb
 
-        id_path = self.run_dir / WANDB_ID_FILE
-        if not id_path.exists():
-            id_path.write_text(secrets.token_hex(4))
         os.environ.setdefault("WANDB_SILENT", "true")
         run = wandb.init(
             project=logger.project,
@@ -76,9 +55,9 @@ class RunTracker:
             tags=tags,
             name=logger.name,
             config=config,
-            dir=str(self.run_dir),
+            dir=str(self.run_dir.path),
             mode=logger.mode,
-            id=id_path.read_text().strip(),
+            id=self.run_dir.wandb_id(secrets.token_hex(4)),
             resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
@@ -93,14 +72,12 @@ class RunTracker:
         return None if self._wandb is None else self._wandb.dir
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        event = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
+        self.run_dir.append_metrics(step, metrics)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        clean = write_summary(self.run_dir, summary)
+        clean = self.run_dir.write_summary(summary)
         if self._wandb is not None:
             self._wandb.summary.update(clean)
 
@@ -117,17 +94,10 @@ class RunTracker:
             self._wandb = None
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write `summary.json` atomically (readers never see half a file); returns what was written."""
-    clean = {k: _jsonable(v) for k, v in summary.items()}
-    path = Path(run_dir) / SUMMARY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(clean, indent=2) + "\n")
-    tmp.replace(path)
-    return clean
+# W&B's own modes: offline needs neither an account nor a network.
+LOGGER_MODES = ("online", "offline", "disabled")
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+def validate(logger: DictConfig) -> None:
+    require(logger.mode in LOGGER_MODES,
+            f"logger.mode='{logger.mode}'; valid choices: {', '.join(LOGGER_MODES)}")

@@ -1,3 +1,12 @@
-"""Fixtures shared by the tests (helpers live in tests/helpers.py)."""
+"""Fixtures shared by the tests (helpers live in tests/helpers.py), and XLA set for the tests.
+
+Most of the suite's time is XLA compiling tiny models; its optimizations only pay back over many
+steps, so the tests compile without most of them (numbers agree with an optimized build to
+float tolerance; tests that compare runs bitwise compare two runs built the same way).
+"""
+
+import jax
 
 from tests.helpers import fashion_dir, mock_tfds  # noqa: F401  (fixtures)
+
+jax.config.update("jax_disable_most_optimizations", True)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import tensorflow_datasets as tfds
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tensorflow_datasets.testing import mocking
 
-from cnnlab.config import CONF_DIR, resolve_presets
+from cnnlab import configure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +39,8 @@ TINY = [
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides or [])
-    resolve_presets(cfg)
-    return cfg
+    """The composed config, presets resolved, not validated (tests validate it themselves)."""
+    return configure.compose(overrides, check=False)
 
 
 def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None,

@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab import augment as aug
-from cnnlab.config import group_options, validate
+from cnnlab.config import group_options
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from cnnlab.preprocess import PreprocessStats, channel_pca, preprocess
 from tests.helpers import compose_config

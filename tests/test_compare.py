@@ -14,7 +14,8 @@ import yaml
 
 from cnnlab import compare as cmp
 from cnnlab.errors import ConfigError
-from cnnlab.plots import TEST_WIDTH, TRAIN_WIDTH, curves_figure, plot_run
+from cnnlab.plots import TEST_WIDTH, TRAIN_WIDTH, curves_figure, mean_curve, plot_run
+from cnnlab.rundir import RunDir
 from tests.helpers import REPO, run_cli
 
 STEPS = (10, 20, 30, 40)
@@ -171,7 +172,8 @@ def test_read_metrics_merges_steps_and_skips_a_cut_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 10, "train/error": 5.0}\n{"step": 10, "test/error": "inf"}\n'
                     '{"step": 20, "train/err')
-    assert cmp.read_metrics(path) == [{"step": 10, "train/error": 5.0, "test/error": np.inf}]
+    assert RunDir(tmp_path).read_metrics() == [
+        {"step": 10, "train/error": 5.0, "test/error": np.inf}]
 
 
 def test_missing_paths_and_empty_dirs_are_one_line_errors(tmp_path):
@@ -212,13 +214,11 @@ def test_failed_table_lists_diverged_and_crashed_runs(sweep):
     ]
 
 
-def test_status_reasons_for_older_summaries():
-    nan_events = [{"step": 10, "train/loss": 2.0}, {"step": 20, "train/loss": float("nan")}]
-    assert cmp.run_status({"status": "diverged"}, nan_events) == (
-        "diverged", "train/loss is nan at step 20")
-    assert cmp.run_status({"status": "failed", "error": "OOM"}, []) == ("failed", "OOM")
-    assert cmp.run_status({"status": "running"}, [])[0] == "running"
-    assert cmp.run_status(None, []) == ("failed", cmp.NO_SUMMARY)
+def test_status_reasons():
+    assert cmp.run_status({"status": "diverged", "failure": "diverged: x"}) == (
+        "diverged", "diverged: x")
+    assert cmp.run_status({"status": "running"}) == ("running", cmp._RUNNING)
+    assert cmp.run_status(None) == ("failed", cmp.NO_SUMMARY)
 
 
 def test_curves_are_seed_means_at_common_steps(sweep):
@@ -238,10 +238,10 @@ def test_curves_are_seed_means_at_common_steps(sweep):
 
 
 def test_mean_curve_leaves_out_runs_without_the_key():
-    curve = cmp.mean_curve([[{"step": 1, "a": 2.0}, {"step": 2, "a": 4.0}], [{"step": 1}]], "a")
+    curve = mean_curve([[{"step": 1, "a": 2.0}, {"step": 2, "a": 4.0}], [{"step": 1}]], "a")
     assert curve.steps.tolist() == [1, 2] and curve.mean.tolist() == [2.0, 4.0]
     assert curve.n == 1 and curve.std.tolist() == [0.0, 0.0]
-    assert cmp.mean_curve([[{"step": 1}]], "a") is None
+    assert mean_curve([[{"step": 1}]], "a") is None
 
 
 # ------------------------------------------------------------------------------- rendering

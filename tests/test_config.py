@@ -1,9 +1,35 @@
 """Config composition, the experiment recipe, and one-line errors for bad input."""
 
-import pytest
+import dataclasses
 
-from cnnlab.config import group_options, validate
+import pytest
+from omegaconf import MISSING, OmegaConf
+
+from cnnlab.config import (
+    ActivationConfig,
+    AugmentConfig,
+    CheckpointConfig,
+    Config,
+    DatasetConfig,
+    EarlyStoppingConfig,
+    EvalConfig,
+    InitConfig,
+    LoggerConfig,
+    NormConfig,
+    OptimizerConfig,
+    PreprocessConfig,
+    RegularizationConfig,
+    ScheduleConfig,
+    SummaryConfig,
+    TrainConfig,
+    group_options,
+    option_values,
+    root_values,
+)
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
+from cnnlab.models.cifar_resnet import CifarResNetOptions
+from cnnlab.models.stack import StackOptions
 from cnnlab.optim import make_schedule
 from tests.helpers import compose_config, run_cli
 
@@ -96,3 +122,53 @@ def test_cli_unknown_command(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "cnnlab: error: unknown command 'trian'; valid choices: train, summary, eval, compare")
+
+
+# ------------------------------------------------------------ every value lives in conf/
+
+SCHEMAS = {"dataset": DatasetConfig, "init": InitConfig, "activation": ActivationConfig,
+           "norm": NormConfig, "preprocess": PreprocessConfig, "augment": AugmentConfig,
+           "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "logger": LoggerConfig}
+
+
+def test_schema_defaults_are_missing_or_null_only():
+    # A value in a dataclass would be a second definition of a default that conf/ holds.
+    classes = [*SCHEMAS.values(), Config, RegularizationConfig, EarlyStoppingConfig, EvalConfig,
+               TrainConfig, CheckpointConfig, SummaryConfig, CifarResNetOptions, StackOptions]
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if field.default is dataclasses.MISSING:  # a section: default_factory
+                assert field.default_factory in classes, f"{cls.__name__}.{field.name}"
+            else:
+                assert field.default in (MISSING, None), f"{cls.__name__}.{field.name}"
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMAS))
+def test_every_group_option_yields_all_its_keys(group):
+    for option in group_options(group):
+        values = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]),
+                                 option_values(group, option))
+        assert not OmegaConf.missing_keys(values), f"{group}={option}"
+
+
+def test_option_values_follow_the_defaults_list_as_hydra_does():
+    for group, option in (("augment", "cutout"), ("schedule", "plateau"), ("dataset", "mnist"),
+                          ("model", "plain20"), ("model", "vgg_a_cifar")):
+        composed = OmegaConf.to_container(compose_config([f"{group}={option}"])[group])
+        assert OmegaConf.to_container(option_values(group, option)) == composed, option
+
+
+def test_defaults_of_the_sections_no_group_chooses_are_config_yaml():
+    cfg = compose_config()
+    assert (cfg.train.steps, cfg.train.log_every, cfg.train.eval_every) == (500, 50, 250)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (250, 2)
+    for section in ("train", "checkpoint", "regularization", "early_stopping", "eval", "summary"):
+        assert cfg[section] == root_values(section), section
+    assert not OmegaConf.missing_keys(cfg)
+
+
+def test_default_augment_keeps_command_line_keys_that_differ_from_the_base():
+    cfg = compose_config(["augment.cutout=16", "augment.flip=false"])
+    assert (cfg.augment.name, cfg.augment.crop_pad, cfg.augment.cutout) == ("crop_flip", 4, 16)
+    # false is the base's value: indistinguishable from not given, the preset's flip stays.
+    assert cfg.augment.flip

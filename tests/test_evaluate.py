@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import cli, evaluate, steps
-from cnnlab.config import validate
+from cnnlab import cli, configure, evaluate, steps
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.optim import make_optimizer, make_schedule
@@ -39,7 +39,7 @@ def device_split(images: np.ndarray, labels: np.ndarray) -> steps.DeviceSplit:
 @functools.cache
 def tiny_model() -> tuple:
     """ResNet-8 at width 4 (TINY), its initial state and random 12x12 data."""
-    from cnnlab.train import init_state
+    from cnnlab.run import init_state
 
     cfg = compose_config(TINY)
     model = build_model(cfg, 10)
@@ -292,7 +292,7 @@ _DATASETS: dict[str, object] = {}
 
 def _dataset(cfg: OmegaConf) -> object:
     """The run's dataset, read once for runs that share the dataset and preprocessing configs."""
-    from cnnlab.train import load_data
+    from cnnlab.run import load_data
 
     key = OmegaConf.to_yaml({"dataset": cfg.dataset, "preprocess": cfg.preprocess})
     if key not in _DATASETS:
@@ -303,13 +303,12 @@ def _dataset(cfg: OmegaConf) -> object:
 def _hand_flip_probs(run_dir: Path, step: int) -> tuple[np.ndarray, np.ndarray]:
     """A run's flip-TTA probabilities from its raw checkpoint files: the mean of the softmaxes
     on the test images and on their mirror images; and the labels."""
-    from cnnlab.train import to_device
 
-    cfg = evaluate.load_run_config(run_dir)
+    cfg = configure.load_run_config(run_dir)
     dataset = _dataset(cfg)
     state = _restore(run_dir, step)
     model = build_model(cfg, dataset.num_classes)
-    split = to_device(dataset.test, dataset)
+    split = steps.device_split(dataset.test, dataset.preprocess)
     images = dataset.test.images
     softmax = plain_softmax(model, state["params"], state["batch_stats"], split)
     probs = (softmax(images) + softmax(images[:, :, ::-1])) / 2

@@ -12,7 +12,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cnnlab.config import CONF_DIR, group_options, resolve_presets, validate_for_training
+from cnnlab.config import CONF_DIR, group_options, resolve_presets
+from cnnlab.configure import validate_for_training
 from cnnlab.optim import make_schedule
 from cnnlab.tracking import flatten
 from tests.helpers import run_cli

@@ -11,9 +11,16 @@ import optax
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config import CONF_DIR, OPTIMIZERS, OptimizerConfig, group_options, validate
+from cnnlab.config import OptimizerConfig, group_options, option_values
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
-from cnnlab.optim import make_optimizer, make_penalty, make_schedule, smoothed_cross_entropy
+from cnnlab.optim import (
+    OPTIMIZERS,
+    make_optimizer,
+    make_penalty,
+    make_schedule,
+    smoothed_cross_entropy,
+)
 from tests.helpers import compose_config
 
 W0 = np.array([1.0, -2.0, 0.5])
@@ -21,9 +28,9 @@ CURVATURE = np.array([1.0, 3.0, 0.2])  # loss = 0.5 * sum(CURVATURE * w^2), grad
 
 
 def preset(name: str, **keys: object) -> DictConfig:
-    """conf/optimizer/<name>.yaml on the schema, with `keys` overridden."""
+    """conf/optimizer/<name>.yaml (its bases merged in) on the schema, with `keys` overridden."""
     cfg = OmegaConf.merge(OmegaConf.structured(OptimizerConfig),
-                          OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml"))
+                          option_values("optimizer", name))
     return OmegaConf.merge(cfg, keys)
 
 
@@ -296,7 +303,7 @@ def _initial() -> tuple[object, object, object]:
     from cnnlab import steps as steps_lib
     from cnnlab.models import build_model
     from cnnlab.preprocess import PreprocessStats
-    from cnnlab.train import init_state
+    from cnnlab.run import init_state
 
     cfg = compose_config(list(MODEL))
     model = build_model(cfg, 10)

@@ -12,7 +12,8 @@ from cnnlab import data as data_lib
 from cnnlab import preprocess as pp
 from cnnlab import steps
 from cnnlab.augment import make_augment
-from cnnlab.config import group_options, validate
+from cnnlab.config import group_options
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from tests.helpers import compose_config
 
@@ -113,13 +114,14 @@ def test_zca_whitened_training_data_has_zero_mean_and_covariance_u_lambda_over_l
 
 
 def test_zca_statistics_travel_as_device_data_shared_by_every_split(fashion_dir):
-    from cnnlab.train import load_data, to_device
+    from cnnlab.run import load_data
 
     cfg = compose_config(["preprocess=zca", "dataset.max_examples=1024", "dataset.val_size=24",
                           f"dataset.data_dir={fashion_dir}"])
     dataset = load_data(cfg)
     assert isinstance(dataset.preprocess.whiten, jax.Array)
-    train, test = to_device(dataset.train, dataset), to_device(dataset.test, dataset, 256)
+    train = steps.device_split(dataset.train, dataset.preprocess)
+    test = steps.device_split(dataset.test, dataset.preprocess, 256)
     for split in (train, test):
         assert split.stats.whiten.unsafe_buffer_pointer() == \
             dataset.preprocess.whiten.unsafe_buffer_pointer()  # one copy on the device

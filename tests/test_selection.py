@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config import validate
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from cnnlab.selection import EarlyStopping, Plateau
 from cnnlab.train import train
@@ -88,8 +88,8 @@ def test_lr_scale_multiplies_the_step_like_a_smaller_lr():
     from cnnlab.models import build_model
     from cnnlab.optim import make_optimizer, make_schedule
     from cnnlab.preprocess import PreprocessStats
+    from cnnlab.run import init_state
     from cnnlab.steps import DeviceSplit, make_train_step
-    from cnnlab.train import init_state
 
     cfg = compose_config(with_overrides(TINY, optimizer="momentum", augment="none"))
     rng = np.random.default_rng(0)

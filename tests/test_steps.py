@@ -94,7 +94,7 @@ def test_train_chunks_make_no_host_transfers():
     """The hot loop: compiled chunks on device-resident data, nothing copied implicitly."""
     from cnnlab import steps
     from cnnlab.models import build_model
-    from cnnlab.train import init_state
+    from cnnlab.run import init_state
     from tests.helpers import TINY, compose_config
 
     cfg = compose_config(TINY)

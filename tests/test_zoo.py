@@ -16,7 +16,8 @@ import pytest
 
 from cnnlab import steps
 from cnnlab.augment import make_augment
-from cnnlab.config import group_options, validate
+from cnnlab.config import group_options
+from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, check_geometry, init_variables
 from cnnlab.models.blocks import AUX_COLLECTION, CONNECTION_TABLES, TableConv

@@ -19,6 +19,7 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models.blocks import BasicBlock, Dropout
@@ -33,16 +34,17 @@ DROPOUT_PLACES = ("stage", "head", "block")
 
 @dataclasses.dataclass
 class CifarResNetOptions:
-    depth: int = 20
-    width: int = 16
-    residual: bool = True
-    shortcut: str = "A"
-    # Huang et al. 2016's p_L, the last block's survival probability (1 = off; paper: 0.5).
-    stochastic_depth: float = 1.0
+    # Every value comes from conf/model/_cifar_resnet.yaml and the model file on top of it.
+    depth: int = MISSING
+    width: int = MISSING
+    residual: bool = MISSING
+    shortcut: str = MISSING
+    # Huang et al. 2016's p_L, the last block's survival probability (1 = off).
+    stochastic_depth: float = MISSING
     # batch: one draw per block and mini-batch (the paper); example: per example (drop path).
-    stochastic_depth_mode: str = "batch"
+    stochastic_depth_mode: str = MISSING
     # Dropout rates by place (0 = none): stage, head, block.
-    dropout_at: DropoutPlaces = dataclasses.field(default_factory=DropoutPlaces)
+    dropout_at: DropoutPlaces = MISSING
 
     def validate(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:

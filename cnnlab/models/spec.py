@@ -123,6 +123,26 @@ def _split_entry(entry: Any, where: str) -> tuple[str, dict[str, Any]]:
     raise ConfigError(f"{where}: a layer must be a string or a mapping, not {entry!r}")
 
 
+def _entry_options(kind: str, given: dict[str, Any], where: str) -> dict[str, Any]:
+    """An entry's options checked against its kind's table, defaults filled in."""
+    spec = KINDS[kind]
+    unknown = sorted(set(given) - set(spec.options))
+    if unknown:
+        raise ConfigError(f"{where}: {kind} has no option '{unknown[0]}'; valid: "
+                          f"{', '.join([*spec.options, *COMMON])}")
+    options = {}
+    for option, (default, check, expected) in spec.options.items():
+        if option not in given and default is REQUIRED:
+            raise ConfigError(f"{where}: {kind} needs its {option}")
+        value = given.get(option, default)
+        if option in given and not check(value):
+            raise ConfigError(f"{where}: {kind} {option}={value!r} must be {expected}")
+        options[option] = list(value) if isinstance(value, list | tuple) else value
+    if "stride" in options and options["stride"] is None:  # pools: stride = kernel
+        options["stride"] = options["kernel"]
+    return options
+
+
 def parse_layers(entries: list[Any], key: str, used: set[str] | None = None) -> list[LayerSpec]:
     """Parse a list of layer entries (config key `key`, for messages) into expanded specs."""
     specs: list[LayerSpec] = []
@@ -131,24 +151,10 @@ def parse_layers(entries: list[Any], key: str, used: set[str] | None = None) -> 
     for index, entry in enumerate(entries):
         where = f"{key}[{index}]"
         kind, given = _split_entry(entry, where)
-        spec = KINDS[kind]
         name, repeat = given.pop("name", None), given.pop("repeat", 1)
-        unknown = sorted(set(given) - set(spec.options))
-        if unknown:
-            raise ConfigError(f"{where}: {kind} has no option '{unknown[0]}'; valid: "
-                              f"{', '.join([*spec.options, *COMMON])}")
         if not _positive_int(repeat):
             raise ConfigError(f"{where}: repeat={repeat!r} must be a positive integer")
-        options = {}
-        for option, (default, check, expected) in spec.options.items():
-            if option not in given and default is REQUIRED:
-                raise ConfigError(f"{where}: {kind} needs its {option}")
-            value = given.get(option, default)
-            if option in given and not check(value):
-                raise ConfigError(f"{where}: {kind} {option}={value!r} must be {expected}")
-            options[option] = list(value) if isinstance(value, list | tuple) else value
-        if "stride" in options and options["stride"] is None:  # pools: stride = kernel
-            options["stride"] = options["kernel"]
+        options = _entry_options(kind, given, where)
         for copy in range(repeat):
             counters[kind] = counters.get(kind, 0) + 1
             if name is None:

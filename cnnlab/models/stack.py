@@ -38,26 +38,27 @@ PLACE_NAMES = {"conv": "conv layers", "stage": "pooling layers or residual stage
 
 @dataclasses.dataclass
 class StackOptions:
+    # Every value comes from conf/model/_stack.yaml and the model file on top of it.
     layers: list[Any] = MISSING
     # Layers between the feature stack and the classifier (VGG's FC-4096 pair, ...).
-    head: list[Any] = dataclasses.field(default_factory=list)
+    head: list[Any] = MISSING
     # Rate of `dropout` entries that do not give their own.
-    dropout: float = 0.5
+    dropout: float = MISSING
     # Residual blocks: false gives the paper's plain counterpart (same layers, no shortcuts).
-    residual: bool = True
-    shortcut: str = "B"
+    residual: bool = MISSING
+    shortcut: str = MISSING
     # Bottleneck downsampling in the first 1x1 (the paper) or in the 3x3 (torchvision, "v1.5").
-    stride_at: str = "1x1"
+    stride_at: str = MISSING
     # GoogLeNet's auxiliary classifiers (the `aux` entries); off drops them and their weights.
-    aux_classifiers: bool = True
-    # Multiplies every layer's width (not the classifier's): 0.25 for a quick CPU variant.
-    width: float = 1.0
+    aux_classifiers: bool = MISSING
+    # Multiplies every layer's width (not the classifier's).
+    width: float = MISSING
     # Huang et al. 2016's p_L, the last residual block's survival probability (1 = off).
-    stochastic_depth: float = 1.0
+    stochastic_depth: float = MISSING
     # batch: one draw per block and mini-batch (the paper); example: per example (drop path).
-    stochastic_depth_mode: str = "batch"
+    stochastic_depth_mode: str = MISSING
     # Dropout added by kind of place, one rate each (0 = none): conv, stage, fc, head, block.
-    dropout_at: DropoutPlaces = dataclasses.field(default_factory=DropoutPlaces)
+    dropout_at: DropoutPlaces = MISSING
 
     def validate(self) -> None:
         body, head = self.specs()

@@ -11,15 +11,18 @@ are left out of the inference MACs.
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnlab.errors import require
 from cnnlab.models import blocks, count_params
 from cnnlab.models.layers import Identity, LocalResponseNorm
 from cnnlab.models.regularization import StochasticDepth
+from cnnlab.registry import Registry
 
 
 @dataclasses.dataclass
@@ -181,3 +184,14 @@ def summarize(model: nn.Module, image_shape: tuple[int, ...], name: str = "") ->
         params=_subtree_size(params, ()),
         macs=sum(r.macs for r in ordered if len(r.path) == 1 and not r.train_only),
     )
+
+
+# `summary.format`: how `cnnlab summary` prints a Summary at a depth.
+FORMATS: Registry[Callable[[Summary, int], str]] = Registry("summary.format")
+FORMATS.register("table", Summary.to_table)
+FORMATS.register("json", Summary.to_json)
+
+
+def validate(cfg: Any) -> None:
+    FORMATS.get(cfg.format)
+    require(cfg.depth >= 1, f"summary.depth={cfg.depth} must be >= 1")

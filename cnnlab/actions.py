@@ -1,0 +1,278 @@
+"""The periodic actions of the training loop (cnnlab/train.py), each a small object with its state.
+
+After every compiled chunk the loop hands a `Tick` to each action in turn. An action acts when
+it is due (`due`: every N steps and at the last step), adds to the tick's event (what is logged
+at this step) or asks the loop to stop. What must survive a restart is gathered in `LoopState`
+and saved with each checkpoint, so a resumed run decides exactly as an uninterrupted one would.
+"""
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from cnnlab import steps
+from cnnlab.optim import cycle_length
+from cnnlab.rundir import BEST, SNAPSHOTS, RunDir
+from cnnlab.selection import EarlyStopping, Plateau
+from cnnlab.tracking import RunTracker
+
+log = logging.getLogger(__name__)
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    return last or (every > 0 and step % every == 0)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Saved in each checkpoint's metadata (JSON): the stateful actions' own states."""
+
+    wall_time: float = 0.0
+    best: dict[str, float] = dataclasses.field(default_factory=dict)
+    selected: dict[str, float] = dataclasses.field(default_factory=dict)
+    stopping: dict[str, Any] | None = None
+    plateau: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any]) -> "LoopState":
+        return cls(**meta)
+
+
+@dataclasses.dataclass
+class Tick:
+    """One step boundary: the state after a chunk of `steps` steps ending at `step`."""
+
+    step: int
+    steps: int
+    last: bool
+    state: steps.TrainState
+    sums: dict[str, jax.Array]
+    event: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Why the loop stops after this tick: ("diverged", reason) or ("early_stopped", reason).
+    stop: tuple[str, str] | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.stop is not None and self.stop[0] == "diverged"
+
+
+class Clock:
+    """Wall time of the run across resumes."""
+
+    def __init__(self, previous: float) -> None:
+        self._offset = previous - time.perf_counter()
+
+    def __call__(self) -> float:
+        return self._offset + time.perf_counter()
+
+
+class TrainMetrics:
+    """Training loss/error and images/s at logging steps; stops a run whose loss diverged.
+
+    Divergence is read from the previous chunk's sums, after the next chunk is queued, so the
+    device never waits for the host (and at the last step from the last chunk).
+    """
+
+    def __init__(self, tc: DictConfig) -> None:
+        self.tc = tc
+        self.window = steps.zero_metrics()
+        self._previous: tuple[int, dict] | None = None
+        self._timer: float | None = None  # started after the first (compiling) chunk
+        self._timed_steps = 0
+        self.throughput: list[float] = []
+
+    def divergence(self, step: int, sums: dict) -> str | None:
+        if not self.tc.stop_on_nan:
+            return None
+        loss = steps.summarize(jax.device_get(sums))["loss"]
+        threshold = self.tc.divergence_threshold
+        if not math.isfinite(loss) or (threshold is not None and loss > threshold):
+            return f"train/loss reached {loss:.4g} by step {step}"
+        return None
+
+    def __call__(self, tick: Tick) -> None:
+        checks = [self._previous] if self._previous else []
+        if tick.last:
+            checks.append((tick.step, tick.sums))
+        self._previous = (tick.step, tick.sums)
+        self.window = jax.tree.map(jnp.add, self.window, tick.sums)
+        for step, sums in checks:
+            if reason := self.divergence(step, sums):
+                tick.stop = ("diverged", reason)
+                break
+        if self._timer is None:
+            jax.block_until_ready(tick.sums)
+            self.restart_clock()
+        else:
+            self._timed_steps += tick.steps
+        if tick.diverged or due(tick.step, self.tc.log_every, tick.last):
+            self._log(tick)
+
+    def _log(self, tick: Tick) -> None:
+        tick.event.update({f"train/{k}": v for k, v in
+                           steps.summarize(jax.device_get(self.window)).items()})
+        if self._timed_steps:
+            rate = self._timed_steps * self.tc.batch_size / (time.perf_counter() - self._timer)
+            tick.event["images_per_sec"] = rate
+            self.throughput.append(rate)
+        self.window = steps.zero_metrics()
+
+    def restart_clock(self) -> None:
+        """After host work (evaluation, saving), which throughput must not count."""
+        self._timer, self._timed_steps = time.perf_counter(), 0
+
+
+class Evaluation:
+    """Evaluates at `train.eval_every` and the last step; keeps the best errors, reduces the lr
+    on a plateau, selects the model on `early_stopping.metric` (saving it to `best/`) and stops
+    early when that metric stalls."""
+
+    def __init__(self, cfg: DictConfig, evaluate: Callable[[Any], dict], run_dir: RunDir,
+                 keep_best: bool, loop: LoopState) -> None:
+        self.every, self.evaluate = cfg.train.eval_every, evaluate
+        sched = cfg.schedule
+        self.plateau_metric = sched.metric
+        self.plateau = (Plateau(sched.factor, sched.patience, sched.threshold,
+                                sched.max_reductions) if sched.name == "plateau" else None)
+        self.stopping = EarlyStopping(cfg.early_stopping.patience)
+        self.metric = cfg.early_stopping.metric
+        self.best, self.selected = loop.best, loop.selected
+        if self.plateau is not None and loop.plateau is not None:
+            self.plateau.load(loop.plateau)
+        if loop.stopping is not None:
+            self.stopping.load(loop.stopping)
+        self.best_checkpoints = run_dir.checkpointer(BEST, keep=1) if keep_best else None
+
+    @property
+    def lr_scale(self) -> float:
+        return self.plateau.scale if self.plateau is not None else 1.0
+
+    def __call__(self, tick: Tick) -> None:
+        if tick.diverged or not due(tick.step, self.every, tick.last):
+            return
+        event = self.evaluate(tick.state)
+        tick.event.update(event)
+        for key in ("test/error", "val/error"):
+            if key in event:
+                self.best[key] = min(self.best.get(key, math.inf), event[key])
+        if self.plateau is not None and self.plateau.observe(event[self.plateau_metric]):
+            # From the next step; the state's shape is unchanged, so the compiled chunk is reused.
+            tick.state = tick.state.replace(lr_scale=jnp.asarray(self.plateau.scale, jnp.float32))
+            log.info("step %d: %s stalled; lr scaled by %g", tick.step, self.plateau_metric,
+                     self.plateau.scale)
+        if self.metric in event:
+            self._select(tick, event)
+
+    def _select(self, tick: Tick, event: dict[str, float]) -> None:
+        improved, stop = self.stopping.observe(tick.step, event[self.metric])
+        if improved:
+            self.selected = {"step": tick.step, **{k: v for k, v in event.items()
+                                                   if k.startswith(("val/", "test/"))}}
+            if self.best_checkpoints is not None:
+                self.best_checkpoints.save(tick.step, tick.state, {"selected": self.selected})
+        if stop and not tick.last:
+            tick.stop = ("early_stopped", f"{self.metric} has not improved for "
+                         f"{self.stopping.patience} evaluations")
+
+    def save_into(self, loop: LoopState) -> None:
+        loop.best, loop.selected = self.best, self.selected
+        loop.stopping = self.stopping.state()
+        loop.plateau = self.plateau.state() if self.plateau is not None else None
+
+    def close(self) -> None:
+        if self.best_checkpoints is not None:
+            self.best_checkpoints.close()
+
+
+class Record:
+    """Logs the tick's event with lr, epoch and wall time to metrics.jsonl and W&B."""
+
+    def __init__(self, tracker: RunTracker, schedule: Callable, lr_scale: Callable[[], float],
+                 steps_per_epoch: int, clock: Clock) -> None:
+        self.tracker, self.schedule, self.lr_scale = tracker, schedule, lr_scale
+        self.steps_per_epoch, self.clock = steps_per_epoch, clock
+        self.last: dict[str, float] = {}
+
+    def __call__(self, tick: Tick) -> None:
+        if not tick.event:
+            return
+        tick.event.update(epoch=tick.step / self.steps_per_epoch, wall_time=self.clock())
+        if not tick.diverged:
+            tick.event["lr"] = float(self.schedule(tick.step - 1)) * self.lr_scale()
+        self.tracker.log(tick.step, tick.event)
+        self.last.update(tick.event)
+
+
+class Progress:
+    """A progress bar in steps, with the latest training loss and error."""
+
+    def __init__(self, cfg: DictConfig, start: int) -> None:
+        self.step = start
+        self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.progress,
+                        desc=cfg.model.name, unit="step", dynamic_ncols=True)
+
+    def __call__(self, tick: Tick) -> None:
+        self.step = tick.step
+        self.bar.update(tick.steps)
+        if "train/loss" in tick.event:
+            self.bar.set_postfix(loss=f"{tick.event['train/loss']:.3f}",
+                                 err=f"{tick.event['train/error']:.1f}%")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Checkpoint:
+    """Saves the state and `LoopState` every `checkpoint.every` steps, at the last step and
+    before an early stop; `restore` resumes from the newest one."""
+
+    def __init__(self, cfg: DictConfig, run_dir: RunDir) -> None:
+        self.enabled, self.every = cfg.checkpoint.enabled, cfg.checkpoint.every
+        self.checkpoints = run_dir.checkpointer(keep=cfg.checkpoint.keep)
+        self.loop_state: Callable[[], LoopState] = LoopState
+
+    def restore(self, like: steps.TrainState) -> tuple[steps.TrainState, LoopState]:
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return like, LoopState()
+        state, meta = self.checkpoints.restore(step, like)
+        return state, LoopState.from_json(meta)
+
+    def __call__(self, tick: Tick) -> None:
+        if self.enabled and not tick.diverged and (
+                due(tick.step, self.every, tick.last) or tick.stop is not None):
+            self.checkpoints.save(tick.step, tick.state, dataclasses.asdict(self.loop_state()))
+
+    def close(self) -> None:
+        self.checkpoints.close()
+
+
+class Snapshots:
+    """Snapshot ensembles (Huang et al. 2017): the weights at the end of every cyclic_cosine
+    cycle, all kept (checkpoint.keep does not apply)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: RunDir) -> None:
+        self.every = cycle_length(cfg.train.steps, cfg.schedule.cycles)
+        self.checkpoints = run_dir.checkpointer(SNAPSHOTS, keep=None)
+
+    def __call__(self, tick: Tick) -> None:
+        # A resumed run may redo the end of a cycle it already saved.
+        if (not tick.diverged and due(tick.step, self.every, tick.last)
+                and tick.step not in self.checkpoints.all_steps()):
+            self.checkpoints.save(tick.step, tick.state, {"cycle": -(-tick.step // self.every)})
+
+    def close(self) -> None:
+        self.checkpoints.close()
+
+
+def median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None

@@ -1,0 +1,157 @@
+"""`cnnlab eval`: saved runs evaluated on their test split, alone and as an ensemble.
+
+Each run contributes the weights `eval.weights` selects (cnnlab/evaluate.py's `WEIGHTS`): its
+final, best or averaged (EMA) weights, or every snapshot of a snapshot ensemble. Members are
+evaluated on the device in jitted batches; only their (N, K) log-probabilities come back to the
+host, once per member, where the ensemble is combined (cnnlab/evaluate.py's
+`ensemble_log_probs`).
+"""
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab import steps
+from cnnlab.configure import load_run_config
+from cnnlab.errors import ConfigError
+from cnnlab.evaluate import WEIGHTS, ensemble_log_probs, make_views, prob_metrics, validate
+from cnnlab.run import Run, build, load_data
+from cnnlab.rundir import RunDir
+
+
+@dataclasses.dataclass
+class Member:
+    """One ensemble member: a run's weights at one step, and its test log-probabilities."""
+
+    run_dir: Path
+    weights: str
+    step: int
+    log_probs: np.ndarray  # (N, K)
+
+
+def _steps_to_restore(run_dir: Path, cfg: DictConfig, weights: str) -> list[int]:
+    """The checkpoint steps `eval.weights` selects for one run (newest, or all snapshots)."""
+    source = WEIGHTS.get(weights)
+    if source.averaged and cfg.eval.ema_decay is None:
+        raise ConfigError(f"{run_dir} was trained without eval.ema_decay: it has no averaged "
+                          "weights")
+    folder = Path(run_dir) / source.folder
+    if not folder.is_dir():
+        raise ConfigError(f"{run_dir} has no {source.what} ({source.folder}/ is missing)")
+    found = RunDir(run_dir).checkpoint_steps(source.folder)
+    if not found:
+        raise ConfigError(f"{run_dir} has no {source.what} (nothing saved in {source.folder}/)")
+    return found if source.every_step else found[-1:]
+
+
+def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: steps.DeviceSplit,
+             batch_size: int, count: int) -> np.ndarray:
+    batches = [predict_batch(params, batch_stats, split, index)
+               for index in range(split.labels.shape[0] // batch_size)]
+    # One transfer per member: the batches are joined on the device first.
+    return np.asarray(jax.device_get(jnp.concatenate(batches)[:count]))
+
+
+def _members(run_dir: Path, run: Run, ev: DictConfig) -> list[Member]:
+    """Restore each selected checkpoint of one run into `run.state` and predict its test set."""
+    cfg, dataset = run.cfg, run.dataset
+    batch_size = ev.batch_size or cfg.train.eval_batch_size
+    views = make_views(ev.tta, cfg.augment, ev.crop_size, dataset.image_shape)
+    predict_batch = steps.make_predict_batch(run.model, batch_size, views)
+    split = steps.device_split(dataset.test, dataset.preprocess, batch_size)
+    source = WEIGHTS.get(ev.weights)
+    checkpoints = RunDir(run_dir).checkpointer(source.folder)
+    members = []
+    try:
+        for step in _steps_to_restore(run_dir, cfg, ev.weights):
+            state, _ = checkpoints.restore(step, run.state)
+            params, batch_stats = state.params, state.batch_stats
+            if source.averaged:
+                params, batch_stats = steps.ema_variables(state.ema, cfg.eval.ema_decay)
+            log_probs = _predict(predict_batch, params, batch_stats, split, batch_size,
+                                 len(dataset.test))
+            members.append(Member(run_dir, ev.weights, step, log_probs))
+    finally:
+        checkpoints.close()
+    return members
+
+
+def _check_same_test_set(first: tuple[Path, Any], other: tuple[Path, Any]) -> None:
+    (first_dir, a), (run_dir, b) = first, other
+    if (a.name == b.name and a.num_classes == b.num_classes
+            and np.array_equal(a.test.labels, b.test.labels)):
+        return
+    raise ConfigError(
+        f"{run_dir} ({b.name}, {b.num_classes} classes, {len(b.test)} test examples) and "
+        f"{first_dir} ({a.name}, {a.num_classes} classes, {len(a.test)} test examples) do not "
+        "share a test set; an ensemble needs the same examples and classes")
+
+
+def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
+    """Evaluate each run's `ev.weights` with `ev.tta` on its dataset's test split; with more
+    than one member, also their ensemble. Returns the report `format_report` prints."""
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ConfigError("cnnlab eval needs at least one run directory")
+    # Every run's config is checked before any data is read or anything compiles.
+    configs = [load_run_config(d) for d in run_dirs]
+    for run_dir, cfg in zip(run_dirs, configs, strict=True):
+        try:
+            validate(ev, cfg.augment, cfg.dataset.image_shape)
+        except ConfigError as e:
+            raise ConfigError(f"{run_dir}: {e}") from None
+        _steps_to_restore(run_dir, cfg, ev.weights)
+
+    datasets: dict[str, Any] = {}
+    members: list[Member] = []
+    for run_dir, cfg in zip(run_dirs, configs, strict=True):
+        key = OmegaConf.to_yaml(cfg.dataset)
+        if key not in datasets:
+            datasets[key] = load_data(cfg)
+            _check_same_test_set((run_dirs[0], datasets[next(iter(datasets))]),
+                                 (run_dir, datasets[key]))
+        members += _members(run_dir, build(cfg, datasets[key]), ev)
+
+    reference = next(iter(datasets.values()))
+    labels = reference.test.labels
+    report: dict[str, Any] = {
+        "dataset": reference.name, "split": configs[0].dataset.test_split,
+        "examples": int(len(labels)), "tta": ev.tta, "weights": ev.weights,
+        "members": [{"run_dir": str(m.run_dir), "weights": m.weights, "step": m.step,
+                     **prob_metrics(m.log_probs, labels)} for m in members],
+        "ensemble": None,
+    }
+    if len(members) > 1:
+        combined = ensemble_log_probs([m.log_probs for m in members])
+        report["ensemble"] = {"members": len(members), **prob_metrics(combined, labels)}
+    return report
+
+
+def format_report(report: dict[str, Any], fmt: str = "table") -> str:
+    """`fmt` json: the report as JSON; table: a row per member, then the ensemble."""
+    if fmt == "json":
+        return json.dumps(report, indent=2)
+    rows = [(m["run_dir"], m["weights"], str(m["step"]), f"{m['error']:.2f}",
+             f"{m['loss']:.4f}") for m in report["members"]]
+    if report["ensemble"] is not None:
+        ens = report["ensemble"]
+        rows.append((f"ensemble of {ens['members']}", "", "", f"{ens['error']:.2f}",
+                     f"{ens['loss']:.4f}"))
+    header = ("member", "weights", "step", "error %", "loss")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]),
+                 *(cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True))]
+        return "  ".join(cells).rstrip()
+
+    title = (f"{report['dataset']} {report['split']} split, {report['examples']} examples, "
+             f"tta={report['tta']}")
+    return "\n".join([title, line(header), *(line(r) for r in rows)])

@@ -1,0 +1,146 @@
+"""`build(cfg) -> Run`: a validated config turned into everything a run needs, in one place.
+
+`cnnlab train` (cnnlab/train.py), `cnnlab eval` (cnnlab/ensemble.py), the benchmarks and the tests
+all start here, so a run is assembled one way. Nothing is compiled: the jitted functions compile
+on their first call.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from omegaconf import DictConfig
+
+from cnnlab import data as data_lib
+from cnnlab import preprocess, steps
+from cnnlab.augment import make_augment
+from cnnlab.errors import ConfigError
+from cnnlab.evaluate import Evaluator, make_views
+from cnnlab.models import build_model, count_params, init_variables
+from cnnlab.models.summary import summarize
+from cnnlab.optim import make_optimizer, make_schedule
+
+
+def load_data(cfg: DictConfig) -> data_lib.Dataset:
+    """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
+    ds = cfg.dataset
+    try:
+        dataset = data_lib.load_dataset(
+            ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
+            image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
+            val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
+        )
+    except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
+        raise ConfigError(f"dataset {ds.name}: {e}") from None
+    _check_declared_shapes(cfg, dataset)
+    # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
+    # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
+    stats = jax.device_put(preprocess.compute_stats(cfg.preprocess, dataset))
+    return dataclasses.replace(dataset, preprocess=stats)
+
+
+def _check_declared_shapes(cfg: DictConfig, dataset: data_lib.Dataset) -> None:
+    """The dataset config's image_shape/num_classes (used before loading) must match the data."""
+    declared = cfg.dataset.image_shape
+    if declared is not None and tuple(declared) != tuple(dataset.image_shape):
+        raise ConfigError(
+            f"dataset.image_shape={list(declared)} but {dataset.name} holds "
+            f"{'x'.join(map(str, dataset.image_shape))} images; correct the dataset config")
+    classes = cfg.dataset.num_classes
+    if classes is not None and classes != dataset.num_classes:
+        raise ConfigError(f"dataset.num_classes={classes} but {dataset.name} has "
+                          f"{dataset.num_classes} classes; correct the dataset config")
+
+
+def init_state(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformation,
+               image_shape: tuple[int, ...]) -> steps.TrainState:
+    """The state at step 0: weights from fold 0 of `seed`, the run's root key from fold 1."""
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    variables = init_variables(model, init_key, image_shape)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    return steps.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=tx.init(params), rng=run_key,
+        ema=steps.init_ema(cfg.eval.ema_decay, params, batch_stats),
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """A ready run: its data on the device, model, optimizer, initial state and compiled steps."""
+
+    cfg: DictConfig
+    dataset: data_lib.Dataset
+    model: nn.Module
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    state: steps.TrainState
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset.train) // self.cfg.train.batch_size
+
+    @functools.cached_property
+    def num_params(self) -> int:
+        return count_params(self.state.params)
+
+    @functools.cached_property
+    def macs(self) -> int:
+        return summarize(self.model, tuple(self.dataset.image_shape)).macs
+
+    @functools.cached_property
+    def train_data(self) -> steps.DeviceSplit:
+        return steps.device_split(self.dataset.train, self.dataset.preprocess)
+
+    @functools.cached_property
+    def train_chunk(self) -> Callable:
+        """`train_chunk(state, train_data, num_steps) -> (state, summed metrics)`."""
+        cfg = self.cfg
+        # AlexNet's lighting noise follows the training set's RGB principal components.
+        lighting_pca = (preprocess.channel_pca(self.dataset.train.images)
+                        if cfg.augment.lighting else None)
+        return steps.make_train_chunk(steps.make_train_step(
+            self.model, self.tx, make_augment(cfg.augment, lighting_pca), cfg.train.batch_size,
+            cfg.regularization, cfg.eval.ema_decay,
+            # Only under reduce-on-plateau: other runs skip a product per parameter per step.
+            scale_lr=cfg.schedule.name == "plateau"))
+
+    def eval_splits(self, batch_size: int) -> dict[str, steps.DeviceSplit]:
+        """The held-out splits on the device, padded to whole batches."""
+        splits = {"test": self.dataset.test, "val": self.dataset.val}
+        return {name: steps.device_split(split, self.dataset.preprocess, batch_size)
+                for name, split in splits.items() if split is not None}
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        cfg = self.cfg
+        views = make_views(cfg.eval.tta, cfg.augment, cfg.eval.crop_size,
+                           self.dataset.image_shape)
+        return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
+                         cfg.train.eval_batch_size, cfg.eval.ema_decay, views)
+
+
+def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None) -> Run:
+    """The run `cfg` describes (validated by cnnlab.configure); `dataset`: already loaded."""
+    dataset = load_data(cfg) if dataset is None else dataset
+    if cfg.train.batch_size > len(dataset.train):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
+                          f"{len(dataset.train)} training examples of {dataset.name}")
+    model = build_model(cfg, dataset.num_classes)
+    schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    return Run(cfg, dataset, model, schedule, tx,
+               init_state(cfg, model, tx, tuple(dataset.image_shape)))
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Keep compiled programs on disk; compiles of >= 1 s are worth a lookup."""
+    if path is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
