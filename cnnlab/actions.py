@@ -56,6 +56,8 @@ class Tick:
     last: bool
     state: steps.TrainState
     sums: dict[str, jax.Array]
+    # The lr multiplier the chunk ran with (reduce-on-plateau may lower it during this tick).
+    lr_scale: float = 1.0
     event: dict[str, float] = dataclasses.field(default_factory=dict)
     # Why the loop stops after this tick: ("diverged", reason) or ("early_stopped", reason).
     stop: tuple[str, str] | None = None
@@ -196,9 +198,9 @@ class Evaluation:
 class Record:
     """Logs the tick's event with lr, epoch and wall time to metrics.jsonl and W&B."""
 
-    def __init__(self, tracker: RunTracker, schedule: Callable, lr_scale: Callable[[], float],
-                 steps_per_epoch: int, clock: Clock) -> None:
-        self.tracker, self.schedule, self.lr_scale = tracker, schedule, lr_scale
+    def __init__(self, tracker: RunTracker, schedule: Callable, steps_per_epoch: int,
+                 clock: Clock) -> None:
+        self.tracker, self.schedule = tracker, schedule
         self.steps_per_epoch, self.clock = steps_per_epoch, clock
         self.last: dict[str, float] = {}
 
@@ -207,7 +209,7 @@ class Record:
             return
         tick.event.update(epoch=tick.step / self.steps_per_epoch, wall_time=self.clock())
         if not tick.diverged:
-            tick.event["lr"] = float(self.schedule(tick.step - 1)) * self.lr_scale()
+            tick.event["lr"] = float(self.schedule(tick.step - 1)) * tick.lr_scale
         self.tracker.log(tick.step, tick.event)
         self.last.update(tick.event)
 

@@ -171,7 +171,8 @@ def _name_jobs_by_swept_keys(overrides: list[str], cfg: "DictConfig") -> list[st
     parsed = OverridesParser.create().parse_overrides(overrides)
     if any(o.get_key_element() == key_setting for o in parsed):
         return []
-    fixed = [o.get_key_element() for o in parsed if not o.is_sweep_override()
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    fixed = [o.get_key_element() for o in parsed if o.get_key_element() not in swept
              and not o.get_key_element().startswith("hydra")]
     excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
     return [f"{key_setting}=[{','.join(dict.fromkeys(excluded + fixed))}]"]

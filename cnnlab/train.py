@@ -6,6 +6,7 @@ logging, progress, checkpoints, snapshots).
 """
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
     keep_best = (cfg.early_stopping.keep_best and cfg.checkpoint.enabled
                  and run.dataset.val is not None)
     evaluation = actions.Evaluation(cfg, run.evaluator, run_dir, keep_best, loop)
-    record = actions.Record(tracker, run.schedule, lambda: evaluation.lr_scale,
-                            run.steps_per_epoch, clock)
+    record = actions.Record(tracker, run.schedule, run.steps_per_epoch, clock)
     progress = actions.Progress(cfg, int(state.step))
 
     def loop_state() -> actions.LoopState:
@@ -76,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         periodic.append(actions.Snapshots(cfg, run_dir))
     status = "finished"
     try:
-        state, stop = _loop(run, state, periodic, metrics)
+        state, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale)
         if stop is not None and stop[0] == "diverged":
             status, summary["failure"] = "diverged", f"diverged: {stop[1]}"
         elif stop is not None:
@@ -105,7 +105,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
     return summary
 
 
-def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics) -> tuple:
+def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,
+          lr_scale: Callable[[], float]) -> tuple:
     """Chunks of steps until the last step or a stop; returns (state, stop)."""
     total, per_call = run.cfg.train.steps, run.cfg.train.steps_per_call
     step = int(state.step)
@@ -113,7 +114,7 @@ def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics) -
         num_steps = min(per_call, total - step)
         state, sums = run.train_chunk(state, run.train_data, num_steps)
         step += num_steps
-        tick = actions.Tick(step, num_steps, step == total, state, sums)
+        tick = actions.Tick(step, num_steps, step == total, state, sums, lr_scale())
         for action in periodic:
             action(tick)
         state = tick.state

@@ -5,8 +5,12 @@ steps, so the tests compile without most of them (numbers agree with an optimize
 float tolerance; tests that compare runs bitwise compare two runs built the same way).
 """
 
+import os
+
 import jax
 
 from tests.helpers import fashion_dir, mock_tfds  # noqa: F401  (fixtures)
 
+# In this process, and (through the environment) in the CLI processes the tests start.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_disable_most_optimizations", True)

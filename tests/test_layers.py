@@ -113,7 +113,7 @@ ACTIVATION_POINTS = [
     ("scaled_tanh", {}, 0.0, 0.0, 1.7159 * 2 / 3),
     ("relu", {}, 2.0, 2.0, 1.0),
     ("relu", {}, -2.0, 0.0, 0.0),
-    ("leaky_relu", {}, -2.0, -2 * 0.01, 0.01),
+    ("leaky_relu", {"negative_slope": 0.01}, -2.0, -2 * 0.01, 0.01),
     ("leaky_relu", {"negative_slope": 0.2}, -2.0, -2 * 0.2, 0.2),
     ("leaky_relu", {"negative_slope": 0.2}, -1.0, -0.2, 0.2),
     ("leaky_relu", {"negative_slope": 0.2}, 3.0, 3.0, 1.0),

@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.augment import make_augment, normalize, random_crop, random_flip
+from cnnlab.config import option_values
 from cnnlab.optim import make_optimizer, make_schedule
 from cnnlab.preprocess import PreprocessStats
 from cnnlab.steps import batch_indices
@@ -60,7 +61,8 @@ def test_augment_none_is_identity_and_normalize_standardizes():
 def test_sgd_matches_pytorch_semantics():
     """PyTorch SGD: b = m*b + (g + wd*w); w -= lr*b (coupled L2, heavy ball)."""
     lr, m, wd = 0.1, 0.9, 1e-2
-    opt = OmegaConf.create({"lr": lr, "momentum": m, "nesterov": False, "weight_decay": wd})
+    opt = OmegaConf.merge(option_values("optimizer", "momentum"),
+                          {"lr": lr, "momentum": m, "nesterov": False, "weight_decay": wd})
     tx = make_optimizer(opt, lambda step: lr)
     w = jnp.array([1.0, -2.0])
     state = tx.init(w)
