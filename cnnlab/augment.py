@@ -273,20 +273,21 @@ class Augment:
     """An `augment` config as functions of the step's key: `__call__` (pixel space), `cutout`
     and `mixup` (see the module docstring for the order)."""
 
-    crop_pad: int = 0
-    flip: bool = False
-    resized_crop: bool = False
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    lighting: float = 0.0
+    # The values come from the `augment` config (conf/augment/): `make_augment` builds this.
+    crop_pad: int
+    flip: bool
+    resized_crop: bool
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    brightness: float
+    contrast: float
+    saturation: float
+    lighting: float
     # channel_pca of the training set: (eigenvalues (C,), eigenvectors (C, C)); C + C^2 numbers,
     # so baking them into the compiled step as constants costs nothing.
-    lighting_pca: tuple[np.ndarray, np.ndarray] | None = None
-    cutout_size: int = 0
-    mixup_alpha: float = 0.0
+    lighting_pca: tuple[np.ndarray, np.ndarray] | None
+    cutout_size: int
+    mixup_alpha: float
 
     def __call__(self, key: jax.Array, images: jax.Array) -> jax.Array:
         """Pixel-space augmentation of a raw batch (uint8 out while only crop/flip are on)."""

@@ -191,6 +191,7 @@ def train_command(args: list[str]) -> None:
     from cnnlab import sweep
     from cnnlab.app import run_train_app
 
+    sweep.current_sweep_dir = None  # set again by a multirun that starts now
     sys.argv = ["cnnlab train", *argv]
     try:
         run_train_app()

@@ -1,6 +1,8 @@
 """Test helpers: the offline fashion_mnist, tiny run overrides, config composition, the CLI."""
 
+import contextlib
 import functools
+import io
 import os
 import subprocess
 import sys
@@ -43,16 +45,52 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     return configure.compose(overrides, check=False)
 
 
-def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `cnnlab ARGS` in a fresh process, as a user would."""
-    env = dict(os.environ)
+def train_tiny(run_dir: Path, data_dir: Path, overrides: list[str] | None = None) -> dict:
+    """A TINY run trained in this process (no W&B unless asked), with the config file Hydra
+    would have written; returns its summary."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.train import train
+
+    cfg = configure.compose([*TINY, "logger.mode=disabled", f"dataset.data_dir={data_dir}",
+                             *(overrides or [])])
+    (Path(run_dir) / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(run_dir) / ".hydra" / "config.yaml")
+    return train(cfg, Path(run_dir))
+
+
+def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: float = 600,
+            fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """Run `cnnlab ARGS` as a user would: by default in this process (`cnnlab.cli.main`, with
+    stdout, stderr, the exit code, the working directory and TFDS_DATA_DIR as a shell gives
+    them), which spares a JAX import and reuses this process's compilations; with
+    `fresh_process`, in a new Python process, for the tests of the entry point itself."""
+    if fresh_process:
+        env = dict(os.environ)
+        if data_dir is not None:
+            env["TFDS_DATA_DIR"] = str(data_dir)
+        return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    from cnnlab import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    previous_dir, previous_data = os.getcwd(), os.environ.get("TFDS_DATA_DIR")
+    os.chdir(cwd)
     if data_dir is not None:
-        env["TFDS_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )
+        os.environ["TFDS_DATA_DIR"] = str(data_dir)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(previous_dir)
+        if previous_data is None:
+            os.environ.pop("TFDS_DATA_DIR", None)
+        else:
+            os.environ["TFDS_DATA_DIR"] = previous_data
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def read_wandb_records(path: Path) -> list:

@@ -408,7 +408,7 @@ def test_wandb_without_api_key_is_one_line(tmp_path, monkeypatch):
 
 def test_cli_compare_writes_files_and_prints_tables(sweep):
     result = run_cli(["compare", str(sweep), "compare.panel_by=model.residual"],
-                     cwd=sweep.parent)
+                     cwd=sweep.parent, fresh_process=True)
     assert result.returncode == 0, result.stderr
     out = sweep / "compare"
     assert result.stdout == (out / "table.md").read_text()

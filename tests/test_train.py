@@ -31,7 +31,7 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     args = with_overrides(TINY, train__steps=60, train__log_every=15, train__steps_per_call=5,
                           train__eval_every=30, checkpoint__every=30)
     result = run_cli(["train", *args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
-                     data_dir=fashion_dir)
+                     data_dir=fashion_dir, fresh_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
     events = read_jsonl(tmp_path / "metrics.jsonl")
@@ -90,7 +90,7 @@ def flat(tree: dict) -> dict[str, np.ndarray]:
 
 
 def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path):
-    args = with_overrides(TINY, train__steps=300, train__log_every=10, checkpoint__every=20,
+    args = with_overrides(TINY, train__steps=160, train__log_every=10, checkpoint__every=20,
                           checkpoint__keep=20)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     result = run_cli(["train", *args, "logger.mode=disabled", f"hydra.run.dir={straight}"],
@@ -112,7 +112,7 @@ def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path
     assert summary["status"] == "running"  # killed: nothing had a chance to clean up
     interrupted_at = max(int(p.name) for p in (killed / "checkpoints").iterdir()
                          if p.name.isdigit())
-    assert interrupted_at < 300
+    assert interrupted_at < 160
 
     result = run_cli(["train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path,
                      data_dir=fashion_dir)
@@ -120,7 +120,7 @@ def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["resumed_from"] == interrupted_at
 
-    a, b = flat(load_params(straight, 300)), flat(load_params(killed, 300))
+    a, b = flat(load_params(straight, 160)), flat(load_params(killed, 160))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # bitwise, not allclose
@@ -134,7 +134,7 @@ def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path
     # W&B keeps one run id; the resumed part continues after the checkpoint.
     wb = wandb_run_contents(killed)
     assert len({f.stem for f in wb["files"]}) == 1
-    assert wb["history"][-1]["_step"] == 300
+    assert wb["history"][-1]["_step"] == 160
 
 
 def test_multirun_of_two_configs_shares_a_group(fashion_dir, tmp_path):

@@ -345,7 +345,7 @@ def test_bad_layer_entries_are_one_line_errors(entry, message):
 
 def test_summary_json_totals_and_rows(tmp_path):
     result = run_cli(["summary", "model=resnet18", "dataset=imagenet", "summary.format=json"],
-                     cwd=tmp_path)
+                     cwd=tmp_path, fresh_process=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["params"] == TORCHVISION_RESNET[18][0]

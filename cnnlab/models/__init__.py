@@ -35,7 +35,7 @@ INPUT_FITS = ("resize", "pad")
 
 def input_fit(model_cfg: DictConfig) -> InputFit:
     """The model's `input_size` (null: the dataset's own) and how images are brought to it."""
-    size, mode = model_cfg.get("input_size"), model_cfg.get("input_fit", "resize")
+    size, mode = model_cfg.get("input_size"), model_cfg.get("input_fit")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise ConfigError(f"model.input_size={size!r} must be a positive integer or null")
     if mode not in INPUT_FITS:

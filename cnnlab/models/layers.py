@@ -75,7 +75,7 @@ BIAS_INITIALIZERS = ("zeros",)
 class LeakyReLU:
     """Maas et al. 2013: f(x) = x for x > 0, negative_slope * x otherwise."""
 
-    negative_slope: float = 0.01
+    negative_slope: float
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return nn.leaky_relu(x, self.negative_slope)
@@ -86,9 +86,9 @@ def _fixed(fn: Activation) -> Callable[[Any], Activation]:
 
 
 def _leaky_relu(cfg: Any) -> Activation:
-    slope = getattr(cfg, "negative_slope", 0.01)
+    slope = cfg.negative_slope
     # Outside (0, 1) it is no longer a leaky ReLU: 0 is relu, 1 the identity, < 0 not monotone.
-    if not 0 < slope < 1:
+    if slope is None or not 0 < slope < 1:
         raise ConfigError(f"activation.negative_slope={slope} must be in (0, 1) "
                           "(0.01 to 0.3 is the usual range)")
     return LeakyReLU(float(slope))
@@ -122,8 +122,8 @@ class Identity(nn.Module):
 class BatchNorm(nn.Module):
     """BatchNorm taking `train` at call time; batch statistics in training, running ones in eval."""
 
-    momentum: float = 0.9
-    epsilon: float = 1e-5
+    momentum: float
+    epsilon: float
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -139,10 +139,10 @@ class LocalResponseNorm(nn.Module):
     As in the paper, alpha multiplies the plain sum; PyTorch and Caffe divide alpha by `size`.
     """
 
-    size: int = 5
-    k: float = 2.0
-    alpha: float = 1e-4
-    beta: float = 0.75
+    size: int
+    k: float
+    alpha: float
+    beta: float
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -161,8 +161,8 @@ class GroupNorm(nn.Module):
     e.g. 16 channels), and fewer otherwise, so that every model builds with any width.
     """
 
-    num_groups: int = 32
-    epsilon: float = 1e-5
+    num_groups: int
+    epsilon: float
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -174,7 +174,7 @@ class LayerNorm(nn.Module):
     """Ba et al. 2016: normalize each example over all units of the layer, (H, W, C) for a
     feature map, with a learned scale and shift per channel."""
 
-    epsilon: float = 1e-5
+    epsilon: float
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -182,24 +182,23 @@ class LayerNorm(nn.Module):
                             feature_axes=-1)(x)
 
 
-def _batch(momentum: float = 0.9, epsilon: float = 1e-5) -> Callable[[], nn.Module]:
+def _batch(momentum: float, epsilon: float) -> Callable[[], nn.Module]:
     return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon)
 
 
-def _lrn(size: int = 5, k: float = 2.0, alpha: float = 1e-4,
-         beta: float = 0.75) -> Callable[[], nn.Module]:
+def _lrn(size: int, k: float, alpha: float, beta: float) -> Callable[[], nn.Module]:
     if size < 1:
         raise ConfigError(f"norm.size={size} must be a positive integer")
     return functools.partial(LocalResponseNorm, size=size, k=k, alpha=alpha, beta=beta)
 
 
-def _group(num_groups: int = 32, epsilon: float = 1e-5) -> Callable[[], nn.Module]:
+def _group(num_groups: int, epsilon: float) -> Callable[[], nn.Module]:
     if num_groups < 1:
         raise ConfigError(f"norm.num_groups={num_groups} must be a positive integer")
     return functools.partial(GroupNorm, num_groups=num_groups, epsilon=epsilon)
 
 
-def _layer(epsilon: float = 1e-5) -> Callable[[], nn.Module]:
+def _layer(epsilon: float) -> Callable[[], nn.Module]:
     return functools.partial(LayerNorm, epsilon=epsilon)
 
 
@@ -288,6 +287,10 @@ def build_layers(init: Any, activation: Any, norm: Any) -> Layers:
         if key not in accepted:
             raise ConfigError(f"norm.{key} does not apply to norm={norm.name}; its keys: "
                               f"{', '.join(accepted) or 'none'}")
+    for key in accepted:
+        if key not in norm_options:
+            raise ConfigError(f"norm={norm.name} needs norm.{key}, which is null; select it "
+                              f"with norm={norm.name} to get its values")
     return Layers(
         conv_init=INITIALIZERS.get(init.conv),
         dense_init=INITIALIZERS.get(init.dense),

@@ -18,6 +18,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 
@@ -99,11 +100,11 @@ class DropoutPlaces:
            basic block, as in Zagoruyko & Komodakis 2016's wide ResNets (rate 0.3 there).
     """
 
-    conv: float = 0.0
-    stage: float = 0.0
-    fc: float = 0.0
-    head: float = 0.0
-    block: float = 0.0
+    conv: float = MISSING
+    stage: float = MISSING
+    fc: float = MISSING
+    head: float = MISSING
+    block: float = MISSING
 
     def validate(self, available: tuple[str, ...], family: str) -> None:
         for place in DROPOUT_PLACES:
