@@ -9,6 +9,8 @@ and saved with each checkpoint, so a resumed run decides exactly as an uninterru
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -235,7 +237,7 @@ class Progress:
 
 class Checkpoint:
     """Saves the state and `LoopState` every `checkpoint.every` steps, at the last step and
-    before an early stop; `restore` resumes from the newest one."""
+    before any stop but divergence; `restore` resumes from the newest usable one."""
 
     def __init__(self, cfg: DictConfig, run_dir: RunDir) -> None:
         self.enabled, self.every = cfg.checkpoint.enabled, cfg.checkpoint.every
@@ -243,19 +245,47 @@ class Checkpoint:
         self.loop_state: Callable[[], LoopState] = LoopState
 
     def restore(self, like: steps.TrainState) -> tuple[steps.TrainState, LoopState]:
-        step = self.checkpoints.latest_step()
-        if step is None:
+        found = self.checkpoints.restore_latest(like)
+        if found is None:
             return like, LoopState()
-        state, meta = self.checkpoints.restore(step, like)
+        _, state, meta = found
         return state, LoopState.from_json(meta)
 
     def __call__(self, tick: Tick) -> None:
         if self.enabled and not tick.diverged and (
                 due(tick.step, self.every, tick.last) or tick.stop is not None):
+            # A failed save (disk full) raises CheckpointWriteError: training stops here.
             self.checkpoints.save(tick.step, tick.state, dataclasses.asdict(self.loop_state()))
 
     def close(self) -> None:
         self.checkpoints.close()
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm's time limit, `kill`) and SIGINT (Ctrl-C) stop the run at the next step
+    boundary, after a checkpoint; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers: main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __call__(self, tick: Tick) -> None:
+        if self.received is not None and tick.stop is None:
+            name = signal.Signals(self.received).name
+            tick.stop = ("interrupted", f"interrupted by {name} at step {tick.step}")
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Snapshots:

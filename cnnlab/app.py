@@ -5,7 +5,9 @@ In a multirun every job ends with a `summary.json` saying how it ended, and a jo
 remaining jobs all the same (Optuna: `max_failure_rate` in conf/hydra/sweeper/).
 """
 
+import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from cnnlab.config import CONF_DIR, resolve_presets
 from cnnlab.configure import validate_for_training
 from cnnlab.data import DatasetUnavailableError
 from cnnlab.errors import ConfigError
-from cnnlab.rundir import RunDir
+from cnnlab.rundir import RunDir, RunDirBusy
 
 
 class RunFailed(RuntimeError):
@@ -50,14 +52,63 @@ def objective(summary: dict) -> float | None:
     return None
 
 
-def record_failure(run_dir: RunDir, cfg: DictConfig, reason: str) -> None:
+def record_failure(run_dir: RunDir, cfg: DictConfig, reason: str,
+                   status: str = "failed") -> None:
     """Make sure the job's summary.json says it failed and why (train() writes its own once
-    training has started; earlier failures, such as a bad config, end up here)."""
-    summary = run_dir.read_summary()
-    if summary is None or summary.get("status") == "running":
-        run_dir.write_summary({**(summary or {}), "status": "failed", "failure": reason,
-                                "model": cfg.model.name, "dataset": cfg.dataset.name,
-                                "seed": cfg.seed})
+    training has started; earlier failures, such as a bad config, end up here). Never fails:
+    the directory may be unwritable, which is then the reason being reported."""
+    try:
+        summary = run_dir.read_summary()
+        if summary is None or summary.get("status") == "running":
+            run_dir.write_summary({**(summary or {}), "status": status, "failure": reason,
+                                   "model": cfg.model.name, "dataset": cfg.dataset.name,
+                                   "seed": cfg.seed})
+    except OSError:
+        pass
+
+
+# What a single run prints and exits with when it ends on one of these, and whether its
+# summary.json records it (another process's lock: the directory is not ours to write).
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    errors: tuple[type[BaseException], ...]
+    prefix: str
+    exit_code: int
+    record: bool = True
+
+
+OUTCOMES = (
+    Outcome((RunDirBusy,), "", 2, record=False),
+    Outcome((ConfigError, DatasetUnavailableError), "config: ", 2),
+    Outcome((OSError,), "", 1),
+    Outcome((KeyboardInterrupt,), "interrupted by SIGINT", 130),
+)
+
+
+def _fail(run_dir: RunDir, cfg: DictConfig, error: BaseException, multirun: bool) -> None:
+    """A known way for a run to end early: one line and an exit code (a sweep records it)."""
+    outcome = next(o for o in OUTCOMES if isinstance(error, o.errors))
+    reason = outcome.prefix + (str(error).splitlines()[0] if str(error) else "")
+    if outcome.record:
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        record_failure(run_dir, cfg, reason, status)
+    if multirun and not isinstance(error, KeyboardInterrupt):
+        raise error  # Hydra records the failed job and the sweep goes on
+    print(f"cnnlab: error: {reason.removeprefix('config: ')}", file=sys.stderr)
+    raise SystemExit(outcome.exit_code) from None
+
+
+def _report_end(summary: dict, run_dir: RunDir, multirun: bool) -> None:
+    """A run that trained but did not finish: one line, and the exit code that says how."""
+    status, reason = summary["status"], summary.get("failure", "")
+    if status == "interrupted":
+        print(f"cnnlab: {reason}; checkpoint saved, resume with the same command "
+              f"(run directory: {run_dir})", file=sys.stderr)
+        raise SystemExit(128 + int(summary.get("signal") or signal.SIGINT))
+    if multirun:
+        raise RunFailed(reason or status)
+    print(f"cnnlab: run {status}: {reason}; run directory: {run_dir}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -76,21 +127,13 @@ def train_task(cfg: DictConfig) -> float | None:
         validate_for_training(cfg)
         summary = train(cfg, run_dir.path, group=cfg.logger.group or sweep_group(),
                         tags=sweep_tags())
-    except (ConfigError, DatasetUnavailableError) as e:
-        record_failure(run_dir, cfg, f"config: {e}")
-        if multirun:
-            raise  # Hydra records the failed job and the sweep goes on
-        print(f"cnnlab: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except tuple(e for o in OUTCOMES for e in o.errors) as e:
+        _fail(run_dir, cfg, e, multirun)
     except Exception as e:
         record_failure(run_dir, cfg, failure_reason(e))
         raise
     if summary["status"] != "finished":
-        if multirun:
-            raise RunFailed(summary.get("failure", summary["status"]))
-        print(f"cnnlab: run {summary['status']}: {summary.get('failure', '')}; run directory: "
-              f"{run_dir}", file=sys.stderr)
-        raise SystemExit(1)
+        _report_end(summary, run_dir, multirun)
     error = summary.get("final/test/error")
     if error is not None:
         print(f"{summary['model']} on {summary['dataset']}: test error {error:.2f}% "

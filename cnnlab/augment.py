@@ -350,8 +350,21 @@ def _range(key: str, value: object) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def validate(cfg: DictConfig) -> None:
+def _validate_sizes(cfg: DictConfig, image_shape: list[int] | None) -> None:
+    """Sizes in pixels against the images (when their shape is known): a cutout square or a
+    padding as large as the image blanks it."""
+    if image_shape is None:
+        return
+    side = min(image_shape[0], image_shape[1])
+    for key in ("crop_pad", "cutout"):
+        if cfg[key] >= side:
+            raise ConfigError(f"augment.{key}={cfg[key]} must be smaller than the "
+                              f"{image_shape[0]}x{image_shape[1]} images")
+
+
+def validate(cfg: DictConfig, image_shape: list[int] | None = None) -> None:
     """Value checks, each failing with one line that names the value and the valid range."""
+    _validate_sizes(cfg, image_shape)
     for key in ("crop_pad", "cutout"):
         if cfg[key] < 0:
             raise ConfigError(f"augment.{key}={cfg[key]} must be >= 0 pixels (0: off)")

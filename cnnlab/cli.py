@@ -146,10 +146,13 @@ def check_config(overrides: list[str], for_training: bool = True,
         for combination in _expand(overrides):
             cfg = composed(combination)
             runs = [combination]
-            if multirun or str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN"):
+            sweeping = multirun or str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+            _check_no_sweep_without_multirun(overrides, sweeping)
+            if sweeping:
                 runs = _expand(_config_sweep(cfg.hydra) + combination)
             for run in runs:
                 cfg = composed(run)
+                _check_run_dir(cfg, sweeping)
                 try:
                     resolve_presets(cfg)
                     check(cfg)
@@ -158,6 +161,27 @@ def check_config(overrides: list[str], for_training: bool = True,
                 except (OmegaConfBaseException, ValueError) as e:
                     fail(_one_line(e))
     return cfg
+
+
+def _check_no_sweep_without_multirun(overrides: list[str], sweeping: bool) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweeping:
+        return
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            fail(f"{override.input_line} is a sweep: add -m (--multirun) to run each value, or "
+                 "write a list as key=[a,b]")
+
+
+def _check_run_dir(cfg: "DictConfig", multirun: bool) -> None:
+    """A run directory that is a file would fail deep inside Hydra."""
+    from omegaconf import OmegaConf
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(str(OmegaConf.select(cfg, key)))
+    if path.exists() and not path.is_dir():
+        fail(f"{key}={path} is a file; a run directory must be a folder")
 
 
 def _name_jobs_by_swept_keys(overrides: list[str], cfg: "DictConfig") -> list[str]:

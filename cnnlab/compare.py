@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
@@ -42,7 +43,7 @@ FINISHED = "finished"
 # Keys that say how a run was logged, stored or fetched, not what was trained: runs differing
 # only there are seeds of one configuration. (`summary.*` configures `cnnlab summary`.)
 BOOKKEEPING = ("seed", "logger", "progress", "checkpoint", "compile_cache_dir", "dataset.data_dir",
-               "dataset.download", "summary", "hydra")
+               "dataset.download", "summary", "hydra", "resume")
 
 
 @dataclasses.dataclass
@@ -107,7 +108,12 @@ class Run:
 def _read_config(path: Path) -> dict[str, Any]:
     # Hydra saves the config unresolved (`name: plain${.depth}`); resolve like the run did.
     # An interpolation that only resolves inside Hydra (${hydra:...}) keeps its raw text.
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: not a config (a {type(cfg).__name__})")
     try:
         return flatten(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException:

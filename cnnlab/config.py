@@ -223,6 +223,13 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class ResumeConfig:
+    # Resuming with settings that differ from the first start's: refused unless true; then
+    # each change is recorded in <run_dir>/changes.jsonl with the step it applies from.
+    allow_changes: bool = MISSING
+
+
+@dataclasses.dataclass
 class SummaryConfig:
     # table: aligned text; json: the same rows and totals for programs.
     format: str = MISSING
@@ -247,6 +254,7 @@ class Config:
     logger: LoggerConfig = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    resume: ResumeConfig = dataclasses.field(default_factory=ResumeConfig)
     early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     summary: SummaryConfig = dataclasses.field(default_factory=SummaryConfig)

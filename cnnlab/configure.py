@@ -5,8 +5,13 @@ Every entry point (the CLI, the Hydra app, `cnnlab eval`, the tests) goes throug
 is one line naming it and the valid choices, before anything compiles.
 """
 
+import dataclasses
+import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -41,13 +46,69 @@ def _validate_loop(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         require(value % per_call == 0,
                 f"{key}={value} must be a multiple of train.steps_per_call={per_call}")
-    require(cfg.seed >= 0, f"seed={cfg.seed} must be a non-negative integer")
+    # PRNGKey keeps the low 32 bits: seed 2**32 would silently be seed 0's run.
+    require(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
+    threshold = cfg.train.divergence_threshold
+    require(threshold is None or threshold > 0,
+            f"train.divergence_threshold={threshold} must be positive or null (null: only "
+            "NaN/inf count as diverged)")
+
+
+def _own_keys(cfg: DictConfig) -> list[str]:
+    """The config's keys without `hydra` (there when composed with Hydra's own config, and not
+    resolvable outside a Hydra job)."""
+    return [key for key in cfg.keys() if key != "hydra"]
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _validate_numbers(cfg: DictConfig) -> None:
+    """No setting is NaN or infinite (an infinite lr would run, then be reported diverged)."""
+    values = {key: OmegaConf.to_container(cfg[key], resolve=True)
+              if OmegaConf.is_config(cfg[key]) else cfg[key] for key in _own_keys(cfg)}
+    for key, value in _walk(values):
+        for item in value if isinstance(value, list) else [value]:
+            require(not isinstance(item, float) or math.isfinite(item),
+                    f"{key}={value} must be a finite number")
+
+
+def _validate_known_keys(cfg: DictConfig) -> None:
+    """`+train.stepz=1` adds a key the schema does not have (Hydra's `+` bypasses it): refuse
+    it rather than store a setting nothing reads. Model keys are checked by their family."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    for section in _own_keys(cfg):
+        node = cfg[section]
+        require(section in sections,
+                f"unknown key '{section}'; valid: {', '.join(sections)}")
+        if not dataclasses.is_dataclass(sections[section]):
+            continue  # model (typed by its family), scalars
+        known = [f.name for f in dataclasses.fields(sections[section])]
+        for key in node:
+            require(key in known, f"unknown key '{section}.{key}'; valid keys of {section}: "
+                    f"{', '.join(known)}")
+
+
+def _validate_norm_values(cfg: DictConfig) -> None:
+    norm = cfg.norm
+    require(norm.momentum is None or 0 <= norm.momentum < 1,
+            f"norm.momentum={norm.momentum} must be in [0, 1) (the running average's decay)")
+    require(norm.epsilon is None or norm.epsilon > 0,
+            f"norm.epsilon={norm.epsilon} must be positive")
 
 
 # Each check takes the whole config and raises ConfigError; order: cheap before tracing.
 CHECKS = (
+    _validate_known_keys,
+    _validate_numbers,
     _validate_model,
-    lambda cfg: augment.validate(cfg.augment),
+    _validate_norm_values,
+    lambda cfg: augment.validate(cfg.augment, cfg.dataset.image_shape),
     lambda cfg: preprocess.validate(cfg.preprocess, cfg.dataset.image_shape),
     _validate_loop,
     lambda cfg: data.validate(cfg.dataset),
@@ -99,6 +160,6 @@ def load_run_config(run_dir: Path) -> DictConfig:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
         resolve_presets(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable config ({str(e).splitlines()[0]})") from None
     return cfg

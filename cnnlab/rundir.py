@@ -2,8 +2,11 @@
 
 ```
 <run_dir>/
-  .hydra/config.yaml     the composed config (Hydra writes it; `config()` reads it back)
+  .hydra/config.yaml     the composed config of the latest start (Hydra writes it)
   .hydra/overrides.yaml  the job's command-line overrides
+  config.yaml            the config of the first start, never rewritten (resume compares)
+  changes.jsonl          settings changed on resume (resume.allow_changes), with their step
+  .lock                  held by the process training in this directory
   summary.json           how the run ended and its final numbers (replaced atomically)
   metrics.jsonl          one JSON event per logging step (appended)
   checkpoints/<step>/    Orbax: the train state and the loop's state (`LoopState`)
@@ -14,14 +17,20 @@
 ```
 """
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cnnlab.errors import ConfigError
 
 CONFIG = Path(".hydra") / "config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -29,11 +38,16 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 WANDB_ID = "wandb_id.txt"
+START_CONFIG, CHANGES, LOCK = "config.yaml", "changes.jsonl", ".lock"
 # Checkpoint folders and how many of each are kept (None: all; checkpoint.keep: `latest`).
 CHECKPOINTS, BEST, SNAPSHOTS = "checkpoints", "best", "snapshots"
 
 # JSON has no NaN/inf: they are written as strings and read back as floats.
 _NONFINITE = {"nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infinity"}
+
+
+class RunDirBusy(ConfigError):
+    """Another process holds the run directory's lock."""
 
 
 def jsonable(value: Any) -> Any:
@@ -142,6 +156,51 @@ class RunDir:
         if not path.exists():
             write_atomic(path, new_id)
         return path.read_text().strip()
+
+    # ------------------------------------------------------------------------- resuming
+
+    def start_config(self) -> dict[str, Any] | None:
+        """The resolved config of the run's first start, or None before it."""
+        path = self.path / START_CONFIG
+        if not path.is_file():
+            return None
+        loaded = yaml.safe_load(path.read_text())
+        return loaded if isinstance(loaded, dict) else None
+
+    def save_start_config(self, config: dict[str, Any], replace: bool = False) -> None:
+        """Keep the first start's config; a later start replaces it only when nothing was
+        trained yet (`replace`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if replace or not (self.path / START_CONFIG).exists():
+            write_atomic(self.path / START_CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+    def record_changes(self, step: int, changes: dict[str, list[Any]]) -> None:
+        with (self.path / CHANGES).open("a") as f:
+            f.write(json.dumps({"step": step, "changes": changes}) + "\n")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One process per run directory: an advisory lock the OS releases when its holder
+        dies, so a killed run leaves no stale lock. Raises RunDirBusy naming the holder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        # A raw descriptor: nothing in the process (logging set-up, captured streams) closes it.
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                raise RunDirBusy(f"{self.path} is in use by {holder or 'another process'}; "
+                                 "wait for it to end, or train in another hydra.run.dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------------ checkpoints
 

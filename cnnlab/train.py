@@ -6,6 +6,7 @@ logging, progress, checkpoints, snapshots).
 """
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,23 +14,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import actions
+from cnnlab.checkpoint import NoUsableCheckpoint
+from cnnlab.errors import ConfigError
+from cnnlab.resume import check_changes, finished_summary, unfit_state_message
 from cnnlab.run import Run, build, use_compile_cache
 from cnnlab.rundir import CURVES, RunDir
 from cnnlab.tracking import RunTracker
 
 log = logging.getLogger(__name__)
-
-
-def finished_summary(run_dir: RunDir, total_steps: int) -> dict[str, Any] | None:
-    """The summary of a run that already ended (all steps done, or stopped early), else None;
-    read from its files alone, before any data is read or anything compiled."""
-    saved = run_dir.checkpoint_steps()
-    summary = run_dir.read_summary()
-    if not saved or summary is None:
-        return None
-    if saved[-1] >= total_steps or summary.get("early_stopped_at") == saved[-1]:
-        return summary
-    return None
 
 
 def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
@@ -38,19 +30,38 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
 
     `group` and `tags` label the W&B run (a sweep's runs share them). The summary's `status`
     is finished, diverged (training loss non-finite or above train.divergence_threshold;
-    `failure` says when), failed or interrupted.
+    `failure` says when), failed or interrupted (`signal`: the signal's number).
     """
     run_dir = RunDir(run_dir)
-    if (previous := finished_summary(run_dir, cfg.train.steps)) is not None:
-        log.info("%s already finished; nothing to do", run_dir)
-        return previous
-    use_compile_cache(cfg.compile_cache_dir)
-    run = build(cfg)
-    checkpoint = actions.Checkpoint(cfg, run_dir)
-    state, loop = checkpoint.restore(run.state)
-    resumed_from = int(state.step) if int(state.step) else None
-    tracker = RunTracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger, group,
-                         resumed_from, tags)
+    with run_dir.lock():
+        if (previous := finished_summary(run_dir, cfg.train.steps)) is not None:
+            log.info("%s already finished; nothing to do", run_dir)
+            return previous
+        config = OmegaConf.to_container(cfg, resolve=True)
+        saved = run_dir.checkpoint_steps()
+        if saved:
+            check_changes(run_dir, config, cfg.resume.allow_changes, saved[-1])
+        else:  # nothing trained yet: this start is the first
+            run_dir.save_start_config(config, replace=True)
+        use_compile_cache(cfg.compile_cache_dir)
+        run = build(cfg)
+        checkpoint = actions.Checkpoint(cfg, run_dir)
+        try:
+            state, loop = checkpoint.restore(run.state)
+        except NoUsableCheckpoint:
+            checkpoint.close()
+            if run_dir.start_config() != config:
+                raise ConfigError(unfit_state_message(run_dir, config)) from None
+            raise
+        tracker = RunTracker(run_dir, config, cfg.logger, group, int(state.step), tags)
+        return _train(run, run_dir, state, loop, checkpoint, tracker)
+
+
+def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
+           checkpoint: actions.Checkpoint, tracker: RunTracker) -> dict[str, Any]:
+    """The periodic actions around `_loop`, and the summary however the loop ends."""
+    cfg = run.cfg
+    resumed_from = int(state.step) or None
     summary: dict[str, Any] = {
         "status": "running", "model": cfg.model.name, "dataset": run.dataset.name,
         "params": run.num_params, "macs": run.macs, "steps": cfg.train.steps,
@@ -71,38 +82,56 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         return saved
 
     checkpoint.loop_state = loop_state
-    periodic = [metrics, evaluation, record, progress, checkpoint]
+    signals = actions.StopOnSignal()
+    periodic = [signals, metrics, evaluation, record, progress, checkpoint]
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
         periodic.append(actions.Snapshots(cfg, run_dir))
-    status = "finished"
     try:
-        state, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale)
-        if stop is not None and stop[0] == "diverged":
-            status, summary["failure"] = "diverged", f"diverged: {stop[1]}"
-        elif stop is not None:
-            summary["early_stopped_at"] = progress.step
-            log.info("step %d: %s; stopping early", progress.step, stop[1])
+        _, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale)
+        summary.update(_ending(stop, progress.step, signals.received))
     except KeyboardInterrupt:
-        status, summary["failure"] = "interrupted", f"interrupted at step {progress.step}"
+        summary.update(status="interrupted", signal=int(signal.SIGINT),
+                       failure=f"interrupted by SIGINT at step {progress.step}")
         raise
     except BaseException as error:
-        status, summary["failure"] = "failed", failure_reason(error)
+        summary.update(status="failed", failure=failure_reason(error))
         raise
     finally:
         for action in periodic:
             if hasattr(action, "close"):
                 action.close()
         summary.update(
-            status=status, final_step=progress.step, wall_time=clock(),
+            final_step=progress.step, wall_time=clock(),
             images_per_sec=actions.median(metrics.throughput),
             **{f"final/{k}": v for k, v in record.last.items() if "/" in k},
             **{f"best/{k}": v for k, v in evaluation.best.items()},
             **{f"selected/{k}": v for k, v in evaluation.selected.items()},
         )
-        tracker.write_summary(summary)
-        _log_curves(tracker, run_dir, progress.step)
-        tracker.finish(failed=status != "finished")
+        _close(tracker, run_dir, summary)
     return summary
+
+
+def _ending(stop: tuple[str, str] | None, step: int, signum: int | None) -> dict[str, Any]:
+    """How the summary records the way the loop ended."""
+    if stop is None:
+        return {"status": "finished"}
+    kind, reason = stop
+    if kind == "diverged":
+        return {"status": "diverged", "failure": f"diverged: {reason}"}
+    if kind == "interrupted":
+        return {"status": "interrupted", "failure": reason, "signal": signum}
+    log.info("step %d: %s; stopping early", step, reason)
+    return {"status": "finished", "early_stopped_at": step}
+
+
+def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any]) -> None:
+    """Write the final summary, curves and W&B run; a full disk must not hide why it ended."""
+    try:
+        tracker.write_summary(summary)
+        _log_curves(tracker, run_dir, summary["final_step"])
+    except OSError as error:
+        log.error("could not write the summary of %s: %s", run_dir, error)
+    tracker.finish(failed=summary.get("status") != "finished")
 
 
 def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,

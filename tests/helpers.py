@@ -3,10 +3,13 @@
 import contextlib
 import functools
 import io
+import logging
+import logging.config
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import tensorflow_datasets as tfds
@@ -59,6 +62,11 @@ def train_tiny(run_dir: Path, data_dir: Path, overrides: list[str] | None = None
     return train(cfg, Path(run_dir))
 
 
+def _forget_handlers() -> None:
+    logging._handlers.clear()  # type: ignore[attr-defined]
+    del logging._handlerList[:]  # type: ignore[attr-defined]
+
+
 def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: float = 600,
             fresh_process: bool = False) -> subprocess.CompletedProcess:
     """Run `cnnlab ARGS` as a user would: by default in this process (`cnnlab.cli.main`, with
@@ -75,16 +83,23 @@ def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: f
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     previous_dir, previous_data = os.getcwd(), os.environ.get("TFDS_DATA_DIR")
+    root = logging.getLogger()
+    previous_handlers, previous_level = root.handlers[:], root.level
     os.chdir(cwd)
     if data_dir is not None:
         os.environ["TFDS_DATA_DIR"] = str(data_dir)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        # Hydra configures logging for each run, and logging.config closes every existing
+        # handler on the way, pytest's own among them: forget them instead of closing them.
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(logging.config, "_clearExistingHandlers", _forget_handlers):
             try:
                 cli.main(list(args))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
+        root.handlers[:] = previous_handlers
+        root.setLevel(previous_level)
         os.chdir(previous_dir)
         if previous_data is None:
             os.environ.pop("TFDS_DATA_DIR", None)

@@ -1,0 +1,93 @@
+"""What a run directory says to a run that starts in it: already ended, or resumable, and whether
+its settings changed since the first start.
+
+A run killed after its last checkpoint (a Slurm time limit, a kill during the final summary)
+has all its work on disk: it is completed from its files, not trained again. A resumed run with
+different settings is refused unless `resume.allow_changes=true`, and then the change is
+recorded with the step it applies from; the first start's config is never overwritten.
+"""
+
+import math
+from typing import Any
+
+from cnnlab.errors import ConfigError
+from cnnlab.rundir import RunDir
+from cnnlab.tracking import flatten
+
+# Settings that say how a run is watched or stored, not what it computes: changing them on
+# resume is not a change of the experiment.
+UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "dataset.download",
+             "resume.", "summary.", "eval.weights", "eval.format", "eval.output",
+             "eval.batch_size", "checkpoint.keep")
+
+
+def finished_summary(run_dir: RunDir, total_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that already ended (all steps done, or stopped early), else None;
+    from its files alone, before any data is read or anything compiled. A run whose last
+    checkpoint is final but whose summary does not say so is completed here."""
+    saved = run_dir.checkpoint_steps()
+    if not saved:
+        return None
+    summary = run_dir.read_summary() or {}
+    last = saved[-1]
+    if last < total_steps and summary.get("early_stopped_at") != last:
+        return None
+    if summary.get("status") != "finished":
+        summary = run_dir.write_summary(completed(run_dir, summary, last))
+    return summary
+
+
+def completed(run_dir: RunDir, summary: dict[str, Any], step: int) -> dict[str, Any]:
+    """`summary` of a run that trained to `step` and was stopped before writing its end: the
+    final and best values come from metrics.jsonl, which was appended as it trained."""
+    events = [e for e in run_dir.read_metrics() if e["step"] <= step]
+    final: dict[str, Any] = {}
+    best: dict[str, float] = {}
+    for event in events:
+        final.update({f"final/{k}": v for k, v in event.items() if "/" in k})
+        for key in ("test/error", "val/error"):
+            if isinstance(event.get(key), float | int):
+                best[f"best/{key}"] = min(best.get(f"best/{key}", math.inf), event[key])
+    kept = {k: v for k, v in summary.items() if k not in ("failure", "status")}
+    return {**kept, **final, **best, "status": "finished", "final_step": step,
+            "completed_from_files": True}
+
+
+def config_changes(start: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [first start's value, this start's value]} over the tracked settings."""
+    before, after = flatten(start), flatten(now)
+    return {key: [before.get(key), after.get(key)] for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key) and not key.startswith(UNTRACKED)}
+
+
+def describe(changes: dict[str, list[Any]], limit: int = 4) -> str:
+    shown = [f"{key} {old} -> {new}" for key, (old, new) in list(changes.items())[:limit]]
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_changes(run_dir: RunDir, config: dict[str, Any], allow: bool, step: int) -> None:
+    """Compare this start's resolved config with the first start's; refuse a change unless
+    `allow`, and record an allowed one in changes.jsonl."""
+    start = run_dir.start_config()
+    if start is None:
+        run_dir.save_start_config(config)
+        return
+    changes = config_changes(start, config)
+    if not changes:
+        return
+    if not allow:
+        raise ConfigError(
+            f"{run_dir} was trained to step {step} with other settings ({describe(changes)}); "
+            "resume with resume.allow_changes=true to continue with the new ones (recorded in "
+            "changes.jsonl), or train in another hydra.run.dir")
+    run_dir.record_changes(step, changes)
+
+
+def unfit_state_message(run_dir: RunDir, config: dict[str, Any]) -> str:
+    """Why a checkpoint does not fit this config's state, naming the keys that changed."""
+    start = run_dir.start_config()
+    changes = config_changes(start, config) if start is not None else {}
+    what = f" (changed: {describe(changes)})" if changes else ""
+    return (f"the checkpoints in {run_dir} do not fit this config's model or optimizer state"
+            f"{what}; train in another hydra.run.dir")

@@ -1,0 +1,262 @@
+"""Faults a run must survive: kills at chosen points (through a test hook, not timing races),
+signals, cut and corrupted files, two processes, changed settings, a full disk, bad values.
+
+Each test names the case of issue 13 it covers. A run here is a tiny ResNet-8 (width 4) on
+1,024 offline fashion_mnist images, 20 steps of 5 per compiled call, a checkpoint every 5.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cnnlab import actions, configure
+from cnnlab.checkpoint import NoUsableCheckpoint
+from cnnlab.errors import ConfigError
+from cnnlab.rundir import RunDir, RunDirBusy
+from tests.helpers import TINY, run_cli, train_tiny
+
+FAULTS = ["train.steps=20", "train.steps_per_call=5", "train.log_every=5",
+          "checkpoint.every=5", "checkpoint.keep=10"]
+CLI = [*TINY, *FAULTS, "logger.mode=disabled"]
+
+
+def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    """Deliver `signum` to this process once the run has logged `step` (a test hook)."""
+    original = actions.Record.__call__
+
+    def record_then_signal(self: actions.Record, tick: actions.Tick) -> None:
+        original(self, tick)
+        if tick.step == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(actions.Record, "__call__", record_then_signal)
+
+
+def _params(run_dir: Path, step: int) -> list[np.ndarray]:
+    state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, fashion_dir) -> Path:
+    """The uninterrupted run every faulty one is compared with."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    assert train_tiny(run_dir, fashion_dir, FAULTS)["status"] == "finished"
+    return run_dir
+
+
+@pytest.fixture
+def interrupted(tmp_path, fashion_dir, monkeypatch) -> Path:
+    """A run stopped by SIGTERM after step 10: it checkpoints at the next boundary, 15."""
+    _signal_at(monkeypatch, 10, signal.SIGTERM)
+    summary = train_tiny(tmp_path / "run", fashion_dir, FAULTS)
+    monkeypatch.undo()
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.SIGTERM
+    assert summary["failure"] == "interrupted by SIGTERM at step 15"
+    assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 15
+    return tmp_path / "run"
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_equals_the_straight_one(
+        interrupted, straight, fashion_dir):
+    summary = train_tiny(interrupted, fashion_dir, FAULTS)
+    assert summary["status"] == "finished" and summary["resumed_from"] == 15
+    for a, b in zip(_params(straight, 20), _params(interrupted, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert ([(e["step"], e["train/loss"]) for e in _events(interrupted)]
+            == [(e["step"], e["train/loss"]) for e in _events(straight)])
+
+
+def test_case1_killed_after_the_final_checkpoint_is_completed_from_its_files(
+        straight, tmp_path, fashion_dir):
+    """Case 1: the summary still says `running` (a kill right after the last checkpoint)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    finished = json.loads((run_dir / "summary.json").read_text())
+    RunDir(run_dir).write_summary({k: finished[k] for k in ("model", "dataset", "params")}
+                                  | {"status": "running"})
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    summary = train_tiny(run_dir, fashion_dir, FAULTS)
+    assert summary["status"] == "finished" and summary["final_step"] == 20
+    assert summary["final/test/error"] == finished["final/test/error"]
+    assert summary["final/train/loss"] == finished["final/train/loss"]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing retrained
+    assert RunDir(run_dir).read_summary()["status"] == "finished"
+
+
+def test_case3_a_cut_metrics_line_and_a_truncated_summary_still_resume(
+        interrupted, straight, fashion_dir):
+    with (interrupted / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 20, "train/lo')
+    (interrupted / "summary.json").write_text('{"status": "runn')
+    summary = train_tiny(interrupted, fashion_dir, FAULTS)
+    assert summary["status"] == "finished"
+    assert [e["step"] for e in _events(interrupted)] == [e["step"] for e in _events(straight)]
+
+
+def test_case4_a_second_process_gets_one_line_naming_the_holder(tmp_path, fashion_dir):
+    run_dir = RunDir(tmp_path / "run")
+    with run_dir.lock():
+        with pytest.raises(RunDirBusy, match=f"in use by process {os.getpid()} on"):
+            train_tiny(run_dir.path, fashion_dir, FAULTS)
+        result = run_cli(["train", *CLI, f"hydra.run.dir={run_dir.path}"], cwd=tmp_path,
+                         data_dir=fashion_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"cnnlab: error: {run_dir.path} is "
+                                                             "in use by process")
+    assert run_dir.read_summary() is None  # the holder's directory was not written to
+    assert not run_dir.checkpoint_steps()
+
+
+def test_case4_a_lock_left_by_a_dead_process_does_not_block(tmp_path, fashion_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("process 999999 on elsewhere")
+    assert train_tiny(tmp_path / "run", fashion_dir, FAULTS)["status"] == "finished"
+
+
+def test_case5_a_changed_value_is_refused_then_recorded_when_allowed(interrupted, fashion_dir):
+    with pytest.raises(ConfigError, match=r"trained to step 15 with other settings "
+                                          r"\(optimizer.lr 0.1 -> 0.5\)"):
+        train_tiny(interrupted, fashion_dir, [*FAULTS, "optimizer.lr=0.5"])
+    summary = train_tiny(interrupted, fashion_dir,
+                         [*FAULTS, "optimizer.lr=0.5", "resume.allow_changes=true"])
+    assert summary["status"] == "finished"
+    changes = [json.loads(line) for line in
+               (interrupted / "changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 15, "changes": {"optimizer.lr": [0.1, 0.5]}}]
+    assert RunDir(interrupted).start_config()["optimizer"]["lr"] == 0.1  # the original is kept
+
+
+def test_case5_a_changed_shape_is_one_line_naming_the_key(interrupted, fashion_dir):
+    with pytest.raises(ConfigError, match=r"do not fit .*\(changed: model.width 4 -> 8\)"):
+        train_tiny(interrupted, fashion_dir,
+                   [*FAULTS, "model.width=8", "resume.allow_changes=true"])
+
+
+def _corrupt_truncate(step_dir: Path) -> None:
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _corrupt_flip(step_dir: Path) -> None:
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 64):
+        raw[i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def _corrupt_meta(step_dir: Path) -> None:
+    for path in (step_dir / "meta").rglob("*"):
+        if path.is_file():
+            path.write_text("{not json")
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_flip, _corrupt_meta])
+def test_case6_a_bad_latest_checkpoint_falls_back_to_the_previous(
+        interrupted, straight, fashion_dir, corrupt, caplog):
+    corrupt(interrupted / "checkpoints" / "15")
+    summary = train_tiny(interrupted, fashion_dir, FAULTS)
+    assert summary["status"] == "finished" and summary["resumed_from"] == 10
+    assert "checkpoint 15 in" in caplog.text and "is unusable" in caplog.text
+    assert (interrupted / "checkpoints" / "15.unusable").is_dir()
+    for a, b in zip(_params(straight, 20), _params(interrupted, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_case6_no_usable_checkpoint_is_said_not_silently_restarted(interrupted, fashion_dir):
+    for step in RunDir(interrupted).checkpoint_steps():
+        _corrupt_meta(interrupted / "checkpoints" / str(step))
+    with pytest.raises(NoUsableCheckpoint, match="no usable checkpoint in .*move the folder"):
+        train_tiny(interrupted, fashion_dir, FAULTS)
+
+
+def test_case7_a_full_disk_stops_training_at_the_first_failed_save(
+        tmp_path, fashion_dir, monkeypatch):
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+    result = run_cli(["train", *CLI, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                     data_dir=fashion_dir)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnlab: error: could not save checkpoint 5") and "No space" in last
+    assert "SweepReport" not in result.stderr  # a single run has no sweep to report
+    summary = RunDir(tmp_path / "run").read_summary()
+    assert summary["status"] == "failed" and summary["final_step"] == 5
+    assert "No space left on device" in summary["failure"]
+
+
+def test_sigint_from_the_cli_exits_130_with_one_line_and_a_checkpoint(
+        tmp_path, fashion_dir, monkeypatch):
+    _signal_at(monkeypatch, 10, signal.SIGINT)
+    result = run_cli(["train", *CLI, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                     data_dir=fashion_dir)
+    assert result.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "cnnlab: interrupted by SIGINT at step 15; checkpoint saved")
+    assert RunDir(tmp_path / "run").read_summary()["status"] == "interrupted"
+    assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 15
+
+
+@pytest.mark.parametrize("override, message", [
+    ("augment.cutout=100", "augment.cutout=100 must be smaller than the 28x28 images"),
+    ("augment.crop_pad=100", "augment.crop_pad=100 must be smaller than the 28x28 images"),
+    ("norm.momentum=2", "norm.momentum=2.0 must be in [0, 1)"),
+    (f"seed={2**40}", f"seed={2**40} must be in [0, 2**32)"),
+    ("+train.stepz=100", "unknown key 'train.stepz'"),
+    ("++train.stepz=5", "unknown key 'train.stepz'"),
+    ("optimizer.lr=inf", "optimizer.lr=inf must be a finite number"),
+    ("train.divergence_threshold=nan", "train.divergence_threshold=nan must be a finite number"),
+    ("train.divergence_threshold=0", "train.divergence_threshold=0.0 must be positive"),
+])
+def test_values_that_gave_silently_wrong_science_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        configure.compose([override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_run_directory_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("")
+    result = run_cli(["train", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"cnnlab: error: hydra.run.dir={tmp_path / 'run'} is a "
+                                     "file; a run directory must be a folder")
+
+
+def test_a_sweep_without_multirun_is_one_line(tmp_path):
+    result = run_cli(["train", "model.depth=8,20", f"hydra.run.dir={tmp_path / 'run'}"],
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("cnnlab: error: model.depth=8,20 is a sweep: add -m "
+                                     "(--multirun) to run each value, or write a list as "
+                                     "key=[a,b]")
+
+
+def test_a_malformed_saved_config_is_one_line_in_compare_and_eval(straight, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    (run_dir / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
+    for command in (["compare", str(run_dir)], ["eval", str(run_dir)]):
+        result = run_cli(command, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), result.stderr
+        assert "config.yaml" in lines[0]
