@@ -74,7 +74,7 @@ def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: f
     them), which spares a JAX import and reuses this process's compilations; with
     `fresh_process`, in a new Python process, for the tests of the entry point itself."""
     if fresh_process:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
         if data_dir is not None:
             env["TFDS_DATA_DIR"] = str(data_dir)
         return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, env=env,

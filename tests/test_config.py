@@ -19,6 +19,7 @@ from cnnlab.config import (
     OptimizerConfig,
     PreprocessConfig,
     RegularizationConfig,
+    ResumeConfig,
     ScheduleConfig,
     SummaryConfig,
     TrainConfig,
@@ -134,7 +135,8 @@ SCHEMAS = {"dataset": DatasetConfig, "init": InitConfig, "activation": Activatio
 def test_schema_defaults_are_missing_or_null_only():
     # A value in a dataclass would be a second definition of a default that conf/ holds.
     classes = [*SCHEMAS.values(), Config, RegularizationConfig, EarlyStoppingConfig, EvalConfig,
-               TrainConfig, CheckpointConfig, SummaryConfig, CifarResNetOptions, StackOptions]
+               TrainConfig, CheckpointConfig, ResumeConfig, SummaryConfig, CifarResNetOptions,
+               StackOptions]
     for cls in classes:
         for field in dataclasses.fields(cls):
             if field.default is dataclasses.MISSING:  # a section: default_factory

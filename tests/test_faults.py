@@ -57,16 +57,23 @@ def straight(tmp_path_factory, fashion_dir) -> Path:
     return run_dir
 
 
-@pytest.fixture
-def interrupted(tmp_path, fashion_dir, monkeypatch) -> Path:
+@pytest.fixture(scope="module")
+def interrupted_template(tmp_path_factory, fashion_dir) -> Path:
     """A run stopped by SIGTERM after step 10: it checkpoints at the next boundary, 15."""
-    _signal_at(monkeypatch, 10, signal.SIGTERM)
-    summary = train_tiny(tmp_path / "run", fashion_dir, FAULTS)
-    monkeypatch.undo()
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _signal_at(monkeypatch, 10, signal.SIGTERM)
+        summary = train_tiny(run_dir, fashion_dir, FAULTS)
     assert summary["status"] == "interrupted" and summary["signal"] == signal.SIGTERM
     assert summary["failure"] == "interrupted by SIGTERM at step 15"
-    assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 15
-    return tmp_path / "run"
+    assert RunDir(run_dir).checkpoint_steps()[-1] == 15
+    return run_dir
+
+
+@pytest.fixture
+def interrupted(interrupted_template, tmp_path) -> Path:
+    """A copy of the interrupted run for one test to resume, corrupt or change."""
+    return Path(shutil.copytree(interrupted_template, tmp_path / "run"))
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_equals_the_straight_one(

@@ -97,7 +97,10 @@ def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path
                      cwd=tmp_path, data_dir=fashion_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    env = {**os.environ, "TFDS_DATA_DIR": str(fashion_dir)}
+    # Its own W&B service, as a user's run has: a service shared with this process would keep
+    # the killed run's id "in use".
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    env["TFDS_DATA_DIR"] = str(fashion_dir)
     command = [sys.executable, "-m", "cnnlab.cli", "train", *args, f"hydra.run.dir={killed}"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -115,7 +118,7 @@ def test_sigkill_and_resume_ends_with_identical_parameters(fashion_dir, tmp_path
     assert interrupted_at < 160
 
     result = run_cli(["train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path,
-                     data_dir=fashion_dir)
+                     data_dir=fashion_dir, fresh_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["resumed_from"] == interrupted_at
