@@ -61,7 +61,8 @@ class Tick:
     # The lr multiplier the chunk ran with (reduce-on-plateau may lower it during this tick).
     lr_scale: float = 1.0
     event: dict[str, float] = dataclasses.field(default_factory=dict)
-    # Why the loop stops after this tick: ("diverged", reason) or ("early_stopped", reason).
+    # Why the loop stops after this tick: (kind, reason), kind one of diverged, interrupted,
+    # early_stopped.
     stop: tuple[str, str] | None = None
 
     @property

@@ -53,9 +53,6 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 

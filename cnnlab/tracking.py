@@ -67,10 +67,6 @@ class RunTracker:
             run.define_metric(key, summary="none")
         return run
 
-    @property
-    def wandb_dir(self) -> str | None:
-        return None if self._wandb is None else self._wandb.dir
-
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run_dir.append_metrics(step, metrics)
         if self._wandb is not None:
