@@ -7,11 +7,16 @@ per-channel normalisation statistics of the training images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
+import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +32,9 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 4096
 # Images per chunk when computing mean/std, bounding the float64 temporary to ~100 MB at 32x32x3.
 _STATS_CHUNK = 4096
+
+# Seconds to wait for each download host to answer before calling it unreachable.
+_PROBE_TIMEOUT_S = 5.0
 
 # (builder, split, image_key, label_key, image_shape, max_examples) -> (images, labels)
 _Reader = Callable[..., tuple[np.ndarray, np.ndarray]]
@@ -246,10 +254,17 @@ def _choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader
             f"{name} is not prepared in {builder.data_dir} and download=False: allow the download "
             f"(dataset.download=true), or {build_hint}"
         )
+    unreachable = _unreachable_hosts(builder)
+    if unreachable:
+        raise DatasetUnavailableError(
+            f"{name} is not prepared in {builder.data_dir} and cannot be downloaded: "
+            f"{unreachable} (offline?): {build_hint}"
+        )
     log.info("%s not prepared in %s: downloading and preparing it", name, builder.data_dir)
     try:
-        # array_record so the result is readable without TensorFlow, by random access.
-        builder.download_and_prepare(file_format=array_record.value)
+        with _removed_on_failure(builder):
+            # array_record so the result is readable without TensorFlow, by random access.
+            builder.download_and_prepare(file_format=array_record.value)
     except Exception as exc:
         cause = _one_line(exc)
         if isinstance(exc, ImportError) and "tensorflow" in cause.lower():
@@ -261,6 +276,57 @@ def _choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader
             f"({type(exc).__name__}: {cause}): {hint}"
         ) from exc
     return _read_data_source
+
+
+def _unreachable_hosts(builder: tfds.core.DatasetBuilder) -> str:
+    """Why the first host the download needs cannot be reached, or "" if every one answers.
+
+    TFDS retries each URL ten times with exponential backoff, so an offline machine spends
+    minutes in retry warnings before failing; one request per host, without retries, finds out
+    in seconds. Any HTTP answer counts as reachable: only the connection itself is tested.
+    """
+    import requests
+
+    urls = list(builder.url_infos or {})  # the URLs of TFDS's registered checksums
+    hosts = {urllib.parse.urlsplit(url)[:2]: url for url in urls}
+    for (scheme, host), url in hosts.items():
+        try:
+            # `requests` honours HTTP(S)_PROXY as TFDS's downloader does.
+            requests.head(url, timeout=_PROBE_TIMEOUT_S, allow_redirects=False).close()
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            if "NameResolution" in str(exc) or "Name or service not known" in str(exc):
+                reason = "name resolution failed"
+            return f"{scheme}://{host} is unreachable ({reason})"
+    return ""
+
+
+@contextlib.contextmanager
+def _removed_on_failure(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+    """Removes what a failed download creates in the data dir: it leaves the folder as it was.
+
+    TFDS writes into `<data_dir>/<name>/` (an `incomplete.*` version folder) and
+    `<data_dir>/downloads/` (temporary archives, `extracted/`); only entries that did not exist
+    before are removed, so other datasets and earlier downloads are never touched.
+    """
+    root = Path(builder.data_dir_root)
+    watched = [root, root / builder.name, root / "downloads", root / "downloads" / builder.name]
+    existed = {folder: set(os.listdir(folder)) if folder.is_dir() else None for folder in watched}
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(watched):  # deepest first
+            before = existed[folder]
+            if before is None:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif folder.is_dir():
+                for entry in set(os.listdir(folder)) - before:
+                    path = folder / entry
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        raise
 
 
 def _tensorflow_available() -> bool:
@@ -282,16 +348,33 @@ def _read_data_source(
     n = len(source) if max_examples is None else min(len(source), max_examples)
     images = np.empty((n, *image_shape), np.uint8)
     labels = np.empty((n,), np.int64)
-    for start in range(0, n, _READ_CHUNK):
-        stop = min(n, start + _READ_CHUNK)
-        # One batched read per chunk: array_record serves a list of keys with one call, whereas
-        # per-index access pays Python and file-seek overhead for every example.
-        examples = source.__getitems__(range(start, stop))
-        for i, example in enumerate(examples, start):
-            # reshape: grayscale decoders may drop the trailing channel axis.
-            images[i] = np.reshape(example[image_key], image_shape)
-            labels[i] = example[label_key]
+    try:
+        for start in range(0, n, _READ_CHUNK):
+            stop = min(n, start + _READ_CHUNK)
+            # One batched read per chunk: array_record serves a list of keys with one call,
+            # whereas per-index access pays Python and file-seek overhead for every example.
+            examples = source.__getitems__(range(start, stop))
+            for i, example in enumerate(examples, start):
+                # reshape: grayscale decoders may drop the trailing channel axis.
+                images[i] = np.reshape(example[image_key], image_shape)
+                labels[i] = example[label_key]
+    except (RuntimeError, OSError) as exc:  # what array_record raises for cut or corrupt shards
+        raise DatasetUnavailableError(_damaged_message(builder, split, exc)) from exc
     return images, labels
+
+
+def _damaged_message(builder: tfds.core.DatasetBuilder, split: str, exc: BaseException) -> str:
+    """One line naming the split's files (cut or corrupted shards) and how to rebuild them."""
+    base = split.split("[")[0]
+    files = sorted(Path(builder.data_dir).glob(f"{builder.name}-{base}.*"))
+    named = ", ".join(str(f) for f in files[:3]) + (
+        f" and {len(files) - 3} more" if len(files) > 3 else ""
+    )
+    return (
+        f"{builder.info.name}/{split}: cannot read {named or builder.data_dir} "
+        f"({_one_line(exc)}): the prepared files are damaged; delete {builder.data_dir} and "
+        f"prepare it again (`tfds build {builder.info.name} --file_format=array_record`)"
+    )
 
 
 def _read_tensorflow(
@@ -355,8 +438,12 @@ def validate(ds: Any) -> None:
     from cnnlab.errors import require
 
     require(ds.val_size >= 0, f"dataset.val_size={ds.val_size} must be >= 0")
-    require(ds.max_examples is None or ds.max_examples > 0,
-            f"dataset.max_examples={ds.max_examples} must be positive or null")
+    require(
+        ds.max_examples is None or ds.max_examples > 0,
+        f"dataset.max_examples={ds.max_examples} must be positive or null",
+    )
     shape = ds.image_shape
-    require(shape is None or (len(shape) == 3 and min(shape) > 0),
-            f"dataset.image_shape={shape} must be [height, width, channels] or null")
+    require(
+        shape is None or (len(shape) == 3 and min(shape) > 0),
+        f"dataset.image_shape={shape} must be [height, width, channels] or null",
+    )

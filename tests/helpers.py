@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from omegaconf import DictConfig
 from tensorflow_datasets.testing import mocking
 
-from cnnlab import configure
+from cnnlab import configure, data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,6 +184,8 @@ _ORIGINAL_GETITEMS = mocking._getitems
 @pytest.fixture
 def mock_tfds(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(mocking, "_getitems", _bound_or_unbound_getitems)
+    # Mocked TFDS downloads nothing, so the offline probe of the real download hosts must not run.
+    monkeypatch.setattr(data, "_unreachable_hosts", lambda builder: "")
     return functools.partial(tfds.testing.mock_data, policy=tfds.testing.MockPolicy.USE_CODE)
 
 

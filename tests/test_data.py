@@ -9,6 +9,8 @@ itself prepares offline in tmp_path.
 from __future__ import annotations
 
 import io
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,7 @@ def test_not_prepared_and_download_fails(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError("[Errno -2] Name or service not known\nwhile fetching https://example")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    monkeypatch.setattr(data, "_unreachable_hosts", lambda builder: "")  # the hosts answered
     with pytest.raises(data.DatasetUnavailableError) as info:
         data.load_dataset("mnist", data_dir=str(tmp_path))
     message = str(info.value)
@@ -156,6 +159,75 @@ def test_not_prepared_and_download_fails(tmp_path: Path, monkeypatch: pytest.Mon
     assert "tfds build mnist --file_format=array_record" in message and "TFDS_DATA_DIR" in message
     assert isinstance(info.value.__cause__, OSError)
     assert calls == [{"file_format": "array_record"}]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_offline_download_fails_in_seconds_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # A proxy on a closed local port: no connection can succeed, whatever the machine's network.
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    for variable in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    (data_dir / "other_dataset").mkdir()
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetUnavailableError, match="unreachable") as info:
+        data.load_dataset(name, data_dir=str(data_dir))
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{name} is not prepared in {data_dir}")
+    assert f"tfds build {name}" in message
+    assert sorted(p.name for p in data_dir.rglob("*")) == ["other_dataset"]
+
+
+def test_failed_download_removes_only_what_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = [tmp_path / "cifar100" / "3.0.2" / "dataset_info.json", tmp_path / "downloads" / "a.zip"]
+    for path in kept:
+        path.parent.mkdir(parents=True)
+        path.write_text("earlier")
+
+    def half_download(self: tfds.core.DatasetBuilder, *args: object, **kwargs: object) -> None:
+        # What TFDS leaves when a download dies: an incomplete version, temp archives, extracted/.
+        (tmp_path / "mnist" / "incomplete.X1_3.0.1").mkdir(parents=True)
+        (tmp_path / "downloads" / "mnist").mkdir()
+        (tmp_path / "downloads" / "mnist" / "train.gz.tmp.1").write_text("partial")
+        (tmp_path / "downloads" / "extracted").mkdir()
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", half_download)
+    monkeypatch.setattr(data, "_unreachable_hosts", lambda builder: "")
+    with pytest.raises(data.DatasetUnavailableError, match="Connection reset by peer"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == [
+        "cifar100",
+        "cifar100/3.0.2",
+        "cifar100/3.0.2/dataset_info.json",
+        "downloads",
+        "downloads/a.zip",
+    ]
+
+
+@pytest.mark.parametrize("size", [0, 1_000_000])
+def test_damaged_shard_is_one_line_naming_the_file(
+    fashion_dir: Path, tmp_path: Path, size: int
+) -> None:
+    copy = tmp_path / "tfds"
+    shutil.copytree(fashion_dir, copy)
+    shard = next((copy / "fashion_mnist").glob("*/fashion_mnist-test.array_record-*"))
+    shard.chmod(0o644)
+    with open(shard, "r+b") as f:
+        f.truncate(size)
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load_dataset("fashion_mnist", data_dir=str(copy))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("fashion_mnist/test: cannot read")
+    assert str(shard) in message and "damaged" in message
 
 
 def test_not_prepared_and_download_disabled(tmp_path: Path) -> None:
