@@ -117,17 +117,17 @@ def read_wandb_records(path: Path) -> list:
     """
     from wandb.proto import wandb_internal_pb2
 
-    block, data = 32768, Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, raw = 32768, Path(path).read_bytes()
+    assert raw[:4] == b":W&B", f"{path} is not a W&B transaction log"
     records, pending, pos = [], b"", 7
-    while pos + 7 <= len(data):
+    while pos + 7 <= len(raw):
         left_in_block = block - pos % block
         if left_in_block < 7:
             pos += left_in_block
             continue
-        length = int.from_bytes(data[pos + 4:pos + 6], "little")
-        kind = data[pos + 6]
-        chunk = data[pos + 7:pos + 7 + length]
+        length = int.from_bytes(raw[pos + 4:pos + 6], "little")
+        kind = raw[pos + 6]
+        chunk = raw[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0:
             break
