@@ -6,8 +6,14 @@ file truncated after the fact) a SHA-256 of the state, saved in the metadata, ca
 checkpoint is reported in one line and the previous one is used.
 """
 
+import contextlib
 import hashlib
 import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,30 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, unwritable folder): training stops."""
 
 
+# Orbax logs each failed write or read with a traceback, from several threads, through absl's
+# logger, and asyncio logs its never-retrieved futures when they are collected; the caller
+# reports the failure itself, in one line.
+_ORBAX_ERROR_LOGGERS = ("absl", "asyncio")
+
+
+@contextlib.contextmanager
+def _orbax_errors_quiet(restore: bool = True) -> Iterator[None]:
+    """Orbax's error logs off inside the block; with `restore=False` they stay off if it
+    raises (a failed save ends the run, and Orbax's threads report it again until exit)."""
+    loggers = [logging.getLogger(name) for name in _ORBAX_ERROR_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if restore or not failed:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
 def state_digest(state: Any) -> str:
     """SHA-256 over the state's leaves (dtype, shape and bytes), in tree order."""
     digest = hashlib.sha256()
@@ -40,8 +70,27 @@ def state_digest(state: Any) -> str:
 
 
 def _one_line(error: BaseException) -> str:
+    # TensorStore reports an OS error as a ValueError of several hundred characters that ends
+    # in the errno: name the errno, which is what the user can act on.
+    if code := re.search(r"os_error_code='(\d+)'", str(error)):
+        return f"OSError: [Errno {code[1]}] {os.strerror(int(code[1]))}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def _quiet_after_failed_save() -> None:
+    """After a failed save Orbax's threads and TensorStore's callbacks keep failing against the
+    event loop Orbax has closed, until the process exits; the run has already said why it
+    stops, in one line, so what they print is noise."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 class Checkpointer:
@@ -50,6 +99,7 @@ class Checkpointer:
     def __init__(self, directory: Path, keep: int | None) -> None:
         # keep=None keeps every checkpoint (snapshot ensembles need all of them).
         self.directory = Path(directory).absolute()
+        self._failed_save = False
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -59,10 +109,13 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict) -> None:
         meta = {**meta, DIGEST: state_digest(state)}
         try:
-            self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-            self._manager.wait_until_finished()
+            with _orbax_errors_quiet(restore=False):
+                self._manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                self._manager.wait_until_finished()
         except Exception as error:  # Orbax wraps OSError (ENOSPC, EACCES) in its own types
+            self._failed_save = True
+            _quiet_after_failed_save()
             raise CheckpointWriteError(
                 f"could not save checkpoint {step} in {self.directory}: {_one_line(error)}"
             ) from None
@@ -83,20 +136,15 @@ class Checkpointer:
         back past bad ones with a one-line warning each (they are moved aside to
         `<step>.unusable`, kept for inspection); None when there is none at all."""
         failures = []
-        # Orbax reports each array that failed to load through asyncio's logger as well.
-        quiet = logging.getLogger("asyncio")
-        level, quiet.level = quiet.level, logging.CRITICAL
-        try:
-            for step in reversed(self.all_steps()):
-                try:
+        for step in reversed(self.all_steps()):
+            try:
+                with _orbax_errors_quiet():
                     state, meta = self.restore(step, like)
-                except Exception as error:  # any unreadable checkpoint: try the one before
-                    failures.append((step, _one_line(error)))
-                    continue
-                self._set_aside([s for s, _ in failures])
-                return step, state, meta
-        finally:
-            quiet.setLevel(level)
+            except Exception as error:  # any unreadable checkpoint: try the one before
+                failures.append((step, _one_line(error)))
+                continue
+            self._set_aside([s for s, _ in failures])
+            return step, state, meta
         if failures:
             raise NoUsableCheckpoint(
                 f"no usable checkpoint in {self.directory}: "
@@ -116,5 +164,11 @@ class Checkpointer:
             self._manager.reload()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            with _orbax_errors_quiet():
+                self._manager.wait_until_finished()
+                self._manager.close()
+        except Exception:
+            # Orbax raises a failed save's error again here; the save has reported it already.
+            if not self._failed_save:
+                raise

@@ -4,6 +4,8 @@ User errors (unknown option, wrong type, impossible value, missing dataset) are 
 anything compiles and reported as one line on stderr with exit code 2.
 """
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -175,13 +177,25 @@ def _check_no_sweep_without_multirun(overrides: list[str], sweeping: bool) -> No
 
 
 def _check_run_dir(cfg: "DictConfig", multirun: bool) -> None:
-    """A run directory that is a file would fail deep inside Hydra."""
+    """A run directory that is a file, or that cannot be written (read-only, full), would fail
+    inside Hydra's logging set-up with a traceback, before any of cnnlab's code runs."""
+    import tempfile
+
     from omegaconf import OmegaConf
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = Path(str(OmegaConf.select(cfg, key)))
     if path.exists() and not path.is_dir():
         fail(f"{key}={path} is a file; a run directory must be a folder")
+    nearest = next(p for p in [path, *path.parents] if p.exists())  # created by Hydra if absent
+    try:
+        # A few KB through fsync: an empty file can still be created on a full disk.
+        with tempfile.TemporaryFile(dir=nearest) as probe:
+            probe.write(b"\0" * 8192)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        fail(f"{key}={path} cannot be written: {e.strerror or e} ({nearest})")
 
 
 def _name_jobs_by_swept_keys(overrides: list[str], cfg: "DictConfig") -> list[str]:
@@ -279,7 +293,6 @@ def eval_command(args: list[str]) -> None:
              "[eval.tta=flip]")
 
     import json
-    import logging
 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -340,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = args[0], args[1:]
+    # A log file that cannot be written (disk full, read-only) must not print a traceback per
+    # message: the run reports the underlying failure itself, in one line.
+    logging.raiseExceptions = False
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; valid choices: {', '.join(COMMANDS)}")
     COMMANDS[command](rest)

@@ -267,3 +267,101 @@ def test_a_malformed_saved_config_is_one_line_in_compare_and_eval(straight, tmp_
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), result.stderr
         assert "config.yaml" in lines[0]
+
+
+# ------------------------------------------------- real filesystems: a full disk, a read-only one
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs of this test's own (root with CAP_SYS_ADMIN); skipped where none can be made.
+
+    Real ENOSPC and EROFS errors come from the kernel, through every layer (Orbax, W&B, our own
+    writes), which the write hook of the test above cannot show."""
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip() or made.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write to `disk` until the kernel says it is full; returns the filler file."""
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def _fill_at(monkeypatch: pytest.MonkeyPatch, step: int, disk: Path) -> None:
+    """Fill the disk once the run has logged `step` (a test hook): the save at `step` fails."""
+    original = actions.Record.__call__
+
+    def record_then_fill(self: actions.Record, tick: actions.Tick) -> None:
+        original(self, tick)
+        if tick.step == step:
+            _fill(disk)
+
+    monkeypatch.setattr(actions.Record, "__call__", record_then_fill)
+
+
+def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
+        small_disk, straight, tmp_path, fashion_dir, monkeypatch):
+    run_dir = small_disk / "run"
+    _fill_at(monkeypatch, 10, small_disk)
+    result = run_cli(["train", *CLI, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                     data_dir=fashion_dir)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnlab: error: could not save checkpoint 10") and "No space" in last
+    # What was logged before the disk filled is whole; the checkpoint before it is usable.
+    assert [e["step"] for e in _events(run_dir)] == [5, 10]
+    assert RunDir(run_dir).checkpoint_steps() == [5]
+
+    # Still full: the next start says so before Hydra or training write anything.
+    monkeypatch.undo()
+    again = run_cli(["train", *CLI, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                    data_dir=fashion_dir)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"cnnlab: error: hydra.run.dir={run_dir} cannot be written: No space left on device "
+        f"({run_dir})")
+
+    (small_disk / "filler").unlink()
+    summary = train_tiny(run_dir, fashion_dir, FAULTS)
+    assert summary["status"] == "finished" and summary["resumed_from"] == 5
+    for a, b in zip(_params(straight, 20), _params(run_dir, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert ([(e["step"], e["train/loss"]) for e in _events(run_dir)]
+            == [(e["step"], e["train/loss"]) for e in _events(straight)])
+
+
+def test_a_read_only_run_directory_is_one_line_and_stays_as_it_was(
+        small_disk, interrupted, tmp_path, fashion_dir):
+    import subprocess
+
+    run_dir = small_disk / "run"
+    shutil.copytree(interrupted, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    for target in (run_dir, small_disk / "new_run"):
+        result = run_cli(["train", *CLI, f"hydra.run.dir={target}"], cwd=tmp_path,
+                         data_dir=fashion_dir)
+        assert result.returncode in (1, 2), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("cnnlab: error:") and "Read-only file system" in last
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -1,7 +1,12 @@
 """RunDir: the run directory's files, read and written in one place."""
 
+import errno
 import json
 import math
+import subprocess
+import sys
+
+import pytest
 
 from cnnlab.rundir import RunDir, find_run_dirs
 
@@ -43,6 +48,31 @@ def test_resume_drops_later_events_and_the_cut_line_atomically(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [10, 20]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("write", ["summary", "metrics rewrite"])
+def test_a_write_that_dies_half_way_leaves_the_old_file_whole(tmp_path, write):
+    """A process whose write stops part-way (killed, or out of space, mid-file) must leave the
+    file as it was: in another process limited to files of 100 bytes (RLIMIT_FSIZE, which
+    needs no root), the rewrite fails after writing 100 bytes of the new content."""
+    run = RunDir(tmp_path)
+    for step in range(1, 31):
+        run.append_metrics(step, {"train/loss": step / 7})
+    run.write_summary({"status": "running", "note": "x" * 300})
+    before = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "summary.json")}
+    action = ("run.drop_metrics_after(25)" if write == "metrics rewrite"
+              else "run.write_summary({'status': 'finished', 'note': 'y' * 300})")
+    script = (
+        "import resource, sys\n"
+        "from cnnlab.rundir import RunDir\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        f"run = RunDir({str(tmp_path)!r})\n"
+        f"try:\n    {action}\nexcept OSError as e:\n    sys.exit(e.errno)\n"
+    )
+    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert died.returncode == errno.EFBIG, died.stderr  # the write did fail part-way
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert [e["step"] for e in run.read_metrics()] == list(range(1, 31))
 
 
 def test_checkpoint_steps_are_complete_folders_only(tmp_path):
