@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= $(abspath ../shared/data/tfds_array_record)
 export TFDS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: help setup run test test-full lint bench clean
+.PHONY: help setup run test test-full lint bench faults clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-full: setup ## run every test, slow ones included
 
 lint: setup ## ruff
 	$(BIN)/ruff check .
+
+faults: setup ## the fault scenarios (kills, corruptions, full disk, bad values) through the CLI, counted
+	$(BIN)/python benchmarks/faults.py --out benchmarks/results/faults.md $(ARGS)
 
 bench: setup ## throughput of cnnlab vs an equivalent PyTorch script, ResNet-20 and -56
 	$(BIN)/pip install --quiet -e '.[bench]'

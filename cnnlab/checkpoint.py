@@ -78,17 +78,21 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
-def _quiet_after_failed_save() -> None:
-    """After a failed save Orbax's threads and TensorStore's callbacks keep failing against the
-    event loop Orbax has closed, until the process exits; the run has already said why it
-    stops, in one line, so what they print is noise."""
+def _ignore_orbax_teardown_errors() -> None:
+    """After a failed save or restore, TensorStore's callbacks keep calling into the event loop
+    Orbax has already closed (a traceback each, through `sys.unraisablehook`) and leave
+    coroutines never awaited; the failure itself is reported in one line (a checkpoint skipped,
+    or the run stopped), so these are noise. Installed once per process."""
     previous = sys.unraisablehook
+    if getattr(previous, "ignores_orbax_teardown", False):
+        return
 
     def hook(unraisable: "sys.UnraisableHookArgs") -> None:
         if not (isinstance(unraisable.exc_value, RuntimeError)
                 and "Event loop is closed" in str(unraisable.exc_value)):
             previous(unraisable)
 
+    hook.ignores_orbax_teardown = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
@@ -100,6 +104,7 @@ class Checkpointer:
         # keep=None keeps every checkpoint (snapshot ensembles need all of them).
         self.directory = Path(directory).absolute()
         self._failed_save = False
+        _ignore_orbax_teardown_errors()
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -115,7 +120,6 @@ class Checkpointer:
                 self._manager.wait_until_finished()
         except Exception as error:  # Orbax wraps OSError (ENOSPC, EACCES) in its own types
             self._failed_save = True
-            _quiet_after_failed_save()
             raise CheckpointWriteError(
                 f"could not save checkpoint {step} in {self.directory}: {_one_line(error)}"
             ) from None

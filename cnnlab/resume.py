@@ -8,6 +8,7 @@ recorded with the step it applies from; the first start's config is never overwr
 """
 
 import math
+import statistics
 from typing import Any
 
 from cnnlab.errors import ConfigError
@@ -49,7 +50,10 @@ def completed(run_dir: RunDir, summary: dict[str, Any], step: int) -> dict[str, 
             if isinstance(event.get(key), float | int):
                 best[f"best/{key}"] = min(best.get(f"best/{key}", math.inf), event[key])
     kept = {k: v for k, v in summary.items() if k not in ("failure", "status")}
-    return {**kept, **final, **best, "status": "finished", "final_step": step,
+    timing = {"wall_time": max([e["wall_time"] for e in events if "wall_time" in e], default=0.0)}
+    if rates := [e["images_per_sec"] for e in events if "images_per_sec" in e]:
+        timing["images_per_sec"] = statistics.median(rates)
+    return {**kept, **final, **best, **timing, "status": "finished", "final_step": step,
             "completed_from_files": True}
 
 

@@ -99,6 +99,8 @@ def test_case1_killed_after_the_final_checkpoint_is_completed_from_its_files(
     assert summary["status"] == "finished" and summary["final_step"] == 20
     assert summary["final/test/error"] == finished["final/test/error"]
     assert summary["final/train/loss"] == finished["final/train/loss"]
+    assert 0 < summary["wall_time"] <= finished["wall_time"]  # what the CLI's last line reports
+    assert summary["images_per_sec"] > 0
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing retrained
     assert RunDir(run_dir).read_summary()["status"] == "finished"
 
