@@ -36,6 +36,9 @@ class DatasetConfig:
     val_size: int = MISSING
     val_seed: int = MISSING
     max_examples: int | None = MISSING
+    # Folder of decoded splits (cnnlab.data_cache); null: no cache. Not MISSING: configs of runs
+    # made before the cache existed (`cnnlab eval` reads them) load without one.
+    cache_dir: str | None = None
     default_augment: str = MISSING
     # Shapes only (ImageNet): `cnnlab summary` uses it, `cnnlab train` refuses it.
     summary_only: bool = MISSING

@@ -2,7 +2,8 @@
 
 The trainer moves these arrays to the accelerator itself; this module only decides how to read a
 dataset that TFDS has prepared (or can prepare) and returns uint8 images, int32 labels and the
-per-channel normalisation statistics of the training images.
+per-channel normalisation statistics of the training images. Decoded splits can be kept on
+disk between runs (cnnlab.data_cache), which spares later runs the decoding.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cnnlab import data_cache
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -94,6 +97,7 @@ def load_dataset(
     val_seed: int = 0,
     download: bool = True,
     max_examples: int | None = None,
+    cache_dir: str | None = None,
 ) -> Dataset:
     """Loads a TFDS classification dataset into memory as NumPy arrays.
 
@@ -108,6 +112,8 @@ def load_dataset(
       download: whether a dataset missing from ``data_dir`` may be downloaded and prepared.
       max_examples: keep only the first ``max_examples`` of each split (quick runs and tests).
         The hold-out is drawn after truncation, so it depends on this value.
+      cache_dir: folder of decoded splits (cnnlab.data_cache): a split read once is read back
+        from ``.npy`` files instead of decoded again. ``None``: no cache.
 
     Raises:
       DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
@@ -122,10 +128,22 @@ def load_dataset(
     builder = _builder(name, data_dir)
     image_shape, num_classes = _feature_spec(builder, image_key, label_key)
     read = _choose_reader(builder, download)
+    cache = None if cache_dir is None else data_cache.SplitCache(cache_dir)
+
+    def decode(split: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)
+        array_split = _to_array_split(images, labels, image_shape, num_classes, f"{name}/{split}")
+        return array_split.images, array_split.labels
 
     def read_split(split: str) -> ArraySplit:
-        images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)
-        return _to_array_split(images, labels, image_shape, num_classes, f"{name}/{split}")
+        if cache is not None:
+            # Taken after _choose_reader: the key fingerprints the prepared files.
+            key = data_cache.split_key(
+                builder, split, image_key, label_key, max_examples, image_shape
+            )
+            if key is not None:
+                return ArraySplit(*cache.get(builder.name, key, lambda: decode(split)))
+        return ArraySplit(*decode(split))
 
     train = read_split(train_split)
     if not len(train):

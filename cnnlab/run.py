@@ -34,6 +34,7 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
             ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
             image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
             val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
+            cache_dir=ds.cache_dir,
         )
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
         raise ConfigError(f"dataset {ds.name}: {e}") from None

@@ -174,3 +174,32 @@ def test_default_augment_keeps_command_line_keys_that_differ_from_the_base():
     assert (cfg.augment.name, cfg.augment.crop_pad, cfg.augment.cutout) == ("crop_flip", 4, 16)
     # false is the base's value: indistinguishable from not given, the preset's flip stays.
     assert cfg.augment.flip
+
+
+def test_data_cache_setting_reaches_the_loader_and_is_bookkeeping(monkeypatch):
+    from cnnlab import compare, resume, run
+
+    monkeypatch.delenv("CNNLAB_DATA_CACHE", raising=False)
+    assert compose_config().dataset.cache_dir == "~/.cache/cnnlab/data"
+    monkeypatch.setenv("CNNLAB_DATA_CACHE", "/scratch/decoded")
+    cfg = compose_config(["dataset.max_examples=8"])
+    assert cfg.dataset.cache_dir == "/scratch/decoded"
+    assert compose_config(["dataset.cache_dir=null"]).dataset.cache_dir is None
+
+    class Called(Exception):
+        pass
+
+    def load_dataset(name, **kwargs):
+        raise Called(kwargs)
+
+    monkeypatch.setattr(run.data_lib, "load_dataset", load_dataset)
+    with pytest.raises(Called) as info:
+        run.load_data(cfg)
+    assert info.value.args[0]["cache_dir"] == "/scratch/decoded"
+
+    # Where decoded images are kept does not change what a run computes.
+    start = {"dataset": {"cache_dir": "~/.cache/cnnlab/data", "max_examples": 8}}
+    assert resume.config_changes(start, {"dataset": {"cache_dir": None, "max_examples": 8}}) == {}
+    assert compare.is_bookkeeping("dataset.cache_dir")
+    # A run config written before the key existed loads without a cache.
+    assert OmegaConf.structured(DatasetConfig).cache_dir is None

@@ -9,8 +9,14 @@ itself prepares offline in tmp_path.
 from __future__ import annotations
 
 import io
+import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnnlab import data
+from cnnlab import data, data_cache
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +131,208 @@ def test_argument_validation(fashion_dir: Path) -> None:
         with pytest.raises(ValueError, match="bad split") as info:
             data.load_dataset("fashion_mnist", data_dir=data_dir, test_split=split, max_examples=5)
         assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------ decoded-split cache
+
+SMALL = 300  # examples per split in the cache tests that need not read a whole split
+
+
+def _assert_same(got: data.Dataset, want: data.Dataset) -> None:
+    for name in ("train", "val", "test"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        for array, expected in ((a.images, b.images), (a.labels, b.labels)):
+            assert array.dtype == expected.dtype, name
+            np.testing.assert_array_equal(array, expected, err_msg=name)
+    np.testing.assert_array_equal(got.mean, want.mean)
+    np.testing.assert_array_equal(got.std, want.std)
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The splits decoded from the prepared files (not served by the cache), in order."""
+    calls: list[str] = []
+    read = data._read_data_source
+
+    def counting(builder: tfds.core.DatasetBuilder, split: str, *args: object):
+        calls.append(split)
+        return read(builder, split, *args)
+
+    monkeypatch.setattr(data, "_read_data_source", counting)
+    return calls
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "fashion_mnist").iterdir())
+
+
+def test_cache_serves_a_whole_split_identical_and_ten_times_faster(
+    fashion_dir: Path, tmp_path: Path, decoded: list[str]
+) -> None:
+    cache = tmp_path / "cache"
+    start = time.perf_counter()
+    fresh = data.load_dataset("fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache))
+    fresh_s = time.perf_counter() - start
+    assert decoded == ["train", "test"] and len(_entries(cache)) == 2
+    start = time.perf_counter()
+    cached = data.load_dataset("fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache))
+    cached_s = time.perf_counter() - start
+    assert decoded == ["train", "test"]  # nothing decoded again
+    assert len(cached.train) == 60000 and len(cached.test) == 10000
+    _assert_same(cached, fresh)
+    assert cached_s < fresh_s / 10, (fresh_s, cached_s)
+    # The hold-out is drawn from the cached split as from a decoded one.
+    held = data.load_dataset(
+        "fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache), val_size=1000
+    )
+    train, val = data._hold_out(fresh.train, 1000, 0)
+    for got, want in ((held.train, train), (held.val, val)):
+        np.testing.assert_array_equal(got.images, want.images)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    assert decoded == ["train", "test"] and len(_entries(cache)) == 2
+
+
+@pytest.mark.parametrize("val_size", [0, 50])
+def test_cache_with_max_examples_matches_a_fresh_decode(
+    fashion_dir: Path, tmp_path: Path, val_size: int
+) -> None:
+    kwargs = dict(data_dir=str(fashion_dir), max_examples=SMALL, val_size=val_size, val_seed=3)
+    fresh = data.load_dataset("fashion_mnist", **kwargs)
+    cold = data.load_dataset("fashion_mnist", cache_dir=str(tmp_path), **kwargs)
+    warm = data.load_dataset("fashion_mnist", cache_dir=str(tmp_path), **kwargs)
+    assert len(warm.train) == SMALL - val_size and len(warm.test) == SMALL
+    _assert_same(cold, fresh)
+    _assert_same(warm, fresh)
+
+
+def test_cache_key_covers_reading_settings_and_prepared_files(
+    fashion_dir: Path, tmp_path: Path, decoded: list[str]
+) -> None:
+    copy = tmp_path / "tfds"
+    shutil.copytree(fashion_dir, copy)  # copy2: mtimes kept
+    cache = tmp_path / "cache"
+    kwargs = dict(data_dir=str(copy), cache_dir=str(cache))
+    first = data.load_dataset("fashion_mnist", max_examples=SMALL, **kwargs)
+    data.load_dataset("fashion_mnist", max_examples=SMALL, **kwargs)
+    assert decoded == ["train", "test"] and len(_entries(cache)) == 2
+    other = data.load_dataset("fashion_mnist", max_examples=SMALL // 2, **kwargs)
+    assert decoded == ["train", "test"] * 2 and len(_entries(cache)) == 4
+    assert len(other.train) == SMALL // 2
+    keys = [json.loads((entry / "key.json").read_text()) for entry in _entries(cache)]
+    assert sorted(k["max_examples"] for k in keys) == [SMALL // 2] * 2 + [SMALL] * 2
+
+    # Re-preparing the data (here: a newer mtime on the train file) invalidates train only.
+    shard = next((copy / "fashion_mnist").glob("*/fashion_mnist-train.array_record-*"))
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = data.load_dataset("fashion_mnist", max_examples=SMALL, **kwargs)
+    assert decoded[4:] == ["train"] and len(_entries(cache)) == 5
+    _assert_same(again, first)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: _truncate(entry / "images.npy"),
+        lambda entry: (entry / "labels.npy").unlink(),
+        lambda entry: np.save(entry / "labels.npy", np.load(entry / "labels.npy").astype(np.int64)),
+        lambda entry: (entry / "key.json").write_text("{not json"),
+    ],
+    ids=["truncated-images", "missing-labels", "int64-labels", "garbled-key"],
+)
+def test_damaged_cache_entry_is_decoded_again_and_rewritten(
+    fashion_dir: Path,
+    tmp_path: Path,
+    decoded: list[str],
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[Path], None],
+) -> None:
+    cache = tmp_path / "cache"
+    kwargs = dict(data_dir=str(fashion_dir), cache_dir=str(cache), max_examples=SMALL)
+    fresh = data.load_dataset("fashion_mnist", **kwargs)
+    entry = next(e for e in _entries(cache) if '"split": "train"' in (e / "key.json").read_text())
+    damage(entry)
+    with caplog.at_level(logging.WARNING, logger="cnnlab"):
+        again = data.load_dataset("fashion_mnist", **kwargs)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"damaged data cache entry {entry}" in warnings[0]
+    assert decoded == ["train", "test", "train"]
+    _assert_same(again, fresh)
+    third = data.load_dataset("fashion_mnist", **kwargs)  # the rewritten entry serves it
+    assert decoded == ["train", "test", "train"]
+    _assert_same(third, fresh)
+    assert len(_entries(cache)) == 2  # no temporary folders left
+
+
+def test_concurrent_jobs_fill_one_cache_entry(fashion_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    code = (
+        "import sys; from cnnlab import data; "
+        "ds = data.load_dataset('fashion_mnist', data_dir=sys.argv[1], cache_dir=sys.argv[2], "
+        f"max_examples={SMALL * 10}); print(len(ds.train), int(ds.train.images.sum()))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(fashion_dir), str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    results = [job.communicate(timeout=120) for job in jobs]
+    for job, (_, err) in zip(jobs, results, strict=True):
+        assert job.returncode == 0, err[-2000:]
+    kwargs = dict(data_dir=str(fashion_dir), max_examples=SMALL * 10)
+    fresh = data.load_dataset("fashion_mnist", **kwargs)
+    assert {out for out, _ in results} == {f"{SMALL * 10} {int(fresh.train.images.sum())}\n"}
+    assert [p.name.startswith(data_cache.TMP_PREFIX) for p in _entries(cache)] == [False] * 2
+    _assert_same(data.load_dataset("fashion_mnist", cache_dir=str(cache), **kwargs), fresh)
+
+
+def test_a_job_that_loses_the_race_keeps_the_winners_entry(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    """Another job stores the entry while this one decodes: this one's rename then fails on the
+    existing folder, and it discards its own copy."""
+    cache = data_cache.SplitCache(tmp_path)
+    builder = tfds.builder("fashion_mnist", data_dir=str(fashion_dir))
+    key = data_cache.split_key(builder, "test", "image", "label", 5, (28, 28, 1))
+    theirs = (np.zeros((5, 28, 28, 1), np.uint8), np.zeros((5,), np.int32))
+    ours = (np.ones((5, 28, 28, 1), np.uint8), np.ones((5,), np.int32))
+
+    def read_while_another_job_stores() -> tuple[np.ndarray, np.ndarray]:
+        data_cache.SplitCache(tmp_path).get("fashion_mnist", key, lambda: theirs)
+        return ours
+
+    assert cache.get("fashion_mnist", key, read_while_another_job_stores) is ours
+    served = cache.get("fashion_mnist", key, lambda: pytest.fail("decoded again"))
+    np.testing.assert_array_equal(served[0], theirs[0])
+    assert len(list((tmp_path / "fashion_mnist").iterdir())) == 1
+
+
+def test_unwritable_cache_dir_loads_without_cache(
+    fashion_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # root ignores permissions; a file under a path does not
+    kwargs = dict(data_dir=str(fashion_dir), max_examples=SMALL, val_size=10)
+    with caplog.at_level(logging.WARNING, logger="cnnlab"):
+        ds = data.load_dataset("fashion_mnist", cache_dir=str(blocker / "cache"), **kwargs)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"cannot write the data cache {blocker / 'cache'}" in warnings[0]
+    _assert_same(ds, data.load_dataset("fashion_mnist", **kwargs))
+    assert blocker.read_text() == "not a folder"
 
 
 # ------------------------------------------------------------------------------ error messages
@@ -312,6 +521,13 @@ def test_mocked_max_examples(mock_tfds, tmp_path: Path) -> None:
     with mock_tfds(num_examples=30):
         ds = data.load_dataset("cifar10", data_dir=str(tmp_path), max_examples=11)
     assert len(ds.train) == 11 and len(ds.test) == 11
+
+
+def test_mocked_data_is_not_cached(mock_tfds, tmp_path: Path) -> None:
+    """No prepared files, nothing that would tell a stale entry: the cache stays out of it."""
+    with mock_tfds(num_examples=30):
+        ds = data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert len(ds.train) == 30 and not (tmp_path / "c").exists()
 
 
 # ------------------------------------------- tiny datasets really prepared by TFDS, offline
