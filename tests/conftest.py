@@ -8,9 +8,19 @@ float tolerance; tests that compare runs bitwise compare two runs built the same
 import os
 
 import jax
+import pytest
 
 from tests.helpers import fashion_dir, mock_tfds  # noqa: F401  (fixtures)
 
 # In this process, and (through the environment) in the CLI processes the tests start.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs composed by the tests cache decoded data in this session's folder, shared by the
+    xdist workers (the parent of each worker's base temp), never in the user's ~/.cache."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    os.environ["CNNLAB_DATA_CACHE"] = str(shared / "data-cache")
