@@ -221,8 +221,9 @@ def train_command(args: list[str]) -> None:
     argv = args
     if not _info_only(parsed):
         cfg = check_config(parsed.overrides, multirun=parsed.multirun)
-        if parsed.overrides:
+        if parsed.overrides and parsed.multirun:
             # Hydra reads its overrides as one group of arguments: the naming joins that group.
+            # A single run keeps every override in its name (its W&B name, cnnlab.app.run_name).
             first = args.index(parsed.overrides[0])
             argv = [*args[:first], *_name_jobs_by_swept_keys(parsed.overrides, cfg),
                     *args[first:]]
@@ -306,11 +307,11 @@ def eval_command(args: list[str]) -> None:
     except OmegaConfBaseException as e:
         key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
         fail(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}")
+    from cnnlab.app import quiet_library_logs
     from cnnlab.data import DatasetUnavailableError
     from cnnlab.ensemble import evaluate_runs, format_report
 
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_logs()
     try:
         report = evaluate_runs([Path(d) for d in run_dirs], ev)
     except (ConfigError, DatasetUnavailableError) as e:

@@ -202,6 +202,8 @@ class LoggerConfig:
     group: str | None = MISSING
     tags: list[str] = MISSING
     name: str | None = MISSING
+    job_type: str = MISSING
+    artifacts: bool = MISSING
 
 
 @dataclasses.dataclass
