@@ -1,6 +1,7 @@
 """Config composition, the experiment recipe, and one-line errors for bad input."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from omegaconf import MISSING, OmegaConf
@@ -203,3 +204,21 @@ def test_data_cache_setting_reaches_the_loader_and_is_bookkeeping(monkeypatch):
     assert compare.is_bookkeeping("dataset.cache_dir")
     # A run config written before the key existed loads without a cache.
     assert OmegaConf.structured(DatasetConfig).cache_dir is None
+
+
+def test_version_names_cnnlab_and_the_libraries_that_decide_the_numbers(tmp_path):
+    import tomllib
+
+    import flax
+    import jax
+
+    from tests.helpers import run_cli
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    result = run_cli(["--version"], cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    line = result.stdout.strip()
+    assert line.startswith(f"cnnlab {project['project']['version']} (")
+    assert f"jax {jax.__version__}" in line and f"flax {flax.__version__}" in line
+    help_text = run_cli(["--help"], cwd=tmp_path).stdout
+    assert "cnnlab --version" in help_text and "train -m experiment=" in help_text
