@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.config import CONF_DIR, resolve_presets
+from cnnlab.config import CONF_DIR, name_the_model, resolve_presets
 from cnnlab.configure import validate_for_training
 from cnnlab.data import DatasetUnavailableError
 from cnnlab.errors import ConfigError
@@ -60,7 +60,8 @@ def sweep_tags() -> list[str]:
 def run_name(cfg: DictConfig) -> str:
     """The W&B run's name: the overrides that set it apart, as Hydra names a multirun job's
     folder (`model=plain20,seed=0`), or `MODEL-DATASET` for a run of the defaults."""
-    return HydraConfig.get().job.override_dirname or f"{cfg.model.name}-{cfg.dataset.name}"
+    overrides = name_the_model(HydraConfig.get().job.override_dirname, cfg.model.name)
+    return overrides or f"{cfg.model.name}-{cfg.dataset.name}"
 
 
 def objective(summary: dict) -> float | None:

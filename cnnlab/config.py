@@ -5,6 +5,7 @@ values are checked by the module that uses them (cnnlab/configure.py calls each 
 """
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +274,26 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 MAX_DIRNAME = 100
 
 
-def short_dirname(name: str) -> str:
-    """A multirun job's folder name from its overrides, cut to MAX_DIRNAME characters.
+# `model=NAME` in a list of overrides (not `model.depth=8`): the choice of the model group.
+_MODEL_CHOICE = re.compile(r"(?<![\w.+~])model=([\w-]+)")
+
+
+def name_the_model(overrides: str, model_name: str | None) -> str:
+    """`model=plain20` with `model.depth=8` trains a plain-8: overrides as shown to people
+    (folder names, W&B names, compare labels) name the net trained, `model.name`."""
+    if not model_name:
+        return overrides
+    return _MODEL_CHOICE.sub(f"model={model_name}", overrides)
+
+
+def short_dirname(name: str, model_name: str | None = None) -> str:
+    """A multirun job's folder name from its overrides (the model named as trained), cut to
+    MAX_DIRNAME characters.
 
     Names past the file system's 255-byte limit would crash the sweep; the hash of the whole
     keeps cut names distinct. The job's full overrides are in `.hydra/overrides.yaml`.
     """
+    name = name_the_model(name, model_name)
     if len(name) <= MAX_DIRNAME:
         return name
     import hashlib

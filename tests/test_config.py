@@ -222,3 +222,17 @@ def test_version_names_cnnlab_and_the_libraries_that_decide_the_numbers(tmp_path
     assert f"jax {jax.__version__}" in line and f"flax {flax.__version__}" in line
     help_text = run_cli(["--help"], cwd=tmp_path).stdout
     assert "cnnlab --version" in help_text and "train -m experiment=" in help_text
+
+
+@pytest.mark.parametrize("overrides, name, shown", [
+    ("model=plain20,seed=0", "plain8", "model=plain8,seed=0"),
+    ("model=resnet20", "resnet20", "model=resnet20"),
+    ("model.depth=8,model=resnet20", "resnet8", "model.depth=8,model=resnet8"),
+    ("optimizer.lr=0.1, model=vgg_a_cifar", "vgg_a_cifar", "optimizer.lr=0.1, model=vgg_a_cifar"),
+    ("seed=1", "resnet8", "seed=1"),
+])
+def test_shown_overrides_name_the_model_trained(overrides, name, shown):
+    from cnnlab.config import name_the_model, short_dirname
+
+    assert name_the_model(overrides, name) == shown
+    assert short_dirname(overrides, name) == shown

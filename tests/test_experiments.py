@@ -286,7 +286,14 @@ def test_smoke_study_runs(study, fashion_dir, tmp_path):
         assert config.dataset.name == "fashion_mnist" and not config.checkpoint.enabled
         job = swept_values(config, choices, list(axes))
         assert set(as_overrides(job)) <= set(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+        if "model" in axes:  # the folder names the net trained (plain8), not the choice (plain20)
+            assert f"model={config.model.name}," in job_dir.name, job_dir.name
         ran.append(job)
     # Every job of the sweep ran, each once, with its own values.
     assert sorted(tuple(job.values()) for job in ran) == sorted(
         tuple(job.values()) for job in jobs(axes))
+    if "model" in axes:  # and so do the compare table's labels
+        table = run_cli(["compare", str(sweep_dir)], cwd=tmp_path).stdout
+        for job_dir in job_dirs:
+            name = OmegaConf.load(job_dir / ".hydra" / "config.yaml").model.name
+            assert f"model={name}" in table
