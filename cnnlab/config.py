@@ -5,6 +5,8 @@ values are checked by the module that uses them (cnnlab/configure.py calls each 
 """
 
 import dataclasses
+import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from cnnlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -349,13 +353,37 @@ def root_values(key: str) -> DictConfig:
     return OmegaConf.load(CONF_DIR / "config.yaml")[key]
 
 
+def fit_steps_per_call(cfg: DictConfig) -> None:
+    """Lower `train.steps_per_call` to the largest chunk that ends on every step the host must
+    act at (logging, evaluation, checkpoints, the end of a snapshot cycle), so that any
+    `train.log_every` works: the chunk size is a speed setting, not one users must plan around.
+    Same steps, same numbers: only how many of them one compiled call runs changes."""
+    train = cfg.train
+    if not all(isinstance(v, int) and v > 0 for v in (train.steps_per_call, train.log_every)):
+        return  # validation reports it
+    boundaries = [train.log_every, train.eval_every, cfg.checkpoint.every]
+    if cfg.schedule.name == "cyclic_cosine" and cfg.schedule.cycles >= 1:
+        boundaries.append(-(-train.steps // cfg.schedule.cycles))  # ceil: one cycle's steps
+    fitted = train.steps_per_call
+    for every in boundaries:
+        if isinstance(every, int) and every > 0:
+            fitted = math.gcd(fitted, every)
+    if fitted != train.steps_per_call:
+        log.info("train.steps_per_call %d -> %d: chunks of steps must end at every %s",
+                 train.steps_per_call, fitted,
+                 ", ".join(str(b) for b in boundaries if isinstance(b, int) and b > 0))
+        train.steps_per_call = fitted
+
+
 def resolve_presets(cfg: DictConfig) -> None:
-    """Replace `augment: default` by the preset the dataset names, so logs show what ran.
+    """Fit `train.steps_per_call` (fit_steps_per_call), and replace `augment: default` by the
+    preset the dataset names, so logs show what ran.
 
     Keys set on the command line (`augment.cutout=16`) stay on top of the preset: they are the
     ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
     `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
     """
+    fit_steps_per_call(cfg)
     if cfg.augment.name != "default":
         return
     preset = cfg.dataset.default_augment
