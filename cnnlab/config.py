@@ -319,6 +319,16 @@ def group_options(group: str) -> list[str]:
                   if not any(part.startswith("_") for part in p.relative_to(root).parts))
 
 
+def help_groups() -> str:
+    """The config groups and their options for `cnnlab train --help` (Hydra's own listing shows
+    the private bases, `_stack` and `_cifar_resnet`, as if they were models)."""
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    return "\n".join(f"{group}: {', '.join(group_options(group))}" for group in groups)
+
+
+OmegaConf.register_new_resolver("cnnlab_help_groups", help_groups, replace=True)
+
+
 # The augment option every preset includes (all augmentations off): what "not overridden" means.
 AUGMENT_BASE = "_base"
 
