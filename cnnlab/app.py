@@ -16,11 +16,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.config import CONF_DIR, resolve_presets
+from cnnlab.config import CONF_DIR, name_the_model, resolve_presets
 from cnnlab.configure import validate_for_training
 from cnnlab.data import DatasetUnavailableError
 from cnnlab.errors import ConfigError
 from cnnlab.rundir import RunDir, RunDirBusy
+
+
+def _not_advice(record: logging.LogRecord) -> bool:
+    # TFDS's advice to install OpenCV (faster PNG decoding): decoded splits are cached, so it
+    # would repeat a suggestion that saves nothing on every run.
+    return "OpenCV is not installed" not in record.getMessage()
+
+
+def quiet_library_logs() -> None:
+    """Orbax/TFDS (through absl) and JAX log routine steps at INFO; keep the terminal for the
+    progress bar and cnnlab's own messages."""
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    absl = logging.getLogger("absl")
+    if _not_advice not in absl.filters:
+        absl.addFilter(_not_advice)
 
 
 class RunFailed(RuntimeError):
@@ -39,6 +55,13 @@ def sweep_tags() -> list[str]:
     """The experiment a run belongs to tags it (W&B filters by tag across sweeps)."""
     experiment = HydraConfig.get().runtime.choices.get("experiment")
     return [experiment.replace("/", "-")] if experiment not in (None, "null") else []
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The W&B run's name: the overrides that set it apart, as Hydra names a multirun job's
+    folder (`model=plain20,seed=0`), or `MODEL-DATASET` for a run of the defaults."""
+    overrides = name_the_model(HydraConfig.get().job.override_dirname, cfg.model.name)
+    return overrides or f"{cfg.model.name}-{cfg.dataset.name}"
 
 
 def objective(summary: dict) -> float | None:
@@ -107,7 +130,9 @@ def _report_end(summary: dict, run_dir: RunDir, multirun: bool) -> None:
         raise SystemExit(128 + int(summary.get("signal") or signal.SIGINT))
     if multirun:
         raise RunFailed(reason or status)
-    print(f"cnnlab: run {status}: {reason}; run directory: {run_dir}", file=sys.stderr)
+    # The reason may already start with the status ("diverged: train/loss reached ...").
+    print(f"cnnlab: run {status}: {reason.removeprefix(f'{status}: ')}; run directory: "
+          f"{run_dir}", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -116,17 +141,14 @@ def train_task(cfg: DictConfig) -> float | None:
     """Train one configuration; returns the objective (for sweepers that optimize it)."""
     from cnnlab.train import failure_reason, train
 
-    # Orbax/TFDS (through absl) and JAX log routine steps at INFO; keep the terminal
-    # for the progress bar and our own messages.
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_logs()
     run_dir = RunDir(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         resolve_presets(cfg)
         validate_for_training(cfg)
         summary = train(cfg, run_dir.path, group=cfg.logger.group or sweep_group(),
-                        tags=sweep_tags())
+                        tags=sweep_tags(), name=run_name(cfg))
     except tuple(e for o in OUTCOMES for e in o.errors) as e:
         _fail(run_dir, cfg, e, multirun)
     except Exception as e:

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cnnlab.errors import ConfigError
 
@@ -19,12 +19,13 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 USAGE = """usage: cnnlab COMMAND [HYDRA OVERRIDES...]
+       cnnlab --version
 
 commands:
   train    train a model: cnnlab train model=resnet56 dataset=cifar10 seed=1
            sweep with Hydra's multirun: cnnlab train -m model=plain20,resnet20 seed=0,1,2
            [hydra/launcher=parallel|slurm] [hydra/sweeper=search]
-           run a study of experiments/: cnnlab train experiment=resnet_vs_plain
+           run a study of experiments/: cnnlab train -m experiment=resnet_vs_plain
            (its CI size: experiment=smoke/resnet_vs_plain)
            see the composed config: cnnlab train --cfg job
 
@@ -120,13 +121,18 @@ def _one_line(error: Exception) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
+class CheckedRuns(NamedTuple):
+    cfg: "DictConfig"  # the last composed config, with its `hydra` node
+    steps: list[int]  # train.steps of each run
+
+
 def check_config(overrides: list[str], for_training: bool = True,
-                 multirun: bool = False) -> "DictConfig":
+                 multirun: bool = False) -> CheckedRuns:
     """Compose and validate every run the command line describes; exit 2 on the first error.
 
-    A multirun (`-m`, or `hydra.mode: MULTIRUN` in a config such as an experiments/ study) also
-    expands the sweep that the config declares in `hydra.sweeper.params`. Returns the last
-    composed config with its `hydra` node (the only one when there is no sweep).
+    A multirun (`-m`) also expands the sweep that a config declares in `hydra.sweeper.params`
+    (the experiments/ studies). A study started without -m is refused with its size: in Hydra
+    projects `experiment=` usually means one run, and a study can be days of training.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -144,14 +150,18 @@ def check_config(overrides: list[str], for_training: bool = True,
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             fail(_one_line(e))
 
+    steps = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combination in _expand(overrides):
             cfg = composed(combination)
             runs = [combination]
-            sweeping = multirun or str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+            declared = str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+            sweeping = multirun or declared
             _check_no_sweep_without_multirun(overrides, sweeping)
             if sweeping:
                 runs = _expand(_config_sweep(cfg.hydra) + combination)
+            if declared and not multirun and for_training:
+                _refuse_study_without_multirun(cfg, len(runs))
             for run in runs:
                 cfg = composed(run)
                 _check_run_dir(cfg, sweeping)
@@ -162,7 +172,17 @@ def check_config(overrides: list[str], for_training: bool = True,
                     fail(str(e))
                 except (OmegaConfBaseException, ValueError) as e:
                     fail(_one_line(e))
-    return cfg
+                steps.append(int(cfg.train.steps))
+    return CheckedRuns(cfg, steps)
+
+
+def _refuse_study_without_multirun(cfg: "DictConfig", jobs: int) -> None:
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.select(cfg, "hydra.runtime.choices.experiment") or "this config"
+    fail(f"experiment={name} is a study of {jobs} runs of {cfg.train.steps:,} steps: run it "
+         f"with -m (cnnlab train -m experiment={name} ...), or train one run of its recipe with "
+         "hydra.mode=RUN")
 
 
 def _check_no_sweep_without_multirun(overrides: list[str], sweeping: bool) -> None:
@@ -220,9 +240,13 @@ def train_command(args: list[str]) -> None:
     parsed = _hydra_args(args)
     argv = args
     if not _info_only(parsed):
-        cfg = check_config(parsed.overrides, multirun=parsed.multirun)
-        if parsed.overrides:
+        cfg, steps = check_config(parsed.overrides, multirun=parsed.multirun)
+        if parsed.multirun:
+            print(f"cnnlab: sweep of {len(steps)} jobs, {sum(steps):,} training steps in all",
+                  file=sys.stderr)
+        if parsed.overrides and parsed.multirun:
             # Hydra reads its overrides as one group of arguments: the naming joins that group.
+            # A single run keeps every override in its name (its W&B name, cnnlab.app.run_name).
             first = args.index(parsed.overrides[0])
             argv = [*args[:first], *_name_jobs_by_swept_keys(parsed.overrides, cfg),
                     *args[first:]]
@@ -244,7 +268,7 @@ def summary_command(args: list[str]) -> None:
     if any(arg.startswith("-") for arg in args):
         print(USAGE)
         return
-    cfg = check_config(args, for_training=False)
+    cfg, _ = check_config(args, for_training=False)
     if cfg.dataset.image_shape is None or cfg.dataset.num_classes is None:
         fail(f"dataset {cfg.dataset.name} does not declare image_shape and num_classes; "
              "set dataset.image_shape=[H,W,C] dataset.num_classes=N")
@@ -306,11 +330,11 @@ def eval_command(args: list[str]) -> None:
     except OmegaConfBaseException as e:
         key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
         fail(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}")
+    from cnnlab.app import quiet_library_logs
     from cnnlab.data import DatasetUnavailableError
     from cnnlab.ensemble import evaluate_runs, format_report
 
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_logs()
     try:
         report = evaluate_runs([Path(d) for d in run_dirs], ev)
     except (ConfigError, DatasetUnavailableError) as e:
@@ -347,10 +371,30 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
+def version() -> str:
+    """`cnnlab --version`: this package's version and those of the libraries that decide the
+    numbers (for bug reports and for papers' reproducibility sections)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(package: str) -> str:
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "hydra-core",
+                 "tensorflow-datasets", "wandb")
+    return f"cnnlab {of('cnnlab')} (" + ", ".join(f"{p} {of(p)}" for p in libraries) + ")"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return
+    if args[0] in ("-V", "--version"):
+        print(version())
         return
     command, rest = args[0], args[1:]
     # A log file that cannot be written (disk full, read-only) must not print a traceback per

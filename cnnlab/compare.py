@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cnnlab.config import name_the_model
 from cnnlab.errors import ConfigError
 from cnnlab.plots import CurveSet, mean_curve, plot_curves
 from cnnlab.rundir import CONFIG, CURVES, RunDir, find_run_dirs, floats
@@ -268,7 +269,8 @@ def _override_labels(groups: Sequence[Sequence[Run]]) -> list[str] | None:
     runs = [run for group in groups for run in group]
     if any(run.overrides is None for run in runs):
         return None
-    kept = {id(run): [o for o in run.overrides if not is_bookkeeping(_override_key(o))]
+    kept = {id(run): [name_the_model(o, run.config.get("model.name"))
+                      for o in run.overrides if not is_bookkeeping(_override_key(o))]
             for run in runs}
     shared = set.intersection(*(set(k) for k in kept.values()))
     if len(groups) == 1:  # nothing to tell apart: say what the one configuration was

@@ -5,6 +5,9 @@ values are checked by the module that uses them (cnnlab/configure.py calls each 
 """
 
 import dataclasses
+import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from cnnlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -202,6 +207,8 @@ class LoggerConfig:
     group: str | None = MISSING
     tags: list[str] = MISSING
     name: str | None = MISSING
+    job_type: str = MISSING
+    artifacts: bool = MISSING
 
 
 @dataclasses.dataclass
@@ -271,12 +278,26 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 MAX_DIRNAME = 100
 
 
-def short_dirname(name: str) -> str:
-    """A multirun job's folder name from its overrides, cut to MAX_DIRNAME characters.
+# `model=NAME` in a list of overrides (not `model.depth=8`): the choice of the model group.
+_MODEL_CHOICE = re.compile(r"(?<![\w.+~])model=([\w-]+)")
+
+
+def name_the_model(overrides: str, model_name: str | None) -> str:
+    """`model=plain20` with `model.depth=8` trains a plain-8: overrides as shown to people
+    (folder names, W&B names, compare labels) name the net trained, `model.name`."""
+    if not model_name:
+        return overrides
+    return _MODEL_CHOICE.sub(f"model={model_name}", overrides)
+
+
+def short_dirname(name: str, model_name: str | None = None) -> str:
+    """A multirun job's folder name from its overrides (the model named as trained), cut to
+    MAX_DIRNAME characters.
 
     Names past the file system's 255-byte limit would crash the sweep; the hash of the whole
     keeps cut names distinct. The job's full overrides are in `.hydra/overrides.yaml`.
     """
+    name = name_the_model(name, model_name)
     if len(name) <= MAX_DIRNAME:
         return name
     import hashlib
@@ -296,6 +317,16 @@ def group_options(group: str) -> list[str]:
     root = CONF_DIR / group
     return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
                   if not any(part.startswith("_") for part in p.relative_to(root).parts))
+
+
+def help_groups() -> str:
+    """The config groups and their options for `cnnlab train --help` (Hydra's own listing shows
+    the private bases, `_stack` and `_cifar_resnet`, as if they were models)."""
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    return "\n".join(f"{group}: {', '.join(group_options(group))}" for group in groups)
+
+
+OmegaConf.register_new_resolver("cnnlab_help_groups", help_groups, replace=True)
 
 
 # The augment option every preset includes (all augmentations off): what "not overridden" means.
@@ -332,13 +363,37 @@ def root_values(key: str) -> DictConfig:
     return OmegaConf.load(CONF_DIR / "config.yaml")[key]
 
 
+def fit_steps_per_call(cfg: DictConfig) -> None:
+    """Lower `train.steps_per_call` to the largest chunk that ends on every step the host must
+    act at (logging, evaluation, checkpoints, the end of a snapshot cycle), so that any
+    `train.log_every` works: the chunk size is a speed setting, not one users must plan around.
+    Same steps, same numbers: only how many of them one compiled call runs changes."""
+    train = cfg.train
+    if not all(isinstance(v, int) and v > 0 for v in (train.steps_per_call, train.log_every)):
+        return  # validation reports it
+    boundaries = [train.log_every, train.eval_every, cfg.checkpoint.every]
+    if cfg.schedule.name == "cyclic_cosine" and cfg.schedule.cycles >= 1:
+        boundaries.append(-(-train.steps // cfg.schedule.cycles))  # ceil: one cycle's steps
+    fitted = train.steps_per_call
+    for every in boundaries:
+        if isinstance(every, int) and every > 0:
+            fitted = math.gcd(fitted, every)
+    if fitted != train.steps_per_call:
+        log.info("train.steps_per_call %d -> %d: chunks of steps must end at every %s",
+                 train.steps_per_call, fitted,
+                 ", ".join(str(b) for b in boundaries if isinstance(b, int) and b > 0))
+        train.steps_per_call = fitted
+
+
 def resolve_presets(cfg: DictConfig) -> None:
-    """Replace `augment: default` by the preset the dataset names, so logs show what ran.
+    """Fit `train.steps_per_call` (fit_steps_per_call), and replace `augment: default` by the
+    preset the dataset names, so logs show what ran.
 
     Keys set on the command line (`augment.cutout=16`) stay on top of the preset: they are the
     ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
     `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
     """
+    fit_steps_per_call(cfg)
     if cfg.augment.name != "default":
         return
     preset = cfg.dataset.default_augment

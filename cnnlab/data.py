@@ -159,13 +159,15 @@ def load_dataset(
     test = read_split(test_split)
     mean, std = channel_mean_std(train.images)
     log.info(
-        "loaded %s: train=%d val=%d test=%d %s in %.1fs",
+        "loaded %s: train=%d val=%d test=%d %s in %.1fs%s",
         name,
         len(train),
         0 if val is None else len(val),
         len(test),
         image_shape,
         time.perf_counter() - start,
+        # Test errors of a cut test split are not comparable with published ones: say so.
+        f" (max_examples={max_examples} cuts every split, test too)" if max_examples else "",
     )
     return Dataset(
         name=name,

@@ -4,6 +4,7 @@ The local files are the source of truth (offline tools such as `cnnlab compare` 
 mirrors them. W&B defaults to offline mode, which needs neither an API key nor a network.
 """
 
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -13,6 +14,8 @@ from omegaconf import DictConfig
 
 from cnnlab.errors import require
 from cnnlab.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 # Keys whose W&B summary is the run's own (median throughput, total time), not the last logged.
 SUMMARY_OWNED_KEYS = ("images_per_sec", "wall_time")
@@ -35,16 +38,19 @@ class RunTracker:
     """Appends one JSON object per logging event and mirrors it to W&B."""
 
     def __init__(self, run_dir: RunDir, config: dict, logger: DictConfig, group: str | None,
-                 resume_step: int | None, tags: list[str] | None = None) -> None:
+                 resume_step: int | None, tags: list[str] | None = None,
+                 name: str | None = None) -> None:
         self.run_dir = run_dir
+        self.logger = logger
         run_dir.path.mkdir(parents=True, exist_ok=True)
         run_dir.drop_metrics_after(resume_step or 0)
         tags = list(dict.fromkeys([*logger.tags, *(tags or [])]))
-        self._wandb = (self._init_wandb(flatten(config), logger, group, tags)
+        self._wandb = (self._init_wandb(flatten(config), logger, group, tags,
+                                        logger.name or name)
                        if logger.mode != "disabled" else None)
 
     def _init_wandb(self, config: dict, logger: DictConfig, group: str | None,
-                    tags: list[str]) -> Any:
+                    tags: list[str], name: str | None) -> Any:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -53,7 +59,8 @@ class RunTracker:
             entity=logger.entity,
             group=group,
             tags=tags,
-            name=logger.name,
+            name=name,
+            job_type=logger.job_type,
             config=config,
             dir=str(self.run_dir.path),
             mode=logger.mode,
@@ -84,10 +91,31 @@ class RunTracker:
 
             self._wandb.log({key: wandb.Image(str(path))}, step=step)
 
+    def log_artifacts(self, config: Path, checkpoint: Path | None) -> None:
+        """The run's config and its latest checkpoint as W&B artifacts (`logger.artifacts`)."""
+        if self._wandb is None or not self.logger.artifacts:
+            return
+        import wandb
+
+        run_id = self._wandb.id
+        artifact = wandb.Artifact(f"config-{run_id}", type="config")
+        artifact.add_file(str(config))
+        self._wandb.log_artifact(artifact)
+        if checkpoint is not None:
+            artifact = wandb.Artifact(f"model-{run_id}", type="model",
+                                      metadata={"step": int(checkpoint.name)})
+            artifact.add_dir(str(checkpoint))
+            self._wandb.log_artifact(artifact, aliases=["latest", f"step-{checkpoint.name}"])
+
     def finish(self, failed: bool = False) -> None:
-        if self._wandb is not None:
-            self._wandb.finish(exit_code=1 if failed else 0)
-            self._wandb = None
+        if self._wandb is None:
+            return
+        offline = self._wandb.settings.mode == "offline" or self.logger.mode == "offline"
+        folder = Path(self._wandb.dir).parent  # wandb/offline-run-DATE-ID
+        self._wandb.finish(exit_code=1 if failed else 0)
+        self._wandb = None
+        if offline:
+            log.info("W&B run saved offline; upload it with: wandb sync %s", folder)
 
 
 # W&B's own modes: offline needs neither an account nor a network.

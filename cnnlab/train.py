@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
-          tags: list[str] | None = None) -> dict[str, Any]:
+          tags: list[str] | None = None, name: str | None = None) -> dict[str, Any]:
     """Train as `cfg` says, writing logs and checkpoints to `run_dir`; returns the summary.
 
-    `group` and `tags` label the W&B run (a sweep's runs share them). The summary's `status`
+    `group`, `tags` and `name` label the W&B run (a sweep's runs share group and tags;
+    `logger.name` overrides `name`). The summary's `status`
     is finished, diverged (training loss non-finite or above train.divergence_threshold;
     `failure` says when), failed or interrupted (`signal`: the signal's number).
     """
@@ -53,7 +54,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
             if run_dir.start_config() != config:
                 raise ConfigError(unfit_state_message(run_dir, config)) from None
             raise
-        tracker = RunTracker(run_dir, config, cfg.logger, group, int(state.step), tags)
+        tracker = RunTracker(run_dir, config, cfg.logger, group, int(state.step), tags, name)
         return _train(run, run_dir, state, loop, checkpoint, tracker)
 
 
@@ -129,6 +130,9 @@ def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any]) -> Non
     try:
         tracker.write_summary(summary)
         _log_curves(tracker, run_dir, summary["final_step"])
+        saved = run_dir.checkpoint_steps()
+        tracker.log_artifacts(run_dir / ".hydra" / "config.yaml",
+                              run_dir / "checkpoints" / str(saved[-1]) if saved else None)
     except OSError as error:
         log.error("could not write the summary of %s: %s", run_dir, error)
     tracker.finish(failed=summary.get("status") != "finished")

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import io
+import json
 import logging
 import logging.config
 import os
@@ -139,30 +140,43 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def wandb_run_contents(run_dir: Path) -> dict:
-    """History rows, config keys, group and summary of the offline W&B run(s) in `run_dir`."""
-    import json as json_lib
+def _items(updates) -> dict:
+    return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in updates}
 
+
+def _add_run(out: dict, run) -> None:
+    out["groups"].add(run.run_group)
+    out["names"].add(run.display_name)
+    out["job_types"].add(run.job_type)
+    out["config"].update(_items(run.config.update))
+
+
+def _add_artifact(out: dict, artifact) -> None:
+    out["artifacts"].append((artifact.type, artifact.name,
+                             sorted(e.path for e in artifact.manifest.contents)))
+
+
+# What each kind of W&B record adds to `wandb_run_contents`.
+_RECORD_READERS = {
+    "history": lambda out, r: out["history"].append(_items(r.history.item)),
+    "run": lambda out, r: _add_run(out, r.run),
+    "config": lambda out, r: out["config"].update(_items(r.config.update)),
+    "summary": lambda out, r: out["summary"].update(_items(r.summary.update)),
+    "artifact": lambda out, r: _add_artifact(out, r.artifact),
+}
+
+
+def wandb_run_contents(run_dir: Path) -> dict:
+    """History rows, config keys, groups, names, job types, artifacts and summary of the
+    offline W&B run(s) in `run_dir`."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    out: dict = {"files": files, "history": [], "config": {}, "groups": set(), "summary": {}}
+    out: dict = {"files": files, "history": [], "config": {}, "groups": set(), "summary": {},
+                 "names": set(), "job_types": set(), "artifacts": []}
     for file in files:
         for record in read_wandb_records(file):
-            kind = record.WhichOneof("record_type")
-            if kind == "history":
-                row = {(i.key or "/".join(i.nested_key)): json_lib.loads(i.value_json)
-                       for i in record.history.item}
-                out["history"].append(row)
-            elif kind == "run":
-                out["groups"].add(record.run.run_group)
-                for item in record.run.config.update:
-                    out["config"][item.key] = json_lib.loads(item.value_json)
-            elif kind == "config":
-                for item in record.config.update:
-                    out["config"][item.key] = json_lib.loads(item.value_json)
-            elif kind == "summary":
-                for item in record.summary.update:
-                    out["summary"][item.key or "/".join(item.nested_key)] = json_lib.loads(
-                        item.value_json)
+            reader = _RECORD_READERS.get(record.WhichOneof("record_type"))
+            if reader is not None:
+                reader(out, record)
     return out
 
 

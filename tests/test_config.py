@@ -1,6 +1,7 @@
 """Config composition, the experiment recipe, and one-line errors for bad input."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from omegaconf import MISSING, OmegaConf
@@ -84,7 +85,6 @@ def test_paper_recipe_is_one_override_away():
 @pytest.mark.parametrize("override, message", [
     ("train.steps=0", "train.steps=0 must be a positive integer"),
     ("train.batch_size=-4", "train.batch_size=-4 must be a positive integer"),
-    ("train.log_every=7", "train.log_every=7 must be a multiple of train.steps_per_call=10"),
     ("model.depth=21", "model.depth=21 is not 6n+2"),
     ("model.shortcut=D", "valid choices: A, B, C"),
     ("init.conv=he_normall", "unknown initializer 'he_normall'; valid choices:"),
@@ -203,3 +203,66 @@ def test_data_cache_setting_reaches_the_loader_and_is_bookkeeping(monkeypatch):
     assert compare.is_bookkeeping("dataset.cache_dir")
     # A run config written before the key existed loads without a cache.
     assert OmegaConf.structured(DatasetConfig).cache_dir is None
+
+
+def test_version_names_cnnlab_and_the_libraries_that_decide_the_numbers(tmp_path):
+    import tomllib
+
+    import flax
+    import jax
+
+    from tests.helpers import run_cli
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    result = run_cli(["--version"], cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    line = result.stdout.strip()
+    assert line.startswith(f"cnnlab {project['project']['version']} (")
+    assert f"jax {jax.__version__}" in line and f"flax {flax.__version__}" in line
+    help_text = run_cli(["--help"], cwd=tmp_path).stdout
+    assert "cnnlab --version" in help_text and "train -m experiment=" in help_text
+
+
+@pytest.mark.parametrize("overrides, name, shown", [
+    ("model=plain20,seed=0", "plain8", "model=plain8,seed=0"),
+    ("model=resnet20", "resnet20", "model=resnet20"),
+    ("model.depth=8,model=resnet20", "resnet8", "model.depth=8,model=resnet8"),
+    ("optimizer.lr=0.1, model=vgg_a_cifar", "vgg_a_cifar", "optimizer.lr=0.1, model=vgg_a_cifar"),
+    ("seed=1", "resnet8", "seed=1"),
+])
+def test_shown_overrides_name_the_model_trained(overrides, name, shown):
+    from cnnlab.config import name_the_model, short_dirname
+
+    assert name_the_model(overrides, name) == shown
+    assert short_dirname(overrides, name) == shown
+
+
+@pytest.mark.parametrize("overrides, fitted", [
+    ([], 10),  # 50, 250, 250: the default chunk fits
+    (["train.log_every=15"], 5),
+    (["train.log_every=7"], 1),
+    (["train.eval_every=0", "train.log_every=20", "checkpoint.every=100"], 10),
+    (["train.steps=100", "schedule=cyclic_cosine", "schedule.cycles=3", "train.log_every=2",
+      "train.eval_every=0", "checkpoint.every=2"], 2),  # cycles of ceil(100/3)=34 steps
+])
+def test_steps_per_call_is_fitted_to_every_boundary_the_host_acts_at(overrides, fitted):
+    from cnnlab.configure import compose
+
+    cfg = compose(overrides)  # resolves, then validates: no "must be a multiple" left to say
+    assert cfg.train.steps_per_call == fitted
+
+
+def test_train_help_lists_the_options_users_can_choose_only(tmp_path):
+    from cnnlab.config import group_options
+    from tests.helpers import run_cli
+
+    result = run_cli(["train", "--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    listing = result.stdout.split("== Config ==")[0]
+    groups = dict(line.split(": ", 1) for line in listing.splitlines()
+                  if line.split(":")[0] in ("model", "augment", "schedule", "dataset"))
+    assert groups["model"].split(", ") == group_options("model")
+    assert "resnet56" in groups["model"]
+    assert not any(o.startswith("_") for g in groups.values() for o in g.split(", "))
+    assert "_base" not in groups["augment"] and "_base" not in groups["schedule"]
+    assert "_stack" not in result.stdout and "_cifar_resnet" not in result.stdout

@@ -617,3 +617,13 @@ def test_channel_mean_std_matches_numpy() -> None:
     np.testing.assert_allclose(mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(std, pixels.std(axis=(0, 1, 2)), rtol=1e-6)
     assert mean.dtype == std.dtype == np.float32
+
+
+def test_a_cut_test_split_is_said(fashion_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="cnnlab"):
+        ds = data.load_dataset("fashion_mnist", data_dir=str(fashion_dir), max_examples=64)
+    assert len(ds.test) == 64
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert len(loaded) == 1 and "max_examples=64 cuts every split, test too" in loaded[0]

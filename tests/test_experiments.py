@@ -267,12 +267,15 @@ def test_augmentation_study_is_the_presets_on_the_resnet_recipe():
 @pytest.mark.parametrize("study", STUDIES)
 def test_smoke_study_runs(study, fashion_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(["train", f"experiment=smoke/{study}", "logger.mode=disabled",
+    result = run_cli(["train", "-m", f"experiment=smoke/{study}", "logger.mode=disabled",
                       f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, data_dir=fashion_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     axes = sweep_axes(compose_study(f"smoke/{study}"))
     job_dirs = sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml"))
     assert len(job_dirs) == len(jobs(axes)), [p.name for p in job_dirs]
+    steps = sum(OmegaConf.load(d / ".hydra" / "config.yaml").train.steps for d in job_dirs)
+    assert f"cnnlab: sweep of {len(job_dirs)} jobs, {steps:,} training steps in all" in (
+        result.stderr)
     ran = []
     for job_dir in job_dirs:
         summary = json.loads((job_dir / "summary.json").read_text())
@@ -283,7 +286,14 @@ def test_smoke_study_runs(study, fashion_dir, tmp_path):
         assert config.dataset.name == "fashion_mnist" and not config.checkpoint.enabled
         job = swept_values(config, choices, list(axes))
         assert set(as_overrides(job)) <= set(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+        if "model" in axes:  # the folder names the net trained (plain8), not the choice (plain20)
+            assert f"model={config.model.name}," in job_dir.name, job_dir.name
         ran.append(job)
     # Every job of the sweep ran, each once, with its own values.
     assert sorted(tuple(job.values()) for job in ran) == sorted(
         tuple(job.values()) for job in jobs(axes))
+    if "model" in axes:  # and so do the compare table's labels
+        table = run_cli(["compare", str(sweep_dir)], cwd=tmp_path).stdout
+        for job_dir in job_dirs:
+            name = OmegaConf.load(job_dir / ".hydra" / "config.yaml").model.name
+            assert f"model={name}" in table

@@ -184,10 +184,19 @@ def test_submitit_runs_the_jobs_it_would_send_to_slurm(fashion_dir, tmp_path):
 
 def test_a_sweep_declared_in_a_config_is_checked_before_it_starts(tmp_path):
     """The studies set hydra.mode: MULTIRUN and their sweep in hydra.sweeper.params: every job
-    of it is validated up front, without -m, as a command-line sweep is."""
-    result = run_cli(["train", "experiment=smoke/init_study",
+    of it is validated up front, as a command-line sweep is."""
+    result = run_cli(["train", "-m", "experiment=smoke/init_study",
                       "hydra.sweeper.params.init='he_normal,bogus'"], cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "unknown init 'bogus'" in result.stderr
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_study_without_m_is_refused_with_its_size(tmp_path):
+    refused = run_cli(["train", "experiment=resnet_vs_plain"], cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith(
+        "cnnlab: error: experiment=resnet_vs_plain is a study of 24 runs of 64,000 steps: run it "
+        "with -m")
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()

@@ -68,6 +68,17 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert wb["history"][-1]["curves/_type"] == "image-file"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["30", "60"]
+    # Named by what sets it apart, with its job type, config and final checkpoint attached.
+    assert wb["names"] == {",".join(sorted(a for a in args if not a.startswith("progress=")))}
+    assert wb["job_types"] == {"train"}
+    artifacts = {kind: (name, files) for kind, name, files in wb["artifacts"]}
+    assert set(artifacts) == {"config", "model"}
+    assert artifacts["config"][1] == ["config.yaml"]
+    checkpoint_files = sorted(str(p.relative_to(tmp_path / "checkpoints" / "60"))
+                              for p in (tmp_path / "checkpoints" / "60").rglob("*") if p.is_file())
+    assert artifacts["model"][1] == checkpoint_files
+    folder = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert f"upload it with: wandb sync {folder}" in result.stdout + result.stderr
 
     # The same command again finds the run complete: nothing is retrained or overwritten.
     before = {f: (tmp_path / f).read_text() for f in ("metrics.jsonl", "summary.json")}
@@ -185,3 +196,29 @@ def test_batch_larger_than_dataset_is_a_config_error(fashion_dir, tmp_path, bad)
                      data_dir=fashion_dir, timeout=120)
     assert result.returncode == 2
     assert "train.batch_size=100000 exceeds" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_diverged_run_says_diverged_once(tmp_path, capsys):
+    from cnnlab import app
+    from cnnlab.rundir import RunDir
+
+    summary = {"status": "diverged", "failure": "diverged: train/loss reached inf by step 3"}
+    with pytest.raises(SystemExit) as info:
+        app._report_end(summary, RunDir(tmp_path), multirun=False)
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"cnnlab: run diverged: train/loss reached inf by step 3; run directory: {tmp_path}\n")
+
+
+def test_tfds_opencv_advice_is_not_repeated_but_other_warnings_are(caplog):
+    import logging
+
+    from cnnlab.app import quiet_library_logs
+
+    quiet_library_logs()
+    quiet_library_logs()  # idempotent: one filter
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING):
+        absl.warning("OpenCV is not installed. We recommend using OpenCV because it is faster")
+        absl.warning("Variant folder X has no dataset_info.json")
+    assert [r.getMessage() for r in caplog.records] == ["Variant folder X has no dataset_info.json"]
