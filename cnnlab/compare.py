@@ -17,9 +17,10 @@ import dataclasses
 import difflib
 import io
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -28,9 +29,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.config import name_the_model
 from cnnlab.errors import ConfigError
-from cnnlab.plots import CurveSet, mean_curve, plot_curves
+from cnnlab.plots import YSCALES, CurveSet, lr_drops, mean_curve, plot_curves
 from cnnlab.rundir import CONFIG, CURVES, RunDir, find_run_dirs, floats
 from cnnlab.tracking import flatten
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where tables are made: `cnnlab train` never needs it
 
 COMPARE_DIR = "compare"
 TABLE_MD, TABLE_CSV, FAILED_CSV = "table.md", "table.csv", "failed.csv"
@@ -63,6 +67,8 @@ class CompareConfig:
     panel_by: str | None = None
     # y-axis range [lo, hi]; null: matplotlib's.
     ylim: list[float] | None = None
+    # auto: logarithmic when the curves span more than two decades (losses), else linear.
+    yscale: str = "auto"
     # Shade mean ± std over seeds around each curve.
     shade_std: bool = False
     dpi: int = 150
@@ -254,6 +260,42 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def display_value(value: Any) -> str:
+    """A config value as pandas and Python print it (True, None), for titles and tables."""
+    return str(value) if isinstance(value, bool) or value is None else format_value(value)
+
+
+# Short names of the keys figures are most often split by. Other keys are named by their last
+# part (train.batch_size -> batch size), GROUP.name by its group (norm.name -> norm).
+KEY_NAMES = {"model.name": "model", "model.depth": "depth", "model.residual": "residual",
+             "optimizer.lr": "learning rate", "optimizer.weight_decay": "weight decay",
+             "train.steps": "iterations", "norm.name": "normalization",
+             "init.name": "initialization"}
+
+
+def readable_key(key: str) -> str:
+    if key in KEY_NAMES:
+        return KEY_NAMES[key]
+    group, _, last = key.rpartition(".")
+    name = group.rpartition(".")[2] if last == "name" and group else last
+    return name.replace("_", " ")
+
+
+def panel_title(key: str, value: Any) -> str:
+    """`model.residual`, True -> "residual: True"."""
+    return f"{readable_key(key)}: {display_value(value)}"
+
+
+# Panels sort by value within a kind: False before True, numbers ascending, strings
+# alphabetically, then anything else (lists, unset) by its text. bool first: it is an int too.
+_VALUE_RANKS = ((bool, 0), (int | float, 1), (str, 2))
+
+
+def value_order(value: Any) -> tuple[int, Any]:
+    rank = next((r for kind, r in _VALUE_RANKS if isinstance(value, kind)), len(_VALUE_RANKS))
+    return rank, value if rank < len(_VALUE_RANKS) else format_value(value)
+
+
 def _override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
@@ -281,24 +323,40 @@ def _override_labels(groups: Sequence[Sequence[Run]]) -> list[str] | None:
     return labels if all(labels) and len(set(labels)) == len(labels) else None
 
 
+UNSET = "<unset>"  # a key of another config version, or of another model family
+
+
+def _label_value(config: dict[str, Any], key: str) -> str:
+    return format_value(config.get(key, UNSET))
+
+
+def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """The flattened keys whose values differ between configurations, in config order, keys
+    all configurations have first."""
+    keys = list(dict.fromkeys(k for config in configs for k in config))
+    differing = [k for k in keys if len({_label_value(c, k) for c in configs}) > 1]
+    differing.sort(key=lambda k: not all(k in c for c in configs))  # stable: config order
+    return differing
+
+
+def distinguishing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """All differing keys up to MAX_LABEL_KEYS; beyond, the fewest leading ones that tell the
+    configurations apart."""
+    differing = differing_keys(configs)
+    if len(differing) <= MAX_LABEL_KEYS:
+        return differing
+    for count in range(1, len(differing) + 1):
+        chosen = differing[:count]
+        if len({tuple(_label_value(c, k) for k in chosen) for c in configs}) == len(configs):
+            return chosen
+    return differing
+
+
 def _config_labels(configs: Sequence[dict[str, Any]]) -> list[str]:
     """Labels from the flattened keys whose values differ between configurations."""
-    unset = "<unset>"  # a key of another config version, or of another model family
-
-    def value(config: dict[str, Any], key: str) -> str:
-        return format_value(config.get(key, unset))
-
-    keys = list(dict.fromkeys(k for config in configs for k in config))
-    differing = [k for k in keys if len({value(c, k) for c in configs}) > 1]
-    differing.sort(key=lambda k: not all(k in c for c in configs))  # stable: config order
-    chosen = differing
-    if len(differing) > MAX_LABEL_KEYS:
-        for count in range(1, len(differing) + 1):
-            chosen = differing[:count]
-            if len({tuple(value(c, k) for k in chosen) for c in configs}) == len(configs):
-                break
-    more = ", …" if len(chosen) < len(differing) else ""
-    return [", ".join(f"{k}={value(c, k)}" for k in chosen) + more for c in configs]
+    chosen = distinguishing_keys(configs)
+    more = ", …" if len(chosen) < len(differing_keys(configs)) else ""
+    return [", ".join(f"{k}={_label_value(c, k)}" for k in chosen) + more for c in configs]
 
 
 def group_runs(runs: Sequence[Run]) -> list[Configuration]:
@@ -379,6 +437,7 @@ class Row:
     finished: int
     runs: int
     stats: dict[str, Stat]  # by column name
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # for the key columns
 
 
 def _numbers(runs: Iterable[Run], key: str) -> list[float]:
@@ -389,7 +448,7 @@ def _numbers(runs: Iterable[Run], key: str) -> list[float]:
 def table_rows(configurations: Sequence[Configuration]) -> list[Row]:
     return [
         Row(c.label, len(c.finished), len(c.runs),
-            {col.name: mean_std(_numbers(c.finished, col.key)) for col in COLUMNS})
+            {col.name: mean_std(_numbers(c.finished, col.key)) for col in COLUMNS}, c.config)
         for c in configurations
     ]
 
@@ -426,20 +485,33 @@ def check_panel_key(runs: Sequence[Run], key: str) -> None:
         raise ConfigError(f"compare.panel_by: no run has config key '{key}'{hint}")
 
 
+def _panel_value(c: Configuration, key: str) -> Any:
+    return c.runs[0].config.get(key)  # the full config: panel_by may name any key
+
+
+def _curve_set(c: Configuration, metric: Metric, panel_by: str | None) -> CurveSet | None:
+    histories = [run.metrics for run in c.finished]
+    train, test = mean_curve(histories, metric.train), mean_curve(histories, metric.test)
+    if train is None and test is None:
+        return None
+    panel = None if panel_by is None else panel_title(panel_by, _panel_value(c, panel_by))
+    # Every seed's drops: equal for a step schedule, each seed's own on plateau.
+    drops = sorted({step for history in histories for step in lr_drops(history)})
+    return CurveSet(c.label, train, test, panel, tuple(drops))
+
+
 def configuration_curves(configurations: Sequence[Configuration], metric: str = "error",
                          panel_by: str | None = None) -> list[CurveSet]:
-    """The mean curves of each configuration's finished seeds (none: not drawn)."""
-    keys = METRICS[metric]
-    curve_sets = []
-    for c in configurations:
-        histories = [run.metrics for run in c.finished]
-        train, test = mean_curve(histories, keys.train), mean_curve(histories, keys.test)
-        if train is None and test is None:
-            continue
-        panel = (None if panel_by is None
-                 else f"{panel_by}={format_value(c.runs[0].config.get(panel_by))}")
-        curve_sets.append(CurveSet(c.label, train, test, panel))
-    return curve_sets
+    """The mean curves of each configuration's finished seeds (none: not drawn).
+
+    In configuration order, stably sorted by the panel key's value, so that the panels (and
+    legend entries) go False, True or 20, 56 whatever order the jobs ran in.
+    """
+    drawn = [(c, cs) for c in configurations
+             if (cs := _curve_set(c, METRICS[metric], panel_by)) is not None]
+    if panel_by is not None:
+        drawn.sort(key=lambda pair: value_order(_panel_value(pair[0], panel_by)))
+    return [cs for _, cs in drawn]
 
 
 # ---------------------------------------------------------------------------------- rendering
@@ -466,13 +538,27 @@ def _markdown(headers: Sequence[str], rows: Iterable[Sequence[Any]],
     return "\n".join(lines)
 
 
+CONFIGURATION = "configuration"  # the label column, when no config key varies
+
+
+def _key_cells(row: Row, keys: Sequence[str], value: Callable[[Any], Any]) -> list[Any]:
+    """The row's value of each varying key (None where it has no such key); with no varying
+    key, the configuration's label, so that a lone configuration still says what ran."""
+    if not keys:
+        return [row.label]
+    return [value(row.config[k]) if k in row.config else None for k in keys]
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
+    """One column per differing config key (the fewest that tell the rows apart when more than
+    MAX_LABEL_KEYS differ: table.csv has them all), then seeds and the statistics."""
     columns = table_columns(rows)
+    keys = distinguishing_keys([row.config for row in rows])
     return _markdown(
-        ["configuration", "seeds", *(col.header for col in columns)],
-        ([row.label, f"{row.finished}/{row.runs}",
+        [*(keys or [CONFIGURATION]), "seeds", *(col.header for col in columns)],
+        ([*_key_cells(row, keys, display_value), f"{row.finished}/{row.runs}",
           *(format_stat(row.stats[col.name], col) for col in columns)] for row in rows),
-        [False, True, *(True for _ in columns)],
+        [*(False for _ in keys or [CONFIGURATION]), True, *(True for _ in columns)],
     )
 
 
@@ -500,15 +586,48 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return out.getvalue()
 
 
+# CSV statistics are cut to this many significant digits: means and stds over a few seeds
+# mean nothing further, and 89.99 beats 89.99000000000001. Whole numbers stay exact.
+CSV_DIGITS = 6
+
+
+def _csv_key_value(value: Any) -> Any:
+    return format_value(value) if isinstance(value, list | dict) else value
+
+
+def _tidy(values: Sequence[float | None]) -> "pd.Series":
+    """A statistic's column: integers when every value is whole (params, MACs), else floats
+    at CSV_DIGITS significant digits; None (no value, or no std of one seed) stays empty."""
+    import pandas as pd
+
+    present = [v for v in values if v is not None]
+    if present and all(math.isfinite(v) and v == round(v) for v in present):
+        return pd.Series([None if v is None else round(v) for v in values], dtype="Int64")
+    return pd.Series([None if v is None else float(f"{v:.{CSV_DIGITS}g}") for v in values],
+                     dtype=float)
+
+
+def table_frame(rows: Sequence[Row]) -> "pd.DataFrame":
+    """The configuration table as a DataFrame: one column per differing config key (or the
+    label column `configuration` when none differs), n (finished seeds), runs, then
+    `<column>_mean` and `<column>_std` of each statistic."""
+    import pandas as pd
+
+    keys = differing_keys([row.config for row in rows])
+    cells = [_key_cells(row, keys, _csv_key_value) for row in rows]
+    data: dict[str, Any] = {key: pd.Series([c[i] for c in cells], dtype=object)
+                            for i, key in enumerate(keys or [CONFIGURATION])}
+    data["n"] = [row.finished for row in rows]
+    data["runs"] = [row.runs for row in rows]
+    for col in table_columns(rows):
+        for part in ("mean", "std"):
+            data[f"{col.name}_{part}"] = _tidy([getattr(row.stats[col.name], part)
+                                                for row in rows])
+    return pd.DataFrame(data)
+
+
 def table_csv(rows: Sequence[Row]) -> str:
-    columns = table_columns(rows)
-    header = ["configuration", "n", "runs"]
-    for col in columns:
-        header += [f"{col.name}_mean", f"{col.name}_std"]
-    return _csv(header, (
-        [row.label, row.finished, row.runs,
-         *(v for col in columns for v in (row.stats[col.name].mean, row.stats[col.name].std))]
-        for row in rows))
+    return table_frame(rows).to_csv(index=False, lineterminator="\n")
 
 
 def failed_csv(failed: Sequence[FailedRun]) -> str:
@@ -532,12 +651,16 @@ def parse_config(overrides: Sequence[str]) -> CompareConfig:
 
 
 def validate(cfg: CompareConfig) -> None:
-    for key, value, valid in (("format", cfg.format, RENDERERS), ("metric", cfg.metric, METRICS)):
+    for key, value, valid in (("format", cfg.format, RENDERERS), ("metric", cfg.metric, METRICS),
+                              ("yscale", cfg.yscale, YSCALES)):
         if value not in valid:
             raise ConfigError(f"compare.{key}: unknown '{value}'; valid choices: "
                               f"{', '.join(valid)}")
     if cfg.ylim is not None and (len(cfg.ylim) != 2 or not cfg.ylim[0] < cfg.ylim[1]):
         raise ConfigError(f"compare.ylim: expected [lo,hi] with lo < hi, got {cfg.ylim}")
+    if cfg.yscale == "log" and cfg.ylim is not None and cfg.ylim[0] <= 0:
+        raise ConfigError(f"compare.ylim: a log y-axis (compare.yscale=log) needs lo > 0, got "
+                          f"{cfg.ylim}")
     if cfg.dpi <= 0:
         raise ConfigError(f"compare.dpi: must be positive, got {cfg.dpi}")
 
@@ -587,7 +710,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> 
     if comparison.curves:
         written.append(plot_curves(
             comparison.curves, out_dir / CURVES, ylabel=METRICS[cfg.metric].axis_label,
-            ylim=cfg.ylim, shade_std=cfg.shade_std, dpi=cfg.dpi))
+            ylim=cfg.ylim, shade_std=cfg.shade_std, dpi=cfg.dpi, yscale=cfg.yscale))
     return written
 
 

@@ -1,12 +1,14 @@
 """Training curves as PNG, in the style of He et al. 2016 (Deep Residual Learning), Fig. 1/4/6.
 
 Error (or loss) against iterations: thin lines train, bold lines test, one colour per
-configuration, optionally one panel per value of a config key. Figures are built on
-matplotlib's Figure/Agg canvas without pyplot: no global figure state or GUI backend, and a
-quick import, since train.py draws every run's curves at its end.
+configuration, optionally one panel per value of a config key, faint vertical lines where the
+learning rate drops. Figures are built on matplotlib's Figure/Agg canvas without pyplot: no
+global figure state or GUI backend, and a quick import, since train.py draws every run's curves
+at its end.
 """
 
 import dataclasses
+import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,9 @@ import numpy as np
 from cnnlab.rundir import RunDir
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 @dataclasses.dataclass(frozen=True)
 class Curve:
@@ -45,6 +49,26 @@ def mean_curve(histories: Sequence[Sequence[dict[str, Any]]], key: str) -> Curve
     return Curve(np.array(steps), table.mean(axis=0), std, len(per_run))
 
 
+# A drop is a fall of the logged lr by at least this factor right after a plateau (two equal
+# logged values): step and plateau schedules drop that way, while a cosine or linear decay,
+# whose last values also fall by large factors, never has a plateau before them.
+LR_DROP_FACTOR = 2.0
+
+
+def lr_drops(history: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+    """The last logged step before each learning-rate drop in one run's metrics.
+
+    metrics.jsonl logs at step s the lr of step s, so the new rate starts right after the
+    returned step (exactly when lr is logged every step, within log_every otherwise).
+    """
+    logged = [(e["step"], float(e["lr"])) for e in history
+              if isinstance(e.get("lr"), int | float) and math.isfinite(e["lr"])]
+    return tuple(
+        logged[i - 1][0] for i in range(2, len(logged))
+        if logged[i][1] * LR_DROP_FACTOR <= logged[i - 1][1]
+        and math.isclose(logged[i - 1][1], logged[i - 2][1], rel_tol=1e-6))
+
+
 @dataclasses.dataclass(frozen=True)
 class CurveSet:
     """One configuration's lines in a figure."""
@@ -52,14 +76,25 @@ class CurveSet:
     label: str
     train: Curve | None
     test: Curve | None
-    panel: str | None = None  # panel title (panel_by's key=value); None: the only panel
+    panel: str | None = None  # panel title; None: the only panel
+    lr_drops: tuple[int, ...] = ()  # steps after which the learning rate drops
 
 
 TRAIN_WIDTH = 0.8
-TEST_WIDTH = 2.2
+TEST_WIDTH = 1.6
+# Curves with few points get a marker on each, so that two evaluations joined by a bold line
+# read as two measurements, not as a trend.
+MARKER_MAX_POINTS = 20
+MARKER_SIZE = {"train": 2.5, "test": 4.0}
 PANEL_SIZE = (6.0, 4.5)  # inches per panel
-LABEL_WIDTH, LABEL_CHARS = 48, 144  # legend labels: wrapped, then cut
+LEGEND_WIDTH = 2.6  # inches added on the right for the legend, outside every panel
+LABEL_WIDTH, LABEL_CHARS = 32, 144  # legend labels: wrapped, then cut
 STYLE_COLOR = "0.35"  # the legend's "train"/"test" entries: line width only, no configuration
+LR_DROP_STYLE = {"color": "0.55", "linewidth": 0.8, "linestyle": ":", "zorder": 0}
+# y-axis "auto": logarithmic when the plotted means span more than two decades (a test loss of
+# 4000 next to a train loss of 0.1), linear otherwise.
+LOG_SPAN = 100.0
+YSCALES = ("auto", "linear", "log")
 
 
 def _colors(count: int) -> list:
@@ -69,45 +104,98 @@ def _colors(count: int) -> list:
     return [cmap(i % cmap.N) for i in range(count)]
 
 
-def curves_figure(curve_sets: Sequence[CurveSet], ylabel: str = "error (%)",
-                  ylim: Sequence[float] | None = None, shade_std: bool = False) -> "Figure":
-    """One line pair per configuration; the data lines carry gid `train:LABEL` / `test:LABEL`."""
-    from matplotlib.figure import Figure
+def compact_count(value: float, pos: int | None = None) -> str:
+    """An iteration count as a tick label: 500, 2k, 32k, 1.5M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def choose_yscale(curve_sets: Sequence[CurveSet], ylim: Sequence[float] | None = None,
+                  yscale: str = "auto") -> str:
+    """'linear' or 'log'; "auto" is log only for positive means spanning > LOG_SPAN."""
+    if yscale != "auto":
+        return yscale
+    means = [c.mean for cs in curve_sets for c in (cs.train, cs.test) if c is not None]
+    values = np.concatenate(means) if means else np.array([])
+    values = values[np.isfinite(values)]
+    fits = ylim is None or ylim[0] > 0  # a range from 0 cannot be drawn on a log axis
+    span = values.size and values.min() > 0 and values.max() / values.min() > LOG_SPAN
+    return "log" if span and fits else "linear"
+
+
+def _draw_curve(ax: "Axes", curve: Curve, kind: str, color: Any, label: str,
+                shade_std: bool) -> None:
+    few = len(curve.steps) <= MARKER_MAX_POINTS
+    (line,) = ax.plot(curve.steps, curve.mean, color=color,
+                      linewidth=TEST_WIDTH if kind == "test" else TRAIN_WIDTH,
+                      marker="o" if few else None, markersize=MARKER_SIZE[kind], label="_data")
+    line.set_gid(f"{kind}:{label}")
+    if shade_std and curve.n > 1:
+        ax.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std,
+                        color=color, alpha=0.15, linewidth=0)
+
+
+def _draw_lr_drops(ax: "Axes", steps: Sequence[int]) -> None:
+    for step in sorted(set(steps)):
+        ax.axvline(step, **LR_DROP_STYLE, label="_lr_drop").set_gid(f"lr-drop:{step}")
+
+
+def _style_axes(ax: "Axes", title: str | None, yscale: str) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.set_xlabel("iterations")
+    ax.set_yscale(yscale)
+    # Iterations are whole numbers; large ones shown as 32k.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(compact_count))
+    ax.grid(alpha=0.3)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+
+
+def _legend_handles(curve_sets: Sequence[CurveSet], colors: Sequence[Any]) -> list["Line2D"]:
     from matplotlib.lines import Line2D
 
+    # Long labels (many differing keys) are wrapped so the legend stays narrow.
+    handles = [Line2D([], [], color=color, linewidth=1.5, label=textwrap.fill(
+        textwrap.shorten(cs.label, LABEL_CHARS, placeholder=" …"), LABEL_WIDTH))
+        for cs, color in zip(curve_sets, colors, strict=True)]
+    return handles + [
+        Line2D([], [], color=STYLE_COLOR, linewidth=TRAIN_WIDTH, label="train"),
+        Line2D([], [], color=STYLE_COLOR, linewidth=TEST_WIDTH, label="test")]
+
+
+def curves_figure(curve_sets: Sequence[CurveSet], ylabel: str = "error (%)",
+                  ylim: Sequence[float] | None = None, shade_std: bool = False,
+                  yscale: str = "auto") -> "Figure":
+    """One line pair per configuration; panels in order of first appearance.
+
+    The data lines carry gid `train:LABEL` / `test:LABEL`, the lr-drop lines `lr-drop:STEP`.
+    One legend for all panels, outside them on the right, so it never hides a curve.
+    """
+    from matplotlib.figure import Figure
+
     panels = list(dict.fromkeys(cs.panel for cs in curve_sets)) or [None]
-    fig = Figure(figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1]), layout="constrained")
+    fig = Figure(figsize=(PANEL_SIZE[0] * len(panels) + LEGEND_WIDTH, PANEL_SIZE[1]),
+                 layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    handles: dict[int, list[Line2D]] = {i: [] for i in range(len(panels))}
-    for cs, color in zip(curve_sets, _colors(len(curve_sets)), strict=True):
-        index = panels.index(cs.panel)
-        ax = axes[index]
-        for kind, curve, width in (("train", cs.train, TRAIN_WIDTH), ("test", cs.test,
-                                                                       TEST_WIDTH)):
-            if curve is None:
-                continue
-            # A lone point (a test error logged only at the end) needs a marker to be seen.
-            (line,) = ax.plot(curve.steps, curve.mean, color=color, linewidth=width,
-                              marker="o" if len(curve.steps) == 1 else None, label="_data")
-            line.set_gid(f"{kind}:{cs.label}")
-            if shade_std and curve.n > 1:
-                ax.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std,
-                                color=color, alpha=0.15, linewidth=0)
-        # Long labels (many differing keys) are wrapped so the legend leaves room to plot.
-        label = textwrap.fill(textwrap.shorten(cs.label, LABEL_CHARS, placeholder=" …"),
-                              LABEL_WIDTH)
-        handles[index].append(Line2D([], [], color=color, linewidth=1.5, label=label))
-    for index, ax in enumerate(axes):
-        style = [Line2D([], [], color=STYLE_COLOR, linewidth=TRAIN_WIDTH, label="train"),
-                 Line2D([], [], color=STYLE_COLOR, linewidth=TEST_WIDTH, label="test")]
-        ax.legend(handles=handles[index] + style, fontsize=8, loc="upper right")
-        ax.set_xlabel("iterations")
-        ax.grid(alpha=0.3)
-        if panels[index] is not None:
-            ax.set_title(panels[index], fontsize=10)
+    colors = _colors(len(curve_sets))
+    for cs, color in zip(curve_sets, colors, strict=True):
+        ax = axes[panels.index(cs.panel)]
+        for kind, curve in (("train", cs.train), ("test", cs.test)):
+            if curve is not None:
+                _draw_curve(ax, curve, kind, color, cs.label, shade_std)
+    scale = choose_yscale(curve_sets, ylim, yscale)
+    for ax, panel in zip(axes, panels, strict=True):
+        _draw_lr_drops(ax, [s for cs in curve_sets if cs.panel == panel for s in cs.lr_drops])
+        _style_axes(ax, panel, scale)
     axes[0].set_ylabel(ylabel)
     if ylim is not None:
         axes[0].set_ylim(*ylim)  # shared by all panels
+    fig.legend(handles=_legend_handles(curve_sets, colors), fontsize=8,
+               loc="outside right upper")
     return fig
 
 
@@ -120,9 +208,9 @@ def save_figure(fig: "Figure", path: Path, dpi: int = 150) -> Path:
 
 def plot_curves(curve_sets: Sequence[CurveSet], path: Path, ylabel: str = "error (%)",
                 ylim: Sequence[float] | None = None, shade_std: bool = False,
-                dpi: int = 150) -> Path:
+                dpi: int = 150, yscale: str = "auto") -> Path:
     """Draw `curves_figure(...)` into the PNG `path`; returns `path`."""
-    return save_figure(curves_figure(curve_sets, ylabel, ylim, shade_std), path, dpi)
+    return save_figure(curves_figure(curve_sets, ylabel, ylim, shade_std, yscale), path, dpi)
 
 
 def _run_label(run_dir: RunDir) -> str:
@@ -139,8 +227,9 @@ def plot_run(run_dir: RunDir | Path, path: Path) -> Path | None:
     every run to put the figure in W&B.
     """
     run_dir = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
-    metrics = [run_dir.read_metrics()]
-    train, test = mean_curve(metrics, "train/error"), mean_curve(metrics, "test/error")
+    history = run_dir.read_metrics()
+    train, test = mean_curve([history], "train/error"), mean_curve([history], "test/error")
     if train is None and test is None:
         return None
-    return plot_curves([CurveSet(_run_label(run_dir), train, test)], path)
+    return plot_curves([CurveSet(_run_label(run_dir), train, test,
+                                 lr_drops=lr_drops(history))], path)

@@ -1,6 +1,7 @@
 """cnnlab compare and cnnlab/plots.py on hand-written run directories (no training, no JAX)."""
 
 import csv
+import dataclasses
 import io
 import json
 import struct
@@ -14,7 +15,19 @@ import yaml
 
 from cnnlab import compare as cmp
 from cnnlab.errors import ConfigError
-from cnnlab.plots import TEST_WIDTH, TRAIN_WIDTH, curves_figure, mean_curve, plot_run
+from cnnlab.plots import (
+    LEGEND_WIDTH,
+    PANEL_SIZE,
+    TEST_WIDTH,
+    TRAIN_WIDTH,
+    Curve,
+    CurveSet,
+    compact_count,
+    curves_figure,
+    lr_drops,
+    mean_curve,
+    plot_run,
+)
 from cnnlab.rundir import RunDir
 from tests.helpers import REPO, run_cli
 
@@ -252,21 +265,71 @@ def test_markdown_formats_mean_pm_std(sweep):
     text = cmp.render_markdown(rows, [])
     values = [ERRORS["plain20", s]["test"][40] for s in range(3)]
     assert f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" in text
-    assert "| model=plain20 | 3/3 |" in text and "0.27M" in text and "40.81M" in text
+    # One column per differing config key, in config order, values as pandas prints them.
+    assert text.splitlines()[2].startswith(
+        "| model.name | model.residual | optimizer.lr | seeds | final test error (%) |")
+    assert "| plain20 | False | 0.1 | 3/3 |" in text and "0.27M" in text and "40.81M" in text
+    assert "| plain20 | False | 1.0 | 0/1 | - |" in text  # the diverged configuration
     assert "val error" not in text  # no validation split: no val columns
     assert text.rstrip().endswith("## Failed or incomplete runs\n\nnone")
 
 
+def significant_digits(text: str) -> int:
+    return len(text.lower().split("e")[0].lstrip("+-").replace(".", "").strip("0"))
+
+
 def test_csv_parses_back_to_the_numbers(sweep):
     rows = cmp.table_rows(cmp.group_runs(cmp.load_runs([str(sweep)])))
-    parsed = list(csv.DictReader(io.StringIO(cmp.table_csv(rows))))
-    assert [p["configuration"] for p in parsed] == [r.label for r in rows]
+    text = cmp.table_csv(rows)
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert list(parsed[0])[:5] == ["model.name", "model.residual", "optimizer.lr", "n", "runs"]
+    assert [(p["model.name"], p["model.residual"], p["optimizer.lr"]) for p in parsed] == [
+        ("plain20", "False", "0.1"), ("resnet20", "True", "0.1"), ("plain20", "False", "1.0")]
     for p, row in zip(parsed, rows, strict=True):
         assert (int(p["n"]), int(p["runs"])) == (row.finished, row.runs)
         for name, stat in row.stats.items():
-            if f"{name}_mean" in p:
-                assert p[f"{name}_mean"] == ("" if stat.mean is None else repr(stat.mean))
-                assert (float(p[f"{name}_std"]) if p[f"{name}_std"] else None) == stat.std
+            for part in ("mean", "std"):
+                if f"{name}_{part}" not in p:
+                    continue
+                value = getattr(stat, part)
+                cell = p[f"{name}_{part}"]
+                if value is None:
+                    assert cell == ""
+                else:
+                    assert float(cell) == pytest.approx(value, rel=1e-5)
+    assert parsed[0]["macs_mean"] == "40813184" and parsed[0]["params_std"] == "0"  # exact
+
+
+def test_csv_cells_have_no_float_noise(sweep):
+    rows = cmp.table_rows(cmp.group_runs(cmp.load_runs([str(sweep)])))
+    _, *records = csv.reader(io.StringIO(cmp.table_csv(rows)))
+    cells = [cell for record in records for cell in record[3:]]  # after the config keys
+    floats_ = [c for c in cells if "." in c or "e" in c.lower()]
+    assert floats_ and all(significant_digits(c) <= cmp.CSV_DIGITS for c in floats_), floats_
+    stats = {col.name: cmp.mean_std([]) for col in cmp.COLUMNS}
+    stats["final_test_error"] = cmp.mean_std([89.99, 89.98, 90.0])
+    assert repr(stats["final_test_error"].mean) == "89.99000000000001"  # numpy's mean
+    row = cmp.Row("a", 3, 3, stats, {})
+    assert cmp.table_csv([row]).splitlines()[1].startswith("a,3,3,89.99,0.01,")
+
+
+def test_tables_of_one_configuration_name_it_by_its_label(tmp_path):
+    runs = [cmp.load_run(finished_run(tmp_path / str(s), "resnet20", s), str(s))
+            for s in range(2)]
+    rows = cmp.table_rows(cmp.group_runs(runs))
+    assert cmp.table_csv(rows).startswith("configuration,n,runs,final_test_error_mean,")
+    assert "| model=resnet20 | 2/2 |" in cmp.markdown_table(rows)
+
+
+def test_markdown_shows_the_fewest_distinguishing_keys_and_csv_all():
+    configs = [{"model.name": f"m{i}", "model.depth": i, "optimizer.lr": 0.1 * i,
+                "train.steps": 40 * i, "model.width": i} for i in (1, 2)]
+    rows = [cmp.Row(c["model.name"], 1, 1, {col.name: cmp.mean_std([12.3456])
+                                            for col in cmp.COLUMNS}, c) for c in configs]
+    header = cmp.markdown_table(rows).splitlines()[0]
+    assert header.startswith("| model.name | seeds | final test error (%) |")
+    assert "| m1 | 1/1 | 12.35 |" in cmp.markdown_table(rows)  # errors to 2 decimals
+    assert list(cmp.table_frame(rows).columns[:5]) == list(configs[0])
 
 
 def test_figure_has_thin_train_bold_test_one_colour_per_configuration(sweep):
@@ -285,7 +348,8 @@ def test_figure_has_thin_train_bold_test_one_colour_per_configuration(sweep):
     assert all(len(c) == 1 for c in colors.values())  # train and test share the colour
     assert len({c.pop() for c in colors.values()}) == 2  # one colour per configuration
     np.testing.assert_allclose(lines["test:model=plain20"].get_ydata(), curve_sets[0].test.mean)
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_legend() is None  # one legend for the figure, outside the panels
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["model=plain20", "model=resnet20", "train", "test"]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("iterations", "error (%)")
 
@@ -294,11 +358,181 @@ def test_panel_by_makes_one_axis_per_value(sweep):
     cfg = cmp.CompareConfig(panel_by="model.residual", ylim=[0.0, 50.0])
     comparison = cmp.build(cmp.load_runs([str(sweep)]), cfg)
     fig = curves_figure(comparison.curves, ylim=cfg.ylim)
-    assert [ax.get_title() for ax in fig.axes] == ["model.residual=false",
-                                                   "model.residual=true"]
+    assert [ax.get_title() for ax in fig.axes] == ["residual: False", "residual: True"]
     assert all(ax.get_ylim() == (0.0, 50.0) for ax in fig.axes)
     with pytest.raises(ConfigError, match="did you mean model.residual"):
         cmp.build(cmp.load_runs([str(sweep)]), cmp.CompareConfig(panel_by="model.residul"))
+
+
+def drawn(fig):
+    """Draw `fig` on an Agg canvas (layout, ticks and legend placed) and return its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def data_lines(ax):
+    return [line for line in ax.get_lines() if str(line.get_gid()).startswith(("train:", "test:"))]
+
+
+def curve(steps, values) -> Curve:
+    return Curve(np.asarray(steps), np.asarray(values, dtype=float), np.zeros(len(steps)), 1)
+
+
+# Data in every corner, the upper right (where the legend used to be pinned) included.
+CORNERS = CurveSet("model=resnet20, optimizer.lr=0.1, with a long label to wrap",
+                   curve(range(0, 1001, 50), np.linspace(90, 0, 21) % 91),
+                   curve([0, 500, 1000], [5.0, 50.0, 95.0]))
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_legend_is_outside_every_panel_and_covers_no_data(panels):
+    curve_sets = [dataclasses.replace(CORNERS, label=f"{CORNERS.label} {i}",
+                                      panel=f"depth: {i}" if panels > 1 else None)
+                  for i in range(panels)]
+    fig = curves_figure(curve_sets)
+    renderer = drawn(fig)
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0  # all seen
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer))
+        points = [point for line in data_lines(ax)
+                  for point in ax.transData.transform(line.get_xydata())]
+        assert points and not any(box.contains(x, y) for x, y in points)
+    assert len(fig.axes) == panels
+
+
+def test_few_points_get_markers_many_do_not():
+    many = curve(range(0, 1000, 10), np.linspace(50, 5, 100))
+    fig = curves_figure([CurveSet("a", many, curve([150, 300], [30.0, 20.0]))])
+    lines = {line.get_gid(): line for line in data_lines(fig.axes[0])}
+    assert lines["test:a"].get_marker() not in (None, "None", "", " ")
+    assert lines["train:a"].get_marker() in (None, "None", "", " ")
+    assert lines["test:a"].get_linewidth() <= 2
+
+
+def test_iteration_ticks_are_integers_and_large_ones_compact():
+    fig = curves_figure([CurveSet("a", curve([1, 2, 3, 4], [9.0, 8.0, 7.0, 6.0]), None)])
+    drawn(fig)
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+    fig = curves_figure([CurveSet("a", curve([0, 16000, 32000], [9.0, 8.0, 7.0]), None)])
+    drawn(fig)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "32k" in labels and "0" in labels, labels
+    assert [compact_count(v) for v in (500, 2500, 32000, 1.5e6)] == ["500", "2.5k", "32k",
+                                                                      "1.5M"]
+
+
+def test_values_spanning_decades_get_a_log_axis():
+    loss = CurveSet("a", curve([10, 20, 30], [2.0, 1.0, 0.5]), curve([15, 30], [4000.0, 1.0]))
+    assert curves_figure([loss], ylabel="loss").axes[0].get_yscale() == "log"
+    error = CurveSet("a", curve([10, 20, 30], [60.0, 30.0, 5.0]), curve([15, 30], [40.0, 8.0]))
+    assert curves_figure([error]).axes[0].get_yscale() == "linear"
+    assert curves_figure([loss], yscale="linear").axes[0].get_yscale() == "linear"
+    assert curves_figure([loss], ylim=[0, 10]).axes[0].get_yscale() == "linear"  # 0 shown
+
+
+def test_compare_draws_losses_on_a_log_axis(sweep):
+    finished_run(sweep / "7_model=plain20,train.steps=80", "plain20", 0, ["model=plain20",
+                                                                           "train.steps=80"])
+    metrics = sweep / "7_model=plain20,train.steps=80" / "metrics.jsonl"
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    events[1]["test/loss"] = 4000.0  # a blow-up it recovered from
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
+    cfg = cmp.CompareConfig(metric="loss")
+    fig = curves_figure(cmp.build(cmp.load_runs([str(sweep)]), cfg).curves, ylabel="loss")
+    assert fig.axes[0].get_yscale() == "log"
+
+
+def sweep_of(tmp_path: Path, jobs: list[tuple[str, dict]]) -> Path:
+    """A multirun of finished resnet20 runs, one per (override, config changes), in job order."""
+    root = tmp_path / "sweep"
+    for num, (override, changes) in enumerate(jobs):
+        run_dir = finished_run(root / f"{num}_{override}", "resnet20", 0, [override])
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        for key, value in changes.items():
+            group, name = key.split(".")
+            cfg[group][name] = value
+        (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def panel_titles(root: Path, key: str) -> list[str]:
+    comparison = cmp.build(cmp.load_runs([str(root)]), cmp.CompareConfig(panel_by=key))
+    return [ax.get_title() for ax in curves_figure(comparison.curves).axes]
+
+
+def test_panels_sort_by_value_not_job_order(tmp_path):
+    # ResNets ran first; the plain net's panel still comes first (False before True).
+    root = sweep_of(tmp_path, [("model=resnet20", {}),
+                               ("model=plain20", {"model.residual": False})])
+    assert panel_titles(root, "model.residual") == ["residual: False", "residual: True"]
+    # Numbers ascending (110 after 56, not before as text), strings alphabetically.
+    root = sweep_of(tmp_path / "depth", [(f"model.depth={d}", {"model.depth": d})
+                                         for d in (56, 110, 20)])
+    assert panel_titles(root, "model.depth") == ["depth: 20", "depth: 56", "depth: 110"]
+    root = sweep_of(tmp_path / "opt", [(f"optimizer.name={n}", {"optimizer.name": n})
+                                       for n in ("sgd", "adam", "nesterov")])
+    assert panel_titles(root, "optimizer.name") == [
+        "optimizer: adam", "optimizer: nesterov", "optimizer: sgd"]
+
+
+def test_readable_titles():
+    assert [cmp.panel_title(k, v) for k, v in (
+        ("model.residual", True), ("optimizer.lr", 0.01), ("norm.name", "batch"),
+        ("activation.name", "relu"), ("train.batch_size", 256), ("model.widths", [16, 32]))
+    ] == ["residual: True", "learning rate: 0.01", "normalization: batch", "activation: relu",
+          "batch size: 256", "widths: [16,32]"]
+    assert sorted([True, False], key=cmp.value_order) == [False, True]
+    assert sorted(["b", 3, None, True, "a", 1.5], key=cmp.value_order) == [
+        True, 1.5, 3, "a", "b", None]
+
+
+def lr_history(lrs: dict[int, float]) -> list[dict]:
+    return [{"step": step, "lr": lr} for step, lr in lrs.items()]
+
+
+def test_lr_drops_are_falls_after_a_plateau():
+    # Step schedule: 0.1 until step 50, 0.01 until 80, then 0.001 (logged every 10 steps).
+    step = {s: 0.1 if s <= 50 else 0.01 if s <= 80 else 0.001 for s in range(10, 101, 10)}
+    assert lr_drops(lr_history(step)) == (50, 80)
+    # A cosine decay to 0 falls by large factors at its end, with no plateau: no drop.
+    cosine = {s: 0.05 * (1 + np.cos(np.pi * s / 100)) for s in range(10, 101, 10)}
+    assert lr_drops(lr_history(cosine)) == ()
+    # Warm-up rises; reduce-on-plateau halves: one drop.
+    assert lr_drops(lr_history({10: 0.01, 20: 0.1, 30: 0.1, 40: 0.05, 50: 0.05})) == (30,)
+    assert lr_drops([{"step": 10}, {"step": 20, "lr": "nan"}]) == ()
+
+
+def lr_drop_lines(ax) -> list[float]:
+    return [line.get_xdata()[0] for line in ax.get_lines()
+            if str(line.get_gid()).startswith("lr-drop:")]
+
+
+def test_lr_drop_lines_at_the_configurations_drop_steps(tmp_path):
+    root = sweep_of(tmp_path, [("optimizer.lr=0.1", {}), ("optimizer.lr=0.2",
+                                                         {"optimizer.lr": 0.2})])
+    for name, base, drop in (("0_optimizer.lr=0.1", 0.1, 20), ("1_optimizer.lr=0.2", 0.2, 30)):
+        metrics = root / name / "metrics.jsonl"
+        events = [json.loads(line) for line in metrics.read_text().splitlines()]
+        events = [{**e, "lr": base if e["step"] <= drop else base / 10} for e in events]
+        metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
+    comparison = cmp.build(cmp.load_runs([str(root)]), cmp.CompareConfig())
+    assert [cs.lr_drops for cs in comparison.curves] == [(20,), (30,)]
+    (ax,) = curves_figure(comparison.curves).axes
+    assert lr_drop_lines(ax) == [20, 30]
+    line = next(line for line in ax.get_lines() if line.get_gid() == "lr-drop:20")
+    assert line.get_linewidth() <= TRAIN_WIDTH and line.get_zorder() == 0  # faint, behind
+    # With panels, each panel shows the drops of its own configurations.
+    comparison = cmp.build(cmp.load_runs([str(root)]),
+                           cmp.CompareConfig(panel_by="optimizer.lr"))
+    assert [lr_drop_lines(ax) for ax in curves_figure(comparison.curves).axes] == [[20], [30]]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -315,7 +549,7 @@ def test_compare_writes_tables_and_png(sweep):
     assert all(p.parent == out for p in written)
     assert text == (out / "table.md").read_text()
     width, height = png_size(out / "curves.png")
-    assert (width, height) == (900, 675)  # 6 x 4.5 inches at 150 dpi
+    assert (width, height) == ((PANEL_SIZE[0] + LEGEND_WIDTH) * 150, 675)  # at 150 dpi
     assert (out / "curves.png").stat().st_size > 10_000
     failed = list(csv.DictReader((out / "failed.csv").open()))
     assert [(f["status"], f["step"]) for f in failed] == [("diverged", "20"), ("failed", "")]
@@ -324,7 +558,7 @@ def test_compare_writes_tables_and_png(sweep):
 def test_plot_run(tmp_path):
     run_dir = finished_run(tmp_path / "run", "resnet20", 0)
     assert plot_run(run_dir, tmp_path / "curves.png") == tmp_path / "curves.png"
-    assert png_size(tmp_path / "curves.png") == (900, 675)
+    assert png_size(tmp_path / "curves.png") == ((PANEL_SIZE[0] + LEGEND_WIDTH) * 150, 675)
     empty = write_run(tmp_path / "empty", config("resnet20", 0), None, [{"step": 10}])
     assert plot_run(empty, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
@@ -351,6 +585,8 @@ def test_plot_run_does_not_import_jax(tmp_path):
     (["compare.format=html"], "compare.format: unknown 'html'; valid choices: markdown, csv"),
     (["compare.metric=accuracy"], "compare.metric: unknown 'accuracy'"),
     (["compare.ylim=[5,1]"], "compare.ylim: expected [lo,hi]"),
+    (["compare.yscale=symlog"], "compare.yscale: unknown 'symlog'; valid choices: auto, linear"),
+    (["compare.yscale=log", "compare.ylim=[0,20]"], "compare.ylim: a log y-axis"),
 ])
 def test_parse_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -414,7 +650,7 @@ def test_cli_compare_writes_files_and_prints_tables(sweep):
     assert result.stdout == (out / "table.md").read_text()
     assert "## Failed or incomplete runs" in result.stdout
     assert "| 6_model=plain20,optimizer.lr=1.0,seed=0 |" in result.stdout
-    assert png_size(out / "curves.png") == (1800, 675)  # two panels
+    assert png_size(out / "curves.png") == ((2 * PANEL_SIZE[0] + LEGEND_WIDTH) * 150, 675)
     assert (out / "table.csv").exists() and (out / "failed.csv").exists()
 
 
@@ -424,8 +660,9 @@ def test_cli_compare_csv_of_run_dirs(sweep, tmp_path):
     result = run_cli(["compare", *jobs, "compare.format=csv"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (tmp_path / "compare" / "table.csv").read_text()
-    assert [r["configuration"] for r in csv.DictReader(io.StringIO(result.stdout))] == [
-        "model=plain20", "model=resnet20"]
+    assert [(r["model.name"], r["model.residual"])
+            for r in csv.DictReader(io.StringIO(result.stdout))] == [
+        ("plain20", "False"), ("resnet20", "True")]
 
 
 @pytest.mark.parametrize(("args", "expected"), [
