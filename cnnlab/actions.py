@@ -10,18 +10,18 @@ import dataclasses
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from cnnlab import steps
+from cnnlab import progress, steps
 from cnnlab.optim import cycle_length
 from cnnlab.rundir import BEST, SNAPSHOTS, RunDir
 from cnnlab.selection import EarlyStopping, Plateau
@@ -141,7 +141,7 @@ class Evaluation:
     on a plateau, selects the model on `early_stopping.metric` (saving it to `best/`) and stops
     early when that metric stalls."""
 
-    def __init__(self, cfg: DictConfig, evaluate: Callable[[Any], dict], run_dir: RunDir,
+    def __init__(self, cfg: DictConfig, evaluate: Callable[[Any, str], dict], run_dir: RunDir,
                  keep_best: bool, loop: LoopState) -> None:
         self.every, self.evaluate = cfg.train.eval_every, evaluate
         sched = cfg.schedule
@@ -156,6 +156,7 @@ class Evaluation:
         if loop.stopping is not None:
             self.stopping.load(loop.stopping)
         self.best_checkpoints = run_dir.checkpointer(BEST, keep=1) if keep_best else None
+        self.seconds = 0.0  # spent evaluating and saving the best weights: not training speed
 
     @property
     def lr_scale(self) -> float:
@@ -164,7 +165,15 @@ class Evaluation:
     def __call__(self, tick: Tick) -> None:
         if tick.diverged or not due(tick.step, self.every, tick.last):
             return
-        event = self.evaluate(tick.state)
+        # Once the chunk has run (the evaluation needs its state anyway): its steps are not
+        # evaluation time.
+        jax.block_until_ready(tick.sums)
+        start = time.perf_counter()
+        self._evaluate(tick)
+        self.seconds += time.perf_counter() - start
+
+    def _evaluate(self, tick: Tick) -> None:
+        event = self.evaluate(tick.state, f"step {tick.step:,}")
         tick.event.update(event)
         for key in ("test/error", "val/error"):
             if key in event:
@@ -218,22 +227,59 @@ class Record:
 
 
 class Progress:
-    """A progress bar in steps, with the latest training loss and error."""
+    """Training progress at its steady-state speed: steps, images/s, the latest training loss
+    and error, and the ETA. On a terminal (`stream.isatty()`) a tqdm bar; elsewhere a log line
+    now and then (progress.LogLines); neither with `progress=false`.
 
-    def __init__(self, cfg: DictConfig, start: int) -> None:
-        self.step = start
-        self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.progress,
-                        desc=cfg.model.name, unit="step", dynamic_ncols=True)
+    Its clock starts when the first chunk has run (after the compile), and `excluded` (seconds
+    of host work so far: evaluations, later compiles) is taken out of the rate and the ETA.
+    """
+
+    def __init__(self, cfg: DictConfig, start: int, excluded: Callable[[], float] = lambda: 0.0,
+                 stream: TextIO | None = None, clock: progress.Clock = time.perf_counter) -> None:
+        self.step, self.total = start, cfg.train.steps
+        self.batch_size = cfg.train.batch_size
+        self.loss: float | None = None
+        self.error: float | None = None
+        self.clock = progress.StepClock(clock, excluded)
+        self._previous: tuple[int, dict] | None = None
+        stream = sys.stderr if stream is None else stream  # decided now: tests redirect stderr
+        self.display: progress.Bar | progress.LogLines | None = None
+        if cfg.progress and progress.is_terminal(stream):
+            self.display = progress.Bar(self.total, cfg.model.name, stream)
+        elif cfg.progress:
+            self.display = progress.LogLines(self.total, log.info, clock)
 
     def __call__(self, tick: Tick) -> None:
         self.step = tick.step
-        self.bar.update(tick.steps)
         if "train/loss" in tick.event:
-            self.bar.set_postfix(loss=f"{tick.event['train/loss']:.3f}",
-                                 err=f"{tick.event['train/error']:.1f}%")
+            self.loss, self.error = tick.event["train/loss"], tick.event["train/error"]
+        if self.display is None:
+            return
+        done = self._completed(tick)
+        if not self.clock.started:
+            self.clock.start(done)
+        per_step = self.clock.seconds_per_step(done)
+        images = self.batch_size / per_step if per_step else None
+        self.display.update(done, progress.status(done, self.total, images, self.loss,
+                                                  self.error, self.clock.eta(done, self.total)))
+
+    def _completed(self, tick: Tick) -> int:
+        """The last step known to have run. Chunks are queued ahead of the device, so a tick's
+        step may not have run yet: unless it has (another action waited for it), this waits for
+        the previous chunk, which keeps the device busy with this one; only the first (the
+        clock starts after it) and the last wait for their own."""
+        previous, self._previous = self._previous, (tick.step, tick.sums)
+        ready = all(x.is_ready() for x in jax.tree.leaves(tick.sums))
+        if previous is None or tick.last or ready:
+            jax.block_until_ready(tick.sums)
+            return tick.step
+        jax.block_until_ready(previous[1])
+        return previous[0]
 
     def close(self) -> None:
-        self.bar.close()
+        if self.display is not None:
+            self.display.close()
 
 
 class Checkpoint:

@@ -333,10 +333,13 @@ def eval_command(args: list[str]) -> None:
     from cnnlab.app import quiet_library_logs
     from cnnlab.data import DatasetUnavailableError
     from cnnlab.ensemble import evaluate_runs, format_report
+    from cnnlab.progress import console_log
 
     quiet_library_logs()
     try:
-        report = evaluate_runs([Path(d) for d in run_dirs], ev)
+        # Which run and split is being evaluated, and how long each took, on stderr.
+        with console_log():
+            report = evaluate_runs([Path(d) for d in run_dirs], ev)
     except (ConfigError, DatasetUnavailableError) as e:
         fail(str(e))
     print(format_report(report, ev.format))

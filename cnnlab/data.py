@@ -125,6 +125,7 @@ def load_dataset(
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
 
     start = time.perf_counter()
+    log.info("loading %s", name)
     builder = _builder(name, data_dir)
     image_shape, num_classes = _feature_spec(builder, image_key, label_key)
     read = _choose_reader(builder, download)
@@ -159,13 +160,14 @@ def load_dataset(
     test = read_split(test_split)
     mean, std = channel_mean_std(train.images)
     log.info(
-        "loaded %s: train=%d val=%d test=%d %s in %.1fs%s",
+        "loaded %s in %.1f s%s: train=%d val=%d test=%d images of %s%s",
         name,
+        time.perf_counter() - start,
+        _cache_note(cache),
         len(train),
         0 if val is None else len(val),
         len(test),
-        image_shape,
-        time.perf_counter() - start,
+        "x".join(map(str, image_shape)),
         # Test errors of a cut test split are not comparable with published ones: say so.
         f" (max_examples={max_examples} cuts every split, test too)" if max_examples else "",
     )
@@ -179,6 +181,15 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+
+
+def _cache_note(cache: data_cache.SplitCache | None) -> str:
+    """Where the splits came from, when the data cache is on: a miss costs the decoding."""
+    if cache is None or not cache.hits + cache.misses:
+        return ""
+    if not cache.misses:
+        return " from the data cache"
+    return " (decoded: not in the data cache yet)" if not cache.hits else " (partly decoded)"
 
 
 def channel_mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

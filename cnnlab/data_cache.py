@@ -95,14 +95,18 @@ class SplitCache:
     def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
         self.root = Path(cache_dir).expanduser()
         self.writable = True
+        # Splits read back from an entry / decoded for lack of one (the loading line says so).
+        self.hits = self.misses = 0
 
     def get(self, dataset: str, key: dict[str, Any], read: Callable[[], Arrays]) -> Arrays:
         """The entry of `key` if it is whole and matches, else `read()`, stored for next time."""
         entry = self.root / dataset / _digest(key)
         arrays, damaged = self._load(entry, key)
         if arrays is not None:
+            self.hits += 1
             log.debug("%s/%s from the data cache %s", dataset, key["split"], entry)
             return arrays
+        self.misses += 1
         arrays = read()
         if self.writable:
             self._store(entry, key, arrays, damaged)

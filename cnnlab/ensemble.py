@@ -9,6 +9,8 @@ host, once per member, where the ensemble is combined (cnnlab/evaluate.py's
 
 import dataclasses
 import json
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,11 @@ from cnnlab import steps
 from cnnlab.configure import load_run_config
 from cnnlab.errors import ConfigError
 from cnnlab.evaluate import WEIGHTS, ensemble_log_probs, make_views, prob_metrics, validate
+from cnnlab.progress import CompileTimer, duration
 from cnnlab.run import Run, build, load_data
 from cnnlab.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -52,15 +57,17 @@ def _steps_to_restore(run_dir: Path, cfg: DictConfig, weights: str) -> list[int]
 
 
 def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: steps.DeviceSplit,
-             batch_size: int, count: int) -> np.ndarray:
-    batches = [predict_batch(params, batch_stats, split, index)
+             batch_size: int, count: int, compiles: CompileTimer) -> np.ndarray:
+    # The first batch of a run compiles (timed apart: the call returns once it is queued).
+    batches = [compiles.call("predict", predict_batch, params, batch_stats, split, index)[0]
                for index in range(split.labels.shape[0] // batch_size)]
     # One transfer per member: the batches are joined on the device first.
     return np.asarray(jax.device_get(jnp.concatenate(batches)[:count]))
 
 
-def _members(run_dir: Path, run: Run, ev: DictConfig) -> list[Member]:
-    """Restore each selected checkpoint of one run into `run.state` and predict its test set."""
+def _members(run_dir: Path, run: Run, ev: DictConfig, label: str) -> list[Member]:
+    """Restore each selected checkpoint of one run into `run.state` and predict its test set;
+    `label` (`run 1/3`) begins the lines that say what is evaluated and how long it took."""
     cfg, dataset = run.cfg, run.dataset
     batch_size = ev.batch_size or cfg.train.eval_batch_size
     views = make_views(ev.tta, cfg.augment, ev.crop_size, dataset.image_shape)
@@ -68,19 +75,32 @@ def _members(run_dir: Path, run: Run, ev: DictConfig) -> list[Member]:
     split = steps.device_split(dataset.test, dataset.preprocess, batch_size)
     source = WEIGHTS.get(ev.weights)
     checkpoints = RunDir(run_dir).checkpointer(source.folder)
+    compiles = CompileTimer()
     members = []
     try:
         for step in _steps_to_restore(run_dir, cfg, ev.weights):
+            log.info("%s: evaluating %s, %s weights of step %d, on %s (%s images, tta=%s)",
+                     label, run_dir, ev.weights, step, cfg.dataset.test_split,
+                     f"{len(dataset.test):,}", ev.tta)
+            start, compiled = time.perf_counter(), compiles.seconds
             state, _ = checkpoints.restore(step, run.state)
             params, batch_stats = state.params, state.batch_stats
             if source.averaged:
                 params, batch_stats = steps.ema_variables(state.ema, cfg.eval.ema_decay)
             log_probs = _predict(predict_batch, params, batch_stats, split, batch_size,
-                                 len(dataset.test))
+                                 len(dataset.test), compiles)
             members.append(Member(run_dir, ev.weights, step, log_probs))
+            _log_member_end(label, time.perf_counter() - start, compiles.seconds - compiled,
+                            prob_metrics(log_probs, dataset.test.labels)["error"])
     finally:
         checkpoints.close()
     return members
+
+
+def _log_member_end(label: str, took: float, compiling: float, error: float) -> None:
+    if compiling:
+        log.info("%s: compiled the evaluation in %s", label, duration(compiling))
+    log.info("%s: evaluated in %s: error %.2f%%", label, duration(took - compiling), error)
 
 
 def _check_same_test_set(first: tuple[Path, Any], other: tuple[Path, Any]) -> None:
@@ -92,6 +112,18 @@ def _check_same_test_set(first: tuple[Path, Any], other: tuple[Path, Any]) -> No
         f"{run_dir} ({b.name}, {b.num_classes} classes, {len(b.test)} test examples) and "
         f"{first_dir} ({a.name}, {a.num_classes} classes, {len(a.test)} test examples) do not "
         "share a test set; an ensemble needs the same examples and classes")
+
+
+def _load_datasets(run_dirs: list[Path], configs: list[DictConfig]) -> dict[str, Any]:
+    """Each distinct dataset config's data, read once; all must share the first one's test set."""
+    datasets: dict[str, Any] = {}
+    for run_dir, cfg in zip(run_dirs, configs, strict=True):
+        key = OmegaConf.to_yaml(cfg.dataset)
+        if key not in datasets:
+            datasets[key] = load_data(cfg)
+            _check_same_test_set((run_dirs[0], datasets[next(iter(datasets))]),
+                                 (run_dir, datasets[key]))
+    return datasets
 
 
 def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
@@ -109,15 +141,12 @@ def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"{run_dir}: {e}") from None
         _steps_to_restore(run_dir, cfg, ev.weights)
 
-    datasets: dict[str, Any] = {}
+    # Every dataset is read (and the test sets compared) before anything is evaluated.
+    datasets = _load_datasets(run_dirs, configs)
     members: list[Member] = []
-    for run_dir, cfg in zip(run_dirs, configs, strict=True):
-        key = OmegaConf.to_yaml(cfg.dataset)
-        if key not in datasets:
-            datasets[key] = load_data(cfg)
-            _check_same_test_set((run_dirs[0], datasets[next(iter(datasets))]),
-                                 (run_dir, datasets[key]))
-        members += _members(run_dir, build(cfg, datasets[key]), ev)
+    for number, (run_dir, cfg) in enumerate(zip(run_dirs, configs, strict=True), 1):
+        members += _members(run_dir, build(cfg, datasets[OmegaConf.to_yaml(cfg.dataset)]), ev,
+                            f"run {number}/{len(run_dirs)}")
 
     reference = next(iter(datasets.values()))
     labels = reference.test.labels

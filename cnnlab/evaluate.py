@@ -25,7 +25,9 @@ back to the host, once per member, where the ensemble is combined.
 """
 
 import dataclasses
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnlab import steps
+from cnnlab import progress, steps
 from cnnlab.errors import ConfigError, require
 from cnnlab.registry import Registry
 from cnnlab.rundir import BEST, CHECKPOINTS, SNAPSHOTS
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------- test-time augmentation
 
@@ -152,35 +156,61 @@ class Evaluator:
 
     Keys are `<split>/loss`, `<split>/error`; with `ema_decay` also `<split>_ema/...` (the
     averaged weights), with `views` (eval.tta) also `<split>_tta/...` (the raw weights).
+    Each call logs its start and, with the time per split, its end; the first also compiles
+    (once per split shape and variant), which is timed and logged apart.
     """
 
     def __init__(self, model: Any, splits: dict[str, steps.DeviceSplit], batch_size: int,
-                 ema_decay: float | None = None, views: steps.Views | None = None) -> None:
+                 ema_decay: float | None = None, views: steps.Views | None = None,
+                 clock: progress.Clock = time.perf_counter) -> None:
         self.batch_size = batch_size
         self.splits = splits
+        # The real examples (the splits are padded to whole batches), for the log lines.
+        self.sizes = {name: int(np.sum(jax.device_get(split.mask)))
+                      for name, split in splits.items()}
         self._eval_batch = steps.make_eval_batch(model, batch_size)
         self._tta_batch = steps.make_eval_batch(model, batch_size, views) if views else None
         self._ema_decay = ema_decay
+        self.clock = clock
+        self.compiles = progress.CompileTimer(clock)
 
-    def _sums(self, eval_batch: Any, params: Any, batch_stats: Any,
-              split: steps.DeviceSplit) -> dict[str, float]:
+    def _sums(self, variant: str, eval_batch: Any, params: Any, batch_stats: Any,
+              name: str) -> dict[str, float]:
+        split = self.splits[name]
         sums = steps.zero_metrics()
         for index in range(split.labels.shape[0] // self.batch_size):
-            sums = jax.tree.map(jnp.add, sums, eval_batch(params, batch_stats, split, index))
+            # Each split's shape and each variant compile on their first batch.
+            batch, _ = self.compiles.call((variant, name), eval_batch, params, batch_stats,
+                                          split, index)
+            sums = jax.tree.map(jnp.add, sums, batch)
         return steps.summarize(jax.device_get(sums))
 
-    def __call__(self, state: steps.TrainState) -> dict[str, float]:
+    def __call__(self, state: steps.TrainState, label: str = "") -> dict[str, float]:
+        """The metrics of `state`; `label` (`step 1,000`) begins its log lines."""
         variants = [("", self._eval_batch, state.params, state.batch_stats)]
         if self._ema_decay is not None:
             variants.append(("_ema", self._eval_batch,
                              *steps.ema_variables(state.ema, self._ema_decay)))
         if self._tta_batch is not None:
             variants.append(("_tta", self._tta_batch, state.params, state.batch_stats))
-        results = {}
-        for name, split in self.splits.items():
+        prefix = f"{label}: " if label else ""
+        what = ", ".join(f"{name} ({self.sizes[name]:,} images)" for name in self.splits)
+        compiling = self.compiles.is_new(("", next(iter(self.splits), "")))
+        log.info("%s%s %s", prefix, "compiling the evaluation, then evaluating" if compiling
+                 else "evaluating", what)
+        compiled, results, took = self.compiles.seconds, {}, []
+        for name in self.splits:
+            start, before = self.clock(), self.compiles.seconds
             for suffix, eval_batch, params, batch_stats in variants:
-                for key, value in self._sums(eval_batch, params, batch_stats, split).items():
+                for key, value in self._sums(suffix, eval_batch, params, batch_stats,
+                                             name).items():
                     results[f"{name}{suffix}/{key}"] = value
+            spent = self.clock() - start - (self.compiles.seconds - before)
+            took.append(f"{name} in {progress.duration(spent)}")
+        if self.compiles.seconds > compiled:
+            log.info("compiled the evaluation in %s",
+                     progress.duration(self.compiles.seconds - compiled))
+        log.info("%sevaluated %s", prefix, ", ".join(took))
         return results
 
 

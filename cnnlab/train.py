@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import actions
 from cnnlab.checkpoint import NoUsableCheckpoint
 from cnnlab.errors import ConfigError
+from cnnlab.progress import CompileTimer, duration
 from cnnlab.resume import check_changes, finished_summary, unfit_state_message
 from cnnlab.run import Run, build, use_compile_cache
 from cnnlab.rundir import CURVES, RunDir
@@ -75,7 +76,10 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
                  and run.dataset.val is not None)
     evaluation = actions.Evaluation(cfg, run.evaluator, run_dir, keep_best, loop)
     record = actions.Record(tracker, run.schedule, run.steps_per_epoch, clock)
-    progress = actions.Progress(cfg, int(state.step))
+    compiles = CompileTimer()
+    # The rate and ETA leave out host work: evaluations and compiles (the last, shorter chunk's).
+    progress = actions.Progress(cfg, int(state.step),
+                                excluded=lambda: evaluation.seconds + compiles.seconds)
 
     def loop_state() -> actions.LoopState:
         saved = actions.LoopState(wall_time=clock())
@@ -88,7 +92,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
         periodic.append(actions.Snapshots(cfg, run_dir))
     try:
-        _, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale)
+        _, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale, compiles)
         summary.update(_ending(stop, progress.step, signals.received))
     except KeyboardInterrupt:
         summary.update(status="interrupted", signal=int(signal.SIGINT),
@@ -103,7 +107,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
                 action.close()
         summary.update(
             final_step=progress.step, wall_time=clock(),
-            images_per_sec=actions.median(metrics.throughput),
+            images_per_sec=actions.median(metrics.throughput), compile_time=compiles.seconds,
             **{f"final/{k}": v for k, v in record.last.items() if "/" in k},
             **{f"best/{k}": v for k, v in evaluation.best.items()},
             **{f"selected/{k}": v for k, v in evaluation.selected.items()},
@@ -139,13 +143,13 @@ def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any]) -> Non
 
 
 def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,
-          lr_scale: Callable[[], float]) -> tuple:
+          lr_scale: Callable[[], float], compiles: CompileTimer) -> tuple:
     """Chunks of steps until the last step or a stop; returns (state, stop)."""
     total, per_call = run.cfg.train.steps, run.cfg.train.steps_per_call
     step = int(state.step)
     while step < total:
         num_steps = min(per_call, total - step)
-        state, sums = run.train_chunk(state, run.train_data, num_steps)
+        state, sums = _chunk(run, state, num_steps, compiles)
         step += num_steps
         tick = actions.Tick(step, num_steps, step == total, state, sums, lr_scale())
         for action in periodic:
@@ -156,6 +160,18 @@ def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,
         if tick.event:
             metrics.restart_clock()
     return state, None
+
+
+def _chunk(run: Run, state: Any, num_steps: int, compiles: CompileTimer) -> tuple:
+    """One compiled chunk; the first of each length compiles, which is said and timed (the
+    call returns once the chunk is compiled and queued, before it runs)."""
+    if not compiles.is_new(num_steps):
+        return run.train_chunk(state, run.train_data, num_steps)
+    log.info("compiling the training step (%s, %d steps per call)", run.cfg.model.name,
+             num_steps)
+    out, took = compiles.call(num_steps, run.train_chunk, state, run.train_data, num_steps)
+    log.info("compiled the training step in %s", duration(took))
+    return out
 
 
 def failure_reason(error: BaseException) -> str:

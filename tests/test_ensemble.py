@@ -157,8 +157,10 @@ def _eval_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
         cli.main(["eval", *args])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("cnnlab: error: ") and "\n" not in err
-    return err
+    # One line, after at most the lines that say what was read so far ("[12:00:01] loading").
+    *progress, line = err.splitlines()
+    assert line.startswith("cnnlab: error: ") and all(p.startswith("[") for p in progress)
+    return line
 
 
 def test_cnnlab_eval_refuses_bad_input_with_one_line(runs, tmp_path, capsys):
