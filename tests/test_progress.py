@@ -173,7 +173,8 @@ def test_a_run_says_each_phase_in_order_with_its_duration(tiny_run):
     _, lines, summary = tiny_run
     order = [
         r"loading fashion_mnist",
-        r"loaded fashion_mnist in " + SECONDS + r".*: train=1024 val=0 test=1024 images of 28x28x1",
+        r"loaded fashion_mnist in " + SECONDS + r".*: train=1024 val=0 test=1024 images of 28x28x1"
+        r" \(max_examples=1024 cuts every split, test too\)",
         r"compiling the training step \(resnet8, 5 steps per call\)",
         r"compiled the training step in " + SECONDS,
         r"step 10: compiling the evaluation, then evaluating test \(1,024 images\)",
