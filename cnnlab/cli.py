@@ -44,6 +44,30 @@ commands:
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
 
+def command_help(command: str) -> str:
+    """`cnnlab COMMAND --help`: the command's usage and every `COMMAND.KEY` it takes, with its
+    default, read from the config schema and conf/config.yaml (so the list cannot fall behind)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    blocks = USAGE.split("\n\n")
+    usage = next(b for b in blocks if b.lstrip().startswith(command + " "))
+    if command == "compare":
+        from cnnlab.compare import CompareConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+    else:
+        from cnnlab.config import root_values
+
+        defaults = OmegaConf.to_container(root_values(command))
+        defaults.pop("ema_decay", None)  # a training setting: eval reads each run's own
+    options = "\n".join(f"  {command}.{key}="
+                         f"{OmegaConf.to_yaml({key: value}).split(': ', 1)[1].strip()}"
+                         for key, value in defaults.items())
+    return f"usage:\n{usage}\n\noptions (default values):\n{options}"
+
+
 def fail(message: str) -> None:
     print(f"cnnlab: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -266,7 +290,7 @@ def train_command(args: list[str]) -> None:
 
 def summary_command(args: list[str]) -> None:
     if any(arg.startswith("-") for arg in args):
-        print(USAGE)
+        print(command_help("summary"))
         return
     cfg, _ = check_config(args, for_training=False)
     if cfg.dataset.image_shape is None or cfg.dataset.num_classes is None:
@@ -305,7 +329,7 @@ def _paths_and_overrides(args: list[str], command: str, what: str,
 def eval_command(args: list[str]) -> None:
     """`cnnlab eval RUN_DIR [RUN_DIR ...] [eval.KEY=VALUE ...]` (cnnlab/evaluate.py)."""
     if any(arg in ("-h", "--help") for arg in args):
-        print(USAGE)
+        print(command_help("eval"))
         return
     run_dirs, overrides = _paths_and_overrides(args, "eval", "run directories",
                                                "JSON output: eval.format=json")
@@ -350,7 +374,7 @@ def eval_command(args: list[str]) -> None:
 def compare_command(args: list[str]) -> None:
     """`cnnlab compare PATH [PATH ...] [compare.KEY=VALUE ...]` (cnnlab/compare.py)."""
     if any(arg in ("-h", "--help") for arg in args):
-        print(USAGE)
+        print(command_help("compare"))
         return
     paths, overrides = _paths_and_overrides(args, "compare", "run or multirun directories",
                                             "CSV output: compare.format=csv")

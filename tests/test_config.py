@@ -266,3 +266,22 @@ def test_train_help_lists_the_options_users_can_choose_only(tmp_path):
     assert not any(o.startswith("_") for g in groups.values() for o in g.split(", "))
     assert "_base" not in groups["augment"] and "_base" not in groups["schedule"]
     assert "_stack" not in result.stdout and "_cifar_resnet" not in result.stdout
+
+
+
+@pytest.mark.parametrize("command, schema", [("compare", "CompareConfig"), ("eval", "EvalConfig")])
+def test_command_help_lists_every_option_it_takes(tmp_path, command, schema):
+    import dataclasses
+
+    from cnnlab import compare, config
+    from tests.helpers import run_cli
+
+    result = run_cli([command, "--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    listed = {line.strip().split("=")[0] for line in result.stdout.splitlines()
+              if line.startswith(f"  {command}.")}
+    fields = {f.name for f in dataclasses.fields(getattr(compare if command == "compare"
+                                                         else config, schema))}
+    fields.discard("ema_decay")  # a training setting, refused by cnnlab eval
+    assert listed == {f"{command}.{name}" for name in fields}
+    assert f"  {command}.yscale=auto" in result.stdout or command == "eval"
