@@ -209,6 +209,8 @@ class LoggerConfig:
     name: str | None = MISSING
     job_type: str = MISSING
     artifacts: bool = MISSING
+    console: str = MISSING
+    system_metrics: bool = MISSING
 
 
 @dataclasses.dataclass

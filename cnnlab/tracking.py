@@ -66,7 +66,8 @@ class RunTracker:
             mode=logger.mode,
             id=self.run_dir.wandb_id(secrets.token_hex(4)),
             resume="allow",
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+            settings=wandb.Settings(console=logger.console,
+                                    x_disable_stats=not logger.system_metrics),
         )
         # W&B's summary would default to a metric's last logged value; for these keys the run's
         # summary says something else (median throughput, total time), so only it sets them.
@@ -122,6 +123,12 @@ class RunTracker:
 LOGGER_MODES = ("online", "offline", "disabled")
 
 
+# W&B's console capture: wrap writes what the process prints into the run's output.log.
+CONSOLE_MODES = ("wrap", "off")
+
+
 def validate(logger: DictConfig) -> None:
     require(logger.mode in LOGGER_MODES,
             f"logger.mode='{logger.mode}'; valid choices: {', '.join(LOGGER_MODES)}")
+    require(logger.console in CONSOLE_MODES,
+            f"logger.console='{logger.console}'; valid choices: {', '.join(CONSOLE_MODES)}")

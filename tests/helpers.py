@@ -163,6 +163,7 @@ _RECORD_READERS = {
     "config": lambda out, r: out["config"].update(_items(r.config.update)),
     "summary": lambda out, r: out["summary"].update(_items(r.summary.update)),
     "artifact": lambda out, r: _add_artifact(out, r.artifact),
+    "stats": lambda out, r: out["stats"].append({i.key: i.value_json for i in r.stats.item}),
 }
 
 
@@ -171,7 +172,7 @@ def wandb_run_contents(run_dir: Path) -> dict:
     offline W&B run(s) in `run_dir`."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     out: dict = {"files": files, "history": [], "config": {}, "groups": set(), "summary": {},
-                 "names": set(), "job_types": set(), "artifacts": []}
+                 "names": set(), "job_types": set(), "artifacts": [], "stats": []}
     for file in files:
         for record in read_wandb_records(file):
             reader = _RECORD_READERS.get(record.WhichOneof("record_type"))

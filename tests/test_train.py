@@ -81,6 +81,9 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     assert artifacts["model"][1] == checkpoint_files
     folder = next((tmp_path / "wandb").glob("offline-run-*"))
     assert f"upload it with: wandb sync {folder}" in result.stdout + result.stderr
+    # The console, as the run printed it, and system metrics go to W&B as well.
+    assert "compiled the training step in" in (folder / "files" / "output.log").read_text()
+    assert wb["stats"] and any("memory" in key for key in wb["stats"][0])
 
     # The same command again finds the run complete: nothing is retrained or overwritten.
     before = {f: (tmp_path / f).read_text() for f in ("metrics.jsonl", "summary.json")}
