@@ -35,6 +35,8 @@ class DatasetConfig:
     label_key: str = MISSING
     # Known without loading the data: used by `cnnlab summary` and the geometry check.
     image_shape: list[int] | None = MISSING
+    # Images in the whole train split (train.epochs needs it before the data is read).
+    train_size: int | None = None
     num_classes: int | None = MISSING
     data_dir: str | None = MISSING
     download: bool = MISSING
@@ -216,6 +218,8 @@ class LoggerConfig:
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = MISSING
+    # Set: train.steps becomes ceil(epochs x train images / batch_size) (steps_from_epochs).
+    epochs: float | None = None
     batch_size: int = MISSING
     steps_per_call: int = MISSING
     log_every: int = MISSING
@@ -365,6 +369,31 @@ def root_values(key: str) -> DictConfig:
     return OmegaConf.load(CONF_DIR / "config.yaml")[key]
 
 
+def steps_from_epochs(cfg: DictConfig) -> None:
+    """`train.epochs=E` sets `train.steps` to ceil(E x images / batch): the images are the train
+    split's, after `dataset.max_examples` and less the `dataset.val_size` held out, as the
+    trainer will see them. Refused where the split's size is not known from the config."""
+    epochs, ds = cfg.train.epochs, cfg.dataset
+    if epochs is None:
+        return
+    if not (isinstance(epochs, int | float) and math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"train.epochs={epochs} must be a positive number or null")
+    if ds.train_size is None or ds.train_split != "train":
+        raise ConfigError(
+            f"train.epochs needs the size of dataset.train_split={ds.train_split!r} before the "
+            f"data is read, and dataset {ds.name} declares dataset.train_size only for 'train'"
+            if ds.train_size is not None else
+            f"train.epochs needs dataset.train_size, which dataset {ds.name} does not declare: "
+            "set dataset.train_size=N, or train.steps instead")
+    images = min(ds.train_size, ds.max_examples or ds.train_size) - ds.val_size
+    if images < 1:
+        return  # validation of dataset.val_size reports it
+    steps = math.ceil(epochs * images / cfg.train.batch_size)
+    log.info("train.epochs=%s: train.steps=%d (%d images, batch %d)", epochs, steps, images,
+             cfg.train.batch_size)
+    cfg.train.steps = steps
+
+
 def fit_steps_per_call(cfg: DictConfig) -> None:
     """Lower `train.steps_per_call` to the largest chunk that ends on every step the host must
     act at (logging, evaluation, checkpoints, the end of a snapshot cycle), so that any
@@ -388,13 +417,15 @@ def fit_steps_per_call(cfg: DictConfig) -> None:
 
 
 def resolve_presets(cfg: DictConfig) -> None:
-    """Fit `train.steps_per_call` (fit_steps_per_call), and replace `augment: default` by the
-    preset the dataset names, so logs show what ran.
+    """Set `train.steps` from `train.epochs` (steps_from_epochs), fit `train.steps_per_call`
+    (fit_steps_per_call), and replace `augment: default` by the preset the dataset names, so
+    logs show what ran.
 
     Keys set on the command line (`augment.cutout=16`) stay on top of the preset: they are the
     ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
     `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
     """
+    steps_from_epochs(cfg)
     fit_steps_per_call(cfg)
     if cfg.augment.name != "default":
         return

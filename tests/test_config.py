@@ -285,3 +285,37 @@ def test_command_help_lists_every_option_it_takes(tmp_path, command, schema):
     fields.discard("ema_decay")  # a training setting, refused by cnnlab eval
     assert listed == {f"{command}.{name}" for name in fields}
     assert f"  {command}.yscale=auto" in result.stdout or command == "eval"
+
+
+def test_epochs_set_the_steps_from_the_images_the_trainer_sees(fashion_dir):
+    import math
+
+    import tensorflow_datasets as tfds
+
+    from cnnlab.configure import compose
+    from cnnlab.data import load_dataset
+
+    # The declared size is the prepared split's (TFDS's own count of it).
+    info = tfds.builder("fashion_mnist", data_dir=str(fashion_dir)).info
+    assert compose_config().dataset.train_size == info.splits["train"].num_examples
+    cfg = compose(["train.epochs=2.5", "dataset.max_examples=1000", "dataset.val_size=100",
+                   "train.batch_size=64"])
+    data = load_dataset("fashion_mnist", data_dir=str(fashion_dir), max_examples=1000,
+                        val_size=100)
+    assert cfg.train.steps == math.ceil(2.5 * len(data.train) / 64) == 36
+    assert compose(["dataset=cifar10", "train.epochs=164"]).train.steps == 64063  # ~He's 64k
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.epochs=0"], "train.epochs=0.0 must be a positive number or null"),
+    (["train.epochs=1", "dataset.train_split='train[:50%]'"],
+     "train.epochs needs the size of dataset.train_split='train[:50%]'"),
+    (["train.epochs=1", "dataset.train_size=null"],
+     "train.epochs needs dataset.train_size, which dataset fashion_mnist does not declare"),
+])
+def test_epochs_that_cannot_be_turned_into_steps_are_one_line(overrides, message):
+    from cnnlab.configure import compose
+
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
