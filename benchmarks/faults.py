@@ -89,9 +89,9 @@ def history(run_dir: Path) -> list[tuple[int, float]]:
     return events
 
 
-def recovers(run_dir: Path, cwd: Path, reference: Path, extra: list[str] = ()) -> list[str]:
+def recovers(run_dir: Path, cwd: Path, reference: Path) -> list[str]:
     """The same command again: it must finish with the uninterrupted run's history."""
-    again = run(["train", *C, *extra, f"hydra.run.dir={run_dir}"], cwd)
+    again = run(["train", *C, f"hydra.run.dir={run_dir}"], cwd)
     problems = [f"rerun: {p}" for p in one_line_end(again, (0,))]
     summary = json.loads((run_dir / "summary.json").read_text())
     if summary.get("status") != "finished":
@@ -150,17 +150,21 @@ def signal_when(signum: int, when: Callable[[Path], Callable[[], bool]], codes: 
     return scenario
 
 
-def after_straight(damage: Callable[[Path], None], codes: tuple[int, ...] = (0,),
-                   extra: list[str] = ()) -> Callable[[Path, Path], list[str]]:
-    """Stop a run at step 30 (SIGTERM), damage its files, then resume it."""
+def interrupted_run(run_dir: Path, cwd: Path) -> None:
+    """A run stopped by SIGTERM once it has logged step 25 (it checkpoints at the boundary)."""
+    process = cnnlab(["train", *C, f"hydra.run.dir={run_dir}"], cwd)
+    wait_for(logged(run_dir, 25), process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=300)
+
+
+def after_straight(damage: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    """Stop a run after step 25 (SIGTERM), damage its files, then resume it."""
     def scenario(work: Path, reference: Path) -> list[str]:
         run_dir = work / "run"
-        process = cnnlab(["train", *C, f"hydra.run.dir={run_dir}"], work)
-        wait_for(logged(run_dir, 25), process)
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=300)
+        interrupted_run(run_dir, work)
         damage(run_dir)
-        return recovers(run_dir, work, reference, extra)
+        return recovers(run_dir, work, reference)
     return scenario
 
 
@@ -232,10 +236,7 @@ def changed_value(override: str) -> Callable[[Path, Path], list[str]]:
     """Resume with one value changed and no resume.allow_changes: refused, nothing written."""
     def scenario(work: Path, reference: Path) -> list[str]:
         run_dir = work / "run"
-        process = cnnlab(["train", *C, f"hydra.run.dir={run_dir}"], work)
-        wait_for(logged(run_dir, 25), process)
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=300)
+        interrupted_run(run_dir, work)
         changed = run(["train", *C, override, f"hydra.run.dir={run_dir}"], work)
         problems = one_line_end(changed, (2,))
         if (run_dir / "changes.jsonl").exists():
@@ -254,10 +255,7 @@ def with_tmpfs(fill: bool) -> Callable[[Path, Path], list[str]]:
             raise Skip("cannot mount a tmpfs (needs root)")
         try:
             run_dir = disk / "run"
-            process = cnnlab(["train", *C, f"hydra.run.dir={run_dir}"], work)
-            wait_for(logged(run_dir, 25), process)
-            process.send_signal(signal.SIGTERM)
-            process.communicate(timeout=300)
+            interrupted_run(run_dir, work)
             if fill:
                 with (disk / "filler").open("wb") as f:
                     try:
