@@ -34,6 +34,14 @@ def due(step: int, every: int, last: bool) -> bool:
     return last or (every > 0 and step % every == 0)
 
 
+def evaluations_due(step: int, total: int, every: int) -> int:
+    """How many of the steps after `step`, up to `total`, are `due` to evaluate."""
+    if step >= total:
+        return 0
+    periodic = total // every - step // every if every > 0 else 0
+    return periodic + (0 if every > 0 and total % every == 0 else 1)
+
+
 @dataclasses.dataclass
 class LoopState:
     """Saved in each checkpoint's metadata (JSON): the stateful actions' own states."""
@@ -157,6 +165,7 @@ class Evaluation:
             self.stopping.load(loop.stopping)
         self.best_checkpoints = run_dir.checkpointer(BEST, keep=1) if keep_best else None
         self.seconds = 0.0  # spent evaluating and saving the best weights: not training speed
+        self.latest_seconds: float | None = None  # the last evaluation's, compile-free once seen
 
     @property
     def lr_scale(self) -> float:
@@ -170,7 +179,16 @@ class Evaluation:
         jax.block_until_ready(tick.sums)
         start = time.perf_counter()
         self._evaluate(tick)
-        self.seconds += time.perf_counter() - start
+        self.latest_seconds = time.perf_counter() - start
+        self.seconds += self.latest_seconds
+
+    def seconds_to_come(self, step: int, total: int) -> float:
+        """The evaluations still due after `step` (the last step's included) at the latest one's
+        duration: the first includes the evaluation's compile, later ones are the steady cost.
+        Nothing before any evaluation has run, since nothing is known of them yet."""
+        if self.latest_seconds is None:
+            return 0.0
+        return evaluations_due(step, total, self.every) * self.latest_seconds
 
     def _evaluate(self, tick: Tick) -> None:
         event = self.evaluate(tick.state, f"step {tick.step:,}")
@@ -232,16 +250,20 @@ class Progress:
     now and then (progress.LogLines); neither with `progress=false`.
 
     Its clock starts when the first chunk has run (after the compile), and `excluded` (seconds
-    of host work so far: evaluations, later compiles) is taken out of the rate and the ETA.
+    of host work so far: evaluations, later compiles) is taken out of the rate; the ETA is the
+    remaining steps at that rate plus `to_come(step, total)`, the host work still ahead
+    (evaluations).
     """
 
     def __init__(self, cfg: DictConfig, start: int, excluded: Callable[[], float] = lambda: 0.0,
-                 stream: TextIO | None = None, clock: progress.Clock = time.perf_counter) -> None:
+                 stream: TextIO | None = None, clock: progress.Clock = time.perf_counter,
+                 to_come: Callable[[int, int], float] = lambda step, total: 0.0) -> None:
         self.step, self.total = start, cfg.train.steps
         self.batch_size = cfg.train.batch_size
         self.loss: float | None = None
         self.error: float | None = None
         self.clock = progress.StepClock(clock, excluded)
+        self.to_come = to_come
         self._previous: tuple[int, dict] | None = None
         stream = sys.stderr if stream is None else stream  # decided now: tests redirect stderr
         self.display: progress.Bar | progress.LogLines | None = None
@@ -261,8 +283,11 @@ class Progress:
             self.clock.start(done)
         per_step = self.clock.seconds_per_step(done)
         images = self.batch_size / per_step if per_step else None
+        eta = self.clock.eta(done, self.total)
+        if eta is not None:
+            eta += self.to_come(done, self.total)
         self.display.update(done, progress.status(done, self.total, images, self.loss,
-                                                  self.error, self.clock.eta(done, self.total)))
+                                                  self.error, eta))
 
     def _completed(self, tick: Tick) -> int:
         """The last step known to have run. Chunks are queued ahead of the device, so a tick's

@@ -467,13 +467,17 @@ class FailedRun:
     status: str
     step: Any  # final_step; None when the run never got that far
     reason: str | None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # for the key columns
+    keys: tuple[str, ...] = ()  # the keys that vary across all configurations compared
 
 
 def failed_runs(runs: Sequence[Run], configurations: Sequence[Configuration]) -> list[FailedRun]:
-    """The runs not averaged, in the order given (job order), with their configuration."""
-    labels = {id(run): c.label for c in configurations for run in c.runs}
-    return [FailedRun(run.name, labels[id(run)], run.seed, run.status,
-                      run.summary.get("final_step"), run.reason)
+    """The runs not averaged, in the order given (job order), with their configuration and
+    the keys that vary across every configuration compared (so its columns are table.csv's)."""
+    of_run = {id(run): c for c in configurations for run in c.runs}
+    keys = tuple(differing_keys([c.config for c in configurations]))
+    return [FailedRun(run.name, of_run[id(run)].label, run.seed, run.status,
+                      run.summary.get("final_step"), run.reason, of_run[id(run)].config, keys)
             for run in runs if not run.finished]
 
 
@@ -562,14 +566,32 @@ def markdown_table(rows: Sequence[Row]) -> str:
     )
 
 
-FAILED_HEADERS = ("run", "configuration", "seed", "status", "step", "reason")
+FAILED_HEADERS = ("run", "seed", "status", "step", "reason")
+
+
+def _failed_key_cells(run: FailedRun, value: Callable[[Any], Any]) -> list[Any]:
+    if not run.keys:
+        return [run.label]
+    return [value(run.config[k]) if k in run.config else None for k in run.keys]
+
+
+def _failed_cells(run: FailedRun, value: Callable[[Any], Any]) -> list[Any]:
+    """run, the configuration's key values (or its label), seed, status, step, reason."""
+    return [run.run, *_failed_key_cells(run, value), run.seed, run.status, run.step, run.reason]
+
+
+def _failed_headers(failed: Sequence[FailedRun]) -> list[str]:
+    keys = list(failed[0].keys) or [CONFIGURATION]
+    return [FAILED_HEADERS[0], *keys, *FAILED_HEADERS[1:]]
 
 
 def failed_markdown(failed: Sequence[FailedRun]) -> str:
     if not failed:
         return "none"
-    return _markdown(FAILED_HEADERS, (dataclasses.astuple(f) for f in failed),
-                     [False, False, True, False, True, False])
+    headers = _failed_headers(failed)
+    keys = len(headers) - len(FAILED_HEADERS)
+    return _markdown(headers, (_failed_cells(f, display_value) for f in failed),
+                     [False, *(False for _ in range(keys)), True, False, True, False])
 
 
 def render_markdown(rows: Sequence[Row], failed: Sequence[FailedRun]) -> str:
@@ -631,7 +653,11 @@ def table_csv(rows: Sequence[Row]) -> str:
 
 
 def failed_csv(failed: Sequence[FailedRun]) -> str:
-    return _csv(FAILED_HEADERS, (dataclasses.astuple(f) for f in failed))
+    """failed.csv: run, one column per varying config key (as in table.csv), seed, status,
+    step, reason; only the header when every run finished."""
+    if not failed:
+        return _csv((FAILED_HEADERS[0], CONFIGURATION, *FAILED_HEADERS[1:]), [])
+    return _csv(_failed_headers(failed), (_failed_cells(f, _csv_key_value) for f in failed))
 
 
 # -------------------------------------------------------------------------------- the command

@@ -88,7 +88,8 @@ class StepClock:
         return max(busy, 0.0) / (step - first)
 
     def eta(self, step: int, total: int) -> float | None:
-        """Seconds until `total` at the steady-state speed (evaluations to come not included)."""
+        """Seconds of training until `total` at the steady-state speed (the caller adds the host
+        work still to come, such as evaluations)."""
         per_step = self.seconds_per_step(step)
         return None if per_step is None else per_step * (total - step)
 

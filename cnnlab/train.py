@@ -77,9 +77,11 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
     evaluation = actions.Evaluation(cfg, run.evaluator, run_dir, keep_best, loop)
     record = actions.Record(tracker, run.schedule, run.steps_per_epoch, clock)
     compiles = CompileTimer()
-    # The rate and ETA leave out host work: evaluations and compiles (the last, shorter chunk's).
+    # The rate leaves out host work (evaluations, the last shorter chunk's compile); the ETA adds
+    # back the evaluations still to come.
     progress = actions.Progress(cfg, int(state.step),
-                                excluded=lambda: evaluation.seconds + compiles.seconds)
+                                excluded=lambda: evaluation.seconds + compiles.seconds,
+                                to_come=evaluation.seconds_to_come)
 
     def loop_state() -> actions.LoopState:
         saved = actions.LoopState(wall_time=clock())

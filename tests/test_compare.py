@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -553,6 +554,14 @@ def test_compare_writes_tables_and_png(sweep):
     assert (out / "curves.png").stat().st_size > 10_000
     failed = list(csv.DictReader((out / "failed.csv").open()))
     assert [(f["status"], f["step"]) for f in failed] == [("diverged", "20"), ("failed", "")]
+    # One column per key that varies across the configurations, as in table.csv: no label.
+    header = next(csv.reader((out / "table.csv").open()))
+    table_keys = header[:header.index("n")]
+    assert {"model.name", "optimizer.lr"} <= set(table_keys)
+    assert list(failed[0])[:len(table_keys) + 2] == ["run", *table_keys, "seed"]
+    assert [(f["model.name"], f["optimizer.lr"], f["seed"]) for f in failed] == [
+        ("plain20", "1.0", "0"), ("resnet20", "0.1", "3")]
+    assert re.search(r"\| run +\| model\.name +\|", text)
 
 
 def test_plot_run(tmp_path):

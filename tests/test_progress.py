@@ -32,10 +32,11 @@ class Terminal(io.StringIO):
 
 
 def _progress(stream: io.StringIO, clock: FakeClock, total: int = 100, enabled: bool = True,
-              excluded=lambda: 0.0) -> actions.Progress:
+              excluded=lambda: 0.0, to_come=lambda step, total: 0.0) -> actions.Progress:
     cfg = OmegaConf.create({"train": {"steps": total, "batch_size": BATCH},
                             "model": {"name": "tiny"}, "progress": enabled})
-    return actions.Progress(cfg, 0, excluded=excluded, stream=stream, clock=clock)
+    return actions.Progress(cfg, 0, excluded=excluded, stream=stream, clock=clock,
+                            to_come=to_come)
 
 
 def _tick(step: int, total: int = 100, loss: float | None = None) -> actions.Tick:
@@ -72,6 +73,31 @@ def test_the_rate_and_eta_exclude_the_compile_and_host_work():
     clock.now += 5 * 0.5
     assert steps.seconds_per_step(20) == pytest.approx(0.5)
     assert steps.eta(20, 100) == pytest.approx(80 * 0.5)
+
+
+@pytest.mark.parametrize(("step", "total", "every", "due"), [
+    (0, 100, 25, 4),    # 25, 50, 75, 100
+    (25, 100, 25, 3),   # an evaluation at 25 has just run
+    (24, 100, 25, 4),
+    (0, 110, 25, 5),    # 25, 50, 75, 100 and the last step, 110
+    (100, 110, 25, 1),
+    (110, 110, 25, 0),
+    (0, 100, 0, 1),     # eval_every 0: the last step only
+])
+def test_evaluations_still_due_counts_each_due_step_once(step, total, every, due):
+    assert actions.evaluations_due(step, total, every) == due
+    assert due == sum(actions.due(s, every, s == total) for s in range(step + 1, total + 1))
+
+
+def test_the_eta_adds_the_evaluations_still_to_come():
+    clock, stream = FakeClock(), Terminal()
+    bar = _progress(stream, clock, to_come=lambda step, total: 7.0 * (total - step) / 50)
+    clock.now += 120.0
+    bar(_tick(50))
+    clock.now += 2.0
+    bar(_tick(60, loss=0.5))  # 10 steps in 2 s: 8 s of training left, 0.2 s per step
+    bar.close()
+    assert f"ETA {progress.duration(40 * 0.2 + 7.0 * 40 / 50)}" in stream.getvalue()
 
 
 def test_off_a_terminal_plain_lines_every_tenth_and_30_s_with_images_per_s_and_eta(caplog):
