@@ -46,6 +46,7 @@ class DatasetConfig:
     # Folder of decoded splits (cnnlab.data_cache); null: no cache. Not MISSING: configs of runs
     # made before the cache existed (`cnnlab eval` reads them) load without one.
     cache_dir: str | None = None
+    cache_max_gb: float | None = None  # the cache's size; least recently used entries go
     default_augment: str = MISSING
     # Shapes only (ImageNet): `cnnlab summary` uses it, `cnnlab train` refuses it.
     summary_only: bool = MISSING

@@ -98,6 +98,7 @@ def load_dataset(
     download: bool = True,
     max_examples: int | None = None,
     cache_dir: str | None = None,
+    cache_max_bytes: int | None = None,
 ) -> Dataset:
     """Loads a TFDS classification dataset into memory as NumPy arrays.
 
@@ -114,6 +115,7 @@ def load_dataset(
         The hold-out is drawn after truncation, so it depends on this value.
       cache_dir: folder of decoded splits (cnnlab.data_cache): a split read once is read back
         from ``.npy`` files instead of decoded again. ``None``: no cache.
+      cache_max_bytes: the cache's size limit (least recently used entries go); ``None``: none.
 
     Raises:
       DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
@@ -129,7 +131,7 @@ def load_dataset(
     builder = _builder(name, data_dir)
     image_shape, num_classes = _feature_spec(builder, image_key, label_key)
     read = _choose_reader(builder, download)
-    cache = None if cache_dir is None else data_cache.SplitCache(cache_dir)
+    cache = None if cache_dir is None else data_cache.SplitCache(cache_dir, cache_max_bytes)
 
     def decode(split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)
@@ -472,6 +474,10 @@ def validate(ds: Any) -> None:
     require(
         ds.max_examples is None or ds.max_examples > 0,
         f"dataset.max_examples={ds.max_examples} must be positive or null",
+    )
+    require(
+        ds.get("cache_max_gb") is None or ds.cache_max_gb > 0,
+        f"dataset.cache_max_gb={ds.get('cache_max_gb')} must be positive or null (no limit)",
     )
     shape = ds.image_shape
     require(

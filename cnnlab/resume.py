@@ -18,8 +18,8 @@ from cnnlab.tracking import flatten
 # Settings that say how a run is watched or stored, not what it computes: changing them on
 # resume is not a change of the experiment.
 UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "dataset.download",
-             "dataset.cache_dir", "resume.", "summary.", "eval.weights", "eval.format",
-             "eval.output", "eval.batch_size", "checkpoint.keep")
+             "dataset.cache_dir", "dataset.cache_max_gb", "resume.", "summary.", "eval.weights",
+             "eval.format", "eval.output", "eval.batch_size", "checkpoint.keep")
 
 
 def finished_summary(run_dir: RunDir, total_steps: int) -> dict[str, Any] | None:

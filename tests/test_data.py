@@ -237,6 +237,14 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _flip_a_pixel(path: Path) -> None:
+    """One bit of the last pixel: still a valid uint8 array of the right shape, so only the
+    checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -244,8 +252,11 @@ def _truncate(path: Path) -> None:
         lambda entry: (entry / "labels.npy").unlink(),
         lambda entry: np.save(entry / "labels.npy", np.load(entry / "labels.npy").astype(np.int64)),
         lambda entry: (entry / "key.json").write_text("{not json"),
+        lambda entry: _flip_a_pixel(entry / "images.npy"),
+        lambda entry: (entry / "sums.json").unlink(),
     ],
-    ids=["truncated-images", "missing-labels", "int64-labels", "garbled-key"],
+    ids=["truncated-images", "missing-labels", "int64-labels", "garbled-key", "flipped-bit",
+         "missing-sums"],
 )
 def test_damaged_cache_entry_is_decoded_again_and_rewritten(
     fashion_dir: Path,
@@ -319,6 +330,54 @@ def test_a_job_that_loses_the_race_keeps_the_winners_entry(
     served = cache.get("fashion_mnist", key, lambda: pytest.fail("decoded again"))
     np.testing.assert_array_equal(served[0], theirs[0])
     assert len(list((tmp_path / "fashion_mnist").iterdir())) == 1
+
+
+def _entry_arrays(n: int, value: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, 28, 28, 1), value, np.uint8), np.full((n,), value, np.int32)
+
+
+def test_cache_keeps_to_its_size_by_removing_the_least_recently_used(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    builder = tfds.builder("fashion_mnist", data_dir=str(fashion_dir))
+    keys = [data_cache.split_key(builder, "test", "image", "label", n, (28, 28, 1))
+            for n in (100, 101, 102)]
+    entry_bytes = 100 * 784 + 400 + 1000  # images, labels, headers and the two JSON files
+    cache = data_cache.SplitCache(tmp_path, max_bytes=int(2.5 * entry_bytes))
+    for i, key in enumerate(keys[:2]):
+        cache.get("fashion_mnist", key, lambda i=i: _entry_arrays(100, i))
+    first, second = (e for e, _, _ in cache.entries())
+    os.utime(first / "key.json", (1, 1))  # long unused...
+    os.utime(second / "key.json", (2, 2))
+    cache.get("fashion_mnist", keys[0], lambda: pytest.fail("decoded again"))  # ...used again now
+    cache.get("fashion_mnist", keys[2], lambda: _entry_arrays(100, 2))
+    # Three entries do not fit: the least recently used one (the second stored) went.
+    kept = [json.loads((e / "key.json").read_text())["max_examples"] for e, _, _ in
+            cache.entries()]
+    assert sorted(kept) == [100, 102]
+    assert sum(size for _, size, _ in cache.entries()) <= cache.max_bytes
+    # The entry just stored stays even when it alone is over the limit.
+    tiny = data_cache.SplitCache(tmp_path, max_bytes=1)
+    tiny.get("fashion_mnist", keys[1], lambda: _entry_arrays(100, 1))
+    assert [json.loads((e / "key.json").read_text())["max_examples"]
+            for e, _, _ in tiny.entries()] == [101]
+
+
+def test_a_killed_writers_temporary_folder_is_removed_once_stale(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    builder = tfds.builder("fashion_mnist", data_dir=str(fashion_dir))
+    key = data_cache.split_key(builder, "test", "image", "label", 5, (28, 28, 1))
+    folder = tmp_path / "fashion_mnist"
+    stale, recent = (folder / f"{data_cache.TMP_PREFIX}{name}" for name in ("killed", "busy"))
+    for tmp in (stale, recent):
+        tmp.mkdir(parents=True)
+        (tmp / "images.npy").write_bytes(b"half")
+    old = time.time() - data_cache.STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    data_cache.SplitCache(tmp_path).get("fashion_mnist", key, lambda: _entry_arrays(5, 0))
+    assert not stale.exists() and recent.exists()  # another job may still be writing that one
+    assert len([e for e in folder.iterdir() if not e.name.startswith(data_cache.TMP_PREFIX)]) == 1
 
 
 def test_unwritable_cache_dir_loads_without_cache(
