@@ -235,6 +235,7 @@ def test_sigint_from_the_cli_exits_130_with_one_line_and_a_checkpoint(
     ("optimizer.lr=inf", "optimizer.lr=inf must be a finite number"),
     ("train.divergence_threshold=nan", "train.divergence_threshold=nan must be a finite number"),
     ("train.divergence_threshold=0", "train.divergence_threshold=0.0 must be positive"),
+    ("dataset.cache_max_gb=0", "dataset.cache_max_gb=0.0 must be positive or null"),
 ])
 def test_values_that_gave_silently_wrong_science_are_refused(override, message):
     with pytest.raises(ConfigError) as info:
