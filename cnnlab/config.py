@@ -72,6 +72,8 @@ class NormConfig:
     name: str = MISSING
     momentum: float | None = None
     epsilon: float | None = None
+    # batch: the running variance's estimator, `unbiased` (x n/(n-1)) or `biased`.
+    running_var: str | None = None
     # lrn: window size n, k, alpha, beta (Krizhevsky et al. 2012, section 3.3).
     size: int | None = None
     k: float | None = None

@@ -120,16 +120,35 @@ class Identity(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm taking `train` at call time; batch statistics in training, running ones in eval."""
+    """BatchNorm taking `train` at call time; batch statistics in training, running ones in eval.
+
+    With `unbiased`, the running variance averages n/(n-1) times each batch's variance (n the
+    values per channel), as the BN paper's inference rule and PyTorch do; Flax's own averages the
+    biased one. Its variables keep Flax's names, so checkpoints of either kind load in the other.
+    """
 
     momentum: float
     epsilon: float
+    unbiased: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return nn.BatchNorm(
-            use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon
-        )(x)
+        norm = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+                            epsilon=self.epsilon)
+        y = norm(x)
+        if train and self.unbiased and not self.is_initializing():
+            # Flax stored m * old + (1 - m) * var; add (1 - m) * var / (n - 1) to make the batch
+            # term n/(n-1) var. The variance is Flax's own formula on the same values, so XLA
+            # computes it once.
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = jnp.mean(x32, axes)
+            var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+            stored = norm.get_variable("batch_stats", "var")
+            norm.put_variable("batch_stats", "var",
+                              stored + (1.0 - self.momentum) * var / max(n - 1, 1))
+        return y
 
 
 class LocalResponseNorm(nn.Module):
@@ -182,8 +201,15 @@ class LayerNorm(nn.Module):
                             feature_axes=-1)(x)
 
 
-def _batch(momentum: float, epsilon: float) -> Callable[[], nn.Module]:
-    return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon)
+RUNNING_VARS = ("unbiased", "biased")
+
+
+def _batch(momentum: float, epsilon: float, running_var: str) -> Callable[[], nn.Module]:
+    if running_var not in RUNNING_VARS:
+        raise ConfigError(f"norm.running_var='{running_var}'; valid choices: "
+                          f"{', '.join(RUNNING_VARS)}")
+    return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon,
+                             unbiased=running_var == "unbiased")
 
 
 def _lrn(size: int, k: float, alpha: float, beta: float) -> Callable[[], nn.Module]:
