@@ -166,6 +166,7 @@ class Evaluation:
         self.best_checkpoints = run_dir.checkpointer(BEST, keep=1) if keep_best else None
         self.seconds = 0.0  # spent evaluating and saving the best weights: not training speed
         self.latest_seconds: float | None = None  # the last evaluation's, compile-free once seen
+        self.last_step: int | None = None  # of the latest evaluation in this process
 
     @property
     def lr_scale(self) -> float:
@@ -192,6 +193,7 @@ class Evaluation:
 
     def _evaluate(self, tick: Tick) -> None:
         event = self.evaluate(tick.state, f"step {tick.step:,}")
+        self.last_step = tick.step
         tick.event.update(event)
         for key in ("test/error", "val/error"):
             if key in event:

@@ -35,6 +35,7 @@ commands:
   eval     evaluate trained runs on their test split, several runs as an ensemble:
            cnnlab eval RUN_DIR [RUN_DIR ...] [eval.tta=none|flip|ten_crop]
            [eval.weights=final|best|ema|snapshots] [eval.format=json] [eval.output=FILE]
+           [eval.top_k=5|null] [eval.confusion_dir=DIR]
 
   compare  tables (mean ± std over seeds) and error curves of runs, from their files:
            cnnlab compare MULTIRUN_DIR|RUN_DIR [...] [compare.panel_by=model.residual]

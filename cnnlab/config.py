@@ -202,6 +202,11 @@ class EvalConfig:
     format: str = MISSING
     output: str | None = MISSING
     batch_size: int | None = MISSING
+    # Top-k error beside the (top-1) error, where the dataset has more than top_k classes;
+    # ties rank towards the lower class index, as argmax does. null: top-1 only.
+    top_k: int | None = MISSING
+    # `cnnlab eval` only: folder for confusion_test.csv/.png and per_class_test.csv.
+    confusion_dir: str | None = MISSING
 
 
 @dataclasses.dataclass

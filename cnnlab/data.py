@@ -83,6 +83,8 @@ class Dataset:
     # The run's preprocessing statistics (cnnlab.preprocess.PreprocessStats), set by
     # cnnlab.train.load_data; None: per-channel standardization with mean and std.
     preprocess: Any = None
+    # The label feature's class names (TFDS ClassLabel names), index = label; None: unknown.
+    class_names: tuple[str, ...] | None = None
 
 
 def load_dataset(
@@ -129,7 +131,7 @@ def load_dataset(
     start = time.perf_counter()
     log.info("loading %s", name)
     builder = _builder(name, data_dir)
-    image_shape, num_classes = _feature_spec(builder, image_key, label_key)
+    image_shape, num_classes, class_names = _feature_spec(builder, image_key, label_key)
     read = _choose_reader(builder, download)
     cache = None if cache_dir is None else data_cache.SplitCache(cache_dir, cache_max_bytes)
 
@@ -182,6 +184,7 @@ def load_dataset(
         image_shape=image_shape,
         mean=mean,
         std=std,
+        class_names=class_names,
     )
 
 
@@ -235,7 +238,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
 def _feature_spec(
     builder: tfds.core.DatasetBuilder, image_key: str, label_key: str
-) -> tuple[tuple[int, int, int], int]:
+) -> tuple[tuple[int, int, int], int, tuple[str, ...] | None]:
     import tensorflow_datasets as tfds
 
     features = builder.info.features
@@ -253,7 +256,8 @@ def _feature_spec(
     label = features[label_key]
     if not isinstance(label, tfds.features.ClassLabel):
         raise ValueError(f"{name}/{label_key} must be a ClassLabel, got {type(label).__name__}")
-    return (int(shape[0]), int(shape[1]), int(shape[2])), int(label.num_classes)
+    names = tuple(map(str, label.names)) if label.names else None
+    return (int(shape[0]), int(shape[1]), int(shape[2])), int(label.num_classes), names
 
 
 def _choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:

@@ -22,8 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import steps
 from cnnlab.configure import load_run_config
+from cnnlab.confusion import per_class_error, write_confusion
 from cnnlab.errors import ConfigError
-from cnnlab.evaluate import WEIGHTS, ensemble_log_probs, make_views, prob_metrics, validate
+from cnnlab.evaluate import (
+    WEIGHTS,
+    confusion_matrix,
+    ensemble_log_probs,
+    make_views,
+    prob_metrics,
+    validate,
+)
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.run import Run, build, load_data
 from cnnlab.rundir import RunDir
@@ -153,27 +161,51 @@ def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "dataset": reference.name, "split": configs[0].dataset.test_split,
         "examples": int(len(labels)), "tta": ev.tta, "weights": ev.weights,
+        "top_k": ev.top_k,
         "members": [{"run_dir": str(m.run_dir), "weights": m.weights, "step": m.step,
-                     **prob_metrics(m.log_probs, labels)} for m in members],
+                     **_metrics(m.log_probs, labels, ev.top_k)} for m in members],
         "ensemble": None,
     }
+    combined = members[0].log_probs
     if len(members) > 1:
         combined = ensemble_log_probs([m.log_probs for m in members])
-        report["ensemble"] = {"members": len(members), **prob_metrics(combined, labels)}
+        report["ensemble"] = {"members": len(members), **_metrics(combined, labels, ev.top_k)}
+    if ev.confusion_dir is not None:
+        # The result the report ends on: the ensemble's, or the single member's.
+        what = f"ensemble of {len(members)}" if len(members) > 1 else str(members[0].run_dir)
+        paths = write_confusion(Path(ev.confusion_dir), "test",
+                                confusion_matrix(combined, labels), reference.class_names,
+                                f"{what} on {reference.name} {report['split']}")
+        report["confusion_files"] = {kind: str(path) for kind, path in paths.items()}
     return report
 
 
+def _metrics(log_probs: np.ndarray, labels: np.ndarray, top_k: int | None) -> dict[str, Any]:
+    """`prob_metrics` and each class's error (percent; None for a class with no examples)."""
+    errors = per_class_error(confusion_matrix(log_probs, labels))
+    return {**prob_metrics(log_probs, labels, top_k),
+            "per_class_error": [None if np.isnan(e) else float(e) for e in errors]}
+
+
 def format_report(report: dict[str, Any], fmt: str = "table") -> str:
-    """`fmt` json: the report as JSON; table: a row per member, then the ensemble."""
+    """`fmt` json: the report as JSON; table: a row per member, then the ensemble (with a
+    top-k column where the top-k error was reported)."""
     if fmt == "json":
         return json.dumps(report, indent=2)
-    rows = [(m["run_dir"], m["weights"], str(m["step"]), f"{m['error']:.2f}",
-             f"{m['loss']:.4f}") for m in report["members"]]
+    top_key = next((k for k in report["members"][0] if k.startswith("top")), None)
+    extra = [top_key] if top_key else []
+
+    def numbers(result: dict[str, Any]) -> list[str]:
+        return [f"{result[k]:.2f}" for k in ["error", *extra]] + [f"{result['loss']:.4f}"]
+
+    rows = [(m["run_dir"], m["weights"], str(m["step"]), *numbers(m))
+            for m in report["members"]]
     if report["ensemble"] is not None:
         ens = report["ensemble"]
-        rows.append((f"ensemble of {ens['members']}", "", "", f"{ens['error']:.2f}",
-                     f"{ens['loss']:.4f}"))
-    header = ("member", "weights", "step", "error %", "loss")
+        rows.append((f"ensemble of {ens['members']}", "", "", *numbers(ens)))
+    header = ("member", "weights", "step", "error %",
+              *(f"top-{k.removeprefix('top').removesuffix('_error')} error %" for k in extra),
+              "loss")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:

@@ -140,12 +140,37 @@ def ensemble_log_probs(member_log_probs: Sequence[np.ndarray]) -> np.ndarray:
     return np.logaddexp.reduce(stacked, axis=0) - math.log(len(member_log_probs))
 
 
-def prob_metrics(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Error (percent, argmax of the probabilities) and mean negative log-likelihood."""
+def label_rank(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """NumPy's `steps.label_rank`: the label's place in each row, ties towards lower indices."""
+    labels = np.asarray(labels).astype(np.int64)
+    picked = np.take_along_axis(log_probs, labels[:, None], axis=1)
+    lower = np.arange(log_probs.shape[1]) < labels[:, None]
+    return np.sum((log_probs > picked) | ((log_probs == picked) & lower), axis=1)
+
+
+def top_k_error_key(top_k: int | None, num_classes: int) -> str | None:
+    """`top<k>_error` where it is reported (eval.top_k set and below the class count)."""
+    return f"top{top_k}_error" if top_k is not None and num_classes > top_k else None
+
+
+def prob_metrics(log_probs: np.ndarray, labels: np.ndarray,
+                 top_k: int | None = None) -> dict[str, float]:
+    """Error (percent, argmax of the probabilities), mean negative log-likelihood and, with
+    `top_k` below the class count, the top-k error (`label_rank`, as on the device)."""
     log_probs, labels = np.asarray(log_probs), np.asarray(labels)
     picked = np.take_along_axis(log_probs, labels[:, None].astype(np.int64), axis=1)[:, 0]
-    return {"error": 100.0 * float(np.mean(np.argmax(log_probs, axis=1) != labels)),
-            "loss": float(-np.mean(picked))}
+    metrics = {"error": 100.0 * float(np.mean(np.argmax(log_probs, axis=1) != labels)),
+               "loss": float(-np.mean(picked))}
+    if key := top_k_error_key(top_k, log_probs.shape[1]):
+        metrics[key] = 100.0 * float(np.mean(label_rank(log_probs, labels) >= top_k))
+    return metrics
+
+
+def confusion_matrix(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(K, K) int64 counts, row = true label, column = argmax prediction."""
+    k = np.shape(log_probs)[1]
+    cells = np.asarray(labels).astype(np.int64) * k + np.argmax(log_probs, axis=1)
+    return np.bincount(cells, minlength=k * k).reshape(k, k)
 
 
 # ---------------------------------------------------------------------- evaluation in training
@@ -154,22 +179,27 @@ def prob_metrics(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 class Evaluator:
     """Evaluates a train state on the held-out splits; one compiled function for all of them.
 
-    Keys are `<split>/loss`, `<split>/error`; with `ema_decay` also `<split>_ema/...` (the
-    averaged weights), with `views` (eval.tta) also `<split>_tta/...` (the raw weights).
+    Keys are `<split>/loss`, `<split>/error` (and `<split>/top<k>_error` with `top_k` below
+    the class count); with `ema_decay` also `<split>_ema/...` (the averaged weights), with
+    `views` (eval.tta) also `<split>_tta/...` (the raw weights). Each call's (K, K) confusion
+    counts stay on the device in `confusions` (`<split><variant>` -> array) until asked for.
     Each call logs its start and, with the time per split, its end; the first also compiles
     (once per split shape and variant), which is timed and logged apart.
     """
 
     def __init__(self, model: Any, splits: dict[str, steps.DeviceSplit], batch_size: int,
                  ema_decay: float | None = None, views: steps.Views | None = None,
-                 clock: progress.Clock = time.perf_counter) -> None:
+                 top_k: int | None = None, clock: progress.Clock = time.perf_counter) -> None:
         self.batch_size = batch_size
         self.splits = splits
         # The real examples (the splits are padded to whole batches), for the log lines.
         self.sizes = {name: int(np.sum(jax.device_get(split.mask)))
                       for name, split in splits.items()}
-        self._eval_batch = steps.make_eval_batch(model, batch_size)
-        self._tta_batch = steps.make_eval_batch(model, batch_size, views) if views else None
+        self._eval_batch = steps.make_eval_batch(model, batch_size, top_k=top_k)
+        self._tta_batch = (steps.make_eval_batch(model, batch_size, views, top_k) if views
+                           else None)
+        # The latest call's confusion counts by `<split><variant>`: fetched only when written.
+        self.confusions: dict[str, jax.Array] = {}
         self._ema_decay = ema_decay
         self.clock = clock
         self.compiles = progress.CompileTimer(clock)
@@ -177,12 +207,14 @@ class Evaluator:
     def _sums(self, variant: str, eval_batch: Any, params: Any, batch_stats: Any,
               name: str) -> dict[str, float]:
         split = self.splits[name]
-        sums = steps.zero_metrics()
+        sums = None
         for index in range(split.labels.shape[0] // self.batch_size):
             # Each split's shape and each variant compile on their first batch.
             batch, _ = self.compiles.call((variant, name), eval_batch, params, batch_stats,
                                           split, index)
-            sums = jax.tree.map(jnp.add, sums, batch)
+            sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
+        # The scalars come to the host (one transfer); the counts stay until a run writes them.
+        self.confusions[f"{name}{variant}"] = sums.pop("confusion")
         return steps.summarize(jax.device_get(sums))
 
     def __call__(self, state: steps.TrainState, label: str = "") -> dict[str, float]:
@@ -256,3 +288,5 @@ def validate(ev: DictConfig, augment: DictConfig, image_shape: Any = None) -> No
             f"eval.format='{ev.format}'; valid choices: {', '.join(REPORT_FORMATS)}")
     require(ev.batch_size is None or ev.batch_size > 0,
             f"eval.batch_size={ev.batch_size} must be a positive integer or null")
+    require(ev.top_k is None or ev.top_k >= 2,
+            f"eval.top_k={ev.top_k} must be an integer >= 2 or null (top-1 is the error)")

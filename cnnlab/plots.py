@@ -233,3 +233,39 @@ def plot_run(run_dir: RunDir | Path, path: Path) -> Path | None:
         return None
     return plot_curves([CurveSet(_run_label(run_dir), train, test,
                                  lr_drops=lr_drops(history))], path)
+
+
+# Confusion matrices: counts are written in the cells up to this many classes (10 classes at
+# CONFUSION_CELL inches per cell stay readable); beyond, only the colours and no tick labels.
+CONFUSION_ANNOTATE_MAX = 30
+CONFUSION_CELL = 0.55  # inches per class
+CONFUSION_MIN_SIDE = 5.0  # inches
+
+
+def confusion_figure(counts: np.ndarray, class_names: Sequence[str],
+                     title: str | None = None) -> "Figure":
+    """A (K, K) confusion matrix (row: true class, column: predicted), coloured by the row's
+    fraction so that rare and common classes read alike, each cell annotated with its count."""
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    k = counts.shape[0]
+    rows = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, rows, out=np.zeros(counts.shape, float), where=rows > 0)
+    side = max(CONFUSION_MIN_SIDE, CONFUSION_CELL * k + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    if k <= CONFUSION_ANNOTATE_MAX:
+        ax.set_xticks(range(k), list(class_names), rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), list(class_names), fontsize=8)
+        for (i, j), count in np.ndenumerate(counts):
+            # Dark text on light cells, light text on dark ones.
+            color = "white" if fractions[i, j] > 0.5 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
+    return fig

@@ -124,7 +124,7 @@ class Run:
         views = make_views(cfg.eval.tta, cfg.augment, cfg.eval.crop_size,
                            self.dataset.image_shape)
         return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
-                         cfg.train.eval_batch_size, cfg.eval.ema_decay, views)
+                         cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k)
 
 
 def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None) -> Run:

@@ -13,6 +13,9 @@
   best/<step>/           the selected model (early_stopping.metric's best evaluation)
   snapshots/<step>/      the end of every cyclic_cosine cycle (snapshot ensembles)
   curves.png             train/test error against iterations
+  confusion_<split>.csv  the last evaluation's confusion counts (row: true class, column:
+  confusion_<split>.png  predicted), drawn row-normalised; per_class_<split>.csv: each class's
+  per_class_<split>.csv  error (<split>: test, val, test_ema, ...; cnnlab/confusion.py)
   wandb/, wandb_id.txt   the W&B run (offline by default) and its id, kept across resumes
 ```
 """
@@ -37,6 +40,9 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+# Per evaluated split (`test`, `val`, `test_ema`, ...), from the run's last evaluation.
+CONFUSION_CSV, CONFUSION_PNG = "confusion_{split}.csv", "confusion_{split}.png"
+PER_CLASS_CSV = "per_class_{split}.csv"
 WANDB_ID = "wandb_id.txt"
 START_CONFIG, CHANGES, LOCK = "config.yaml", "changes.jsonl", ".lock"
 # Checkpoint folders and how many of each are kept (None: all; checkpoint.keep: `latest`).
@@ -61,10 +67,11 @@ def floats(record: dict[str, Any]) -> dict[str, Any]:
             for k, v in record.items()}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` so that a reader, or a kill, never sees half a file."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Replace `path` by `text` (or bytes: a PNG) so that a reader, or a kill, never sees half
+    a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
+    with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

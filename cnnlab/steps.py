@@ -258,11 +258,37 @@ def _eval_slice(split: DeviceSplit, index: jax.Array, batch_size: int) -> tuple:
     return take(split.images), take(split.labels), take(split.mask)
 
 
-def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = None) -> Callable:
+def label_rank(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+    """The label's place in each row's ranking of the classes, 0 for the top one: the classes
+    scored higher, plus those scored the same but of a lower index. Ties are broken towards the
+    lower index, as `argmax` breaks them, so rank 0 is exactly `argmax == label` and rank < k is
+    "label among the first k of a stable descending sort". O(B K): no sort on the device."""
+    picked = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)
+    lower = jnp.arange(log_probs.shape[-1]) < labels[:, None]
+    return jnp.sum((log_probs > picked) | ((log_probs == picked) & lower), axis=-1)
+
+
+def confusion_counts(labels: jax.Array, predictions: jax.Array, mask: jax.Array,
+                     num_classes: int) -> jax.Array:
+    """(K, K) int32 counts, row = true label, column = prediction, of the examples `mask` keeps
+    (a scatter-add: cheap next to the forward pass even for 1,000 classes)."""
+    counts = jnp.zeros((num_classes, num_classes), jnp.int32)
+    return counts.at[labels, predictions].add(mask.astype(jnp.int32))
+
+
+def top_k_key(k: int) -> str:
+    """The summed-metrics key of top-k hits; `summarize` turns it into `top<k>_error`."""
+    return f"top{k}_correct"
+
+
+def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = None,
+                    top_k: int | None = None) -> Callable:
     """`eval_batch(params, batch_stats, split, index) -> summed metrics` of the index-th batch.
 
     The loss is the negative log of the predicted probability of the label (with `views`: of
-    the averaged probability), the error that of its argmax.
+    the averaged probability), the error that of its argmax. Also `confusion`, the batch's
+    (K, K) counts (`confusion_counts`), and with `top_k` < K classes the top-k hits
+    (`top_k_key`, ranked by `label_rank`). The padded tail (`split.mask`) counts nowhere.
     """
     log_probs = make_log_probs(model, views)
 
@@ -270,13 +296,19 @@ def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = Non
     def eval_batch(params: Any, batch_stats: Any, split: DeviceSplit, index: jax.Array) -> dict:
         images, labels, mask = _eval_slice(split, index, batch_size)
         logp = log_probs(params, batch_stats, split, images)
+        num_classes = logp.shape[-1]
         losses = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-        hits = (jnp.argmax(logp, -1) == labels) & mask
-        return {
+        predictions = jnp.argmax(logp, -1)
+        sums = {
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-            "correct": jnp.sum(hits).astype(jnp.int32),
+            "correct": jnp.sum((predictions == labels) & mask).astype(jnp.int32),
             "count": jnp.sum(mask).astype(jnp.int32),
+            "confusion": confusion_counts(labels, predictions, mask, num_classes),
         }
+        if top_k is not None and num_classes > top_k:
+            hits = (label_rank(logp, labels) < top_k) & mask
+            sums[top_k_key(top_k)] = jnp.sum(hits).astype(jnp.int32)
+        return sums
 
     return eval_batch
 
@@ -296,7 +328,11 @@ def make_predict_batch(model: nn.Module, batch_size: int, views: Views | None = 
 
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:
-    """Host-side: summed metrics -> mean loss and error in percent."""
+    """Host-side: summed metrics -> mean loss and errors in percent: `correct` gives `error`,
+    `top<k>_correct` gives `top<k>_error`; arrays (the confusion counts) are left out."""
     count = max(int(sums["count"]), 1)
-    return {"loss": float(sums["loss_sum"]) / count,
-            "error": 100.0 * (1.0 - int(sums["correct"]) / count)}
+    out = {"loss": float(sums["loss_sum"]) / count}
+    for key, value in sums.items():
+        if key.endswith("correct") and np.ndim(value) == 0:
+            out[key.removesuffix("correct") + "error"] = 100.0 * (1.0 - int(value) / count)
+    return out

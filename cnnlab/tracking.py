@@ -7,6 +7,7 @@ mirrors them. W&B defaults to offline mode, which needs neither an API key nor a
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,15 @@ class RunTracker:
             import wandb
 
             self._wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def log_table(self, step: int, key: str, columns: Sequence[str],
+                  rows: Sequence[Sequence[Any]]) -> None:
+        """A table (e.g. per-class errors) as a W&B Table panel."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
+                            step=step)
 
     def log_artifacts(self, config: Path, checkpoint: Path | None) -> None:
         """The run's config and its latest checkpoint as W&B artifacts (`logger.artifacts`)."""

@@ -114,7 +114,8 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
             **{f"best/{k}": v for k, v in evaluation.best.items()},
             **{f"selected/{k}": v for k, v in evaluation.selected.items()},
         )
-        _close(tracker, run_dir, summary)
+        _close(tracker, run_dir, summary, lambda: _log_confusions(
+            tracker, run_dir, run, evaluation.last_step, summary["final_step"]))
     return summary
 
 
@@ -131,11 +132,14 @@ def _ending(stop: tuple[str, str] | None, step: int, signum: int | None) -> dict
     return {"status": "finished", "early_stopped_at": step}
 
 
-def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any]) -> None:
-    """Write the final summary, curves and W&B run; a full disk must not hide why it ended."""
+def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any],
+           figures: Callable[[], None] = lambda: None) -> None:
+    """Write the final summary, curves, `figures` and W&B run; a full disk must not hide why
+    it ended."""
     try:
         tracker.write_summary(summary)
         _log_curves(tracker, run_dir, summary["final_step"])
+        figures()
         saved = run_dir.checkpoint_steps()
         tracker.log_artifacts(run_dir / ".hydra" / "config.yaml",
                               run_dir / "checkpoints" / str(saved[-1]) if saved else None)
@@ -193,3 +197,29 @@ def _log_curves(tracker: RunTracker, run_dir: RunDir, step: int) -> None:
     except Exception as error:  # a plot is a convenience: a broken one must not lose the run
         log.warning("could not plot the curves of %s: %s", run_dir, error)
 
+
+
+def _log_confusions(tracker: RunTracker, run_dir: RunDir, run: Run, evaluated: int | None,
+                    step: int) -> None:
+    """The last evaluation's confusion matrices (one per split and variant) as CSV and PNG files
+    and per-class error tables, also as W&B image and table panels at the run's last `step`;
+    nothing when the run never evaluated, and never fails the run."""
+    if evaluated is None:
+        return
+    try:
+        import jax
+
+        from cnnlab import confusion
+
+        # One transfer for all splits, once per run: the counts stayed on the device till now.
+        names = run.dataset.class_names
+        for split, counts in jax.device_get(run.evaluator.confusions).items():
+            error = 100 * (1 - counts.trace() / max(counts.sum(), 1))
+            title = (f"{run.cfg.model.name} on {run.dataset.name}, {split} split, "
+                     f"step {evaluated:,}: error {error:.2f}%")
+            paths = confusion.write_confusion(run_dir.path, split, counts, names, title)
+            tracker.log_image(step, f"confusion/{split}", paths["png"])
+            rows = confusion.per_class_rows(counts, confusion.class_labels(len(counts), names))
+            tracker.log_table(step, f"per_class/{split}", confusion.PER_CLASS_COLUMNS, rows)
+    except Exception as error:  # files for reading: a broken one must not lose the run
+        log.warning("could not write the confusion matrices of %s: %s", run_dir, error)

@@ -1,6 +1,7 @@
 """`cnnlab eval` (cnnlab/ensemble.py) on real runs: final, best, EMA and snapshot weights,
 ensembles, and the one-line errors; the EMA of a real run's trajectory by hand."""
 
+import csv
 import json
 import math
 import shutil
@@ -102,10 +103,10 @@ def _hand_flip_probs(run_dir: Path, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_cnnlab_eval_flip_ensemble_matches_numpy(runs, fashion_dir, tmp_path):
-    out = tmp_path / "eval.json"
+    out, folder = tmp_path / "eval.json", tmp_path / "confusion"
     result = run_cli(["eval", *map(str, runs), "eval.tta=flip", "eval.format=json",
-                      f"eval.output={out}"], cwd=tmp_path, data_dir=fashion_dir,
-                     fresh_process=True)
+                      f"eval.output={out}", f"eval.confusion_dir={folder}"], cwd=tmp_path,
+                     data_dir=fashion_dir, fresh_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report == json.loads(out.read_text())
@@ -117,12 +118,31 @@ def test_cnnlab_eval_flip_ensemble_matches_numpy(runs, fashion_dir, tmp_path):
         probs, labels = _hand_flip_probs(run_dir, STEPS)
         member_probs.append(probs)
         assert member["error"] == pytest.approx(100 * np.mean(probs.argmax(1) != labels))
+        assert member["top5_error"] == pytest.approx(_top5_error(probs, labels))
     mean = np.mean(member_probs, axis=0)
     ensemble = report["ensemble"]
     assert ensemble["members"] == 2
     assert ensemble["error"] == pytest.approx(100 * np.mean(mean.argmax(1) != labels))
     assert ensemble["loss"] == pytest.approx(
         -np.mean(np.log(mean[np.arange(len(labels)), labels])), rel=1e-4)
+    assert report["top_k"] == 5
+    assert ensemble["top5_error"] == pytest.approx(_top5_error(mean, labels))
+    assert 0 < ensemble["top5_error"] < ensemble["error"]
+    # The ensemble's confusion matrix and per-class errors, from its averaged softmax.
+    expected = np.zeros((10, 10), int)
+    np.add.at(expected, (labels, mean.argmax(1)), 1)
+    table = list(csv.reader((folder / "confusion_test.csv").open()))
+    assert table[0][1] == "T-shirt/top"
+    np.testing.assert_array_equal([[int(c) for c in row[1:]] for row in table[1:]], expected)
+    per_class = 100 * (1 - np.diag(expected) / expected.sum(1))
+    np.testing.assert_allclose(ensemble["per_class_error"], per_class, atol=1e-9)
+    assert (folder / "confusion_test.png").is_file() and (folder / "per_class_test.csv").is_file()
+
+
+def _top5_error(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-5 by a stable sort of the probabilities (ties: the lower class first, as argmax)."""
+    top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+    return 100 * float(np.mean(~np.any(top5 == labels[:, None], axis=1)))
 
 
 def test_snapshots_and_ema_weights_of_a_real_run(runs, capsys):
@@ -148,7 +168,9 @@ def test_snapshots_and_ema_weights_of_a_real_run(runs, capsys):
     cli.main(["eval", str(run_a), "eval.weights=ema"])
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith(str(run_a)))
-    assert row.split()[1:4] == ["ema", str(STEPS), f"{final['test_ema/error']:.2f}"]
+    assert row.split()[1:5] == ["ema", str(STEPS), f"{final['test_ema/error']:.2f}",
+                                f"{final['test_ema/top5_error']:.2f}"]
+    assert "top-5 error %" in table
     assert "ensemble" not in table
 
 

@@ -74,7 +74,9 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     assert wb["names"] == {",".join(sorted(a for a in named if not a.startswith("progress=")))}
     assert wb["job_types"] == {"train"}
     artifacts = {kind: (name, files) for kind, name, files in wb["artifacts"]}
-    assert set(artifacts) == {"config", "model"}
+    # W&B keeps each logged wandb.Table (the per-class errors) as a run_table artifact.
+    assert set(artifacts) == {"config", "model", "run_table"}
+    assert wb["history"][-1]["per_class/test/_type"] == "table-file"
     assert artifacts["config"][1] == ["config.yaml"]
     checkpoint_files = sorted(str(p.relative_to(tmp_path / "checkpoints" / "60"))
                               for p in (tmp_path / "checkpoints" / "60").rglob("*") if p.is_file())
