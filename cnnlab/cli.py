@@ -37,10 +37,15 @@ commands:
            [eval.weights=final|best|ema|snapshots] [eval.format=json] [eval.output=FILE]
            [eval.top_k=5|null] [eval.confusion_dir=DIR]
 
+  lr_find  the LR range test (Smith 2017) of the run `cnnlab train` would make, with its
+           overrides: cnnlab lr_find model=resnet20 optimizer=momentum [lr_find.start=1e-6]
+           [lr_find.end=10] [lr_find.steps=100] [lr_find.output=DIR]; writes lr_find.png, .json
+
   compare  tables (mean ± std over seeds) and error curves of runs, from their files:
            cnnlab compare MULTIRUN_DIR|RUN_DIR [...] [compare.panel_by=model.residual]
            [compare.metric=error|loss] [compare.ylim=[0,20]] [compare.format=markdown|csv]
-           [compare.output=DIR]; a W&B group (online): cnnlab compare wandb:ENTITY/PROJECT/GROUP
+           [compare.output=DIR] [compare.select=all|best]; a W&B group (online):
+           cnnlab compare wandb:ENTITY/PROJECT/GROUP
 
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
@@ -391,11 +396,48 @@ def compare_command(args: list[str]) -> None:
           file=sys.stderr)
 
 
+def lr_find_command(args: list[str]) -> None:
+    """`cnnlab lr_find [OVERRIDES]` (cnnlab/lr_find.py): train's run at exponentially growing
+    lrs; prints the suggested lr, writes the plot and the (lr, loss) pairs."""
+    if any(arg.startswith("-") for arg in args):
+        print(command_help("lr_find"))
+        return
+    from omegaconf import open_dict
+
+    from cnnlab import lr_find
+
+    cfg, _ = check_config(args)
+    with open_dict(cfg):
+        del cfg["hydra"]  # what a run sees: resolvable outside a Hydra job
+    try:
+        lr_find.validate(cfg.lr_find)
+    except ConfigError as e:
+        fail(str(e))
+    from cnnlab.app import quiet_library_logs
+    from cnnlab.data import DatasetUnavailableError
+    from cnnlab.progress import console_log
+    from cnnlab.run import use_compile_cache
+
+    quiet_library_logs()
+    use_compile_cache(cfg.compile_cache_dir)
+    try:
+        with console_log():
+            result = lr_find.range_test(cfg)
+    except (ConfigError, DatasetUnavailableError) as e:
+        fail(str(e))
+    written = lr_find.write(result, Path(cfg.lr_find.output),
+                            title=f"LR range test: {' '.join(args) or 'defaults'}")
+    print(lr_find.report(result), end="")
+    print(f"cnnlab lr_find: wrote {', '.join(p.name for p in written)} to "
+          f"{cfg.lr_find.output}", file=sys.stderr)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command,
     "summary": summary_command,
     "eval": eval_command,
     "compare": compare_command,
+    "lr_find": lr_find_command,
 }
 
 

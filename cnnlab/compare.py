@@ -47,9 +47,11 @@ FINISHED = "finished"
 
 # Keys that say how a run was logged, stored or fetched, not what was trained: runs differing
 # only there are seeds of one configuration. (`summary.*` configures `cnnlab summary`.)
+# A cross-validation fold is a replicate like a seed: the folds of one configuration are
+# averaged, so the table reports mean ± std over folds (and seeds).
 BOOKKEEPING = ("seed", "logger", "progress", "checkpoint", "compile_cache_dir", "dataset.data_dir",
                "dataset.download", "dataset.cache_dir", "dataset.cache_max_gb", "summary", "hydra",
-               "resume")
+               "resume", "lr_find", "dataset.fold")
 
 
 @dataclasses.dataclass
@@ -73,6 +75,9 @@ class CompareConfig:
     # Shade mean ± std over seeds around each curve.
     shade_std: bool = False
     dpi: int = 150
+    # all: every finished seed of a configuration is averaged; best: only the one with the
+    # lowest final validation error is reported ("random restarts": keep the best trial).
+    select: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,6 +524,32 @@ def configuration_curves(configurations: Sequence[Configuration], metric: str = 
     return [cs for _, cs in drawn]
 
 
+SELECT_KEY = "final/val/error"
+
+
+def _select_all(configuration: Configuration) -> Configuration:
+    return configuration
+
+
+def _select_best(configuration: Configuration) -> Configuration:
+    """The configuration with one finished run, the lowest final validation error of its
+    finished runs (ties: the first given); its unfinished runs stay listed as failed."""
+    scored = [run for run in configuration.finished if _numbers([run], SELECT_KEY)]
+    if configuration.finished and not scored:
+        raise ConfigError(f"compare.select=best picks by {SELECT_KEY}, which no finished run of "
+                          f"'{configuration.label}' logged: train with dataset.val_size > 0 or "
+                          "dataset.folds")
+    best = min(scored, key=lambda run: _numbers([run], SELECT_KEY)[0], default=None)
+    kept = tuple(run for run in configuration.runs if run is best or not run.finished)
+    return dataclasses.replace(configuration, runs=kept)
+
+
+# What `compare.select` does to each configuration before anything is averaged.
+SELECTIONS: dict[str, Callable[[Configuration], Configuration]] = {
+    "all": _select_all, "best": _select_best,
+}
+
+
 # ---------------------------------------------------------------------------------- rendering
 
 
@@ -679,7 +710,7 @@ def parse_config(overrides: Sequence[str]) -> CompareConfig:
 
 def validate(cfg: CompareConfig) -> None:
     for key, value, valid in (("format", cfg.format, RENDERERS), ("metric", cfg.metric, METRICS),
-                              ("yscale", cfg.yscale, YSCALES)):
+                              ("yscale", cfg.yscale, YSCALES), ("select", cfg.select, SELECTIONS)):
         if value not in valid:
             raise ConfigError(f"compare.{key}: unknown '{value}'; valid choices: "
                               f"{', '.join(valid)}")
@@ -712,7 +743,7 @@ def build(runs: Sequence[Run], cfg: CompareConfig) -> Comparison:
     """The pure part: runs -> everything the files show."""
     if cfg.panel_by is not None:
         check_panel_key(runs, cfg.panel_by)
-    configurations = group_runs(runs)
+    configurations = [SELECTIONS[cfg.select](c) for c in group_runs(runs)]
     return Comparison(configurations, table_rows(configurations),
                       failed_runs(runs, configurations),
                       configuration_curves(configurations, cfg.metric, cfg.panel_by))

@@ -42,6 +42,11 @@ class DatasetConfig:
     download: bool = MISSING
     val_size: int = MISSING
     val_seed: int = MISSING
+    # Cross-validation: the train split cut into `folds` parts (by val_seed), part `fold` the
+    # validation split, the others train; null: off. Defaults, not MISSING: configs of runs
+    # made before folds existed load without them.
+    folds: int | None = None
+    fold: int = 0
     max_examples: int | None = MISSING
     # Folder of decoded splits (cnnlab.data_cache); null: no cache. Not MISSING: configs of runs
     # made before the cache existed (`cnnlab eval` reads them) load without one.
@@ -147,6 +152,30 @@ class RegularizationConfig:
     apply_to: str = MISSING
     # Szegedy et al. 2016: train against (1 - eps) * one_hot + eps / K.
     label_smoothing: float = MISSING
+
+
+@dataclasses.dataclass
+class LossConfig:
+    # The optimized data term (cnnlab/losses.py): cross_entropy, mse, sigmoid_bce. Defaults, not
+    # MISSING: configs of runs made before the loss group existed (cnnlab eval) load as they ran.
+    name: str = "cross_entropy"
+    # mse only (null otherwise): the outputs the squared error is taken of: softmax, sigmoid,
+    # logits.
+    output: str | None = None
+
+
+@dataclasses.dataclass
+class LrFindConfig:
+    # `cnnlab lr_find` (cnnlab/lr_find.py): lr_i = start * (end / start)^(i / (steps - 1)).
+    start: float = MISSING
+    end: float = MISSING
+    steps: int = MISSING
+    # Stop once the smoothed loss exceeds `diverge` x its lowest value so far.
+    diverge: float = MISSING
+    # Decay of the loss's bias-corrected exponential moving average (0: no smoothing).
+    smoothing: float = MISSING
+    # Folder of lr_find.png and lr_find.json.
+    output: str = MISSING
 
 
 @dataclasses.dataclass
@@ -274,6 +303,7 @@ class Config:
     optimizer: OptimizerConfig = MISSING
     regularization: RegularizationConfig = dataclasses.field(
         default_factory=RegularizationConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     schedule: ScheduleConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -282,6 +312,7 @@ class Config:
     early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     summary: SummaryConfig = dataclasses.field(default_factory=SummaryConfig)
+    lr_find: LrFindConfig = dataclasses.field(default_factory=LrFindConfig)
     seed: int = MISSING
     progress: bool = MISSING
     compile_cache_dir: str | None = MISSING
@@ -393,7 +424,10 @@ def steps_from_epochs(cfg: DictConfig) -> None:
             if ds.train_size is not None else
             f"train.epochs needs dataset.train_size, which dataset {ds.name} does not declare: "
             "set dataset.train_size=N, or train.steps instead")
-    images = min(ds.train_size, ds.max_examples or ds.train_size) - ds.val_size
+    images = min(ds.train_size, ds.max_examples or ds.train_size)
+    folds = ds.get("folds")
+    # A fold holds n // k images, one more for the first n % k folds (cnnlab.data.fold_split).
+    images -= ds.val_size if not folds else images // folds + (ds.fold < images % folds)
     if images < 1:
         return  # validation of dataset.val_size reports it
     steps = math.ceil(epochs * images / cfg.train.batch_size)

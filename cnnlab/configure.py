@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import augment, data, evaluate, models, optim, preprocess, selection, tracking
+from cnnlab import augment, data, evaluate, losses, models, optim, preprocess, selection, tracking
 from cnnlab.config import CONF_DIR, Config, resolve_presets
 from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
@@ -114,6 +114,7 @@ CHECKS = (
     lambda cfg: data.validate(cfg.dataset),
     lambda cfg: optim.validate_optimizer(cfg.optimizer),
     lambda cfg: optim.validate_regularization(cfg.regularization),
+    lambda cfg: losses.validate(cfg.loss),
     lambda cfg: optim.validate_schedule(cfg.schedule, cfg.train),
     selection.validate,
     lambda cfg: evaluate.validate(cfg.eval, cfg.augment, cfg.dataset.image_shape),

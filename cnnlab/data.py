@@ -101,6 +101,8 @@ def load_dataset(
     max_examples: int | None = None,
     cache_dir: str | None = None,
     cache_max_bytes: int | None = None,
+    folds: int | None = None,
+    fold: int = 0,
 ) -> Dataset:
     """Loads a TFDS classification dataset into memory as NumPy arrays.
 
@@ -112,6 +114,9 @@ def load_dataset(
       val_size: number of train examples held out (and removed from train) as validation.
       val_seed: seed of the hold-out permutation; independent of any training seed so the
         validation set stays the same across training runs.
+      folds, fold: cross-validation (instead of ``val_size``): the train split in ``folds``
+        parts of sizes differing by at most one, drawn by ``val_seed``; part ``fold`` becomes
+        the validation split and is removed from train.
       download: whether a dataset missing from ``data_dir`` may be downloaded and prepared.
       max_examples: keep only the first ``max_examples`` of each split (quick runs and tests).
         The hold-out is drawn after truncation, so it depends on this value.
@@ -153,14 +158,8 @@ def load_dataset(
     train = read_split(train_split)
     if not len(train):
         raise ValueError(f"{name}/{train_split} is empty: no statistics or training possible")
-    val = None
-    if val_size:
-        if val_size >= len(train):
-            raise ValueError(
-                f"val_size={val_size} must be smaller than the {len(train)} examples of "
-                f"{name}/{train_split}"
-            )
-        train, val = _hold_out(train, val_size, val_seed)
+    train, val = _validation_split(train, f"{name}/{train_split}", val_size, val_seed, folds,
+                                   fold)
     test = read_split(test_split)
     mean, std = channel_mean_std(train.images)
     log.info(
@@ -453,6 +452,22 @@ def _to_array_split(
     )
 
 
+def _validation_split(train: ArraySplit, where: str, val_size: int, val_seed: int,
+                      folds: int | None, fold: int) -> tuple[ArraySplit, ArraySplit | None]:
+    """(train, val): val_size examples held out, or fold `fold` of `folds`, or no val."""
+    if val_size:
+        if val_size >= len(train):
+            raise ValueError(
+                f"val_size={val_size} must be smaller than the {len(train)} examples of {where}"
+            )
+        return _hold_out(train, val_size, val_seed)
+    if folds:
+        if folds > len(train):
+            raise ValueError(f"folds={folds} exceeds the {len(train)} examples of {where}")
+        return fold_split(train, folds, fold, val_seed)
+    return train, None
+
+
 def _hold_out(train: ArraySplit, val_size: int, val_seed: int) -> tuple[ArraySplit, ArraySplit]:
     perm = np.random.default_rng(val_seed).permutation(len(train))
     # Sorted indices keep both parts in the original file order, so the result does not depend
@@ -465,6 +480,34 @@ def _hold_out(train: ArraySplit, val_size: int, val_seed: int) -> tuple[ArraySpl
     )
 
 
+def fold_split(train: ArraySplit, folds: int, fold: int,
+               val_seed: int) -> tuple[ArraySplit, ArraySplit]:
+    """(train without fold `fold`, fold `fold`) of `folds` parts of one permutation by val_seed:
+    every example is in exactly one fold, and fold sizes differ by at most one."""
+    perm = np.random.default_rng(val_seed).permutation(len(train))
+    parts = np.array_split(perm, folds)
+    val_idx = np.sort(parts[fold])
+    train_idx = np.sort(np.concatenate([p for i, p in enumerate(parts) if i != fold]))
+    return (
+        ArraySplit(images=train.images[train_idx], labels=train.labels[train_idx]),
+        ArraySplit(images=train.images[val_idx], labels=train.labels[val_idx]),
+    )
+
+
+def _validate_folds(ds: Any) -> None:
+    from cnnlab.errors import require
+
+    folds, fold = ds.get("folds"), ds.get("fold", 0)
+    if folds is None:
+        require(fold == 0, f"dataset.fold={fold} needs dataset.folds=K (cross-validation)")
+        return
+    require(folds >= 2, f"dataset.folds={folds} must be >= 2 or null (no cross-validation)")
+    require(0 <= fold < folds, f"dataset.fold={fold} must be in [0, {folds}) "
+            f"(dataset.folds={folds})")
+    require(ds.val_size == 0, f"dataset.folds={folds} and dataset.val_size={ds.val_size} both "
+            "choose the validation split: set dataset.val_size=0 with folds")
+
+
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -475,6 +518,7 @@ def validate(ds: Any) -> None:
     from cnnlab.errors import require
 
     require(ds.val_size >= 0, f"dataset.val_size={ds.val_size} must be >= 0")
+    _validate_folds(ds)
     require(
         ds.max_examples is None or ds.max_examples > 0,
         f"dataset.max_examples={ds.max_examples} must be positive or null",

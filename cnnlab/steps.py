@@ -18,8 +18,9 @@ from flax import struct
 from omegaconf import DictConfig
 
 from cnnlab.augment import Augment, mixup_loss
+from cnnlab.losses import make_objective
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
-from cnnlab.optim import make_penalty, smoothed_cross_entropy
+from cnnlab.optim import make_penalty
 from cnnlab.preprocess import PreprocessStats, preprocess
 
 
@@ -111,7 +112,8 @@ def ema_variables(ema: Any, decay: float) -> tuple[Any, Any]:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
                     batch_size: int, regularization: DictConfig | None = None,
-                    ema_decay: float | None = None, scale_lr: bool = False) -> Callable:
+                    ema_decay: float | None = None, scale_lr: bool = False,
+                    loss_config: DictConfig | None = None) -> Callable:
     """`train_step(state, data) -> (state, metrics)` for one batch.
 
     With `ema_decay`, the step also updates the moving average of the new weights and BN
@@ -120,7 +122,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     With `scale_lr`, updates are multiplied by `state.lr_scale` (reduce-on-plateau).
 
     `regularization` (l1, l2, apply_to, label_smoothing) changes the optimized objective only;
-    the logged loss stays the cross entropy against the true labels, so runs compare.
+    the logged loss stays the cross entropy against the true labels, so runs compare. So does
+    `loss_config` (cnnlab/losses.py: cross_entropy, mse, sigmoid_bce), the optimized data term.
 
     With mixup (`augment.mixup_alpha` > 0) the labels are the mixed targets: every loss term,
     logged or optimized, is lam * L(y) + (1 - lam) * L(y_partner) (Zhang et al. 2018), and the
@@ -128,6 +131,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     """
     penalty = make_penalty(regularization)
     smoothing = float(regularization.label_smoothing) if regularization is not None else 0.0
+    # None: plain cross entropy, the logged loss itself.
+    objective = make_objective(loss_config, smoothing)
 
     def train_step(state: TrainState, data: DeviceSplit) -> tuple[TrainState, dict]:
         data_key, step_key = jax.random.split(state.rng)
@@ -143,16 +148,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         def cross_entropy(logits: jax.Array, labels: jax.Array = labels) -> jax.Array:
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        def smoothed(logits: jax.Array, labels: jax.Array = labels) -> jax.Array:
-            return smoothed_cross_entropy(logits, labels, smoothing)
+        def optimized(logits: jax.Array, labels: jax.Array = labels) -> jax.Array:
+            return objective(logits, labels)
 
-        # Label smoothing is a training target: every head's term of the objective uses it,
-        # what is logged or evaluated never does.
-        train_loss = smoothed if smoothing else cross_entropy
+        # Label smoothing and the loss choice are training targets: every head's term of the
+        # objective uses them, what is logged or evaluated never does.
+        train_loss = cross_entropy if objective is None else optimized
         data_loss = cross_entropy
         if mixing:
             data_loss = mixup_loss(cross_entropy, lam, labels, partners)
-            train_loss = mixup_loss(smoothed, lam, labels, partners) if smoothing else data_loss
+            train_loss = (data_loss if objective is None
+                          else mixup_loss(optimized, lam, labels, partners))
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
             logits, updates = model.apply(

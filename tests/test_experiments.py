@@ -19,7 +19,7 @@ from cnnlab.tracking import flatten
 from tests.helpers import run_cli
 
 STUDIES = ["resnet_vs_plain", "init_study", "activation_study", "batchnorm_study",
-           "dropout_study", "augmentation_study", "vgg_depth"]
+           "dropout_study", "augmentation_study", "vgg_depth", "loss_study"]
 SIZES = {"full": "{}", "smoke": "smoke/{}"}
 GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 # The keys a smoke size may change: how big the data, the net and the run are, and where it goes.
