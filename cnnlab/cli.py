@@ -36,6 +36,7 @@ commands:
            cnnlab eval RUN_DIR [RUN_DIR ...] [eval.tta=none|flip|ten_crop]
            [eval.weights=final|best|ema|snapshots] [eval.format=json] [eval.output=FILE]
            [eval.top_k=5|null] [eval.confusion_dir=DIR]
+           [eval.scales=[28,36,44] eval.scale_mode=dense|crop]
 
   lr_find  the LR range test (Smith 2017) of the run `cnnlab train` would make, with its
            overrides: cnnlab lr_find model=resnet20 optimizer=momentum [lr_find.start=1e-6]
@@ -266,14 +267,23 @@ def _name_jobs_by_swept_keys(overrides: list[str], cfg: "DictConfig") -> list[st
     return [f"{key_setting}=[{','.join(dict.fromkeys(excluded + fixed))}]"]
 
 
+def _sweep_size(cfg: "DictConfig", steps: list[int]) -> str:
+    """What a multirun will run: a basic sweep's jobs, or an Optuna search's trials (its listed
+    choices were each checked, but only n_trials of them run)."""
+    trials = cfg.hydra.sweeper.get("n_trials")
+    if trials is None:
+        return f"cnnlab: sweep of {len(steps)} jobs, {sum(steps):,} training steps in all"
+    return (f"cnnlab: search of {trials} trials of up to {max(steps):,} training steps "
+            f"({len(steps)} combinations of its choices checked)")
+
+
 def train_command(args: list[str]) -> None:
     parsed = _hydra_args(args)
     argv = args
     if not _info_only(parsed):
         cfg, steps = check_config(parsed.overrides, multirun=parsed.multirun)
         if parsed.multirun:
-            print(f"cnnlab: sweep of {len(steps)} jobs, {sum(steps):,} training steps in all",
-                  file=sys.stderr)
+            print(_sweep_size(cfg, steps), file=sys.stderr)
         if parsed.overrides and parsed.multirun:
             # Hydra reads its overrides as one group of arguments: the naming joins that group.
             # A single run keeps every override in its name (its W&B name, cnnlab.app.run_name).

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.config import name_the_model
 from cnnlab.errors import ConfigError
-from cnnlab.plots import YSCALES, CurveSet, lr_drops, mean_curve, plot_curves
+from cnnlab.plots import YSCALES, CurveSet, lr_drops, mean_curve, plot_curves, plot_pareto
 from cnnlab.rundir import CONFIG, CURVES, RunDir, find_run_dirs, floats
 from cnnlab.tracking import flatten
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 COMPARE_DIR = "compare"
 TABLE_MD, TABLE_CSV, FAILED_CSV = "table.md", "table.csv", "failed.csv"
+PARETO_MD, PARETO_PNG = "pareto.md", "pareto.png"
 WANDB_PREFIX = "wandb:"
 NO_SUMMARY = "no summary.json (the job crashed before training started)"
 
@@ -78,6 +79,9 @@ class CompareConfig:
     # all: every finished seed of a configuration is averaged; best: only the one with the
     # lowest final validation error is reported ("random restarts": keep the best trial).
     select: str = "all"
+    # Error against multiply-adds per image, one point per configuration (mean over seeds),
+    # the Pareto front marked: pareto.md and pareto.png, and the table printed after the others.
+    pareto: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -757,7 +761,8 @@ RENDERERS: dict[str, Callable[[Comparison], str]] = {
 
 
 def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> list[Path]:
-    """table.md, table.csv, failed.csv and (when a finished run logged curves) curves.png."""
+    """table.md, table.csv, failed.csv, (when a finished run logged curves) curves.png, and with
+    compare.pareto pareto.md and pareto.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = {TABLE_MD: render_markdown(comparison.rows, comparison.failed),
              TABLE_CSV: table_csv(comparison.rows), FAILED_CSV: failed_csv(comparison.failed)}
@@ -769,6 +774,8 @@ def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> 
         written.append(plot_curves(
             comparison.curves, out_dir / CURVES, ylabel=METRICS[cfg.metric].axis_label,
             ylim=cfg.ylim, shade_std=cfg.shade_std, dpi=cfg.dpi, yscale=cfg.yscale))
+    if cfg.pareto:
+        written += write_pareto(comparison.rows, out_dir, cfg.dpi)
     return written
 
 
@@ -781,4 +788,66 @@ def compare(paths: Sequence[str], cfg: CompareConfig) -> tuple[str, list[Path]]:
     except OSError as e:  # e.g. a read-only sweep directory: compare.output=DIR elsewhere
         raise ConfigError(f"cannot write to {out_dir}: {e.strerror or e}; set "
                           "compare.output=DIR") from None
-    return RENDERERS[cfg.format](comparison), written
+    text = RENDERERS[cfg.format](comparison)
+    if cfg.pareto:
+        text += "\n" + pareto_markdown(*pareto_points(comparison.rows))
+    return text, written
+
+
+# ------------------------------------------------------------- error against multiply-adds
+
+
+@dataclasses.dataclass(frozen=True)
+class ParetoPoint:
+    """A configuration's mean error (%) and cost; `on_front`: no other configuration is at
+    most as costly and as wrong, and better in one."""
+
+    label: str
+    macs: float
+    params: float | None
+    error: float
+    on_front: bool
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, error) that no other point dominates, both minimized: j
+    dominates i when cost_j <= cost_i and error_j <= error_i, one of them strictly. Equal points
+    are all kept. Ordered by cost, then error."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 <= x and y2 <= y and (x2 < x or y2 < y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+def pareto_points(rows: Sequence[Row]) -> tuple[str, list[ParetoPoint]]:
+    """(the error column used, the points): the validation error when any configuration has
+    one (what a search minimizes), else the test error; configurations without MACs (runs of
+    older versions) or without that error are left out."""
+    metric = ("final_val_error" if any(row.stats["final_val_error"].n for row in rows)
+              else "final_test_error")
+    usable = [row for row in rows
+              if row.stats["macs"].mean is not None and row.stats[metric].mean is not None]
+    front = set(pareto_front([(row.stats["macs"].mean, row.stats[metric].mean)
+                              for row in usable]))
+    return metric, [ParetoPoint(row.label, row.stats["macs"].mean, row.stats["params"].mean,
+                                row.stats[metric].mean, i in front)
+                    for i, row in enumerate(usable)]
+
+
+def pareto_markdown(metric: str, points: Sequence[ParetoPoint]) -> str:
+    """The points by cost, front first, as a markdown table."""
+    header = [CONFIGURATION, "MACs", "params", next(c.header for c in COLUMNS if c.name == metric),
+              "Pareto front"]
+    ordered = sorted(points, key=lambda p: (not p.on_front, p.macs, p.error))
+    cells = [[p.label, _count(p.macs), "" if p.params is None else _count(p.params),
+              f"{p.error:.2f}", "yes" if p.on_front else ""] for p in ordered]
+    table = _markdown(header, cells, [False, True, True, True, False])
+    return f"## Error against multiply-adds (Pareto front first)\n\n{table}\n"
+
+
+def write_pareto(rows: Sequence[Row], out_dir: Path, dpi: int = 150) -> list[Path]:
+    metric, points = pareto_points(rows)
+    (out_dir / PARETO_MD).write_text(pareto_markdown(metric, points))
+    ylabel = next(c.header for c in COLUMNS if c.name == metric)
+    return [out_dir / PARETO_MD, plot_pareto(
+        [(p.label, p.macs, p.error, p.on_front) for p in points], out_dir / PARETO_PNG,
+        ylabel=ylabel, dpi=dpi)]

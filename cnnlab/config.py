@@ -98,6 +98,17 @@ class PreprocessConfig:
 
 
 @dataclasses.dataclass
+class AffineConfig:
+    # torchvision's RandomAffine, one matrix per image: angle ~ U[-rotate, rotate] degrees,
+    # zoom ~ U[scale], x-shear ~ U[-shear, shear] degrees, shift ~ U[-translate, translate] x
+    # the image's size; fill 0 (black). All four at their identity values: off.
+    rotate: float = MISSING
+    scale: list[float] = MISSING
+    shear: float = MISSING
+    translate: float = MISSING
+
+
+@dataclasses.dataclass
 class AugmentConfig:
     # Order and definitions: cnnlab/augment.py; conf/augment/_base.yaml turns each one off.
     name: str = MISSING
@@ -118,6 +129,14 @@ class AugmentConfig:
     cutout: int = MISSING
     # mixup (Zhang et al. 2018): alpha of Beta(alpha, alpha).
     mixup: float = MISSING
+    # VGG's multi-scale training: shorter side resized to S ~ U{S_min..S_max}, then a random
+    # crop of the images' own size; null: off.
+    scale_jitter: list[int] | None = MISSING
+    affine: AffineConfig = MISSING
+    # Hue rotation ~ U[-hue, hue] degrees per image (RGB only).
+    hue: float = MISSING
+    # Colour casting (Wu et al. 2015): per-channel integer offsets ~ U{-c..c} of 255 levels.
+    color_cast: int = MISSING
 
 
 @dataclasses.dataclass
@@ -222,6 +241,12 @@ class EvalConfig:
     # augment.crop_pad (the training crops' extremes); N = NxN windows of the image itself,
     # scaled back to the image's size.
     crop_size: int | None = MISSING
+    # Multi-scale evaluation (VGG sec. 3.2): the test image resized to each shorter side Q in
+    # the list, the softmaxes averaged over the scales (with eval.tta's views at each); null:
+    # off. scale_mode: dense (the whole resized image; models ending in global average pooling)
+    # or crop (its centre of the training size; every Q >= the images' shorter side).
+    scales: list[int] | None = MISSING
+    scale_mode: str = MISSING
     # `cnnlab eval` only: which weights each run contributes: final (latest checkpoint), best
     # (<run_dir>/best), ema (the averaged weights of the latest checkpoint) or snapshots (every
     # <run_dir>/snapshots/<step>, one ensemble member each).

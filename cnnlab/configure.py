@@ -129,6 +129,7 @@ def validate(cfg: DictConfig) -> None:
         check(cfg)
     if cfg.dataset.image_shape is not None:
         models.check_geometry(cfg, tuple(cfg.dataset.image_shape))
+    evaluate.validate_scales(cfg.eval, cfg)
 
 
 def validate_for_training(cfg: DictConfig) -> None:

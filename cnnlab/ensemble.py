@@ -28,9 +28,10 @@ from cnnlab.evaluate import (
     WEIGHTS,
     confusion_matrix,
     ensemble_log_probs,
-    make_views,
+    make_eval_views,
     prob_metrics,
     validate,
+    validate_scales,
 )
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.run import Run, build, load_data
@@ -78,7 +79,7 @@ def _members(run_dir: Path, run: Run, ev: DictConfig, label: str) -> list[Member
     `label` (`run 1/3`) begins the lines that say what is evaluated and how long it took."""
     cfg, dataset = run.cfg, run.dataset
     batch_size = ev.batch_size or cfg.train.eval_batch_size
-    views = make_views(ev.tta, cfg.augment, ev.crop_size, dataset.image_shape)
+    views = make_eval_views(ev, cfg.augment, dataset.image_shape)
     predict_batch = steps.make_predict_batch(run.model, batch_size, views)
     split = steps.device_split(dataset.test, dataset.preprocess, batch_size)
     source = WEIGHTS.get(ev.weights)
@@ -145,6 +146,7 @@ def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
     for run_dir, cfg in zip(run_dirs, configs, strict=True):
         try:
             validate(ev, cfg.augment, cfg.dataset.image_shape)
+            validate_scales(ev, cfg)
         except ConfigError as e:
             raise ConfigError(f"{run_dir}: {e}") from None
         _steps_to_restore(run_dir, cfg, ev.weights)
@@ -162,6 +164,7 @@ def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
         "dataset": reference.name, "split": configs[0].dataset.test_split,
         "examples": int(len(labels)), "tta": ev.tta, "weights": ev.weights,
         "top_k": ev.top_k,
+        "scales": None if ev.scales is None else list(ev.scales), "scale_mode": ev.scale_mode,
         "members": [{"run_dir": str(m.run_dir), "weights": m.weights, "step": m.step,
                      **_metrics(m.log_probs, labels, ev.top_k)} for m in members],
         "ensemble": None,
@@ -215,4 +218,6 @@ def format_report(report: dict[str, Any], fmt: str = "table") -> str:
 
     title = (f"{report['dataset']} {report['split']} split, {report['examples']} examples, "
              f"tta={report['tta']}")
+    if report.get("scales"):
+        title += f", scales={report['scales']} ({report['scale_mode']})"
     return "\n".join([title, line(header), *(line(r) for r in rows)])

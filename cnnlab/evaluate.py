@@ -290,3 +290,129 @@ def validate(ev: DictConfig, augment: DictConfig, image_shape: Any = None) -> No
             f"eval.batch_size={ev.batch_size} must be a positive integer or null")
     require(ev.top_k is None or ev.top_k >= 2,
             f"eval.top_k={ev.top_k} must be an integer >= 2 or null (top-1 is the error)")
+
+
+# --------------------------------------------------------------------- multi-scale evaluation
+#
+# `eval.scales=[Q1, Q2, ...]` (Simonyan & Zisserman 2015 sec. 3.2 and 4.2; He et al. 2016
+# sec. 3.4): each raw test image is resized so that its shorter side is Q (bilinear, rounded
+# back to uint8 as the ten_crop windows are), for every Q; `eval.scale_mode` says how the resized
+# image is classified, and the softmaxes are averaged over the scales. `eval.tta` composes: its
+# views are made of each scale's image, averaged within the scale, then over the scales.
+
+
+def scaled_size(side: int, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of an image whose shorter side is resized to `side` (torchvision's
+    Resize: the longer side int(side * long / short))."""
+    other = side * max(height, width) // min(height, width)
+    return (side, other) if height <= width else (other, side)
+
+
+def resize_shorter_side(images: jax.Array, side: int) -> jax.Array:
+    """(B, H, W, C) uint8 -> the images with their shorter side `side`; the images themselves
+    when that is their size."""
+    height, width = scaled_size(side, images.shape[-3], images.shape[-2])
+    if (height, width) == images.shape[-3:-1]:
+        return images
+    return _resize_uint8(images, height, width)
+
+
+def centre_crop(images: jax.Array, height: int, width: int) -> jax.Array:
+    """The central height x width window (rounded towards the top-left when the margin is odd,
+    as `ten_crop_offsets`' centre window)."""
+    top, left = (images.shape[-3] - height) // 2, (images.shape[-2] - width) // 2
+    return images[..., top:top + height, left:left + width, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleMode:
+    """How an image resized to shorter side Q is classified: `view(images, Q, image_shape)`,
+    and `check(scales, cfg)`, which raises ConfigError for a model or scale it cannot serve."""
+
+    view: Callable[[jax.Array, int, Sequence[int]], jax.Array]
+    check: Callable[[Sequence[int], DictConfig], None]
+
+
+def _check_crop_scales(scales: Sequence[int], cfg: DictConfig) -> None:
+    shape = cfg.dataset.image_shape
+    side = min(shape[0], shape[1])
+    require(min(scales) >= side, f"eval.scales={list(scales)} with eval.scale_mode=crop: a "
+            f"{shape[0]}x{shape[1]} centre crop needs every scale >= {side} (the images' shorter "
+            "side); smaller scales need eval.scale_mode=dense")
+
+
+def _param_shapes(cfg: DictConfig, image_shape: tuple[int, ...]) -> Any:
+    from cnnlab.models import abstract_variables, build_model
+
+    model = build_model(cfg, cfg.dataset.num_classes or 10)
+    return jax.tree.map(lambda leaf: leaf.shape, abstract_variables(model, image_shape))
+
+
+def _check_dense_scales(scales: Sequence[int], cfg: DictConfig) -> None:
+    """Dense evaluation feeds the whole resized image to the network, which only a model whose
+    weights do not depend on the input size can take (global average pooling before the
+    classifier; Simonyan & Zisserman's fully-convolutional test net)."""
+    name = cfg.model.get("name", "the model")
+    require(cfg.model.get("input_size") is None,
+            f"eval.scale_mode=dense: model {name} brings every input to model.input_size="
+            f"{cfg.model.get('input_size')} (model.input_fit={cfg.model.get('input_fit')}), so "
+            "it sees no other scale; use eval.scale_mode=crop")
+    require(cfg.preprocess.name in ("channel", "none"),
+            f"eval.scale_mode=dense: preprocess={cfg.preprocess.name} holds statistics of "
+            "train-size images, pixel by pixel; use preprocess=channel or eval.scale_mode=crop")
+    shape = tuple(cfg.dataset.image_shape)
+    native = _param_shapes(cfg, shape)
+    for scale in scales:
+        size = (*scaled_size(scale, shape[0], shape[1]), shape[2])
+        try:
+            same = _param_shapes(cfg, size) == native
+        except ConfigError as e:
+            raise ConfigError(f"eval.scales: at scale {scale} ({size[0]}x{size[1]}) {e}") from None
+        require(same, f"eval.scale_mode=dense: model {name}'s head needs {shape[0]}x{shape[1]} "
+                f"inputs (its weights change at scale {scale}: a flattened fc layer, no global "
+                "average pooling); use eval.scale_mode=crop")
+
+
+# eval.scale_mode: dense (the whole resized image) or crop (its centre, of the training size).
+SCALE_MODES: Registry[ScaleMode] = Registry("eval.scale_mode")
+SCALE_MODES.register("dense", ScaleMode(
+    lambda images, scale, shape: resize_shorter_side(images, scale), _check_dense_scales))
+SCALE_MODES.register("crop", ScaleMode(
+    lambda images, scale, shape: centre_crop(resize_shorter_side(images, scale), shape[0],
+                                             shape[1]), _check_crop_scales))
+
+
+def multi_scale_views(views: steps.Views | None, scales: Sequence[int], mode: str,
+                      image_shape: Sequence[int]) -> steps.Views:
+    """A raw batch -> one stack of views per scale (steps.make_log_probs averages the
+    softmaxes within each stack, then over the stacks): `views` (eval.tta) of each scale's image,
+    or the image alone."""
+    view = SCALE_MODES.get(mode).view
+
+    def make(images: jax.Array) -> tuple[jax.Array, ...]:
+        scaled = [view(images, scale, image_shape) for scale in scales]
+        return tuple(views(x) if views is not None else x[None] for x in scaled)
+
+    return make
+
+
+def make_eval_views(ev: DictConfig, augment: DictConfig,
+                    image_shape: Sequence[int]) -> steps.Views | None:
+    """The views `eval.tta` names, at each of `eval.scales` when set; None when neither is."""
+    views = make_views(ev.tta, augment, ev.crop_size, image_shape)
+    if ev.get("scales") is None:
+        return views
+    return multi_scale_views(views, list(ev.scales), ev.scale_mode, image_shape)
+
+
+def validate_scales(ev: DictConfig, cfg: DictConfig) -> None:
+    """`eval.scales` and `eval.scale_mode` for the run `cfg` (its model, data, preprocessing)."""
+    if ev.get("scales") is None:
+        return
+    scales = list(ev.scales)
+    require(bool(scales) and all(isinstance(s, int) and s > 0 for s in scales),
+            f"eval.scales={scales} must be a list of positive integers (shorter sides in "
+            "pixels), or null")
+    mode = SCALE_MODES.get(ev.scale_mode)
+    if cfg.dataset.image_shape is not None:
+        mode.check(scales, cfg)

@@ -269,3 +269,45 @@ def confusion_figure(counts: np.ndarray, class_names: Sequence[str],
             color = "white" if fractions[i, j] > 0.5 else "black"
             ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
     return fig
+# ------------------------------------------------------------- error against multiply-adds
+
+FRONT_COLOR, OTHER_COLOR = "tab:red", "0.6"
+PARETO_LABEL_CHARS = 48
+
+
+def pareto_figure(points: Sequence[tuple[str, float, float, bool]],
+                  ylabel: str = "error (%)") -> "Figure":
+    """(label, multiply-adds, error, on the front) per configuration: every point grey, the
+    front red, joined by the staircase of the best error reachable at each cost, each front
+    point labelled. The x axis is logarithmic (costs of a search span decades). Front points
+    carry gid `front:LABEL`, the others `point:LABEL`."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig = Figure(figsize=PANEL_SIZE, layout="constrained")
+    ax = fig.subplots()
+    for label, macs, error, on_front in points:
+        ax.plot([macs], [error], "o", color=FRONT_COLOR if on_front else OTHER_COLOR,
+                markersize=5 if on_front else 4,
+                gid=f"{'front' if on_front else 'point'}:{label}")
+    front = sorted((macs, error, label) for label, macs, error, on_front in points if on_front)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=FRONT_COLOR,
+                linewidth=1.0, label="Pareto front")
+        for macs, error, label in front:
+            ax.annotate(textwrap.shorten(label, PARETO_LABEL_CHARS, placeholder=" …"),
+                        (macs, error), fontsize=6, xytext=(4, 4), textcoords="offset points")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(compact_count))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("multiply-adds per image")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_pareto(points: Sequence[tuple[str, float, float, bool]], path: Path,
+                ylabel: str = "error (%)", dpi: int = 150) -> Path:
+    """Draw `pareto_figure(points)` into the PNG `path`; returns `path`."""
+    return save_figure(pareto_figure(points, ylabel), path, dpi)

@@ -20,7 +20,7 @@ from cnnlab import data as data_lib
 from cnnlab import preprocess, steps
 from cnnlab.augment import make_augment
 from cnnlab.errors import ConfigError
-from cnnlab.evaluate import Evaluator, make_views
+from cnnlab.evaluate import Evaluator, make_eval_views
 from cnnlab.models import build_model, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
@@ -122,8 +122,7 @@ class Run:
     @functools.cached_property
     def evaluator(self) -> Evaluator:
         cfg = self.cfg
-        views = make_views(cfg.eval.tta, cfg.augment, cfg.eval.crop_size,
-                           self.dataset.image_shape)
+        views = make_eval_views(cfg.eval, cfg.augment, self.dataset.image_shape)
         return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
                          cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k)
 

@@ -230,8 +230,15 @@ def make_train_chunk(train_step: Callable) -> Callable:
 
 
 # Test-time augmentation: a raw uint8 batch (B, H, W, C) -> its V views (V, B, H, W, C), which
-# are preprocessed and classified like any batch (cnnlab/evaluate.py makes them).
-Views = Callable[[jax.Array], jax.Array]
+# are preprocessed and classified like any batch (cnnlab/evaluate.py makes them). Multi-scale
+# evaluation returns a tuple of such stacks, one per scale (their H, W differ): the prediction is
+# the mean over the scales of each scale's mean over its views.
+Views = Callable[[jax.Array], jax.Array | tuple[jax.Array, ...]]
+
+
+def _mean_probs(log_probs: jax.Array) -> jax.Array:
+    """(V, B, K) log-probabilities -> (B, K) log of their mean probability."""
+    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(log_probs.shape[0])
 
 
 def make_log_probs(model: nn.Module, views: Views | None = None) -> Callable:
@@ -252,7 +259,11 @@ def make_log_probs(model: nn.Module, views: Views | None = None) -> Callable:
 
         if views is None:
             return classify(images)
-        per_view = jax.lax.map(classify, views(images))
+        stacks = views(images)
+        if isinstance(stacks, tuple):  # one stack of views per scale
+            return _mean_probs(jnp.stack([_mean_probs(jax.lax.map(classify, stack))
+                                          for stack in stacks]))
+        per_view = jax.lax.map(classify, stacks)
         return jax.nn.logsumexp(per_view, axis=0) - jnp.log(per_view.shape[0])
 
     return log_probs

@@ -121,8 +121,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expected):
 def test_cli_unknown_command(tmp_path):
     result = run_cli(["trian"], cwd=tmp_path, fresh_process=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "cnnlab: error: unknown command 'trian'; valid choices: train, summary, eval, compare, lr_find")
+    assert result.stderr.strip() == ("cnnlab: error: unknown command 'trian'; valid choices: "
+                                     "train, summary, eval, compare, lr_find")
 
 
 # ------------------------------------------------------------ every value lives in conf/

@@ -20,6 +20,8 @@ from tests.helpers import run_cli
 
 STUDIES = ["resnet_vs_plain", "init_study", "activation_study", "batchnorm_study",
            "dropout_study", "augmentation_study", "vgg_depth", "loss_study"]
+# Optuna searches: a full size and a smoke size too, tested in tests/test_pattern_search.py.
+SEARCHES = ["pattern_search"]
 SIZES = {"full": "{}", "smoke": "smoke/{}"}
 GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 # The keys a smoke size may change: how big the data, the net and the run are, and where it goes.
@@ -77,7 +79,10 @@ def test_every_study_exists_in_both_sizes():
     for study in STUDIES:
         assert {study, f"smoke/{study}"} <= options, study
     # No smoke size without its full study (vgg_cifar10 is a recipe, like resnet_cifar10).
-    assert {o.removeprefix("smoke/") for o in options if o.startswith("smoke/")} == set(STUDIES)
+    assert {o.removeprefix("smoke/") for o in options if o.startswith("smoke/")} == set(
+        STUDIES + SEARCHES)
+    for search in SEARCHES:
+        assert {search, f"smoke/{search}"} <= options, search
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -70,12 +70,20 @@ TECHNIQUES: dict[str, list[str]] = {
     "augment.cutout": ["augment.cutout=14"],
     "augment.mixup": ["augment.mixup=1.0"],
     **{f"augment={name}": [f"augment={name}"] for name in ("alexnet", "inception", "mixup")},
+    # (augment.hue needs RGB: fashion_mnist is grey, so test_augment_recipes.py alone checks it)
+    "augment.scale_jitter": ["augment.scale_jitter=[28,40]", "augment.resized_crop=false"],
+    "augment.affine": ["augment.affine.rotate=10", "augment.affine.scale=[0.9,1.1]",
+                       "augment.affine.shear=5", "augment.affine.translate=0.1"],
+    "augment.color_cast": ["augment.color_cast=20"],
     # evaluation
     "eval.ema_decay": ["eval.ema_decay=0.99"],
     "eval.tta=flip": ["eval.tta=flip"],
     "eval.tta=ten_crop": ["augment=crop_flip", "eval.tta=ten_crop"],
     "eval.crop_size": ["augment=flip", "eval.tta=ten_crop", "eval.crop_size=24"],
     "schedule=cyclic_cosine": ["schedule=cyclic_cosine", "schedule.cycles=2"],
+    # dense scales need per-channel preprocessing (mean_image/zca are per pixel)
+    "eval.scales": ["eval.scales=[20,28,36]", "eval.scale_mode=dense", "preprocess=channel"],
+    "eval.scale_mode=crop": ["eval.scales=[28,36]", "eval.scale_mode=crop"],
 }
 
 

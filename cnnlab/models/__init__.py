@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
-from cnnlab.models import cifar_resnet, stack
+from cnnlab.models import cifar_resnet, pattern, stack
 from cnnlab.models.layers import InputFit, Layers, build_layers
 from cnnlab.registry import Registry
 
@@ -27,6 +27,7 @@ class ModelFamily:
 FAMILIES: Registry[ModelFamily] = Registry("model family")
 FAMILIES.register("cifar_resnet", ModelFamily(cifar_resnet.CifarResNetOptions, cifar_resnet.build))
 FAMILIES.register("stack", ModelFamily(stack.StackOptions, stack.build))
+FAMILIES.register("pattern", ModelFamily(pattern.PatternOptions, pattern.build))
 
 # Keys every model config has besides its family's own options.
 COMMON_KEYS = ("name", "family", "input_size", "input_fit")
