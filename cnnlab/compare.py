@@ -48,7 +48,8 @@ FINISHED = "finished"
 # Keys that say how a run was logged, stored or fetched, not what was trained: runs differing
 # only there are seeds of one configuration. (`summary.*` configures `cnnlab summary`.)
 BOOKKEEPING = ("seed", "logger", "progress", "checkpoint", "compile_cache_dir", "dataset.data_dir",
-               "dataset.download", "dataset.cache_dir", "summary", "hydra", "resume")
+               "dataset.download", "dataset.cache_dir", "summary", "hydra", "resume",
+               "diagnostics")
 
 
 @dataclasses.dataclass
