@@ -14,6 +14,8 @@ from flax import traverse_util
 
 from cnnlab import diagnostics, steps
 from cnnlab.augment import make_augment
+from cnnlab.configure import validate
+from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
 from cnnlab.models.layers import Recorded
 from cnnlab.optim import make_optimizer, make_schedule
@@ -168,6 +170,13 @@ def test_off_the_training_chunk_is_unchanged():
     # Off, the chunk keeps its length; on, it ends at every diagnostics step.
     assert compose_config(TINY).train.steps_per_call == 5
     assert compose_config([*TINY, "diagnostics.every=2"]).train.steps_per_call == 1
+
+
+def test_diagnostics_every_is_checked():
+    with pytest.raises(ConfigError, match="diagnostics.every=-1 must be a non-negative"):
+        validate(compose_config([*TINY, "diagnostics.every=-1"]))
+    assert compose_config([*TINY, "diagnostics.every=0"]).train.steps_per_call == 5
+    assert compose_config([*TINY, "diagnostics.every=10"]).train.steps_per_call == 5
 
 
 def read_jsonl(path: Path) -> list[dict]:
