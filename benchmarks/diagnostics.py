@@ -12,20 +12,13 @@ step (config.fit_steps_per_call), so "off, 1 step per call" separates that from 
 import argparse
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
 from cnnlab import diagnostics
 from cnnlab.configure import compose
-from cnnlab.run import Run, build
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
+from cnnlab.run import Run, build, use_compile_cache
 
 
 def train(run: Run, state: object, steps: int, per_call: int, every: int) -> tuple[object, float]:
@@ -52,26 +45,40 @@ def main() -> None:
     args = parser.parse_args()
     cfg = compose(["model=resnet20", "dataset=fashion_mnist", f"train.batch_size={args.batch_size}",
                    f"dataset.max_examples={args.max_examples}", "progress=false"])
+    use_compile_cache(cfg.compile_cache_dir)  # a rerun loads the programs instead
     run = build(cfg)
-    state = run.state
-    compile_s = {f"chunk of {n}": timed(lambda n=n: run.train_chunk(state, run.train_data, n))
-                 for n in (10, 1)}
-    # The chunks donate their input: carry on from what they return.
-    state, _ = run.train_chunk(run.state, run.train_data, 10)
-    compile_s["diagnostics"] = timed(lambda: run.diagnose(state))
-    rows = []
-    for name, per_call, every in MODES:
-        state, _ = train(run, state, 10, per_call, every)  # warm-up
-        state, seconds = train(run, state, args.steps, per_call, every)
-        rows.append((name, per_call, seconds / args.steps))
-        print(f"{name}: {1000 * seconds / args.steps:.1f} ms/step", flush=True)
+    state, compile_s = run.state, {}
+    for n in (10, 1):
+        start = time.perf_counter()
+        # The chunks donate their input: carry on from what they return.
+        state, sums = run.train_chunk(state, run.train_data, n)
+        jax.block_until_ready(sums)
+        compile_s[f"chunk of {n}"] = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(run.diagnose(state))
+    compile_s["diagnostics"] = time.perf_counter() - start
+    for _, per_call, every in MODES:  # warm-up
+        state, _ = train(run, state, 10, per_call, every)
+    # Rounds of 10 steps of each mode in turn: a machine whose load drifts (shared cores) slows
+    # every mode alike instead of whichever ran last.
+    seconds = dict.fromkeys(MODES, 0.0)
+    for done in range(10, args.steps + 1, 10):
+        for mode in MODES:
+            state, took = train(run, state, 10, mode[1], mode[2])
+            seconds[mode] += took
+        print(f"{done} steps: " + ", ".join(f"{m[0]} {1000 * t / done:.0f} ms/step"
+                                            for m, t in seconds.items()), flush=True)
+    rows = [(name, per_call, seconds[name, per_call, every] / args.steps)
+            for name, per_call, every in MODES]
     base = rows[0][2]
     lines = [
         f"# diagnostics cost: ResNet-20, fashion_mnist, batch {args.batch_size}",
         "",
-        f"{args.steps} timed steps per mode after a warm-up; {platform.processor() or 'cpu'} "
+        f"{args.steps} timed steps per mode (rounds of 10 steps of each mode in turn) after a "
+        f"warm-up; {platform.processor() or 'cpu'} "
         f"({jax.default_backend()}, {jax.device_count()} device), `python "
-        f"benchmarks/diagnostics.py --steps {args.steps}`. Compile times excluded: "
+        f"benchmarks/diagnostics.py --steps {args.steps}`. Excluded, the first calls (compiles, "
+        "or loads from the compile cache): "
         + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()) + ".",
         "",
         "| mode | steps per call | ms/step | vs off |",
