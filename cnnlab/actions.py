@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnlab import progress, steps
+from cnnlab import diagnostics, progress, steps
 from cnnlab.optim import cycle_length
 from cnnlab.rundir import BEST, SNAPSHOTS, RunDir
 from cnnlab.selection import EarlyStopping, Plateau
@@ -225,6 +225,30 @@ class Evaluation:
     def close(self) -> None:
         if self.best_checkpoints is not None:
             self.best_checkpoints.close()
+
+
+class Diagnostics:
+    """Per-layer diagnostics (cnnlab/diagnostics.py) every `diagnostics.every` steps and at the
+    last step, into the tick's event (metrics.jsonl, W&B) and as W&B histograms across layers.
+
+    `diagnose(state)` runs the separate jitted function; the host waits for it here, at
+    diagnostics steps only. Its time (its compile included) is host work, like evaluations.
+    """
+
+    def __init__(self, every: int, diagnose: Callable[[steps.TrainState], dict],
+                 tracker: RunTracker) -> None:
+        self.every, self.diagnose, self.tracker = every, diagnose, tracker
+        self.seconds = 0.0
+
+    def __call__(self, tick: Tick) -> None:
+        if tick.diverged or not due(tick.step, self.every, tick.last):
+            return
+        jax.block_until_ready(tick.sums)  # the chunk's steps are not diagnostics time
+        start = time.perf_counter()
+        values = jax.device_get(self.diagnose(tick.state))
+        tick.event.update(diagnostics.scalars(values))
+        self.tracker.log_histograms(tick.step, diagnostics.histograms(values))
+        self.seconds += time.perf_counter() - start
 
 
 class Record:

@@ -15,9 +15,11 @@ listed with their reason.
 import csv
 import dataclasses
 import difflib
+import fnmatch
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +54,7 @@ FINISHED = "finished"
 # averaged, so the table reports mean ± std over folds (and seeds).
 BOOKKEEPING = ("seed", "logger", "progress", "checkpoint", "compile_cache_dir", "dataset.data_dir",
                "dataset.download", "dataset.cache_dir", "dataset.cache_max_gb", "summary", "hydra",
-               "resume", "lr_find", "dataset.fold")
+               "resume", "lr_find", "dataset.fold", "diagnostics")
 
 
 @dataclasses.dataclass
@@ -73,6 +75,10 @@ class CompareConfig:
     ylim: list[float] | None = None
     # auto: logarithmic when the curves span more than two decades (losses), else linear.
     yscale: str = "auto"
+    # Logged keys to draw instead of `metric`: exact keys or fnmatch globs of metrics.jsonl keys
+    # (e.g. diag/grad_norm/*). One key: one line per configuration, like `metric`; several: one
+    # panel per configuration, one line per key (see key_curves).
+    keys: list[str] | None = None
     # Shade mean ± std over seeds around each curve.
     shade_std: bool = False
     dpi: int = 150
@@ -87,7 +93,7 @@ class CompareConfig:
 @dataclasses.dataclass(frozen=True)
 class Metric:
     train: str
-    test: str
+    test: str | None  # None: a logged key of its own (compare.keys), drawn as a train curve
     axis_label: str
 
 
@@ -505,13 +511,56 @@ def _panel_value(c: Configuration, key: str) -> Any:
 
 def _curve_set(c: Configuration, metric: Metric, panel_by: str | None) -> CurveSet | None:
     histories = [run.metrics for run in c.finished]
-    train, test = mean_curve(histories, metric.train), mean_curve(histories, metric.test)
+    train = mean_curve(histories, metric.train)
+    test = mean_curve(histories, metric.test) if metric.test is not None else None
     if train is None and test is None:
         return None
     panel = None if panel_by is None else panel_title(panel_by, _panel_value(c, panel_by))
     # Every seed's drops: equal for a step schedule, each seed's own on plateau.
     drops = sorted({step for history in histories for step in lr_drops(history)})
     return CurveSet(c.label, train, test, panel, tuple(drops))
+
+
+def matching_keys(runs: Sequence[Run], patterns: Sequence[str]) -> list[str]:
+    """The keys finished runs logged that match a pattern (fnmatch: `*` spans `/` too), in the
+    order they were first logged; ConfigError when none does."""
+    logged = dict.fromkeys(key for run in runs if run.finished for event in run.metrics
+                           for key in event if key != "step")
+    keys = [k for k in logged if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    if not keys:
+        close = difflib.get_close_matches(patterns[0] if patterns else "", list(logged), n=3)
+        hint = f"; logged keys include {', '.join(close)}" if close else ""
+        raise ConfigError(f"compare.keys: no finished run logged a key matching "
+                          f"{', '.join(patterns) or '(nothing)'}{hint}")
+    return keys
+
+
+def common_prefix(keys: Sequence[str]) -> str:
+    """The `/`-separated path all keys share (`diag/grad_norm/` of its layers' keys)."""
+    prefix = os.path.commonprefix(list(keys))
+    return prefix[:prefix.rfind("/") + 1]
+
+
+def key_curves(configurations: Sequence[Configuration], keys: Sequence[str],
+               panel_by: str | None = None) -> list[CurveSet]:
+    """Curves of logged `keys`, each the mean over a configuration's finished seeds.
+
+    One key: a curve set per configuration, labelled and panelled like `metric`'s. Several:
+    one panel per configuration, a line per key labelled by what is left after the keys' common
+    prefix (the layer of `diag/grad_norm/<layer>`), coloured alike in every panel, so that,
+    e.g., each layer's gradient norm in a plain net and a ResNet sit side by side.
+    """
+    if len(keys) == 1:
+        return _panelled_curves(configurations, Metric(keys[0], None, keys[0]), panel_by)
+    cut = len(common_prefix(keys))
+    sets = []
+    for c in configurations:
+        histories = [run.metrics for run in c.finished]
+        drops = tuple(sorted({s for history in histories for s in lr_drops(history)}))
+        for key in keys:
+            if (curve := mean_curve(histories, key)) is not None:
+                sets.append(CurveSet(key[cut:] or key, curve, None, c.label, drops))
+    return sets
 
 
 def configuration_curves(configurations: Sequence[Configuration], metric: str = "error",
@@ -521,8 +570,13 @@ def configuration_curves(configurations: Sequence[Configuration], metric: str = 
     In configuration order, stably sorted by the panel key's value, so that the panels (and
     legend entries) go False, True or 20, 56 whatever order the jobs ran in.
     """
+    return _panelled_curves(configurations, METRICS[metric], panel_by)
+
+
+def _panelled_curves(configurations: Sequence[Configuration], metric: Metric,
+                     panel_by: str | None) -> list[CurveSet]:
     drawn = [(c, cs) for c in configurations
-             if (cs := _curve_set(c, METRICS[metric], panel_by)) is not None]
+             if (cs := _curve_set(c, metric, panel_by)) is not None]
     if panel_by is not None:
         drawn.sort(key=lambda pair: value_order(_panel_value(pair[0], panel_by)))
     return [cs for _, cs in drawn]
@@ -741,6 +795,9 @@ class Comparison:
     rows: list[Row]
     failed: list[FailedRun]
     curves: list[CurveSet]
+    ylabel: str = METRICS["error"].axis_label
+    # False for curves of compare.keys: no train/test line widths in the legend.
+    line_styles: bool = True
 
 
 def build(runs: Sequence[Run], cfg: CompareConfig) -> Comparison:
@@ -748,9 +805,17 @@ def build(runs: Sequence[Run], cfg: CompareConfig) -> Comparison:
     if cfg.panel_by is not None:
         check_panel_key(runs, cfg.panel_by)
     configurations = [SELECTIONS[cfg.select](c) for c in group_runs(runs)]
-    return Comparison(configurations, table_rows(configurations),
-                      failed_runs(runs, configurations),
-                      configuration_curves(configurations, cfg.metric, cfg.panel_by))
+    tables = (configurations, table_rows(configurations), failed_runs(runs, configurations))
+    if cfg.keys is None:
+        return Comparison(*tables, configuration_curves(configurations, cfg.metric, cfg.panel_by),
+                          METRICS[cfg.metric].axis_label)
+    keys = matching_keys(runs, cfg.keys)
+    if len(keys) > 1 and cfg.panel_by is not None:
+        raise ConfigError(f"compare.keys matches {len(keys)} keys, drawn one panel per "
+                          "configuration: compare.panel_by applies to a single key only")
+    ylabel = common_prefix(keys).rstrip("/") if len(keys) > 1 else keys[0]
+    return Comparison(*tables, key_curves(configurations, keys, cfg.panel_by),
+                      ylabel or "value", line_styles=False)
 
 
 # What `compare.format` prints.
@@ -772,8 +837,9 @@ def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> 
         written.append(out_dir / name)
     if comparison.curves:
         written.append(plot_curves(
-            comparison.curves, out_dir / CURVES, ylabel=METRICS[cfg.metric].axis_label,
-            ylim=cfg.ylim, shade_std=cfg.shade_std, dpi=cfg.dpi, yscale=cfg.yscale))
+            comparison.curves, out_dir / CURVES, ylabel=comparison.ylabel, ylim=cfg.ylim,
+            shade_std=cfg.shade_std, dpi=cfg.dpi, yscale=cfg.yscale,
+            line_styles=comparison.line_styles))
     if cfg.pareto:
         written += write_pareto(comparison.rows, out_dir, cfg.dpi)
     return written

@@ -308,6 +308,14 @@ class ResumeConfig:
 
 
 @dataclasses.dataclass
+class DiagnosticsConfig:
+    # Every N steps (and at the last): per-layer gradient norms, update/weight ratios,
+    # activation statistics and dead ReLUs (cnnlab/diagnostics.py); null or 0: off. The default
+    # None (not MISSING) lets configs saved before this section load.
+    every: int | None = None
+
+
+@dataclasses.dataclass
 class SummaryConfig:
     # table: aligned text; json: the same rows and totals for programs.
     format: str = MISSING
@@ -338,6 +346,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     summary: SummaryConfig = dataclasses.field(default_factory=SummaryConfig)
     lr_find: LrFindConfig = dataclasses.field(default_factory=LrFindConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
     seed: int = MISSING
     progress: bool = MISSING
     compile_cache_dir: str | None = MISSING
@@ -463,13 +472,14 @@ def steps_from_epochs(cfg: DictConfig) -> None:
 
 def fit_steps_per_call(cfg: DictConfig) -> None:
     """Lower `train.steps_per_call` to the largest chunk that ends on every step the host must
-    act at (logging, evaluation, checkpoints, the end of a snapshot cycle), so that any
+    act at (logging, evaluation, checkpoints, diagnostics, the end of a snapshot cycle), so that any
     `train.log_every` works: the chunk size is a speed setting, not one users must plan around.
     Same steps, same numbers: only how many of them one compiled call runs changes."""
     train = cfg.train
     if not all(isinstance(v, int) and v > 0 for v in (train.steps_per_call, train.log_every)):
         return  # validation reports it
-    boundaries = [train.log_every, train.eval_every, cfg.checkpoint.every]
+    boundaries = [train.log_every, train.eval_every, cfg.checkpoint.every,
+                  OmegaConf.select(cfg, "diagnostics.every")]
     if cfg.schedule.name == "cyclic_cosine" and cfg.schedule.cycles >= 1:
         boundaries.append(-(-train.steps // cfg.schedule.cycles))  # ceil: one cycle's steps
     fitted = train.steps_per_call

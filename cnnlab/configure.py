@@ -15,7 +15,18 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cnnlab import augment, data, evaluate, losses, models, optim, preprocess, selection, tracking
+from cnnlab import (
+    augment,
+    data,
+    diagnostics,
+    evaluate,
+    losses,
+    models,
+    optim,
+    preprocess,
+    selection,
+    tracking,
+)
 from cnnlab.config import CONF_DIR, Config, resolve_presets
 from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
@@ -120,6 +131,7 @@ CHECKS = (
     lambda cfg: evaluate.validate(cfg.eval, cfg.augment, cfg.dataset.image_shape),
     lambda cfg: tracking.validate(cfg.logger),
     lambda cfg: model_summary.validate(cfg.summary),
+    diagnostics.validate,
 )
 
 

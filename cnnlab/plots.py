@@ -100,6 +100,9 @@ YSCALES = ("auto", "linear", "log")
 def _colors(count: int) -> list:
     from matplotlib import colormaps
 
+    if count > 20:  # e.g. one line per layer: a gradient (shallow to deep) beats repeats
+        cmap = colormaps["viridis"]
+        return [cmap(i / (count - 1)) for i in range(count)]
     cmap = colormaps["tab10" if count <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(count)]
 
@@ -155,13 +158,16 @@ def _style_axes(ax: "Axes", title: str | None, yscale: str) -> None:
         ax.set_title(title, fontsize=10)
 
 
-def _legend_handles(curve_sets: Sequence[CurveSet], colors: Sequence[Any]) -> list["Line2D"]:
+def _legend_handles(labels: Sequence[str], colors: Sequence[Any],
+                    line_styles: bool = True) -> list["Line2D"]:
     from matplotlib.lines import Line2D
 
     # Long labels (many differing keys) are wrapped so the legend stays narrow.
     handles = [Line2D([], [], color=color, linewidth=1.5, label=textwrap.fill(
-        textwrap.shorten(cs.label, LABEL_CHARS, placeholder=" …"), LABEL_WIDTH))
-        for cs, color in zip(curve_sets, colors, strict=True)]
+        textwrap.shorten(label, LABEL_CHARS, placeholder=" …"), LABEL_WIDTH))
+        for label, color in zip(labels, colors, strict=True)]
+    if not line_styles:
+        return handles
     return handles + [
         Line2D([], [], color=STYLE_COLOR, linewidth=TRAIN_WIDTH, label="train"),
         Line2D([], [], color=STYLE_COLOR, linewidth=TEST_WIDTH, label="test")]
@@ -169,11 +175,14 @@ def _legend_handles(curve_sets: Sequence[CurveSet], colors: Sequence[Any]) -> li
 
 def curves_figure(curve_sets: Sequence[CurveSet], ylabel: str = "error (%)",
                   ylim: Sequence[float] | None = None, shade_std: bool = False,
-                  yscale: str = "auto") -> "Figure":
+                  yscale: str = "auto", line_styles: bool = True) -> "Figure":
     """One line pair per configuration; panels in order of first appearance.
 
     The data lines carry gid `train:LABEL` / `test:LABEL`, the lr-drop lines `lr-drop:STEP`.
-    One legend for all panels, outside them on the right, so it never hides a curve.
+    One legend for all panels, outside them on the right, so it never hides a curve. Curve
+    sets with the same label (one layer's curves in several panels) share a colour and a legend
+    entry. `line_styles=False` leaves the "train"/"test" line widths out of the legend (curves
+    of other logged keys, drawn thin as train curves).
     """
     from matplotlib.figure import Figure
 
@@ -181,9 +190,10 @@ def curves_figure(curve_sets: Sequence[CurveSet], ylabel: str = "error (%)",
     fig = Figure(figsize=(PANEL_SIZE[0] * len(panels) + LEGEND_WIDTH, PANEL_SIZE[1]),
                  layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    colors = _colors(len(curve_sets))
-    for cs, color in zip(curve_sets, colors, strict=True):
-        ax = axes[panels.index(cs.panel)]
+    labels = list(dict.fromkeys(cs.label for cs in curve_sets))
+    colors = _colors(len(labels))
+    for cs in curve_sets:
+        ax, color = axes[panels.index(cs.panel)], colors[labels.index(cs.label)]
         for kind, curve in (("train", cs.train), ("test", cs.test)):
             if curve is not None:
                 _draw_curve(ax, curve, kind, color, cs.label, shade_std)
@@ -194,7 +204,7 @@ def curves_figure(curve_sets: Sequence[CurveSet], ylabel: str = "error (%)",
     axes[0].set_ylabel(ylabel)
     if ylim is not None:
         axes[0].set_ylim(*ylim)  # shared by all panels
-    fig.legend(handles=_legend_handles(curve_sets, colors), fontsize=8,
+    fig.legend(handles=_legend_handles(labels, colors, line_styles), fontsize=8,
                loc="outside right upper")
     return fig
 
@@ -208,9 +218,10 @@ def save_figure(fig: "Figure", path: Path, dpi: int = 150) -> Path:
 
 def plot_curves(curve_sets: Sequence[CurveSet], path: Path, ylabel: str = "error (%)",
                 ylim: Sequence[float] | None = None, shade_std: bool = False,
-                dpi: int = 150, yscale: str = "auto") -> Path:
+                dpi: int = 150, yscale: str = "auto", line_styles: bool = True) -> Path:
     """Draw `curves_figure(...)` into the PNG `path`; returns `path`."""
-    return save_figure(curves_figure(curve_sets, ylabel, ylim, shade_std, yscale), path, dpi)
+    return save_figure(curves_figure(curve_sets, ylabel, ylim, shade_std, yscale, line_styles),
+                       path, dpi)
 
 
 def _run_label(run_dir: RunDir) -> str:

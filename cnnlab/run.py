@@ -17,8 +17,8 @@ import optax
 from omegaconf import DictConfig
 
 from cnnlab import data as data_lib
-from cnnlab import preprocess, steps
-from cnnlab.augment import make_augment
+from cnnlab import diagnostics, preprocess, steps
+from cnnlab.augment import Augment, make_augment
 from cnnlab.errors import ConfigError
 from cnnlab.evaluate import Evaluator, make_eval_views
 from cnnlab.models import build_model, count_params, init_variables
@@ -101,17 +101,34 @@ class Run:
         return steps.device_split(self.dataset.train, self.dataset.preprocess)
 
     @functools.cached_property
-    def train_chunk(self) -> Callable:
-        """`train_chunk(state, train_data, num_steps) -> (state, summed metrics)`."""
+    def augment(self) -> Augment:
         cfg = self.cfg
         # AlexNet's lighting noise follows the training set's RGB principal components.
         lighting_pca = (preprocess.channel_pca(self.dataset.train.images)
                         if cfg.augment.lighting else None)
+        return make_augment(cfg.augment, lighting_pca)
+
+    @property
+    def scale_lr(self) -> bool:
+        # Only under reduce-on-plateau: other runs skip a product per parameter per step.
+        return self.cfg.schedule.name == "plateau"
+
+    @functools.cached_property
+    def train_chunk(self) -> Callable:
+        """`train_chunk(state, train_data, num_steps) -> (state, summed metrics)`."""
+        cfg = self.cfg
         return steps.make_train_chunk(steps.make_train_step(
-            self.model, self.tx, make_augment(cfg.augment, lighting_pca), cfg.train.batch_size,
-            cfg.regularization, cfg.eval.ema_decay,
-            # Only under reduce-on-plateau: other runs skip a product per parameter per step.
-            scale_lr=cfg.schedule.name == "plateau", loss_config=cfg.get("loss")))
+            self.model, self.tx, self.augment, cfg.train.batch_size, cfg.regularization,
+            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss")))
+
+    @functools.cached_property
+    def diagnose(self) -> Callable[[steps.TrainState], dict]:
+        """`diagnose(state) -> {metric: {layer: value}}` on the batch the next step trains on
+        (cnnlab/diagnostics.py); compiled on its first call, so only runs that use it pay."""
+        diagnose = diagnostics.make_diagnose(self.model, self.tx, self.augment,
+                                             self.cfg.train.batch_size, self.cfg.regularization,
+                                             self.scale_lr, self.cfg.get("loss"))
+        return lambda state: diagnose(state, self.train_data)
 
     def eval_splits(self, batch_size: int) -> dict[str, steps.DeviceSplit]:
         """The held-out splits on the device, padded to whole batches."""

@@ -110,31 +110,33 @@ def ema_variables(ema: Any, decay: float) -> tuple[Any, Any]:
     return averaged["params"], averaged["batch_stats"]
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
-                    batch_size: int, regularization: DictConfig | None = None,
-                    ema_decay: float | None = None, scale_lr: bool = False,
-                    loss_config: DictConfig | None = None) -> Callable:
-    """`train_step(state, data) -> (state, metrics)` for one batch.
+class Gradients(struct.PyTreeNode):
+    """What one batch's forward and backward pass gives the step (and the diagnostics)."""
 
-    With `ema_decay`, the step also updates the moving average of the new weights and BN
-    statistics in `state.ema` (`ema_transform`), on the device like the rest of the step.
+    grads: Any
+    batch_stats: Any
+    metrics: dict
+    # Outputs of every activation, by layer name, when traced under
+    # cnnlab.diagnostics.recording (else empty: the training step records nothing).
+    activations: dict
 
-    With `scale_lr`, updates are multiplied by `state.lr_scale` (reduce-on-plateau).
 
-    `regularization` (l1, l2, apply_to, label_smoothing) changes the optimized objective only;
-    the logged loss stays the cross entropy against the true labels, so runs compare. So does
-    `loss_config` (cnnlab/losses.py: cross_entropy, mse, sigmoid_bce), the optimized data term.
+def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
+                   regularization: DictConfig | None = None,
+                   activations: Callable[[], dict] = dict,
+                   loss_config: DictConfig | None = None) -> Callable:
+    """`gradients(state, data) -> Gradients` of the optimized objective on the batch at
+    `state.step`, with that batch's metrics (see `make_train_step`).
 
-    With mixup (`augment.mixup_alpha` > 0) the labels are the mixed targets: every loss term,
-    logged or optimized, is lam * L(y) + (1 - lam) * L(y_partner) (Zhang et al. 2018), and the
-    logged error counts the argmax against the dominant label (y when lam >= 1/2).
+    `activations()` is called right after the forward pass, inside the differentiated function,
+    and its result returned: cnnlab.diagnostics passes one that hands over what it recorded.
     """
     penalty = make_penalty(regularization)
     smoothing = float(regularization.label_smoothing) if regularization is not None else 0.0
     # None: plain cross entropy, the logged loss itself.
     objective = make_objective(loss_config, smoothing)
 
-    def train_step(state: TrainState, data: DeviceSplit) -> tuple[TrainState, dict]:
+    def gradients(state: TrainState, data: DeviceSplit) -> Gradients:
         data_key, step_key = jax.random.split(state.rng)
         idx = batch_indices(data_key, state.step, data.labels.shape[0], batch_size)
         images, labels = data.images[idx], data.labels[idx]
@@ -160,11 +162,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             train_loss = (data_loss if objective is None
                           else mixup_loss(optimized, lam, labels, partners))
 
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple]:
             logits, updates = model.apply(
                 _variables(params, state.batch_stats), x, train=True,
                 mutable=["batch_stats", AUX_COLLECTION], rngs={"dropout": dropout_key},
             )
+            recorded = activations()
             loss = data_loss(logits)
             # Auxiliary heads (GoogLeNet) and weight penalties join the optimized objective;
             # the logged loss stays the main classifier's data loss.
@@ -172,19 +175,61 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             objective += aux_loss(updates.get(AUX_COLLECTION, {}), train_loss)
             if penalty is not None:
                 objective += penalty(params)
-            return objective, (loss, logits, updates.get("batch_stats", state.batch_stats))
+            return objective, (loss, logits, updates.get("batch_stats", state.batch_stats),
+                               recorded)
 
-        (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        if scale_lr:
-            # Only under reduce-on-plateau: other runs skip a product per parameter per step.
-            updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+        (_, (loss, logits, batch_stats, recorded)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        metrics = {
+            "loss_sum": loss * batch_size,
+            "correct": jnp.sum(jnp.argmax(logits, -1) == (
+                jnp.where(lam >= 0.5, labels, partners) if mixing else labels)).astype(jnp.int32),
+            "count": jnp.asarray(batch_size, jnp.int32),
+        }
+        return Gradients(grads, batch_stats, metrics, recorded)
+
+    return gradients
+
+
+def optimizer_updates(tx: optax.GradientTransformation, grads: Any, state: TrainState,
+                      scale_lr: bool = False) -> tuple[Any, Any]:
+    """(updates, new optimizer state): what `optax.apply_updates` adds to the weights."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if scale_lr:
+        # Only under reduce-on-plateau: other runs skip a product per parameter per step.
+        updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+    return updates, opt_state
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
+                    batch_size: int, regularization: DictConfig | None = None,
+                    ema_decay: float | None = None, scale_lr: bool = False,
+                    loss_config: DictConfig | None = None) -> Callable:
+    """`train_step(state, data) -> (state, metrics)` for one batch.
+
+    With `ema_decay`, the step also updates the moving average of the new weights and BN
+    statistics in `state.ema` (`ema_transform`), on the device like the rest of the step.
+
+    With `scale_lr`, updates are multiplied by `state.lr_scale` (reduce-on-plateau).
+
+    `regularization` (l1, l2, apply_to, label_smoothing) changes the optimized objective only;
+    the logged loss stays the cross entropy against the true labels, so runs compare. So does
+    `loss_config` (cnnlab/losses.py: cross_entropy, mse, sigmoid_bce), the optimized data term.
+
+    With mixup (`augment.mixup_alpha` > 0) the labels are the mixed targets: every loss term,
+    logged or optimized, is lam * L(y) + (1 - lam) * L(y_partner) (Zhang et al. 2018), and the
+    logged error counts the argmax against the dominant label (y when lam >= 1/2).
+    """
+    gradients = make_gradients(model, augment, batch_size, regularization,
+                               loss_config=loss_config)
+
+    def train_step(state: TrainState, data: DeviceSplit) -> tuple[TrainState, dict]:
+        out = gradients(state, data)
+        updates, opt_state = optimizer_updates(tx, out.grads, state, scale_lr)
         state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
+            batch_stats=out.batch_stats,
             opt_state=opt_state,
         )
         if ema_decay is not None:
@@ -193,13 +238,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             _, ema = ema_transform(ema_decay).update(
                 {"params": state.params, "batch_stats": state.batch_stats}, state.ema)
             state = state.replace(ema=ema)
-        metrics = {
-            "loss_sum": loss * batch_size,
-            "correct": jnp.sum(jnp.argmax(logits, -1) == (
-                jnp.where(lam >= 0.5, labels, partners) if mixing else labels)).astype(jnp.int32),
-            "count": jnp.asarray(batch_size, jnp.int32),
-        }
-        return state, metrics
+        return state, out.metrics
 
     return train_step
 

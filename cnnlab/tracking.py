@@ -102,6 +102,14 @@ class RunTracker:
             self._wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
                             step=step)
 
+    def log_histograms(self, step: int, values: dict[str, Any]) -> None:
+        """Arrays as W&B histograms (W&B only: metrics.jsonl holds the values themselves)."""
+        if self._wandb is not None and values:
+            import wandb
+
+            self._wandb.log({key: wandb.Histogram(array) for key, array in values.items()},
+                            step=step)
+
     def log_artifacts(self, config: Path, checkpoint: Path | None) -> None:
         """The run's config and its latest checkpoint as W&B artifacts (`logger.artifacts`)."""
         if self._wandb is None or not self.logger.artifacts:

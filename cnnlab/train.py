@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import actions
+from cnnlab import actions, diagnostics
 from cnnlab.checkpoint import NoUsableCheckpoint
 from cnnlab.errors import ConfigError
 from cnnlab.progress import CompileTimer, duration
@@ -77,11 +77,15 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
     evaluation = actions.Evaluation(cfg, run.evaluator, run_dir, keep_best, loop)
     record = actions.Record(tracker, run.schedule, run.steps_per_epoch, clock)
     compiles = CompileTimer()
-    # The rate leaves out host work (evaluations, the last shorter chunk's compile); the ETA adds
-    # back the evaluations still to come.
-    progress = actions.Progress(cfg, int(state.step),
-                                excluded=lambda: evaluation.seconds + compiles.seconds,
-                                to_come=evaluation.seconds_to_come)
+    # Off by default: then no action, and nothing of it is ever traced or compiled.
+    diagnosis = (actions.Diagnostics(cfg.diagnostics.every, run.diagnose, tracker)
+                 if diagnostics.enabled(cfg) else None)
+    # The rate and ETA leave out host work: evaluations, diagnostics and compiles (the last,
+    # shorter chunk's).
+    # The ETA adds back the evaluations still to come.
+    progress = actions.Progress(cfg, int(state.step), excluded=lambda: (
+        evaluation.seconds + compiles.seconds + (diagnosis.seconds if diagnosis else 0.0)),
+        to_come=evaluation.seconds_to_come)
 
     def loop_state() -> actions.LoopState:
         saved = actions.LoopState(wall_time=clock())
@@ -90,7 +94,8 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
 
     checkpoint.loop_state = loop_state
     signals = actions.StopOnSignal()
-    periodic = [signals, metrics, evaluation, record, progress, checkpoint]
+    periodic = [signals, metrics, evaluation, *([diagnosis] if diagnosis else []), record,
+                progress, checkpoint]
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
         periodic.append(actions.Snapshots(cfg, run_dir))
     try:

@@ -688,3 +688,67 @@ def test_cli_compare_bad_input(sweep, args, expected):
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"cnnlab: error: {expected}"), result.stderr
     assert not (sweep / "compare" / "table.md").exists()
+
+
+# ------------------------------------------------------------------------------ compare.keys
+
+LAYERS = ("stem", "stage1_block1.conv1", "head")
+
+
+def diag_run(run_dir: Path, model: str, seed: int, every: int | None) -> Path:
+    """A finished run that logged per-layer gradient norms: layer i of seed s at step t is
+    (i + 1) * t * (1 + s) (plain) or that over 10 (ResNet)."""
+    scale = 0.1 if MODELS[model] else 1.0
+    events = [{"step": t, "train/error": 50.0, **{
+        f"diag/grad_norm/{layer}": (i + 1) * t * (1 + seed) * scale
+        for i, layer in enumerate(LAYERS)}} for t in STEPS]
+    cfg = {**config(model, seed), "diagnostics": {"every": every}}
+    return write_run(run_dir, cfg, [f"model={model}", f"seed={seed}"], events,
+                     {"status": "finished", "seed": seed, "final_step": 40})
+
+
+@pytest.fixture
+def diag_runs(tmp_path: Path) -> Path:
+    root = tmp_path / "diag"
+    for num, (model, seed) in enumerate([("plain20", 0), ("plain20", 1), ("resnet20", 0)]):
+        # diagnostics.every is bookkeeping: the two plain seeds are one configuration.
+        diag_run(root / f"{num}_{model}_{seed}", model, seed, every=10 if seed else 5)
+    return root
+
+
+def test_keys_draw_each_layer_in_one_panel_per_configuration(diag_runs):
+    cfg = cmp.parse_config(["compare.keys=[diag/grad_norm/*]"])
+    assert cfg.keys == ["diag/grad_norm/*"]
+    comparison = cmp.build(cmp.load_runs([str(diag_runs)]), cfg)
+    assert comparison.ylabel == "diag/grad_norm" and not comparison.line_styles
+    fig = curves_figure(comparison.curves, ylabel=comparison.ylabel,
+                        line_styles=comparison.line_styles)
+    assert [ax.get_title() for ax in fig.axes] == ["model=plain20", "model=resnet20"]
+    for ax, scale in zip(fig.axes, (1.0, 0.1), strict=True):
+        lines = {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
+        assert set(lines) == {f"train:{layer}" for layer in LAYERS}
+        for i, layer in enumerate(LAYERS):
+            # plain20: the mean over seeds 0 and 1 of (i + 1) * t * (1 + s).
+            seeds = 1.5 if scale == 1.0 else 1.0
+            np.testing.assert_allclose(lines[f"train:{layer}"].get_ydata(),
+                                       [(i + 1) * t * seeds * scale for t in STEPS])
+    colours = [{line.get_gid(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
+    assert colours[0] == colours[1]  # a layer has one colour in every panel
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == list(LAYERS)  # no train/test entries
+    assert fig.axes[0].get_ylabel() == "diag/grad_norm"
+
+
+def test_one_key_is_one_line_per_configuration_and_bad_keys_are_refused(diag_runs):
+    runs = cmp.load_runs([str(diag_runs)])
+    comparison = cmp.build(runs, cmp.CompareConfig(keys=["diag/grad_norm/head"],
+                                                   panel_by="model.residual"))
+    assert [(cs.label, cs.panel) for cs in comparison.curves] == [
+        ("model=plain20", "residual: False"), ("model=resnet20", "residual: True")]
+    assert comparison.curves[0].test is None and comparison.ylabel == "diag/grad_norm/head"
+    with pytest.raises(ConfigError, match="no finished run logged a key matching diag/grad"):
+        cmp.build(runs, cmp.CompareConfig(keys=["diag/grad/*"]))
+    with pytest.raises(ConfigError, match="panel_by applies to a single key"):
+        cmp.build(runs, cmp.CompareConfig(keys=["diag/*"], panel_by="model.residual"))
+    # Without compare.keys, the error curves as always.
+    assert cmp.build(runs, cmp.CompareConfig()).ylabel == "error (%)"

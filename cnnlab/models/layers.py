@@ -5,11 +5,13 @@ Blocks never hard-code these: a model receives a `Layers` bundle built from the 
 layer of every model the same way.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -109,6 +111,36 @@ ACTIVATIONS.register("elu", _fixed(nn.elu))
 ACTIVATIONS.register("gelu", _fixed(functools.partial(nn.gelu, approximate=False)))
 # Elfwing et al. 2018 (SiLU), Ramachandran et al. 2017 (Swish, beta = 1): x * sigmoid(x).
 ACTIVATIONS.register("silu", _fixed(nn.silu))
+
+
+# Where an activation's output goes while it is traced: cnnlab/diagnostics.py sets a recorder
+# while it traces its own function; every other trace (the training step) has none, so the
+# check below runs once per trace in Python and adds nothing to the compiled program.
+_RECORDER: contextvars.ContextVar[Callable[[jax.Array], None] | None] = contextvars.ContextVar(
+    "activation_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording_activations(record: Callable[[jax.Array], None]) -> Iterator[None]:
+    """Within it, every `Layers.act` output traced is passed to `record`."""
+    token = _RECORDER.set(record)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """An activation that shows its output to the recorder, if one is set (diagnostics)."""
+
+    fn: Activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.fn(x)
+        if (record := _RECORDER.get()) is not None:
+            record(y)
+        return y
 
 
 class Identity(nn.Module):
@@ -321,7 +353,7 @@ def build_layers(init: Any, activation: Any, norm: Any) -> Layers:
         conv_init=INITIALIZERS.get(init.conv),
         dense_init=INITIALIZERS.get(init.dense),
         bias_init=INITIALIZERS.get(init.bias),
-        act=ACTIVATIONS.get(activation.name)(activation),
+        act=Recorded(ACTIVATIONS.get(activation.name)(activation)),
         norm=norm_factory(**norm_options),
         conv_bias=norm.name in NORMS_WITHOUT_SHIFT,
         conv_impl=conv.conv_general_dilated if jax.default_backend() == "cpu" else None,
