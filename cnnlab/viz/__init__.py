@@ -13,6 +13,7 @@ from pathlib import Path
 from cnnlab.errors import require
 from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_gradients,
+    draw_occlusion,
 )
 from cnnlab.viz.common import KINDS
 from cnnlab.viz.network import check_layers, check_weights, layer_names, model_factory, restore
