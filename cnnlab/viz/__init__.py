@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cnnlab.errors import require
 from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
+    draw_activations,
     draw_filters,
     draw_gradients,
     draw_occlusion,
