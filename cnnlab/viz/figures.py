@@ -48,7 +48,9 @@ def show(ax: Any, image: np.ndarray, title: str | None = None, **kwargs: Any) ->
 
 
 def axes_grid(rows: int, cols: int, cell: float = 1.1) -> tuple[Any, np.ndarray]:
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
+    # Constrained layout keeps titles and the suptitle from overlapping.
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes
@@ -65,7 +67,7 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
         ax.axis("on")
         show(ax, image, titles[i] if titles else None)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=9, y=1.02)
+        fig.suptitle(suptitle, fontsize=9)
     return fig
 
 
@@ -85,7 +87,7 @@ def rows_figure(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
                  **({"cmap": cmap} if cmap else {}))
         axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=9, y=1.02)
+        fig.suptitle(suptitle, fontsize=9)
     return fig
 
 

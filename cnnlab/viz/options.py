@@ -51,8 +51,9 @@ class VizOptions:
     points: int | None = 2000
     perplexity: float = 30.0
     thumbnails: int = 300
-    # patches: the images searched (null: the whole test split), the top patches per channel.
-    search: int | None = 2000
+    # Images searched: training images by `neighbors`, test images by `patches` (null: all);
+    # `top` patches per channel.
+    search: int | None = 10000
     top: int = 9
     bins: int = 50
     dpi: int = 100
