@@ -13,8 +13,10 @@ from pathlib import Path
 from cnnlab.errors import require
 from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_activations,
+    draw_ascent,
     draw_filters,
     draw_gradients,
+    draw_neighbors,
     draw_occlusion,
 )
 from cnnlab.viz.common import KINDS

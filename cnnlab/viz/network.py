@@ -100,6 +100,20 @@ class Network:
     def layer_names(self) -> list[str]:
         return layer_names(self.factory(None), self.image_shape)
 
+    def map_batches(self, fn: Callable[["Network", jax.Array], Any], images: np.ndarray,
+                    batch_size: int = 250) -> Any:
+        """`fn(network, pixels)` over uint8 `images` in batches, one jitted `lax.map`; the
+        outputs (a pytree of arrays) joined along the first axis, tail padding removed."""
+        n = len(images)
+        padded = np.zeros((-(-n // batch_size) * batch_size, *images.shape[1:]), np.uint8)
+        padded[:n] = images
+
+        def run(network: Network, batches: jax.Array) -> Any:
+            out = jax.lax.map(lambda b: fn(network, b.astype(jnp.float32) / 255.0), batches)
+            return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
+
+        return self.jit(run)(padded.reshape(-1, batch_size, *images.shape[1:]))
+
     def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn(network, *args)` compiled with the variables and preprocessing statistics as
         arguments, not as constants baked into the program (VGG's weights are 0.5 GB)."""
