@@ -14,6 +14,7 @@ from cnnlab.errors import require
 from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_activations,
     draw_ascent,
+    draw_embedding,
     draw_filters,
     draw_gradients,
     draw_neighbors,
