@@ -19,6 +19,7 @@ from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_gradients,
     draw_neighbors,
     draw_occlusion,
+    draw_patches,
 )
 from cnnlab.viz.common import KINDS
 from cnnlab.viz.network import check_layers, check_weights, layer_names, model_factory, restore
