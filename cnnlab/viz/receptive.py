@@ -53,7 +53,8 @@ class Geometry:
 
 def _conv_window(module: nn.Conv, x: jax.Array) -> Window:
     kernel = module.kernel_size[0]
-    stride = module.strides[0] if module.strides else 1
+    strides = module.strides or 1
+    stride = strides if isinstance(strides, int) else strides[0]
     padding = module.padding
     if isinstance(padding, str):
         padding = geometry.window_pads("conv", x.shape[1:3], kernel, stride,
