@@ -48,8 +48,30 @@ commands:
            [compare.output=DIR] [compare.select=all|best]; a W&B group (online):
            cnnlab compare wandb:ENTITY/PROJECT/GROUP
 
+  viz      pictures of a trained run into RUN_DIR/viz/ (and its W&B run), see docs/viz.md:
+           cnnlab viz KIND RUN_DIR [key=value ...], KIND one of filters, activations,
+           neighbors, embedding, patches, saliency, guided_backprop, deconvnet, class_model,
+           neuron_ascent, occlusion; e.g. cnnlab viz saliency RUN_DIR images=8 target=predicted
+           cnnlab viz neuron_ascent RUN_DIR layer=stage3_block3 channels=[0,1,2,3]
+
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them."""
+
+def _compare_schema() -> type:
+    from cnnlab.compare import CompareConfig
+
+    return CompareConfig
+
+
+def _viz_schema() -> type:
+    from cnnlab.viz.options import VizOptions
+
+    return VizOptions
+
+
+# Commands whose options are a dataclass of their own rather than a section of config.yaml.
+OPTION_SCHEMAS: dict[str, Callable[[], type]] = {"compare": _compare_schema, "viz": _viz_schema}
+
 
 def command_help(command: str) -> str:
     """`cnnlab COMMAND --help`: the command's usage and every `COMMAND.KEY` it takes, with its
@@ -60,16 +82,15 @@ def command_help(command: str) -> str:
 
     blocks = USAGE.split("\n\n")
     usage = next(b for b in blocks if b.lstrip().startswith(command + " "))
-    if command == "compare":
-        from cnnlab.compare import CompareConfig
-
-        defaults = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+    if command in OPTION_SCHEMAS:
+        defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SCHEMAS[command]())}
     else:
         from cnnlab.config import root_values
 
         defaults = OmegaConf.to_container(root_values(command))
         defaults.pop("ema_decay", None)  # a training setting: eval reads each run's own
-    options = "\n".join(f"  {command}.{key}="
+    prefix = "" if command == "viz" else f"{command}."  # viz options are bare key=value
+    options = "\n".join(f"  {prefix}{key}="
                          f"{OmegaConf.to_yaml({key: value}).split(': ', 1)[1].strip()}"
                          for key, value in defaults.items())
     return f"usage:\n{usage}\n\noptions (default values):\n{options}"
@@ -442,12 +463,46 @@ def lr_find_command(args: list[str]) -> None:
           f"{cfg.lr_find.output}", file=sys.stderr)
 
 
+def viz_command(args: list[str]) -> None:
+    """`cnnlab viz KIND RUN_DIR [key=value ...]` (cnnlab/viz/)."""
+    if any(arg in ("-h", "--help") for arg in args):
+        print(command_help("viz"))
+        return
+    from cnnlab.viz.common import KINDS
+
+    if not args or args[0] not in KINDS:
+        from cnnlab.registry import unknown_choice
+
+        fail(unknown_choice("viz kind", args[0] if args else "", KINDS.names()) + " (usage: "
+             "cnnlab viz KIND RUN_DIR [key=value ...])")
+    kind, rest = args[0], args[1:]
+    paths = [a for a in rest if not _is_override(a)]
+    if len(paths) != 1:
+        fail(f"viz {kind} takes one run directory, got {len(paths)}: cnnlab viz {kind} RUN_DIR "
+             "[key=value ...]")
+    from cnnlab import viz
+    from cnnlab.app import quiet_library_logs
+    from cnnlab.data import DatasetUnavailableError
+
+    quiet_library_logs()
+    try:
+        result = viz.visualize(kind, Path(paths[0]), [a for a in rest if _is_override(a)])
+    except (ConfigError, DatasetUnavailableError) as e:
+        fail(str(e))
+    for path in result.written:
+        print(path)
+    where = f"; logged to W&B ({result.wandb_folder})" if result.wandb_folder else ""
+    print(f"cnnlab viz: wrote {len(result.written)} files to {Path(paths[0]) / 'viz'}{where}",
+          file=sys.stderr)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": train_command,
     "summary": summary_command,
     "eval": eval_command,
     "compare": compare_command,
     "lr_find": lr_find_command,
+    "viz": viz_command,
 }
 
 
