@@ -119,8 +119,8 @@ def test_loss_gradients_and_bn_statistics_equal_pytorch_in_float64(
         model, depth, residual, dataset):
     """The network's maths, exactly: cnnlab's model on its default CPU path (the matmul kernel
     gradient of cnnlab/models/conv.py included) against PyTorch, both in float64, so that what
-    differs is the implementation and not rounding. (In float32, PyTorch's own CPU kernel
-    gradients are the less exact side: see the float32 test below.)"""
+    differs is the implementation and not rounding (see the float32 test below for how far
+    float32 rounding alone moves the gradients)."""
     import optax
 
     r = _cnnlab_run(model, dataset)
@@ -152,25 +152,25 @@ def test_loss_gradients_and_bn_statistics_equal_pytorch_in_float64(
 def optimized_xla():
     """XLA as users run it: the suite compiles without most optimizations (tests/conftest.py),
     whose float32 summation order rounds deep nets' gradients visibly differently."""
-    before = jax.config.jax_disable_most_optimizations
+    before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-@pytest.mark.parametrize("model, depth, residual, dataset", [
-    ("resnet20", 20, True, "fashion_mnist"),
-    pytest.param("plain20", 20, False, "cifar10", marks=pytest.mark.slow)])
-def test_one_float32_training_step_equals_the_float64_reference_step(
-        model, depth, residual, dataset, optimized_xla):
+def test_one_float32_training_step_equals_the_float64_reference_step(optimized_xla):
     """cnnlab's compiled float32 training step (preprocessed batch, loss, gradient, SGD with
     momentum and coupled weight decay, unbiased BN statistics) against the same step of
-    `torch.optim.SGD` in float64, the exact answer for these weights.
+    `torch.optim.SGD` in float64, the exact answer for these weights, on ResNet-20 and
+    28x28x1 images.
 
-    cnnlab's float32 gradients are within 1e-5 of it (relative to each tensor's largest);
-    PyTorch's own float32 step is not: its CPU weight gradients of the 16-channel 28x28 and
-    32x32 convolutions are 1e-3 to 1e-2 off (measured here, torch 2.13 on CPU), so the float32
-    comparison is made against the float64 reference, not against PyTorch's float32 numbers."""
+    Measured here: cnnlab's float32 gradients are within 1e-5 of it (relative to each tensor's
+    largest), PyTorch's own float32 ones 1e-3 to 4e-3 off in the 28x28 stage. How close float32
+    can get depends on the case's conditioning: for plain-20 on random 32x32x3 images both
+    frameworks' float32 gradients are 0.6% to 5% off the float64 ones (BN's backward pass
+    through channels of tiny variance amplifies rounding), which is why the implementations
+    are compared in float64 above."""
+    model, depth, residual, dataset = "resnet20", 20, True, "fashion_mnist"
     r = _cnnlab_run(model, dataset)
     params, stats = _numpy(r.state.params), _numpy(r.state.batch_stats)
     torch_loss, torch_grads, torch_params, torch_stats = _torch_step(
