@@ -166,13 +166,27 @@ def compose(overrides: list[str] | None = None, for_training: bool = True,
     return cfg
 
 
+def _todays_defaults(run_dir: Path) -> DictConfig | dict:
+    """Today's config for the group choices the run was made with (Hydra keeps them in
+    .hydra/hydra.yaml), so that keys added to cnnlab since the run get their defaults; {} when
+    the choices are unknown (no hydra.yaml) or no longer compose."""
+    try:
+        choices = OmegaConf.load(Path(run_dir) / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        return compose([f"{group}={choice}" for group, choice in choices.items()
+                        if not group.startswith("hydra") and choice is not None], check=False)
+    except Exception:  # noqa: BLE001 (only a convenience: the saved config is still read)
+        return {}
+
+
 def load_run_config(run_dir: Path) -> DictConfig:
-    """The config a run was trained with (<run_dir>/.hydra/config.yaml), typed by the schema."""
+    """The config a run was trained with (<run_dir>/.hydra/config.yaml), typed by the schema;
+    keys added to cnnlab since then take today's defaults for the run's choices."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a cnnlab run directory: no {CONFIG}")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), _todays_defaults(run_dir),
+                              OmegaConf.load(path))
         resolve_presets(cfg)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: unreadable config ({str(e).splitlines()[0]})") from None

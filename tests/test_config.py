@@ -319,3 +319,26 @@ def test_epochs_that_cannot_be_turned_into_steps_are_one_line(overrides, message
     with pytest.raises(ConfigError) as info:
         compose(overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_run_saved_before_a_key_existed_loads_with_todays_default(tmp_path):
+    """eval, viz and compare read old runs: a key added to cnnlab since (here eval.top_k and
+    the whole augment.affine node) takes today's default for the run's group choices."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.configure import load_run_config
+
+    cfg = compose_config(["model=plain20", "augment=crop_flip"])
+    saved = OmegaConf.to_container(cfg)
+    del saved["eval"]["top_k"], saved["augment"]["affine"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": {
+        "model": "plain20", "augment": "crop_flip", "hydra/launcher": "basic"}}}}),
+        tmp_path / ".hydra" / "hydra.yaml")
+    loaded = load_run_config(tmp_path)
+    assert loaded.eval.top_k == cfg.eval.top_k == 5
+    assert loaded.augment.affine == cfg.augment.affine
+    assert loaded.model.name == "plain20" and loaded.augment.crop_pad == cfg.augment.crop_pad
+    (tmp_path / ".hydra" / "hydra.yaml").unlink()  # unknown choices: the schema alone
+    assert OmegaConf.is_missing(load_run_config(tmp_path).eval, "top_k")
