@@ -18,7 +18,7 @@ from cnnlab.config import CONF_DIR, group_options  # noqa: E402
 from cnnlab.models import build_model  # noqa: E402
 from cnnlab.models.summary import summarize  # noqa: E402
 
-PRE_BATCH_NORM = ("lenet", "alexnet", "vgg", "googlenet")
+PRE_BATCH_NORM = ("lenet", "alexnet", "zfnet", "vgg", "googlenet", "convnetjs")
 
 
 def settings(model: str, input_size: int | None) -> list[str]:
@@ -34,7 +34,8 @@ def settings(model: str, input_size: int | None) -> list[str]:
 
 def order(model: str) -> tuple:
     """Papers in historical order, ImageNet models before their CIFAR siblings, depth ascending."""
-    family = next((i for i, p in enumerate(PRE_BATCH_NORM) if model.startswith(p)), 4)
+    family = next((i for i, p in enumerate(PRE_BATCH_NORM) if model.startswith(p)),
+                  len(PRE_BATCH_NORM))
     digits = "".join(c for c in model if c.isdigit())
     depth = int(digits) if digits else 0
     return (family, "cifar" in model, depth in (20, 32, 44, 56, 110),
@@ -50,7 +51,7 @@ def main() -> None:
             overrides = settings(model, probe.model.get("input_size"))
             cfg = compose(config_name="config", overrides=[f"model={model}", *overrides])
             summary = summarize(build_model(cfg, cfg.dataset.num_classes),
-                                tuple(cfg.dataset.image_shape), model)
+                                tuple(cfg.dataset.image_shape), model, training_memory=False)
             shape = "x".join(map(str, summary.model_input_shape))
             macs = summary.macs / 1e9
             macs_text = f"{macs:.2f} G" if macs >= 0.1 else f"{summary.macs / 1e6:.2f} M"

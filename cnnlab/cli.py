@@ -29,7 +29,8 @@ commands:
            (its CI size: experiment=smoke/resnet_vs_plain)
            see the composed config: cnnlab train --cfg job
 
-  summary  per-layer output shapes, parameters and multiply-adds, without data:
+  summary  per-layer output shapes, parameters, multiply-adds, receptive fields and activation
+           memory (forward, kept for training), without data:
            cnnlab summary model=vgg_d dataset=imagenet [summary.format=json] [summary.depth=2]
 
   eval     evaluate trained runs on their test split, several runs as an ensemble:

@@ -30,10 +30,11 @@ IMAGENET = ["dataset=imagenet"]
 NO_NORM = ["norm=none"]
 
 
-def summary_of(model: str, *overrides: str, dataset: str = "imagenet") -> Summary:
+def summary_of(model: str, *overrides: str, dataset: str = "imagenet",
+               training_memory: bool = False) -> Summary:
     cfg = compose_config([f"model={model}", f"dataset={dataset}", *overrides])
     return summarize(build_model(cfg, cfg.dataset.num_classes), tuple(cfg.dataset.image_shape),
-                     model)
+                     model, training_memory)
 
 
 def rows(summary: Summary) -> dict:
@@ -361,11 +362,13 @@ def test_summary_table_lists_layers_and_totals(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     conv1 = next(line for line in lines if line.startswith("conv1"))
-    assert conv1.split() == ["conv1", "conv", "11x11/4", "55x55x96", "34,944", "105,415,200"]
+    # ... receptive field 11, jump 4, 55*55*96 floats forward, their ReLU output and mask kept.
+    assert conv1.split() == ["conv1", "conv", "11x11/4", "55x55x96", "34,944", "105,415,200",
+                             "11", "4", "1,161.6", "1,452.0"]
     body = lines[lines.index(next(x for x in lines if x.startswith("layer"))) + 2:-2]
     total = lines[-1].split()
     assert total[:2] == ["total", "62,378,344"]
-    assert int(total[2].replace(",", "")) == sum(int(x.split()[-1].replace(",", "")) for x in body)
+    assert int(total[2].replace(",", "")) == sum(int(x.split()[-5].replace(",", "")) for x in body)
 
 
 def test_summary_needs_no_data(tmp_path):

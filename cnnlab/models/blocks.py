@@ -1,8 +1,9 @@
 """The building blocks every architecture is assembled from.
 
 Each block receives the model's `Layers` bundle, so initializer, activation and normalization
-stay pluggable; a convolution is always conv -> norm -> activation, as in the papers that use
-normalization and (with `norm=none`) in those that predate it.
+stay pluggable; a convolution is conv -> norm -> activation, as in the papers that use
+normalization and (with `norm=none`) in those that predate it, except in DenseNet's
+pre-activation layers (norm -> activation -> conv).
 """
 
 from collections.abc import Callable, Sequence
@@ -40,6 +41,9 @@ class ConvUnit(nn.Module):
     groups: int = 1
     connections: str = "full"
     activate: bool = True
+    # False: the convolution alone, for pre-activation nets whose next layer starts with
+    # norm -> activation (DenseNet's first conv).
+    norm_act: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -54,6 +58,8 @@ class ConvUnit(nn.Module):
         else:
             y = TableConv(self.kernel, CONNECTION_TABLES.get(self.connections), lay,
                           self.stride, self.padding, name="conv", label=self.name)(x)
+        if not self.norm_act:
+            return y
         y = lay.norm(name="norm")(y, train)
         return lay.act(y) if self.activate else y
 
@@ -321,3 +327,70 @@ class Bottleneck(nn.Module):
             shortcut = Shortcut(out, self.stride, lay, self.shortcut, name="shortcut")
             y = _add_shortcut(y, shortcut, x, self.survival, self.per_example, train)
         return lay.act(y)
+
+
+class NormAct(nn.Module):
+    """norm -> activation alone: the start of a pre-activation unit, or DenseNet's last BN-ReLU
+    before the global average pooling."""
+
+    layers: Layers
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.layers.act(self.layers.norm(name="norm")(x, train))
+
+
+def _norm_act_conv(x: jax.Array, features: int, kernel: int, layers: Layers, index: int,
+                   train: bool, label: str) -> jax.Array:
+    """One pre-activation unit, norm -> activation -> conv (He et al. 2016b's order)."""
+    y = NormAct(layers, name=f"norm_act{index}")(x, train)
+    return layers.conv(y, features, kernel, name=f"conv{index}", label=label)
+
+
+class DenseLayer(nn.Module):
+    """Huang et al. 2017's composite function H: BN-ReLU-Conv(3x3, k), with `bottleneck` > 0
+    first BN-ReLU-Conv(1x1, bottleneck * k) (DenseNet-B: 4k). Its k new maps are concatenated
+    to its input."""
+
+    growth: int
+    layers: Layers
+    bottleneck: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        y, label = x, self.name or "dense"
+        if self.bottleneck:
+            y = _norm_act_conv(y, self.bottleneck * self.growth, 1, self.layers, 1, train, label)
+        y = _norm_act_conv(y, self.growth, 3, self.layers, 2, train, label)
+        return jnp.concatenate([x, y], axis=-1)
+
+
+class DenseBlock(nn.Module):
+    """`num_layers` DenseLayers, each seeing the concatenated maps of the block's input and of
+    every layer before it: c_in + num_layers * growth maps come out."""
+
+    num_layers: int
+    growth: int
+    layers: Layers
+    bottleneck: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for i in range(self.num_layers):
+            x = DenseLayer(self.growth, self.layers, self.bottleneck, name=f"layer{i + 1}")(
+                x, train)
+        return x
+
+
+class Transition(nn.Module):
+    """DenseNet's transition layer: BN-ReLU-Conv(1x1) to floor(compression * m) maps, then 2x2
+    average pooling (compression < 1 is DenseNet-C)."""
+
+    compression: float
+    layers: Layers
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        features = max(1, int(self.compression * x.shape[-1]))
+        y = _norm_act_conv(x, features, 1, self.layers, 1, train, self.name or "transition")
+        return Pool("avg", 2, 2, 0, name="pool")(y)

@@ -9,6 +9,8 @@ is the layer kind and whose value is its main setting, with further options besi
     {conv: 96, kernel: 11, stride: 4, padding: 0, name: conv1}
     {inception: [64, 96, 128, 16, 32, 32], name: inception3a}
     {bottleneck: 64, repeat: 3, name: conv2}       -> conv2_1, conv2_2, conv2_3
+    {dense: 16, growth: 12, name: dense1}          a DenseNet block of 16 layers, k = 12
+    {transition: 0.5}, preact                      DenseNet's transition; norm -> activation alone
 
 Every entry may carry `name` (default: kind + running number) and `repeat` (only the first copy
 of a repeated block gets its `stride`). Parsing needs no JAX, so configs are checked instantly.
@@ -49,6 +51,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _fraction(value: Any) -> bool:
+    return _number(value) and 0 < value <= 1
+
+
 def _widths(value: Any) -> bool:
     return isinstance(value, list | tuple) and len(value) == 6 and all(map(_positive_int, value))
 
@@ -71,7 +81,9 @@ KINDS: dict[str, Kind] = {
     "conv": Kind("features", {"features": (REQUIRED, *_INT), "kernel": (3, *_INT),
                               "stride": (1, *_INT), "padding": ("same", *_PAD),
                               "groups": (1, *_INT),
-                              "connections": ("full", lambda v: isinstance(v, str), "a name")}),
+                              "connections": ("full", lambda v: isinstance(v, str), "a name"),
+                              # false: the conv alone, without the norm and activation after it.
+                              "norm_act": (True, lambda v: isinstance(v, bool), "true or false")}),
     "fc": Kind("features", {"features": (REQUIRED, *_INT)}),
     # stride null: the kernel size.
     "maxpool": Kind("kernel", {"kernel": (2, *_INT), "stride": (None, *_INT),
@@ -89,6 +101,15 @@ KINDS: dict[str, Kind] = {
     "aux": Kind("weight", {"weight": (0.3, _number, "a number")}),
     "basic": Kind("features", {"features": (REQUIRED, *_INT), "stride": (1, *_INT)}),
     "bottleneck": Kind("features", {"features": (REQUIRED, *_INT), "stride": (1, *_INT)}),
+    # Huang et al. 2017: num_layers BN-ReLU-Conv layers adding `growth` maps each;
+    # bottleneck_width: the 1x1 conv's width before each 3x3, in units of growth (DenseNet-B:
+    # 4, torchvision's bn_size; 0: no 1x1).
+    "dense": Kind("num_layers", {"num_layers": (REQUIRED, *_INT), "growth": (REQUIRED, *_INT),
+                                 "bottleneck_width": (4, _non_negative_int,
+                                                      "a non-negative integer")}),
+    # BN-ReLU-Conv 1x1 to floor(compression x the maps), then 2x2 average pooling.
+    "transition": Kind("compression", {"compression": (0.5, _fraction, "a number in (0, 1]")}),
+    "preact": Kind(None, {}),
 }
 COMMON = ("name", "repeat")
 # Short forms in the papers' notation: VGG's conv<F>-<K>, and fc-<N>.

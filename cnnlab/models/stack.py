@@ -1,7 +1,8 @@
 """The `stack` family: a network written as the list of its layers, as the papers tabulate them.
 
-LeNet-5, AlexNet, the VGG configurations, GoogLeNet and the ImageNet ResNets are all `layers:`
-lists in `conf/model/` (syntax in `cnnlab.models.spec`), built from `cnnlab.models.blocks`. After
+LeNet-5, AlexNet, ZFNet, the VGG configurations, GoogLeNet, the ImageNet ResNets and DenseNet are
+all `layers:` lists in `conf/model/` (syntax in `cnnlab.models.spec`), built from
+`cnnlab.models.blocks`. After
 the list comes the optional `head:` list, then the classifier: a dense layer with one unit per
 class of the dataset.
 
@@ -30,7 +31,7 @@ from cnnlab.models.regularization import (
 from cnnlab.models.spec import LayerSpec, parse_layers
 
 RESIDUAL_KINDS = ("basic", "bottleneck")
-POOL_KINDS = ("maxpool", "avgpool", "subsample")
+POOL_KINDS = ("maxpool", "avgpool", "subsample", "transition")
 # What each dropout place is, for messages.
 PLACE_NAMES = {"conv": "conv layers", "stage": "pooling layers or residual stages",
                "fc": "hidden fc layers", "head": "layers", "block": "residual blocks"}
@@ -169,7 +170,8 @@ def _conv(spec: LayerSpec, ctx: Context) -> nn.Module:
     table = spec["connections"] != "full"
     return blocks.ConvUnit(spec["features"] if table else ctx.width(spec["features"]),
                            spec["kernel"], ctx.layers, spec["stride"], spec["padding"],
-                           spec["groups"], spec["connections"], name=spec.name)
+                           spec["groups"], spec["connections"], norm_act=spec["norm_act"],
+                           name=spec.name)
 
 
 def _residual_block(block: type) -> Callable[[LayerSpec, Context], nn.Module]:
@@ -211,6 +213,10 @@ BUILDERS: dict[str, Callable[[LayerSpec, Context], nn.Module | None]] = {
     "aux": _aux,
     "basic": _residual_block(blocks.BasicBlock),
     "bottleneck": _residual_block(blocks.Bottleneck),
+    "dense": lambda s, c: blocks.DenseBlock(s["num_layers"], c.width(s["growth"]), c.layers,
+                                            s["bottleneck_width"], name=s.name),
+    "transition": lambda s, c: blocks.Transition(s["compression"], c.layers, name=s.name),
+    "preact": lambda s, c: blocks.NormAct(c.layers, name=s.name),
 }
 
 
