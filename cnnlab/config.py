@@ -46,7 +46,7 @@ class DatasetConfig:
     # validation split, the others train; null: off. Defaults, not MISSING: configs of runs
     # made before folds existed load without them.
     folds: int | None = None
-    fold: int = 0
+    fold: int | None = None
     max_examples: int | None = MISSING
     # Folder of decoded splits (cnnlab.data_cache); null: no cache. Not MISSING: configs of runs
     # made before the cache existed (`cnnlab eval` reads them) load without one.
@@ -175,9 +175,9 @@ class RegularizationConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    # The optimized data term (cnnlab/losses.py): cross_entropy, mse, sigmoid_bce. Defaults, not
-    # MISSING: configs of runs made before the loss group existed (cnnlab eval) load as they ran.
-    name: str = "cross_entropy"
+    # The optimized data term (cnnlab/losses.py): cross_entropy, mse, sigmoid_bce. Runs saved
+    # before the loss group existed load with today's default (configure.load_run_config).
+    name: str = MISSING
     # mse only (null otherwise): the outputs the squared error is taken of: softmax, sigmoid,
     # logits.
     output: str | None = None
@@ -461,7 +461,7 @@ def steps_from_epochs(cfg: DictConfig) -> None:
     images = min(ds.train_size, ds.max_examples or ds.train_size)
     folds = ds.get("folds")
     # A fold holds n // k images, one more for the first n % k folds (cnnlab.data.fold_split).
-    images -= ds.val_size if not folds else images // folds + (ds.fold < images % folds)
+    images -= ds.val_size if not folds else images // folds + ((ds.fold or 0) < images % folds)
     if images < 1:
         return  # validation of dataset.val_size reports it
     steps = math.ceil(epochs * images / cfg.train.batch_size)

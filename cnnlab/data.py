@@ -497,7 +497,7 @@ def fold_split(train: ArraySplit, folds: int, fold: int,
 def _validate_folds(ds: Any) -> None:
     from cnnlab.errors import require
 
-    folds, fold = ds.get("folds"), ds.get("fold", 0)
+    folds, fold = ds.get("folds"), ds.get("fold") or 0
     if folds is None:
         require(fold == 0, f"dataset.fold={fold} needs dataset.folds=K (cross-validation)")
         return

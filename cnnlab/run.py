@@ -34,7 +34,7 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
             ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
             image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
             val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
-            folds=ds.get("folds"), fold=ds.get("fold", 0),
+            folds=ds.get("folds"), fold=ds.get("fold") or 0,
             cache_dir=ds.cache_dir,
             cache_max_bytes=None if ds.get("cache_max_gb") is None else int(ds.cache_max_gb * 1e9),
         )

@@ -8,14 +8,18 @@ from omegaconf import MISSING, OmegaConf
 
 from cnnlab.config import (
     ActivationConfig,
+    AffineConfig,
     AugmentConfig,
     CheckpointConfig,
     Config,
     DatasetConfig,
+    DiagnosticsConfig,
     EarlyStoppingConfig,
     EvalConfig,
     InitConfig,
     LoggerConfig,
+    LossConfig,
+    LrFindConfig,
     NormConfig,
     OptimizerConfig,
     PreprocessConfig,
@@ -31,6 +35,7 @@ from cnnlab.config import (
 from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from cnnlab.models.cifar_resnet import CifarResNetOptions
+from cnnlab.models.pattern import PatternOptions
 from cnnlab.models.stack import StackOptions
 from cnnlab.optim import make_schedule
 from tests.helpers import compose_config, run_cli
@@ -136,7 +141,8 @@ def test_schema_defaults_are_missing_or_null_only():
     # A value in a dataclass would be a second definition of a default that conf/ holds.
     classes = [*SCHEMAS.values(), Config, RegularizationConfig, EarlyStoppingConfig, EvalConfig,
                TrainConfig, CheckpointConfig, ResumeConfig, SummaryConfig, CifarResNetOptions,
-               StackOptions]
+               StackOptions, LossConfig, LrFindConfig, DiagnosticsConfig, AffineConfig,
+               PatternOptions]
     for cls in classes:
         for field in dataclasses.fields(cls):
             if field.default is dataclasses.MISSING:  # a section: default_factory

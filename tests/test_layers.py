@@ -224,7 +224,7 @@ def test_layer_norm_normalizes_each_example_over_h_w_c():
 def test_batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval():
     x = inputs((8, 4, 4, 3))
     momentum, eps = 0.9, 1e-5
-    module = norm_module("batch", momentum=momentum, epsilon=eps)
+    module = norm_module("batch", momentum=momentum, epsilon=eps, running_var="biased")
     variables = module.init(KEY, jnp.zeros_like(x))
     y, updates = module.apply(variables, jnp.asarray(x, jnp.float32), True,
                               mutable=["batch_stats"])
@@ -285,3 +285,20 @@ def test_tiny_resnet_runs_forward(norm, act, init):
     logits = model.apply(variables, x, train=False)
     assert logits.shape == (2, 10) and bool(jnp.isfinite(logits).all())
 
+
+
+def test_batch_norm_running_variance_is_unbiased_by_default():
+    """The BN paper's inference rule (Ioffe & Szegedy 2015, Alg. 2) and PyTorch: the running
+    variance averages n/(n-1) times each batch's variance, n the values per channel."""
+    x = inputs((8, 4, 4, 3))
+    module = norm_module("batch", momentum=0.9, epsilon=1e-5, running_var="unbiased")
+    variables = module.init(KEY, jnp.zeros_like(x))
+    y, updates = module.apply(variables, jnp.asarray(x, jnp.float32), True,
+                              mutable=["batch_stats"])
+    var = np.asarray(updates["batch_stats"]["BatchNorm_0"]["var"])
+    n = 8 * 4 * 4
+    np.testing.assert_allclose(var, 0.9 + 0.1 * x.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-5)
+    # Training itself normalizes by the biased batch variance either way.
+    np.testing.assert_allclose(np.asarray(y, np.float64).var(axis=(0, 1, 2)), 1, atol=1e-3)
+    with pytest.raises(ConfigError, match="norm.running_var='both'; valid choices"):
+        norm_module("batch", momentum=0.9, epsilon=1e-5, running_var="both")
