@@ -1,6 +1,7 @@
 """Test helpers: the offline fashion_mnist, tiny run overrides, config composition, the CLI."""
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -47,6 +48,40 @@ TINY = [
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The composed config, presets resolved, not validated (tests validate it themselves)."""
     return configure.compose(overrides, check=False)
+
+
+@dataclasses.dataclass
+class TinyStep:
+    """A TINY model's pieces for calling the training step directly (no run, no data files)."""
+
+    cfg: DictConfig
+    model: object
+    tx: object
+    state: object  # cnnlab.steps.TrainState
+    data: object  # cnnlab.steps.DeviceSplit: 64 random 12x12x1 images on the device
+
+
+def tiny_step(overrides: list[str] | None = None) -> TinyStep:
+    import jax
+    import numpy as np
+
+    from cnnlab import steps
+    from cnnlab.models import build_model
+    from cnnlab.optim import make_optimizer, make_schedule
+    from cnnlab.preprocess import PreprocessStats
+    from cnnlab.run import init_state
+
+    cfg = compose_config([*TINY, *(overrides or [])])
+    model = build_model(cfg, 10)
+    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, cfg.optimizer.lr, 100))
+    state = init_state(cfg, model, tx, (12, 12, 1))
+    rng = np.random.default_rng(0)
+    data = jax.device_put(steps.DeviceSplit(
+        images=rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8),
+        labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
+        stats=PreprocessStats(mean=np.full((1,), 0.5, np.float32),
+                              std=np.full((1,), 0.25, np.float32))))
+    return TinyStep(cfg, model, tx, state, data)
 
 
 def train_tiny(run_dir: Path, data_dir: Path, overrides: list[str] | None = None) -> dict:

@@ -16,12 +16,9 @@ from cnnlab import diagnostics, steps
 from cnnlab.augment import make_augment
 from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
-from cnnlab.models import build_model
 from cnnlab.models.layers import Recorded
-from cnnlab.optim import make_optimizer, make_schedule
-from cnnlab.preprocess import PreprocessStats, preprocess
-from cnnlab.run import init_state
-from tests.helpers import TINY, compose_config, train_tiny, wandb_run_contents
+from cnnlab.preprocess import preprocess
+from tests.helpers import TINY, TinyStep, compose_config, tiny_step, train_tiny, wandb_run_contents
 
 # SGD without momentum, weight decay or schedule: the applied update is exactly -lr * g.
 SGD = ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=0.0",
@@ -29,30 +26,7 @@ SGD = ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=0.0",
 BATCH = 16
 
 
-@dataclasses.dataclass
-class Setup:
-    cfg: object
-    model: object
-    tx: optax.GradientTransformation
-    state: steps.TrainState
-    data: steps.DeviceSplit
-
-
-def setup(overrides: list[str]) -> Setup:
-    cfg = compose_config([*TINY, *overrides])
-    model = build_model(cfg, 10)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, cfg.optimizer.lr, 100))
-    state = init_state(cfg, model, tx, (12, 12, 1))
-    rng = np.random.default_rng(0)
-    data = jax.device_put(steps.DeviceSplit(
-        images=rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8),
-        labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
-        stats=PreprocessStats(mean=np.full((1,), 0.5, np.float32),
-                              std=np.full((1,), 0.25, np.float32))))
-    return Setup(cfg, model, tx, state, data)
-
-
-def diagnose(s: Setup, state: steps.TrainState | None = None) -> dict:
+def diagnose(s: TinyStep, state: steps.TrainState | None = None) -> dict:
     fn = diagnostics.make_diagnose(s.model, s.tx, make_augment(s.cfg.augment), BATCH)
     return jax.device_get(fn(s.state if state is None else state, s.data))
 
@@ -66,7 +40,7 @@ def per_layer_norms(tree: dict) -> dict[str, float]:
     return {name: float(np.sqrt(total)) for name, total in squares.items()}
 
 
-def next_batch(s: Setup, state: steps.TrainState) -> tuple[jax.Array, jax.Array]:
+def next_batch(s: TinyStep, state: steps.TrainState) -> tuple[jax.Array, jax.Array]:
     """The batch the next step trains on (augment=none), preprocessed."""
     data_key, _ = jax.random.split(state.rng)
     idx = steps.batch_indices(data_key, state.step, s.data.labels.shape[0], BATCH)
@@ -74,8 +48,8 @@ def next_batch(s: Setup, state: steps.TrainState) -> tuple[jax.Array, jax.Array]
 
 
 @pytest.fixture(scope="module")
-def sgd() -> Setup:
-    s = setup(SGD)
+def sgd() -> TinyStep:
+    s = tiny_step(SGD)
     # A step in: the ratios of a trained state, not only of the initialization.
     chunk = steps.make_train_chunk(steps.make_train_step(s.model, s.tx,
                                                          make_augment(s.cfg.augment), BATCH))
@@ -157,7 +131,7 @@ def test_activation_stats_and_dead_relus_match_a_direct_computation(sgd):
 def test_off_the_training_chunk_is_unchanged():
     """The activation hook traces nothing into the step: its program equals one built from
     the bare activation."""
-    s = setup([])
+    s = tiny_step([])
     bare = s.model.clone(layers=dataclasses.replace(s.model.layers, act=s.model.layers.act.fn))
     assert isinstance(s.model.layers.act, Recorded)
 

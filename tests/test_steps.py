@@ -9,7 +9,6 @@ from omegaconf import OmegaConf
 from cnnlab.augment import make_augment, normalize, random_crop, random_flip
 from cnnlab.config import option_values
 from cnnlab.optim import make_optimizer, make_schedule
-from cnnlab.preprocess import PreprocessStats
 from cnnlab.steps import batch_indices
 
 
@@ -95,20 +94,10 @@ def test_cosine_ends_at_the_final_factor():
 def test_train_chunks_make_no_host_transfers():
     """The hot loop: compiled chunks on device-resident data, nothing copied implicitly."""
     from cnnlab import steps
-    from cnnlab.models import build_model
-    from cnnlab.run import init_state
-    from tests.helpers import TINY, compose_config
+    from tests.helpers import tiny_step
 
-    cfg = compose_config(TINY)
-    model = build_model(cfg, 10)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, cfg.optimizer.lr, 100))
-    state = init_state(cfg, model, tx, (12, 12, 1))
-    rng = np.random.default_rng(0)
-    data = jax.device_put(steps.DeviceSplit(
-        images=rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8),
-        labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
-        stats=PreprocessStats(mean=np.full((1,), 0.5, np.float32),
-                              std=np.full((1,), 0.25, np.float32))))
+    tiny = tiny_step()
+    cfg, model, tx, state, data = tiny.cfg, tiny.model, tiny.tx, tiny.state, tiny.data
     chunk = steps.make_train_chunk(
         steps.make_train_step(model, tx, make_augment(cfg.augment), 16))
     state, _ = chunk(state, data, 2)  # compile outside the guard

@@ -10,11 +10,13 @@ import pytest
 
 from cnnlab.models import blocks
 from cnnlab.preprocess import PreprocessStats
-from cnnlab.viz.ascent import AscentSettings, ascend
+from cnnlab.viz import draw_ascent
+from cnnlab.viz.ascent import ascend
 from cnnlab.viz.gradients import class_score, input_gradients, saliency_map
 from cnnlab.viz.neighbors import nearest
 from cnnlab.viz.network import Network, model_factory
 from cnnlab.viz.occlusion import occlusion_maps
+from cnnlab.viz.options import VizOptions
 from cnnlab.viz.receptive import Geometry, layer_geometry
 from tests.helpers import compose_config, read_wandb_records, run_cli, train_tiny
 
@@ -104,7 +106,7 @@ def test_gradient_ascent_raises_the_score_and_l2_shrinks_the_image():
     mean = jnp.full((3,), 0.5)
     norms = []
     for l2 in (1e-3, 0.2):
-        settings = AscentSettings(steps=40, lr=0.02, l2=l2, seed=7)
+        settings = draw_ascent.settings(VizOptions(steps=40, lr=0.02, l2=l2, seed=7))
         pixels, history = jax.jit(lambda s=settings: ascend(objective, mean, (2, 8, 8, 3), s))()
         assert (history[-1] > history[0]).all()
         assert float(pixels.min()) >= 0 and float(pixels.max()) <= 1

@@ -32,14 +32,16 @@ Objective = Callable[[jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class AscentSettings:
-    steps: int = 200
-    lr: float = 0.05
-    l2: float = 1e-3
-    blur_every: int = 4
-    blur_sigma: float = 0.5
-    clip_norm_pct: float = 10.0
-    clip_contrib_pct: float = 10.0
-    seed: int = 0
+    """The ascent's options; their defaults live in cnnlab.viz.options.VizOptions alone."""
+
+    steps: int
+    lr: float
+    l2: float
+    blur_every: int
+    blur_sigma: float
+    clip_norm_pct: float
+    clip_contrib_pct: float
+    seed: int
 
 
 def gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:

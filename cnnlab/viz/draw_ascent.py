@@ -1,6 +1,7 @@
 """The kinds `class_model` (one image per class, or `target=N`) and `neuron_ascent` (one per
 channel of `layer=`): regularized gradient ascent on the input (cnnlab/viz/ascent.py)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -20,9 +21,8 @@ MAX_IMAGES = 100
 
 
 def settings(options: VizOptions) -> AscentSettings:
-    return AscentSettings(options.steps, options.lr, options.l2, options.blur_every,
-                          options.blur_sigma, options.clip_norm_pct, options.clip_contrib_pct,
-                          options.seed)
+    return AscentSettings(**{field.name: getattr(options, field.name)
+                             for field in dataclasses.fields(AscentSettings)})
 
 
 def _run(network: Network, mean: jax.Array, targets: jax.Array, layer: str | None, at: str,
