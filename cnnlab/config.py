@@ -184,6 +184,27 @@ class LossConfig:
 
 
 @dataclasses.dataclass
+class TransferConfig:
+    # cnnlab/transfer: scratch, linear_probe, finetune_top, finetune_all, two_phase.
+    mode: str = MISSING
+    # A cnnlab run directory, or a torchvision .pth/.pt or .safetensors file; null: none.
+    source: str | None = None
+    # From a run directory: final, best or ema.
+    weights: str = MISSING
+    # The last layer copied from the source (null: all) and the last one frozen.
+    load_through: str | None = None
+    freeze_through: str | None = None
+    # {layer here: layer of the source}: load exactly these layers, each from its named one.
+    layer_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    # A new classifier: true, false, or null (when the class counts differ).
+    reset_head: bool | None = None
+    backbone_lr_mult: float = MISSING
+    probe_steps: int = MISSING
+    # frozen or train: batch norm in frozen layers.
+    bn: str = MISSING
+
+
+@dataclasses.dataclass
 class LrFindConfig:
     # `cnnlab lr_find` (cnnlab/lr_find.py): lr_i = start * (end / start)^(i / (steps - 1)).
     start: float = MISSING
@@ -337,6 +358,7 @@ class Config:
     regularization: RegularizationConfig = dataclasses.field(
         default_factory=RegularizationConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    transfer: TransferConfig = dataclasses.field(default_factory=TransferConfig)
     schedule: ScheduleConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -26,6 +26,7 @@ from cnnlab import (
     preprocess,
     selection,
     tracking,
+    transfer,
 )
 from cnnlab.config import CONF_DIR, Config, resolve_presets
 from cnnlab.errors import ConfigError, require
@@ -126,6 +127,7 @@ CHECKS = (
     lambda cfg: optim.validate_optimizer(cfg.optimizer),
     lambda cfg: optim.validate_regularization(cfg.regularization),
     lambda cfg: losses.validate(cfg.loss),
+    transfer.validate,
     lambda cfg: optim.validate_schedule(cfg.schedule, cfg.train),
     selection.validate,
     lambda cfg: evaluate.validate(cfg.eval, cfg.augment, cfg.dataset.image_shape),

@@ -100,15 +100,12 @@ def _diverged(loss: float, smoothed: float, lowest: float, factor: float) -> boo
 def range_test(cfg: DictConfig) -> Result:
     """Train cfg's run for lr_find.steps steps at the exponential lrs (one compiled step per
     call, so every step's loss is read)."""
-    from cnnlab.optim import make_optimizer
-    from cnnlab.run import build, init_state
+    from cnnlab.run import build
 
     lf = cfg.lr_find
-    run = build(cfg)
     schedule = exponential_schedule(lf.start, lf.end, lf.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    run = dataclasses.replace(run, schedule=schedule, tx=tx,
-                              state=init_state(cfg, run.model, tx, tuple(run.dataset.image_shape)))
+    # A transfer run's test starts from its source's weights, its frozen layers frozen.
+    run = build(cfg, with_source=True, schedule=schedule)
     state, data = run.state, run.train_data
     lrs, losses = [], []
     lowest, stopped = math.inf, False

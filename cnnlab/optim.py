@@ -162,15 +162,26 @@ DECAY_MODES.register("decoupled", lambda direction, decay: (direction, decay))
 OPTIONAL_KEYS = ("momentum", "nesterov", "b1", "b2", "eps", "rho")
 
 
-def make_optimizer(opt: DictConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """The optimizer the `optimizer` config names (module docstring: the exact update rules)."""
+def make_optimizer(opt: DictConfig, schedule: optax.Schedule,
+                   clip: bool = True) -> optax.GradientTransformation:
+    """The optimizer the `optimizer` config names (module docstring: the exact update rules).
+
+    `clip=False` leaves out `optimizer.clip_norm`, for callers that apply the optimizer to parts
+    of the parameters (cnnlab/transfer) and clip the whole gradient in front of it themselves.
+    """
     direction = OPTIMIZERS.get(opt.name).direction(opt)
     decay = optax.add_decayed_weights(opt.weight_decay)
     tx = optax.chain(*DECAY_MODES.get(opt.decay)(direction, decay),
                      optax.scale_by_learning_rate(schedule))
-    if opt.clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
-    return tx
+    return with_clipping(opt, tx) if clip else tx
+
+
+def with_clipping(opt: DictConfig,
+                  tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` after `optimizer.clip_norm`'s rescaling of the whole gradient (if set)."""
+    if opt.clip_norm is None:
+        return tx
+    return optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
 
 
 def _unit_interval(key: str, value: float) -> None:

@@ -18,10 +18,11 @@ from omegaconf import DictConfig
 
 from cnnlab import data as data_lib
 from cnnlab import diagnostics, preprocess, steps
+from cnnlab import transfer as transfer_lib
 from cnnlab.augment import Augment, make_augment
 from cnnlab.errors import ConfigError
 from cnnlab.evaluate import Evaluator, make_eval_views
-from cnnlab.models import build_model, count_params, init_variables
+from cnnlab.models import abstract_variables, build_model, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
 
@@ -83,6 +84,9 @@ class Run:
     schedule: optax.Schedule
     tx: optax.GradientTransformation
     state: steps.TrainState
+    # Transfer learning's plan, probe phase and what was loaded (cnnlab/transfer); None for
+    # transfer=scratch.
+    transfer: transfer_lib.Setup | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -113,13 +117,34 @@ class Run:
         # Only under reduce-on-plateau: other runs skip a product per parameter per step.
         return self.cfg.schedule.name == "plateau"
 
+    def _chunk(self, model: nn.Module, tx: optax.GradientTransformation,
+               phase: str) -> Callable:
+        cfg = self.cfg
+        frozen = (transfer_lib.frozen_mask(self.state.params, self.transfer.frozen(phase))
+                  if self.transfer is not None else None)
+        return steps.make_train_chunk(steps.make_train_step(
+            model, tx, self.augment, cfg.train.batch_size, cfg.regularization,
+            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss"),
+            frozen=frozen))
+
     @functools.cached_property
     def train_chunk(self) -> Callable:
         """`train_chunk(state, train_data, num_steps) -> (state, summed metrics)`."""
-        cfg = self.cfg
-        return steps.make_train_chunk(steps.make_train_step(
-            self.model, self.tx, self.augment, cfg.train.batch_size, cfg.regularization,
-            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss")))
+        return self._chunk(self.model, self.tx, "main")
+
+    @functools.cached_property
+    def probe_chunk(self) -> Callable:
+        """two_phase's first phase: `train_chunk` with the loaded layers frozen."""
+        return self._chunk(self.transfer.probe_model, self.transfer.probe_tx, "probe")
+
+    def phase_at(self, step: int) -> str:
+        """"probe" during two_phase's linear probe, else "main"."""
+        probe_steps = self.transfer.plan.probe_steps if self.transfer is not None else 0
+        return "probe" if step < probe_steps else "main"
+
+    def chunk_at(self, step: int) -> Callable:
+        """The compiled chunk that trains the steps from `step` on (its phase's)."""
+        return self.probe_chunk if self.phase_at(step) == "probe" else self.train_chunk
 
     @functools.cached_property
     def diagnose(self) -> Callable[[steps.TrainState], dict]:
@@ -144,17 +169,35 @@ class Run:
                          cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k)
 
 
-def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None) -> Run:
-    """The run `cfg` describes (validated by cnnlab.configure); `dataset`: already loaded."""
+def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
+          with_source: bool = False, schedule: optax.Schedule | None = None) -> Run:
+    """The run `cfg` describes (validated by cnnlab.configure); `dataset`: already loaded.
+
+    `with_source`: a transfer run's state starts from its source's weights (a fresh start);
+    otherwise from the initializer's, as a template that a checkpoint is restored into.
+    `schedule`: the lr schedule instead of `cfg.schedule`'s (`cnnlab lr_find`'s ramp).
+    """
     dataset = load_data(cfg) if dataset is None else dataset
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(dataset.train)} training examples of {dataset.name}")
+    shape = tuple(dataset.image_shape)
     model = build_model(cfg, dataset.num_classes)
-    schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
-    return Run(cfg, dataset, model, schedule, tx,
-               init_state(cfg, model, tx, tuple(dataset.image_shape)))
+    if schedule is None:
+        schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
+    plan = transfer_lib.plan_for(cfg, model, abstract_variables(model, shape)["params"], shape)
+    if plan is None:
+        tx = make_optimizer(cfg.optimizer, schedule)
+        return Run(cfg, dataset, model, schedule, tx, init_state(cfg, model, tx, shape))
+    model, setup = transfer_lib.setup(
+        cfg, plan, lambda frozen: build_model(cfg, dataset.num_classes, frozen), schedule)
+    state = init_state(cfg, model, setup.tx, shape)
+    if with_source:
+        setup.loaded = transfer_lib.load_source(
+            cfg, plan, {"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(params=setup.loaded.variables["params"],
+                              batch_stats=setup.loaded.variables["batch_stats"])
+    return Run(cfg, dataset, model, schedule, setup.tx, state, setup)
 
 
 def use_compile_cache(path: str | None) -> None:

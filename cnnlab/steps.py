@@ -124,9 +124,14 @@ class Gradients(struct.PyTreeNode):
 def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
                    regularization: DictConfig | None = None,
                    activations: Callable[[], dict] = dict,
-                   loss_config: DictConfig | None = None) -> Callable:
+                   loss_config: DictConfig | None = None, frozen: Any = None) -> Callable:
     """`gradients(state, data) -> Gradients` of the optimized objective on the batch at
     `state.step`, with that batch's metrics (see `make_train_step`).
+
+    `frozen`: a tree of Python bools like the params (cnnlab/transfer): True marks a parameter
+    held constant, whose gradient is zero and never computed. Since the images need no gradient
+    either, the backward pass ends at the lowest layer that trains (a linear probe
+    differentiates only its classifier).
 
     `activations()` is called right after the forward pass, inside the differentiated function,
     and its result returned: cnnlab.diagnostics passes one that hands over what it recorded.
@@ -163,6 +168,9 @@ def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
                           else mixup_loss(optimized, lam, labels, partners))
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple]:
+            if frozen is not None:
+                params = jax.tree.map(
+                    lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
             logits, updates = model.apply(
                 _variables(params, state.batch_stats), x, train=True,
                 mutable=["batch_stats", AUX_COLLECTION], rngs={"dropout": dropout_key},
@@ -204,7 +212,7 @@ def optimizer_updates(tx: optax.GradientTransformation, grads: Any, state: Train
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
                     batch_size: int, regularization: DictConfig | None = None,
                     ema_decay: float | None = None, scale_lr: bool = False,
-                    loss_config: DictConfig | None = None) -> Callable:
+                    loss_config: DictConfig | None = None, frozen: Any = None) -> Callable:
     """`train_step(state, data) -> (state, metrics)` for one batch.
 
     With `ema_decay`, the step also updates the moving average of the new weights and BN
@@ -216,12 +224,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     the logged loss stays the cross entropy against the true labels, so runs compare. So does
     `loss_config` (cnnlab/losses.py: cross_entropy, mse, sigmoid_bce), the optimized data term.
 
+    `frozen` (see `make_gradients`) marks parameters that get no gradient; the optimizer must
+    give them no update either (cnnlab/transfer/optimizer.py).
+
     With mixup (`augment.mixup_alpha` > 0) the labels are the mixed targets: every loss term,
     logged or optimized, is lam * L(y) + (1 - lam) * L(y_partner) (Zhang et al. 2018), and the
     logged error counts the argmax against the dominant label (y when lam >= 1/2).
     """
     gradients = make_gradients(model, augment, batch_size, regularization,
-                               loss_config=loss_config)
+                               loss_config=loss_config, frozen=frozen)
 
     def train_step(state: TrainState, data: DeviceSplit) -> tuple[TrainState, dict]:
         out = gradients(state, data)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import actions, diagnostics
 from cnnlab.checkpoint import NoUsableCheckpoint
 from cnnlab.errors import ConfigError
+from cnnlab.models import count_params
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.resume import check_changes, finished_summary, unfit_state_message
 from cnnlab.run import Run, build, use_compile_cache
@@ -46,7 +47,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         else:  # nothing trained yet: this start is the first
             run_dir.save_start_config(config, replace=True)
         use_compile_cache(cfg.compile_cache_dir)
-        run = build(cfg)
+        run = build(cfg, with_source=not saved)
         checkpoint = actions.Checkpoint(cfg, run_dir)
         try:
             state, loop = checkpoint.restore(run.state)
@@ -69,6 +70,8 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         "params": run.num_params, "macs": run.macs, "steps": cfg.train.steps,
         "seed": cfg.seed, "resumed_from": resumed_from,
     }
+    if run.transfer is not None:
+        summary["transfer"] = _transfer_summary(run, tracker)
     tracker.write_summary(summary)
     clock = actions.Clock(loop.wall_time)
     metrics = actions.TrainMetrics(cfg.train)
@@ -174,15 +177,35 @@ def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,
 
 
 def _chunk(run: Run, state: Any, num_steps: int, compiles: CompileTimer) -> tuple:
-    """One compiled chunk; the first of each length compiles, which is said and timed (the
-    call returns once the chunk is compiled and queued, before it runs)."""
-    if not compiles.is_new(num_steps):
-        return run.train_chunk(state, run.train_data, num_steps)
-    log.info("compiling the training step (%s, %d steps per call)", run.cfg.model.name,
-             num_steps)
-    out, took = compiles.call(num_steps, run.train_chunk, state, run.train_data, num_steps)
-    log.info("compiled the training step in %s", duration(took))
+    """One compiled chunk; the first of each length (and phase: two_phase transfer) compiles,
+    which is said and timed (the call returns once the chunk is compiled and queued, before it
+    runs)."""
+    step = int(state.step)
+    phase, chunk = run.phase_at(step), run.chunk_at(step)
+    key = (phase, num_steps)
+    if not compiles.is_new(key):
+        return chunk(state, run.train_data, num_steps)
+    what = "the linear-probe step" if phase == "probe" else "the training step"
+    log.info("compiling %s (%s, %d steps per call)", what, run.cfg.model.name, num_steps)
+    out, took = compiles.call(key, chunk, state, run.train_data, num_steps)
+    log.info("compiled %s in %s", what, duration(took))
     return out
+
+
+def _transfer_summary(run: Run, tracker: RunTracker) -> dict[str, Any]:
+    """The transfer run's plan (and, at a fresh start, what was loaded) for summary.json; the
+    first start's record is kept when a resumed run does not read its source again."""
+    plan = run.transfer.plan
+    record = {"mode": plan.mode, "source": run.cfg.transfer.source,
+              "frozen": list(plan.with_role("frozen")),
+              "trainable_params": count_params({k: v for k, v in run.state.params.items()
+                                                if plan.roles.get(k) != "frozen"})}
+    if run.transfer.loaded is not None:
+        record.update(run.transfer.loaded.summary())
+    else:
+        previous = (tracker.run_dir.read_summary() or {}).get("transfer", {})
+        record.update({k: v for k, v in previous.items() if k not in record})
+    return record
 
 
 def failure_reason(error: BaseException) -> str:

@@ -1,6 +1,7 @@
 """Model families, looked up by the `family` key of a `conf/model/*.yaml` file."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import cifar_resnet, pattern, stack
-from cnnlab.models.layers import InputFit, Layers, build_layers
+from cnnlab.models.layers import BatchNorm, InputFit, Layers, build_layers
 from cnnlab.registry import Registry
 
 
@@ -59,9 +60,14 @@ def model_options(model_cfg: DictConfig) -> Any:
     return options
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
-    """The Flax module a full run config describes."""
+def build_model(cfg: DictConfig, num_classes: int,
+                frozen_norms: tuple[str, ...] = ()) -> nn.Module:
+    """The Flax module a full run config describes; batch norms in the top-level layers
+    `frozen_norms` normalize with their running statistics in training too (cnnlab/transfer)."""
     layers = build_layers(cfg.init, cfg.activation, cfg.norm)
+    if frozen_norms and getattr(layers.norm, "func", None) is BatchNorm:
+        layers = dataclasses.replace(
+            layers, norm=functools.partial(layers.norm, frozen_layers=tuple(frozen_norms)))
     family = FAMILIES.get(cfg.model.family)
     return family.build(model_options(cfg.model), num_classes, layers, input_fit(cfg.model))
 

@@ -162,9 +162,14 @@ class BatchNorm(nn.Module):
     momentum: float
     epsilon: float
     unbiased: bool = True
+    # Top-level layers whose batch norms stay at their running statistics even in training
+    # (transfer learning's frozen layers, cnnlab/transfer): they normalize as at test time and
+    # their statistics do not move.
+    frozen_layers: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        train = train and not (self.path and self.path[0] in self.frozen_layers)
         norm = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
                             epsilon=self.epsilon)
         y = norm(x)

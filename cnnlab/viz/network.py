@@ -24,9 +24,8 @@ from omegaconf import DictConfig
 
 from cnnlab import data as data_lib
 from cnnlab import steps
-from cnnlab.configure import load_run_config
 from cnnlab.errors import ConfigError
-from cnnlab.evaluate import WEIGHTS
+from cnnlab.evaluate import WEIGHTS, check_weights
 from cnnlab.models import FAMILIES, input_fit, model_options
 from cnnlab.models.layers import Activation, Identity, build_layers
 from cnnlab.preprocess import PreprocessStats, preprocess
@@ -173,19 +172,6 @@ class Restored:
     def pixels(self, split: str, indices: np.ndarray | Sequence[int]) -> jax.Array:
         images = getattr(self.dataset, split).images[np.asarray(indices)]
         return jnp.asarray(images, jnp.float32) / 255.0
-
-
-def check_weights(run_dir: Path, weights: str) -> tuple[DictConfig, int]:
-    """The run's config and the checkpoint step `weights` selects; ConfigError if none."""
-    cfg = load_run_config(run_dir)
-    source = WEIGHTS.get(weights)
-    if source.averaged and cfg.eval.ema_decay is None:
-        raise ConfigError(f"{run_dir} was trained without eval.ema_decay: it has no averaged "
-                          "weights")
-    found = RunDir(run_dir).checkpoint_steps(source.folder)
-    if not found:
-        raise ConfigError(f"{run_dir} has no {source.what} (nothing saved in {source.folder}/)")
-    return cfg, found[-1]
 
 
 def restore(run_dir: Path, weights: str = "final") -> Restored:
