@@ -148,7 +148,9 @@ def load_dataset(
 
     Raises:
       DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
-      ValueError: inconsistent arguments (``val_size``, ``max_examples``, feature keys).
+      ValueError: inconsistent arguments (``val_size``, ``max_examples``, feature keys,
+        ``classes``, ``per_class``); cnnlab.errors.ConfigError (a ValueError) for a folder
+        that is missing, empty or not laid out as cnnlab.folder_data expects.
     """
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")

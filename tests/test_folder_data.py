@@ -106,6 +106,11 @@ def test_resize_modes_match_pillows_own_resize(tmp_path: Path) -> None:
     # Converted first, then resized (as torchvision's loader, then Resize, would).
     grey_expected = original.convert("L").resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR)
     assert np.array_equal(grey[..., 0], np.asarray(grey_expected))
+    # 16-bit greyscale keeps its high byte (Pillow's own convert would clip it to white).
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(SIZE[0] * SIZE[1]) * 500).astype(np.uint16).reshape(SIZE)).save(deep)
+    got = folder_data.decode_image(deep, spec(tmp_path, channels=1))[..., 0]
+    assert np.array_equal(got, (np.arange(SIZE[0] * SIZE[1]) * 500 >> 8).reshape(SIZE))
     # center_crop keeps the aspect ratio: the checkers' squares stay square.
     assert not np.array_equal(np.asarray(stretched), np.asarray(cropped))
 
