@@ -53,6 +53,21 @@ class DatasetConfig:
     cache_dir: str | None = None
     cache_max_gb: float | None = None  # the cache's size; least recently used entries go
     default_augment: str = MISSING
+    # Subsets of any dataset (cnnlab.data); defaults, not MISSING, so older runs' configs load.
+    # classes: only these classes, relabelled 0..len-1 in this order; null: all.
+    classes: list[int] | None = None
+    # per_class: N training images per class (int), or that fraction of each (float in (0, 1)),
+    # drawn by val_seed after the validation hold-out; null: all. Any: OmegaConf 2.3's Union
+    # nodes break Hydra's merge of conf/dataset; cnnlab.data.check_per_class checks the type.
+    per_class: Any = None
+    # dataset=folder only (cnnlab.folder_data), null for the others: the folder, the size every
+    # image is resized to, how (stretch | center_crop), channels (1 | 3), and the test split
+    # held out per class of a folder without train/ and test/ subfolders.
+    path: str | None = None
+    image_size: list[int] | None = None
+    resize: str | None = None
+    channels: int | None = None
+    test_fraction: float | None = None
     # Shapes only (ImageNet): `cnnlab summary` uses it, `cnnlab train` refuses it.
     summary_only: bool = MISSING
 
@@ -473,6 +488,14 @@ def steps_from_epochs(cfg: DictConfig) -> None:
         return
     if not (isinstance(epochs, int | float) and math.isfinite(epochs) and epochs > 0):
         raise ConfigError(f"train.epochs={epochs} must be a positive number or null")
+    subsets = [f"dataset.{key}={ds.get(key)}" for key in ("classes", "per_class")
+               if ds.get(key) is not None]
+    if subsets:
+        # What they keep depends on each class's count, which no config declares: refusing
+        # beats a schedule sized for the whole split (the loading line logs the kept count).
+        raise ConfigError(f"train.epochs counts dataset.train_size, which {' and '.join(subsets)} "
+                          "shrink by an amount known only once the data is read: set "
+                          "train.steps instead (the loading line logs the train images)")
     if ds.train_size is None or ds.train_split != "train":
         raise ConfigError(
             f"train.epochs needs the size of dataset.train_split={ds.train_split!r} before the "
@@ -516,14 +539,18 @@ def fit_steps_per_call(cfg: DictConfig) -> None:
 
 
 def resolve_presets(cfg: DictConfig) -> None:
-    """Set `train.steps` from `train.epochs` (steps_from_epochs), fit `train.steps_per_call`
-    (fit_steps_per_call), and replace `augment: default` by the preset the dataset names, so
+    """Fill in the dataset's derived keys (cnnlab.data.resolve), set `train.steps` from
+    `train.epochs` (steps_from_epochs), fit `train.steps_per_call` (fit_steps_per_call), and
+    replace `augment: default` by the preset the dataset names, so
     logs show what ran.
 
     Keys set on the command line (`augment.cutout=16`) stay on top of the preset: they are the
     ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
     `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
     """
+    from cnnlab import data
+
+    data.resolve(cfg.dataset)  # a folder's shapes and sizes, classes' num_classes: used below
     steps_from_epochs(cfg)
     fit_steps_per_call(cfg)
     if cfg.augment.name != "default":

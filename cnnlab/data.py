@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnlab import data_cache
+from cnnlab import data_cache, folder_data
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -87,6 +87,18 @@ class Dataset:
     class_names: tuple[str, ...] | None = None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Source:
+    """A dataset's splits as read, before class selection, validation hold-out and per_class."""
+
+    train: ArraySplit
+    test: ArraySplit
+    val: ArraySplit | None  # the source's own validation split (a folder's val/), or None
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] | None
+
+
 def load_dataset(
     name: str,
     *,
@@ -103,8 +115,11 @@ def load_dataset(
     cache_max_bytes: int | None = None,
     folds: int | None = None,
     fold: int = 0,
+    classes: Sequence[int] | None = None,
+    per_class: int | float | None = None,
+    folder: folder_data.FolderSpec | None = None,
 ) -> Dataset:
-    """Loads a TFDS classification dataset into memory as NumPy arrays.
+    """Loads a TFDS classification dataset, or a folder of images, into memory as NumPy arrays.
 
     Args:
       name: TFDS name, optionally with config/version (``"cifar10"``, ``"mnist:3.0.1"``).
@@ -123,22 +138,72 @@ def load_dataset(
       cache_dir: folder of decoded splits (cnnlab.data_cache): a split read once is read back
         from ``.npy`` files instead of decoded again. ``None``: no cache.
       cache_max_bytes: the cache's size limit (least recently used entries go); ``None``: none.
+      classes: keep only these classes, in every split, relabelled 0..len-1 in this order
+        (before the validation hold-out). ``None``: all.
+      per_class: keep N training images of each class (int), or that fraction of each (float
+        in (0, 1), at least one image), after the validation hold-out, drawn by ``val_seed``;
+        a smaller N keeps a subset of a larger N's images. ``None``: all.
+      folder: read this folder of images (cnnlab.folder_data) instead of a TFDS dataset; then
+        ``name`` only names the dataset in messages.
 
     Raises:
       DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
-      ValueError: inconsistent arguments (``val_size``, ``max_examples``, feature keys).
+      ValueError: inconsistent arguments (``val_size``, ``max_examples``, feature keys,
+        ``classes``, ``per_class``); cnnlab.errors.ConfigError (a ValueError) for a folder
+        that is missing, empty or not laid out as cnnlab.folder_data expects.
     """
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+    check_per_class(per_class)
 
     start = time.perf_counter()
-    log.info("loading %s", name)
+    log.info("loading %s", name if folder is None else f"{name} {folder.path}")
+    cache = None if cache_dir is None else data_cache.SplitCache(cache_dir, cache_max_bytes)
+    if folder is not None:
+        source = _folder_source(folder, val_seed, max_examples, cache)
+    else:
+        source = _tfds_source(name, data_dir, (train_split, test_split), (image_key, label_key),
+                              download, max_examples, cache)
+    source = select_classes(source, classes)
+    train, val = _own_or_held_out_val(source, name, val_size, val_seed, folds, fold)
+    train = keep_per_class(train, per_class, val_seed, source.num_classes)
+    mean, std = channel_mean_std(train.images)
+    log.info(
+        "loaded %s in %.1f s%s: train=%d val=%d test=%d images of %s%s%s",
+        name,
+        time.perf_counter() - start,
+        _cache_note(cache),
+        len(train),
+        0 if val is None else len(val),
+        len(source.test),
+        "x".join(map(str, source.image_shape)),
+        f", classes={list(classes)}" if classes is not None else "",
+        # Test errors of a cut test split are not comparable with published ones: say so.
+        f" (max_examples={max_examples} cuts every split, test too)" if max_examples else "",
+    )
+    return Dataset(
+        name=name,
+        train=train,
+        test=source.test,
+        val=val,
+        num_classes=source.num_classes,
+        image_shape=source.image_shape,
+        mean=mean,
+        std=std,
+        class_names=source.class_names,
+    )
+
+
+def _tfds_source(name: str, data_dir: str | None, splits: tuple[str, str],
+                 keys: tuple[str, str], download: bool, max_examples: int | None,
+                 cache: data_cache.SplitCache | None) -> _Source:
+    """The train and test splits of a TFDS dataset, through the cache."""
+    image_key, label_key = keys
     builder = _builder(name, data_dir)
     image_shape, num_classes, class_names = _feature_spec(builder, image_key, label_key)
     read = _choose_reader(builder, download)
-    cache = None if cache_dir is None else data_cache.SplitCache(cache_dir, cache_max_bytes)
 
     def decode(split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)
@@ -155,36 +220,110 @@ def load_dataset(
                 return ArraySplit(*cache.get(builder.name, key, lambda: decode(split)))
         return ArraySplit(*decode(split))
 
+    train_split, test_split = splits
     train = read_split(train_split)
     if not len(train):
         raise ValueError(f"{name}/{train_split} is empty: no statistics or training possible")
-    train, val = _validation_split(train, f"{name}/{train_split}", val_size, val_seed, folds,
-                                   fold)
-    test = read_split(test_split)
-    mean, std = channel_mean_std(train.images)
-    log.info(
-        "loaded %s in %.1f s%s: train=%d val=%d test=%d images of %s%s",
-        name,
-        time.perf_counter() - start,
-        _cache_note(cache),
-        len(train),
-        0 if val is None else len(val),
-        len(test),
-        "x".join(map(str, image_shape)),
-        # Test errors of a cut test split are not comparable with published ones: say so.
-        f" (max_examples={max_examples} cuts every split, test too)" if max_examples else "",
-    )
-    return Dataset(
-        name=name,
-        train=train,
-        test=test,
-        val=val,
-        num_classes=num_classes,
-        image_shape=image_shape,
-        mean=mean,
-        std=std,
-        class_names=class_names,
-    )
+    return _Source(train, read_split(test_split), None, num_classes, image_shape, class_names)
+
+
+def _folder_source(spec: folder_data.FolderSpec, val_seed: int, max_examples: int | None,
+                   cache: data_cache.SplitCache | None) -> _Source:
+    splits, class_names = folder_data.read_folder(spec, val_seed, max_examples, cache)
+    arrays = {name: ArraySplit(*split) for name, split in splits.items()}
+    return _Source(arrays["train"], arrays["test"], arrays.get("val"), len(class_names),
+                   spec.image_shape, class_names)
+
+
+def _own_or_held_out_val(source: _Source, name: str, val_size: int, val_seed: int,
+                         folds: int | None, fold: int) -> tuple[ArraySplit, ArraySplit | None]:
+    """(train, val): the source's own val split (a folder's val/), or one held out of train."""
+    if source.val is None:
+        return _validation_split(source.train, f"{name}/train", val_size, val_seed, folds, fold)
+    if val_size or folds:
+        raise ValueError(f"the folder has its own val split, and dataset.val_size={val_size} "
+                         f"dataset.folds={folds} would hold out another: set val_size=0 and "
+                         "folds=null, or remove the val folder")
+    return source.train, source.val
+
+
+def select_classes(source: _Source, classes: Sequence[int] | None) -> _Source:
+    """Only `classes`, in every split, relabelled 0..len-1 in the listed order (transfer
+    studies: task A = classes [0..4], task B = [5..9] of one dataset)."""
+    if classes is None:
+        return source
+    classes = [int(c) for c in classes]
+    check_classes(classes, source.num_classes)
+    new_label = np.full(source.num_classes, -1, np.int32)
+    new_label[classes] = np.arange(len(classes), dtype=np.int32)
+
+    def keep(split: ArraySplit | None) -> ArraySplit | None:
+        if split is None:
+            return None
+        mask = new_label[split.labels] >= 0
+        return ArraySplit(images=split.images[mask], labels=new_label[split.labels[mask]])
+
+    names = source.class_names
+    return _Source(keep(source.train), keep(source.test), keep(source.val), len(classes),
+                   source.image_shape, None if names is None else tuple(names[c] for c in classes))
+
+
+def check_classes(classes: Sequence[int], num_classes: int | None) -> None:
+    """One-line ValueError unless `classes` is a non-empty list of distinct indices of a dataset
+    of `num_classes` classes (None: range unknown, not checked)."""
+    valid = "class indices" if num_classes is None else f"indices in [0, {num_classes})"
+    if not len(classes):
+        raise ValueError(f"dataset.classes=[] keeps no class: list {valid}, or null for all")
+    duplicates = sorted({c for c in classes if list(classes).count(c) > 1})
+    if duplicates:
+        raise ValueError(f"dataset.classes={list(classes)} repeats {duplicates}: list distinct "
+                         f"{valid}")
+    outside = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
+    if outside:
+        raise ValueError(f"dataset.classes={list(classes)} has {outside} outside the valid "
+                         f"range: {valid}")
+
+
+def check_per_class(per_class: int | float | None) -> None:
+    """One-line ValueError unless per_class is null, an int >= 1 or a float in (0, 1)."""
+    ok = (per_class is None
+          or (isinstance(per_class, int) and not isinstance(per_class, bool) and per_class >= 1)
+          or (isinstance(per_class, float) and 0 < per_class < 1))
+    if not ok:
+        raise ValueError(f"dataset.per_class={per_class} must be an integer >= 1 (images per "
+                         "class), a fraction in (0, 1) of each class, or null (all)")
+
+
+# Distinguishes per_class's draw from the validation hold-out's, which also uses val_seed.
+_PER_CLASS_STREAM = 1
+
+
+def keep_per_class(train: ArraySplit, per_class: int | float | None, seed: int,
+                   num_classes: int) -> ArraySplit:
+    """N training images of each class (or that fraction of each, at least one), drawn by `seed`.
+
+    One permutation of the split, whatever N: each class keeps its first N images in it, so a
+    smaller N's images are among a larger N's (learning curves over N share their images).
+    A class with fewer than N keeps all of them, and the log says so.
+    """
+    if per_class is None:
+        return train
+    order = np.random.default_rng([seed, _PER_CLASS_STREAM]).permutation(len(train))
+    ordered_labels = train.labels[order]
+    kept, short = [], []
+    for label in range(num_classes):
+        members = order[ordered_labels == label]
+        # Rounded half up (Python's round() would round 2.5 to 2).
+        wanted = (per_class if isinstance(per_class, int)
+                  else max(1, int(np.floor(per_class * len(members) + 0.5))))
+        if len(members) < wanted:
+            short.append(f"{label}: {len(members)}")
+        kept.append(members[:wanted])
+    if short:
+        log.warning("dataset.per_class=%s: these classes have fewer training images and keep "
+                    "all of them (class: images): %s", per_class, ", ".join(short))
+    idx = np.sort(np.concatenate(kept))
+    return ArraySplit(images=train.images[idx], labels=train.labels[idx])
 
 
 def _cache_note(cache: data_cache.SplitCache | None) -> str:
@@ -532,3 +671,82 @@ def validate(ds: Any) -> None:
         shape is None or (len(shape) == 3 and min(shape) > 0),
         f"dataset.image_shape={shape} must be [height, width, channels] or null",
     )
+    _validate_subsets(ds)
+    _validate_folder(ds)
+
+
+def _validate_subsets(ds: Any) -> None:
+    """per_class and classes; the classes' range is checked by resolve (against the declared
+    num_classes) and again on the data."""
+    from cnnlab.errors import ConfigError
+
+    try:
+        check_per_class(ds.get("per_class"))
+        if ds.get("classes") is not None:
+            check_classes(list(ds.classes), None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+# The keys only dataset=folder reads: null for every other dataset (a value would be unused).
+FOLDER_KEYS = ("path", "image_size", "resize", "channels", "test_fraction")
+
+
+def _validate_folder(ds: Any) -> None:
+    from cnnlab.errors import require
+
+    if ds.name != folder_data.NAME:
+        for key in FOLDER_KEYS:
+            require(ds.get(key) is None, f"dataset.{key}={ds.get(key)} is read by dataset=folder "
+                    f"only; dataset {ds.name} needs it null")
+        return
+    require(ds.path is not None, "dataset=folder needs dataset.path=DIR: a folder of "
+            "DIR/<class>/<image> or DIR/train/<class>/<image> + DIR/test/<class>/<image>")
+    size = ds.image_size
+    require(size is not None and len(size) == 2 and min(size) > 0,
+            f"dataset.image_size={size} must be [height, width] (positive): dataset=folder "
+            "resizes every image to it")
+    require(ds.resize in folder_data.RESIZES,
+            f"dataset.resize={ds.resize}; valid choices: {', '.join(folder_data.RESIZES)}")
+    require(ds.channels in folder_data.CHANNELS,
+            f"dataset.channels={ds.channels} must be 1 (greyscale) or 3 (RGB)")
+    require(ds.test_fraction is not None and 0 < ds.test_fraction < 1,
+            f"dataset.test_fraction={ds.test_fraction} must be in (0, 1)")
+
+
+def folder_spec(ds: Any) -> folder_data.FolderSpec | None:
+    """The folder `ds` (a dataset config) describes, or None for a TFDS dataset."""
+    if ds.name != folder_data.NAME:
+        return None
+    return folder_data.FolderSpec(
+        path=str(ds.path), image_size=(int(ds.image_size[0]), int(ds.image_size[1])),
+        resize=ds.resize, channels=int(ds.channels), test_fraction=float(ds.test_fraction),
+        train_split=ds.train_split, test_split=ds.test_split)
+
+
+def resolve(ds: Any) -> None:
+    """Fill in what the config can know before reading any image, so that `cnnlab summary`, the
+    geometry check and train.epochs work: a folder's image_shape (image_size x channels),
+    num_classes (its class folders) and train_size (its train images) where null; with
+    dataset.classes, num_classes becomes len(classes), the classes the model tells apart.
+
+    Idempotent (a saved run's config is resolved again when loaded): num_classes ==
+    len(classes) counts as resolved.
+    """
+    from cnnlab.errors import ConfigError
+
+    if ds.name == folder_data.NAME and ds.get("path") is not None and ds.image_size is not None:
+        _validate_folder(ds)
+        shape, num_classes, train_size = folder_data.describe(folder_spec(ds))
+        for key, value in (("image_shape", shape), ("num_classes", num_classes),
+                           ("train_size", train_size)):
+            if ds[key] is None:
+                ds[key] = value
+    classes = ds.get("classes")
+    if classes is None or ds.num_classes == len(classes):
+        return
+    try:
+        check_classes(list(classes), ds.num_classes)
+    except ValueError as e:
+        raise ConfigError(f"{e} (dataset {ds.name})") from None
+    ds.num_classes = len(classes)

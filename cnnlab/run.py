@@ -36,7 +36,8 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
             image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
             val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
             folds=ds.get("folds"), fold=ds.get("fold") or 0,
-            cache_dir=ds.cache_dir,
+            classes=ds.get("classes"), per_class=ds.get("per_class"),
+            folder=data_lib.folder_spec(ds), cache_dir=ds.cache_dir,
             cache_max_bytes=None if ds.get("cache_max_gb") is None else int(ds.cache_max_gb * 1e9),
         )
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size

@@ -239,3 +239,26 @@ def mock_tfds(monkeypatch: pytest.MonkeyPatch):
     return functools.partial(tfds.testing.mock_data, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
+
+
+# Modes a user's folder mixes: greyscale, RGB, RGB with alpha, palette.
+IMAGE_MODES = ("L", "RGB", "RGBA", "P")
+
+
+def make_image_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """`root/<class>/<i>.png|.jpg`: counts[class] random images of assorted sizes (6..40 px)
+    and modes (IMAGE_MODES; JPEG only for L and RGB, which it can store)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            height, width = (int(v) for v in rng.integers(6, 41, 2))
+            mode = IMAGE_MODES[i % len(IMAGE_MODES)]
+            img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            img = img.convert(mode)
+            suffix = ".jpg" if mode in ("L", "RGB") and i % 2 else ".png"
+            img.save(root / name / f"{i}{suffix}")
+    return root

@@ -38,7 +38,7 @@ from cnnlab.models.cifar_resnet import CifarResNetOptions
 from cnnlab.models.pattern import PatternOptions
 from cnnlab.models.stack import StackOptions
 from cnnlab.optim import make_schedule
-from tests.helpers import compose_config, run_cli
+from tests.helpers import compose_config, make_image_folder, run_cli
 
 
 def test_defaults_compose_to_the_documented_run():
@@ -59,12 +59,15 @@ NEEDS = {"schedule=plateau": ["dataset.val_size=100"]}
 
 @pytest.mark.parametrize("group", ["model", "dataset", "init", "activation", "norm", "preprocess",
                                    "augment", "optimizer", "schedule", "logger"])
-def test_every_group_option_composes_and_validates(group):
+def test_every_group_option_composes_and_validates(group, tmp_path):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
+    # dataset=folder reads the folder it names (its classes) while composing.
+    folder = make_image_folder(tmp_path / "images", {"a": 2, "b": 2})
+    needs = {**NEEDS, "dataset=folder": [f"dataset.path={folder}", "dataset.image_size=[8,8]"]}
     for option in options:
         choice = f"{group}={option}"
-        validate(compose_config([choice, *NEEDS.get(choice, [])]))
+        validate(compose_config([choice, *needs.get(choice, [])]))
 
 
 def test_plain_and_resnet_differ_only_in_shortcuts():
