@@ -22,6 +22,8 @@ STUDIES = ["resnet_vs_plain", "init_study", "activation_study", "batchnorm_study
            "dropout_study", "augmentation_study", "vgg_depth", "loss_study"]
 # Optuna searches: a full size and a smoke size too, tested in tests/test_pattern_search.py.
 SEARCHES = ["pattern_search"]
+# Transfer learning: a source run on task A, then a sweep on task B that starts from it.
+TRANSFER = ["transfer_source", "transfer_study"]
 SIZES = {"full": "{}", "smoke": "smoke/{}"}
 GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 # The keys a smoke size may change: how big the data, the net and the run are, and where it goes.
@@ -80,7 +82,9 @@ def test_every_study_exists_in_both_sizes():
         assert {study, f"smoke/{study}"} <= options, study
     # No smoke size without its full study (vgg_cifar10 is a recipe, like resnet_cifar10).
     assert {o.removeprefix("smoke/") for o in options if o.startswith("smoke/")} == set(
-        STUDIES + SEARCHES)
+        STUDIES + SEARCHES + TRANSFER)
+    for study in TRANSFER:
+        assert {study, f"smoke/{study}"} <= options, study
     for search in SEARCHES:
         assert {search, f"smoke/{search}"} <= options, search
 
@@ -303,3 +307,58 @@ def test_smoke_study_runs(study, fashion_dir, tmp_path):
             name = OmegaConf.load(job_dir / ".hydra" / "config.yaml").model.name
             choice = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices.model
             assert f"| {name} |" in table and (choice == name or choice not in table), table
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_transfer_study_is_yosinski_et_al_on_fashion_mnist_halves(size):
+    """Task A = classes 0-4, task B = classes 5-9; AnB (finetune_top: the first k layers copied
+    and frozen) and AnB+ (finetune_all, the backbone at the full lr) at every k; every job
+    validates."""
+    study = SIZES[size].format("transfer_study")
+    source_study = compose_study(SIZES[size].format("transfer_source"))
+    source = training_config(source_study)
+    axes = sweep_axes(compose_study(study))
+    assert axes["transfer"] == ["finetune_top", "finetune_all"]
+    assert list(source.dataset.classes) == [0, 1, 2, 3, 4]
+    for job in jobs(axes):
+        cfg = training_config(compose_study(study, as_overrides(job)))
+        validate_for_training(cfg)
+        assert list(cfg.dataset.classes) == [5, 6, 7, 8, 9] and cfg.dataset.num_classes == 5
+        assert cfg.transfer.freeze_through is None and cfg.transfer.backbone_lr_mult == 1.0
+        assert cfg.transfer.source == source_study.hydra.run.dir
+    if size == "full":
+        assert axes["transfer.load_through"] == ["stem_norm", "stage1", "stage2", "stage3"]
+        assert len(axes["dataset.per_class"]) == 3 and len(axes["seed"]) == 3
+
+
+def test_transfer_study_smoke_runs_after_its_source(fashion_dir, tmp_path):
+    """The documented commands at CI size: task A, then the sweep on B (which reads A's run
+    directory), then B from scratch; each job loads what its k says and freezes it or not."""
+    source = run_cli(["train", "experiment=smoke/transfer_source", "logger.mode=disabled"],
+                     cwd=tmp_path, data_dir=fashion_dir)
+    assert source.returncode == 0, source.stderr[-3000:]
+    source_dir = tmp_path / "multirun" / "smoke" / "transfer" / "source"
+    assert json.loads((source_dir / "summary.json").read_text())["status"] == "finished"
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(["train", "-m", "experiment=smoke/transfer_study", "logger.mode=disabled",
+                      f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, data_dir=fashion_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = {"stem_norm": 2, "stage3": 5}
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("summary.json"))]
+    assert len(summaries) == 4
+    for summary in summaries:
+        assert summary["status"] == "finished"
+        transfer = summary["transfer"]
+        k = len(transfer["frozen"]) if transfer["mode"] == "finetune_top" else None
+        assert transfer["loaded_layers"] in loaded.values() and transfer["head_reset"] is False
+        if k is not None:
+            assert k == transfer["loaded_layers"]
+        else:
+            assert transfer["frozen"] == []
+    baseline = run_cli(["train", "-m", "experiment=smoke/transfer_study", "transfer=scratch",
+                        "transfer.source=null", "transfer.load_through=null",
+                        "logger.mode=disabled", f"hydra.sweep.dir={tmp_path / 'scratch'}"],
+                       cwd=tmp_path, data_dir=fashion_dir)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    scratch = [json.loads(p.read_text()) for p in (tmp_path / "scratch").rglob("summary.json")]
+    assert len(scratch) == 1 and "transfer" not in scratch[0]

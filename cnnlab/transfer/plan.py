@@ -71,9 +71,10 @@ def validate(cfg: DictConfig) -> None:
         if key not in mode.keys:
             require(tr[key] == default, f"transfer.{key}={tr[key]} is not used by "
                     f"transfer={tr.mode}; leave it at {default}")
-    require(tr.mode != "finetune_top" or tr.freeze_through is not None,
+    require(tr.mode != "finetune_top" or tr.freeze_through is not None
+            or tr.load_through is not None,
             "transfer=finetune_top needs transfer.freeze_through=LAYER (a layer or stage name "
-            "as `cnnlab summary` prints them)")
+            "as `cnnlab summary` prints them), or transfer.load_through to freeze all it loads")
     require(tr.backbone_lr_mult > 0,
             f"transfer.backbone_lr_mult={tr.backbone_lr_mult} must be positive")
     require(tr.bn in BN_MODES, f"transfer.bn='{tr.bn}'; valid choices: {', '.join(BN_MODES)}")
@@ -149,12 +150,16 @@ def make_plan(tr: DictConfig, order: Sequence[str], with_params: Sequence[str]) 
               and (not tr.layer_map or layer in tr.layer_map)]
     body = [layer for layer in loaded if layer != layers[-1]]
     named = []
-    if tr.freeze_through is not None:
-        last_frozen = resolve_layer("freeze_through", tr.freeze_through, order)
+    # finetune_top without freeze_through freezes all it loads (Yosinski et al.'s AnB).
+    freeze_through = tr.freeze_through
+    if freeze_through is None and tr.mode == "finetune_top":
+        freeze_through = tr.load_through
+    if freeze_through is not None:
+        last_frozen = resolve_layer("freeze_through", freeze_through, order)
         named = [layer for layer in layers if order.index(layer) <= last_frozen]
-        require(last_frozen <= last_loaded, f"transfer.freeze_through={tr.freeze_through} is "
+        require(last_frozen <= last_loaded, f"transfer.freeze_through={freeze_through} is "
                 f"past transfer.load_through={tr.load_through}: it would freeze random weights")
-        require(layers[-1] not in named, f"transfer.freeze_through={tr.freeze_through} "
+        require(layers[-1] not in named, f"transfer.freeze_through={freeze_through} "
                 "freezes every layer, the classifier included: nothing would train")
     frozen = set(mode.frozen(body, named))
     roles = {layer: FROZEN if layer in frozen else BACKBONE if layer in body else HEAD
