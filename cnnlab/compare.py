@@ -88,6 +88,9 @@ class CompareConfig:
     # Error against multiply-adds per image, one point per configuration (mean over seeds),
     # the Pareto front marked: pareto.md and pareto.png, and the table printed after the others.
     pareto: bool = False
+    # A config key (e.g. transfer.load_through): also versus.md and versus.png, the final test
+    # error against its values, a line per other differing setting (cnnlab/versus.py).
+    versus: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -857,6 +860,13 @@ def compare(paths: Sequence[str], cfg: CompareConfig) -> tuple[str, list[Path]]:
     text = RENDERERS[cfg.format](comparison)
     if cfg.pareto:
         text += "\n" + pareto_markdown(*pareto_points(comparison.rows))
+    if cfg.versus is not None:
+        from cnnlab.versus import write_versus
+
+        versus_text, files = write_versus(comparison.rows, cfg.versus, cfg.panel_by, out_dir,
+                                          cfg.dpi)
+        text += "\n" + versus_text
+        written += files
     return text, written
 
 
