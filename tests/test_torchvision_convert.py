@@ -132,14 +132,40 @@ def test_alexnet_torchvision_computes_torchvisions_logits():
     assert flat["params/fc6/dense/kernel"].shape == (6 * 6 * 256, 4096)
 
 
+@pytest.mark.parametrize("arch, overrides", [
+    ("resnet34", ["model=resnet34"]),
+    ("resnet101", ["model=resnet101", "model.stride_at=3x3"]),
+    ("resnet152", ["model=resnet152", "model.stride_at=3x3"]),
+    ("vgg13", ["model=vgg_b", "norm=none"]),
+    ("vgg16_bn", ["model=vgg_d", "norm=batch"]),
+    ("vgg19", ["model=vgg_e", "norm=none"]),
+])
+def test_the_other_torchvision_networks_fill_every_variable(arch, overrides):
+    """Names and shapes only (the layouts are the ones checked numerically above): every tensor
+    of torchvision's state dict finds its place and every cnnlab variable is filled."""
+    with torch.device("meta"):  # shapes without memory or initialization
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=NUM_CLASSES)
+    state = {name: np.zeros(tensor.shape, np.float32) for name, tensor in net.state_dict().items()}
+    cfg = compose(overrides)
+    flat = convert(state, cfg.model, cfg.norm.name)
+    assert flat["params/classifier/dense/bias"].shape == (NUM_CLASSES,)
+    assert sum(v.size for k, v in flat.items() if k.startswith("params/")) == sum(
+        p.numel() for p in net.parameters()) - sum(  # less the VGG-BN conv biases, folded
+        m.bias.numel() for m in net.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None and "bn" in arch)
+
+
 def test_adaptive_pools_are_the_identity_at_224():
     """cnnlab has no adaptive pooling: the same function only because torchvision's is a no-op
     on the maps a 224 input gives (VGG 7x7, AlexNet 6x6)."""
-    images = torch.from_numpy(_images(224).transpose(0, 3, 1, 2).copy())
-    for net in (torchvision.models.vgg11(weights=None), torchvision.models.alexnet(weights=None)):
-        with torch.no_grad():
-            maps = net.features(images)
-            assert torch.equal(net.avgpool(maps), maps)
+    for arch, channels, side in (("vgg11", 512, 7), ("alexnet", 256, 6)):
+        with torch.device("meta"):  # shapes only
+            net = getattr(torchvision.models, arch)(weights=None)
+            maps = net.features(torch.empty(2, 3, 224, 224))
+        assert maps.shape == (2, channels, side, side)
+        pool = torch.nn.AdaptiveAvgPool2d(net.avgpool.output_size)
+        maps = torch.randn(2, 8, side, side)
+        assert torch.equal(pool(maps), maps)
 
 
 # ---------------------------------------------------------------------------------------------
