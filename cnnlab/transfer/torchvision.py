@@ -177,9 +177,9 @@ _VGG_HEAD = {"fc1/dense": "classifier.0", "fc2/dense": "classifier.3",
 
 
 def _vgg_conv_indices(cfg: list[int | str]) -> list[int]:
-    """Where torchvision's make_layers puts each conv in `features`, with batch norm: conv, BN,
-    ReLU take three places, without: two; a pooling one. Returned for the plain network; with
-    batch norm conv k sits at index + k (one BN before it per earlier conv)."""
+    """Where torchvision's make_layers puts each conv in the plain network's `features`: a conv
+    and its ReLU take two places, a pooling one. With batch norm (conv, BN, ReLU) the k-th conv
+    (from 0) sits k places further, one BN for each conv before it."""
     indices, index = [], 0
     for entry in cfg:
         if entry == "M":
