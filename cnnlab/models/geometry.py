@@ -8,19 +8,35 @@ almost always a mistake (AlexNet's 11x11/4 conv1 needs 227 pixels, not 224).
 `padding="same"` asks for ceil(N / S) outputs, which always fits: the total padding
 (out - 1) * S + F - N is split with (F - 1) // 2 before and the rest after, which is exactly what
 PyTorch's symmetric padding of (F - 1) // 2 computes once it has dropped the leftover rows.
+
+A pair `padding=(before, after)` pads each axis unevenly, so that a framework's dropped rows can
+be written exactly: torchvision's AlexNet conv1 (11x11/4, pad 2) on 224 pixels is (2, 1).
 """
 
 import math
 
 from cnnlab.errors import ConfigError
 
-Padding = int | str
+Padding = int | str | tuple[int, int]
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _describe(label: str, kernel: int, stride: int, padding: Padding) -> str:
-    pad = f", pad {padding}" if isinstance(padding, int) and padding else ""
+    if isinstance(padding, tuple):
+        pad = f", pad {padding[0]} before and {padding[1]} after"
+    else:
+        pad = f", pad {padding}" if isinstance(padding, int) and padding else ""
     return f"{label} ({kernel}x{kernel}, stride {stride}{pad})"
+
+
+def _non_negative_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid(padding: object) -> bool:
+    if isinstance(padding, tuple | list):
+        return len(padding) == 2 and all(map(_non_negative_int, padding))
+    return padding == "same" or _non_negative_int(padding)
 
 
 def _axis_pads(size: int, kernel: int, stride: int, padding: Padding) -> tuple[int, int] | None:
@@ -30,17 +46,20 @@ def _axis_pads(size: int, kernel: int, stride: int, padding: Padding) -> tuple[i
         total = max((out - 1) * stride + kernel - size, 0)
         before = min((kernel - 1) // 2, total)
         return before, total - before
-    span = size - kernel + 2 * padding
+    before, after = padding if isinstance(padding, tuple) else (padding, padding)
+    span = size - kernel + before + after
     if span < 0 or span % stride:
         return None
-    return padding, padding
+    return before, after
 
 
 def window_pads(label: str, spatial: tuple[int, int], kernel: int, stride: int,
                 padding: Padding) -> Pads:
     """The explicit padding of a kernel x kernel window on an H x W input; ConfigError if none."""
-    if padding != "same" and not (isinstance(padding, int) and padding >= 0):
-        raise ConfigError(f"{label}: padding={padding!r} must be a non-negative integer or 'same'")
+    if not _valid(padding):
+        raise ConfigError(f"{label}: padding={padding!r} must be a non-negative integer, 'same' "
+                          "or a pair (before, after) of non-negative integers")
+    padding = tuple(padding) if isinstance(padding, list) else padding
     pads = [_axis_pads(size, kernel, stride, padding) for size in spatial]
     if None in pads:
         h, w = spatial

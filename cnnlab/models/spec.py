@@ -39,8 +39,11 @@ def _positive_int(value: Any) -> bool:
 
 
 def _padding(value: Any) -> bool:
-    return value == "same" or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= 0)
+    """'same', P on every side, or a pair [before, after] (the same on both axes): torchvision's
+    AlexNet pads its 11x11/4 conv1 by 2 on 224 pixels and drops the last row, i.e. [2, 1]."""
+    if isinstance(value, list | tuple):
+        return len(value) == 2 and all(map(_non_negative_int, value))
+    return value == "same" or _non_negative_int(value)
 
 
 def _rate(value: Any) -> bool:
@@ -74,7 +77,7 @@ class Kind:
 # The default of an option every entry must give.
 REQUIRED = object()
 _INT = (_positive_int, "a positive integer")
-_PAD = (_padding, "a non-negative integer or 'same'")
+_PAD = (_padding, "a non-negative integer, 'same' or a pair [before, after] of them")
 _NUM = (_number, "a number")
 
 KINDS: dict[str, Kind] = {
