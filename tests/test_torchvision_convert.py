@@ -255,3 +255,34 @@ def test_weights_files_that_cannot_be_read_are_refused(tmp_path):
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "epoch": 3}, tmp_path / "ckpt.pth")
     with pytest.raises(ConfigError, match="holds no state dict"):
         read_weights_file(tmp_path / "ckpt.pth")
+
+
+def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
+    """`transfer.source=resnet18.pth`: the run starts from torchvision's weights (converted),
+    with a new 5-class classifier, every other layer frozen by the linear probe."""
+    from benchmarks.bench import synthetic_dataset
+    from cnnlab.run import build
+
+    net = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    cfg = compose(["model=resnet18", "model.input_size=null", "dataset=cifar10",
+                   "dataset.num_classes=5", "train.batch_size=8", "transfer=linear_probe",
+                   f"transfer.source={path}"])
+    run = build(cfg, synthetic_dataset(16, (32, 32, 3), 5), with_source=True)
+    loaded = run.transfer.loaded
+    assert loaded.head_reset and loaded.missing == () and "classifier" not in loaded.layers
+    assert run.transfer.plan.with_role("head") == ("classifier",)
+    np.testing.assert_array_equal(
+        np.asarray(run.state.params["conv1"]["conv"]["kernel"]),
+        net.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(run.state.batch_stats["conv5_2"]["norm2"]["BatchNorm_0"]["var"]),
+        net.layer4[1].bn2.running_var.numpy())
+    assert run.state.params["classifier"]["dense"]["kernel"].shape == (512, 5)
+    # Greyscale images do not fit torchvision's RGB conv1: one line naming the layer.
+    cfg = compose(["model=resnet18", "model.input_size=null", "dataset=fashion_mnist",
+                   "train.batch_size=8", "transfer=linear_probe", f"transfer.source={path}"])
+    with pytest.raises(ConfigError, match=r"params/conv1/conv/kernel is \(7, 7, 3, 64\) in the "
+                                          r"source but \(7, 7, 1, 64\)"):
+        build(cfg, synthetic_dataset(16, (28, 28, 1), 10), with_source=True)
