@@ -89,7 +89,9 @@ def read_file(path: Path, cfg: DictConfig) -> Source:
 
 def read_source(cfg: DictConfig) -> Source:
     """The source `cfg.transfer` names; a one-line ConfigError if it is not usable."""
-    path = Path(cfg.transfer.source).expanduser()
+    # Absolute: Orbax refuses relative checkpoint paths (a study names its source relative to
+    # where it is launched, and Hydra does not change the working directory).
+    path = Path(cfg.transfer.source).expanduser().absolute()
     if not path.exists():
         raise ConfigError(f"transfer.source={path} does not exist; give a cnnlab run directory "
                           f"or a {'/'.join(WEIGHT_FILE_SUFFIXES)} weights file")
