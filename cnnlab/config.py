@@ -217,6 +217,8 @@ class TransferConfig:
     probe_steps: int = MISSING
     # frozen or train: batch norm in frozen layers.
     bn: str = MISSING
+    # source: normalize inputs with the source's statistics; own: with this run's data's.
+    preprocess: str = "source"
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ from cnnlab.evaluate import Evaluator, make_eval_views
 from cnnlab.models import abstract_variables, build_model, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab.transfer import sources as transfer_sources
 
 
 def load_data(cfg: DictConfig) -> data_lib.Dataset:
@@ -45,7 +46,11 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
     _check_declared_shapes(cfg, dataset)
     # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
     # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
-    stats = jax.device_put(preprocess.compute_stats(cfg.preprocess, dataset))
+    # A transfer run normalizes as its source was trained (transfer.preprocess=source).
+    stats = transfer_sources.source_preprocess(cfg)
+    if stats is None:
+        stats = preprocess.compute_stats(cfg.preprocess, dataset)
+    stats = jax.device_put(stats)
     return dataclasses.replace(dataset, preprocess=stats)
 
 

@@ -262,6 +262,7 @@ def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
     with a new 5-class classifier, every other layer frozen by the linear probe."""
     from benchmarks.bench import synthetic_dataset
     from cnnlab.run import build
+    from cnnlab.transfer.sources import source_preprocess
 
     net = torchvision.models.resnet18(weights=None).eval()
     path = tmp_path / "resnet18.pth"
@@ -280,9 +281,16 @@ def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
         np.asarray(run.state.batch_stats["conv5_2"]["norm2"]["BatchNorm_0"]["var"]),
         net.layer4[1].bn2.running_var.numpy())
     assert run.state.params["classifier"]["dense"]["kernel"].shape == (512, 5)
+    # Its inputs are normalized as torchvision's were: ImageNet's mean and std.
+    stats = source_preprocess(cfg)
+    np.testing.assert_allclose(stats.mean, [0.485, 0.456, 0.406], rtol=1e-6)
+    np.testing.assert_allclose(stats.std, [0.229, 0.224, 0.225], rtol=1e-6)
     # Greyscale images do not fit torchvision's RGB conv1: one line naming the layer.
     cfg = compose(["model=resnet18", "model.input_size=null", "dataset=fashion_mnist",
                    "train.batch_size=8", "transfer=linear_probe", f"transfer.source={path}"])
     with pytest.raises(ConfigError, match=r"params/conv1/conv/kernel is \(7, 7, 3, 64\) in the "
                                           r"source but \(7, 7, 1, 64\)"):
         build(cfg, synthetic_dataset(16, (28, 28, 1), 10), with_source=True)
+    with pytest.raises(ConfigError, match="ImageNet's per-channel mean and std: it needs "
+                                          "preprocess=channel and RGB images"):
+        source_preprocess(cfg)

@@ -254,3 +254,21 @@ def _checkpoint(run_dir: Path, step: int) -> dict:
     from cnnlab.transfer.sources import _restore_raw
 
     return _restore_raw(run_dir / "checkpoints", step)
+
+
+def test_inputs_are_normalized_as_the_source_was_trained(source_run, fashion_dir):
+    """transfer.preprocess=source: the source's training-set statistics (here of 1,024 images
+    of all classes), not those of this run's data (task B alone); own: this run's."""
+    from cnnlab.run import load_data
+
+    common = [*TINY, "logger.mode=disabled", f"dataset.data_dir={fashion_dir}",
+              "transfer=linear_probe", f"transfer.source={source_run}",
+              "dataset.classes=[5,6,7,8,9]"]
+    source_stats = load_data(configure.load_run_config(source_run)).preprocess
+    inherited = load_data(configure.compose(common)).preprocess
+    own = load_data(configure.compose([*common, "transfer.preprocess=own"])).preprocess
+    np.testing.assert_array_equal(inherited.mean, source_stats.mean)
+    np.testing.assert_array_equal(inherited.std, source_stats.std)
+    assert abs(float(own.mean[0]) - float(source_stats.mean[0])) > 0.01
+    with pytest.raises(ConfigError, match="the source was trained with preprocess=channel"):
+        load_data(configure.compose([*common, "preprocess=mean_image"]))

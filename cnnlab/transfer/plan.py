@@ -28,6 +28,7 @@ from cnnlab.registry import Registry
 
 FROZEN, BACKBONE, HEAD = "frozen", "backbone", "head"
 BN_MODES = ("frozen", "train")
+PREPROCESS_CHOICES = ("source", "own")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,8 @@ def validate(cfg: DictConfig) -> None:
     require(tr.backbone_lr_mult > 0,
             f"transfer.backbone_lr_mult={tr.backbone_lr_mult} must be positive")
     require(tr.bn in BN_MODES, f"transfer.bn='{tr.bn}'; valid choices: {', '.join(BN_MODES)}")
+    require(tr.preprocess in PREPROCESS_CHOICES, f"transfer.preprocess='{tr.preprocess}'; "
+            f"valid choices: {', '.join(PREPROCESS_CHOICES)}")
     if mode.probes_first:
         steps, per_call = cfg.train.steps, cfg.train.steps_per_call
         require(0 < tr.probe_steps < steps, f"transfer.probe_steps={tr.probe_steps} must be "

@@ -21,6 +21,9 @@ from cnnlab.rundir import is_run_dir
 log = logging.getLogger(__name__)
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+# torchvision's published models were trained on images normalized with ImageNet's statistics
+# (torchvision.transforms.Normalize in every recipe of its model zoo).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +90,55 @@ def read_file(path: Path, cfg: DictConfig) -> Source:
     return Source(arrays, f"torchvision weights {path} as {cfg.model.name}")
 
 
-def read_source(cfg: DictConfig) -> Source:
-    """The source `cfg.transfer` names; a one-line ConfigError if it is not usable."""
+def source_path(cfg: DictConfig) -> Path:
     # Absolute: Orbax refuses relative checkpoint paths (a study names its source relative to
     # where it is launched, and Hydra does not change the working directory).
-    path = Path(cfg.transfer.source).expanduser().absolute()
+    return Path(cfg.transfer.source).expanduser().absolute()
+
+
+def source_preprocess(cfg: DictConfig) -> Any:
+    """The preprocessing statistics the source was trained with (`transfer.preprocess=source`),
+    so its layers see inputs scaled as they learned them; None: the run's own data's.
+
+    A cnnlab run's are recomputed from its own training data, as it computed them (its config,
+    its data cache); torchvision weights come with ImageNet's per-channel mean and std.
+    """
+    from cnnlab.preprocess import PreprocessStats
+    from cnnlab.transfer.plan import MODES
+
+    tr = cfg.transfer
+    if not MODES.get(tr.mode).needs_source or tr.preprocess == "own":
+        return None
+    path = source_path(cfg)
+    if path.is_file():
+        if cfg.preprocess.name != "channel" or cfg.dataset.image_shape[-1] != 3:
+            raise ConfigError("transfer.preprocess=source with torchvision weights uses "
+                              "ImageNet's per-channel mean and std: it needs preprocess=channel "
+                              "and RGB images; or set transfer.preprocess=own")
+        return PreprocessStats(mean=np.asarray(IMAGENET_MEAN, np.float32),
+                               std=np.asarray(IMAGENET_STD, np.float32))
+    return _run_preprocess(cfg, path)
+
+
+def _run_preprocess(cfg: DictConfig, path: Path) -> Any:
+    from cnnlab.configure import load_run_config
+    from cnnlab.run import load_data
+
+    if not is_run_dir(path):
+        return None  # read_source says what is wrong with it
+    source_cfg = load_run_config(path)
+    if source_cfg.preprocess.name != cfg.preprocess.name:
+        raise ConfigError(f"transfer.preprocess=source: the source was trained with "
+                          f"preprocess={source_cfg.preprocess.name}; set preprocess="
+                          f"{source_cfg.preprocess.name} or transfer.preprocess=own")
+    log.info("transfer: preprocessing with the source's statistics (%s, of %s)",
+             source_cfg.preprocess.name, source_cfg.dataset.name)
+    return load_data(source_cfg).preprocess
+
+
+def read_source(cfg: DictConfig) -> Source:
+    """The source `cfg.transfer` names; a one-line ConfigError if it is not usable."""
+    path = source_path(cfg)
     if not path.exists():
         raise ConfigError(f"transfer.source={path} does not exist; give a cnnlab run directory "
                           f"or a {'/'.join(WEIGHT_FILE_SUFFIXES)} weights file")
