@@ -183,6 +183,8 @@ def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
     otherwise from the initializer's, as a template that a checkpoint is restored into.
     `schedule`: the lr schedule instead of `cfg.schedule`'s (`cnnlab lr_find`'s ramp).
     """
+    # A missing source is said before the data is read, not after.
+    transfer_sources.check_exists(cfg)
     dataset = load_data(cfg) if dataset is None else dataset
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "

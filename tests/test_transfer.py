@@ -178,6 +178,17 @@ def _layers_equal(a, b) -> dict[str, bool]:
         jax.tree.leaves(a[layer]), jax.tree.leaves(b[layer]), strict=True)) for layer in a}
 
 
+def test_a_missing_source_is_said_before_the_data_is_read(tmp_path):
+    cfg = configure.compose(["transfer=linear_probe", f"transfer.source={tmp_path}/gone",
+                             "dataset.data_dir=/nonexistent"])
+    with pytest.raises(ConfigError, match=r"transfer.source=.*/gone does not exist; give a "
+                                          r"cnnlab run directory or a .pth/.pt/.safetensors"):
+        run.build(cfg, with_source=True)
+    cfg = configure.compose(["transfer=linear_probe", f"transfer.source={tmp_path}"])
+    with pytest.raises(ConfigError, match="is a folder but not a cnnlab run directory"):
+        run.build(cfg, with_source=True)
+
+
 def test_linear_probe_trains_only_the_classifier(source_run, fashion_dir):
     r = _run(source_run, fashion_dir, ["transfer=linear_probe"])
     start = jax.device_get(r.state)

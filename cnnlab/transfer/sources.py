@@ -136,12 +136,17 @@ def _run_preprocess(cfg: DictConfig, path: Path) -> Any:
     return load_data(source_cfg).preprocess
 
 
+def check_exists(cfg: DictConfig) -> None:
+    """A one-line ConfigError if `transfer.source` is set and names nothing."""
+    if cfg.transfer.source is not None and not source_path(cfg).exists():
+        raise ConfigError(f"transfer.source={cfg.transfer.source} does not exist; give a cnnlab "
+                          f"run directory or a {'/'.join(WEIGHT_FILE_SUFFIXES)} weights file")
+
+
 def read_source(cfg: DictConfig) -> Source:
     """The source `cfg.transfer` names; a one-line ConfigError if it is not usable."""
+    check_exists(cfg)
     path = source_path(cfg)
-    if not path.exists():
-        raise ConfigError(f"transfer.source={path} does not exist; give a cnnlab run directory "
-                          f"or a {'/'.join(WEIGHT_FILE_SUFFIXES)} weights file")
     if path.is_dir():
         if not is_run_dir(path):
             raise ConfigError(f"transfer.source={path} is a folder but not a cnnlab run "
