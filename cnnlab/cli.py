@@ -46,7 +46,8 @@ commands:
   compare  tables (mean ± std over seeds) and error curves of runs, from their files:
            cnnlab compare MULTIRUN_DIR|RUN_DIR [...] [compare.panel_by=model.residual]
            [compare.metric=error|loss] [compare.ylim=[0,20]] [compare.format=markdown|csv]
-           [compare.output=DIR] [compare.select=all|best]; a W&B group (online):
+           [compare.output=DIR] [compare.select=all|best] [compare.versus=KEY];
+           a W&B group (online):
            cnnlab compare wandb:ENTITY/PROJECT/GROUP
 
   viz      pictures of a trained run into RUN_DIR/viz/ (and its W&B run), see docs/viz.md:
@@ -417,9 +418,11 @@ def compare_command(args: list[str]) -> None:
     paths, overrides = _paths_and_overrides(args, "compare", "run or multirun directories",
                                             "CSV output: compare.format=csv")
     from cnnlab.compare import compare, parse_config
+    from cnnlab.versus import versus_outputs
 
     try:
-        text, written = compare(paths, parse_config(overrides))
+        cfg = parse_config(overrides)
+        text, written = compare(paths, cfg, versus_outputs(cfg))
     except ConfigError as e:
         fail(str(e))
     print(text, end="")

@@ -848,8 +848,13 @@ def write_outputs(comparison: Comparison, out_dir: Path, cfg: CompareConfig) -> 
     return written
 
 
-def compare(paths: Sequence[str], cfg: CompareConfig) -> tuple[str, list[Path]]:
-    """Load, compare and write; returns (what to print, the files written)."""
+Extra = Callable[[Comparison, Path], tuple[str, list[Path]]]
+
+
+def compare(paths: Sequence[str], cfg: CompareConfig,
+            extra: Extra | None = None) -> tuple[str, list[Path]]:
+    """Load, compare and write; returns (what to print, the files written). `extra(comparison,
+    out_dir)` adds outputs of modules built on this one (compare.versus: cnnlab/versus.py)."""
     comparison = build(load_runs(paths), cfg)
     out_dir = output_dir(paths, cfg)
     try:
@@ -860,12 +865,9 @@ def compare(paths: Sequence[str], cfg: CompareConfig) -> tuple[str, list[Path]]:
     text = RENDERERS[cfg.format](comparison)
     if cfg.pareto:
         text += "\n" + pareto_markdown(*pareto_points(comparison.rows))
-    if cfg.versus is not None:
-        from cnnlab.versus import write_versus
-
-        versus_text, files = write_versus(comparison.rows, cfg.versus, cfg.panel_by, out_dir,
-                                          cfg.dpi)
-        text += "\n" + versus_text
+    if extra is not None:
+        extra_text, files = extra(comparison, out_dir)
+        text += "\n" + extra_text
         written += files
     return text, written
 

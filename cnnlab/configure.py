@@ -26,13 +26,13 @@ from cnnlab import (
     preprocess,
     selection,
     tracking,
-    transfer,
 )
 from cnnlab.config import CONF_DIR, Config, resolve_presets
 from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
 from cnnlab.models import summary as model_summary
 from cnnlab.rundir import CONFIG
+from cnnlab.transfer import plan as transfer_plan
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -127,7 +127,7 @@ CHECKS = (
     lambda cfg: optim.validate_optimizer(cfg.optimizer),
     lambda cfg: optim.validate_regularization(cfg.regularization),
     lambda cfg: losses.validate(cfg.loss),
-    transfer.validate,
+    transfer_plan.validate,
     lambda cfg: optim.validate_schedule(cfg.schedule, cfg.train),
     selection.validate,
     lambda cfg: evaluate.validate(cfg.eval, cfg.augment, cfg.dataset.image_shape),

@@ -29,7 +29,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,7 +39,7 @@ from omegaconf import DictConfig
 from cnnlab import progress, steps
 from cnnlab.errors import ConfigError, require
 from cnnlab.registry import Registry
-from cnnlab.rundir import BEST, CHECKPOINTS, SNAPSHOTS, RunDir
+from cnnlab.rundir import BEST, CHECKPOINTS, SNAPSHOTS
 
 log = logging.getLogger(__name__)
 
@@ -267,20 +266,6 @@ WEIGHTS.register("snapshots", WeightSource(SNAPSHOTS, "snapshots (schedule=cycli
                                            every_step=True))
 REPORT_FORMATS = ("table", "json")
 
-
-def check_weights(run_dir: Path, weights: str) -> tuple[DictConfig, int]:
-    """A run's config and the newest checkpoint step of its `weights`; ConfigError if none."""
-    from cnnlab.configure import load_run_config  # configure imports this module
-
-    cfg = load_run_config(run_dir)
-    source = WEIGHTS.get(weights)
-    if source.averaged and cfg.eval.ema_decay is None:
-        raise ConfigError(f"{run_dir} was trained without eval.ema_decay: it has no averaged "
-                          "weights")
-    found = RunDir(run_dir).checkpoint_steps(source.folder)
-    if not found:
-        raise ConfigError(f"{run_dir} has no {source.what} (nothing saved in {source.folder}/)")
-    return cfg, found[-1]
 
 
 def validate(ev: DictConfig, augment: DictConfig, image_shape: Any = None) -> None:

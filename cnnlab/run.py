@@ -47,7 +47,7 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
     # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
     # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
     # A transfer run normalizes as its source was trained (transfer.preprocess=source).
-    stats = transfer_sources.source_preprocess(cfg)
+    stats = transfer_sources.source_preprocess(cfg, load_data)
     if stats is None:
         stats = preprocess.compute_stats(cfg.preprocess, dataset)
     stats = jax.device_put(stats)

@@ -154,3 +154,14 @@ def write_versus(rows: Sequence[Row], key: str, panel_by: str | None, out_dir: P
     (out_dir / VERSUS_MD).write_text(text)
     return text, [out_dir / VERSUS_MD,
                   save_figure(versus_figure(series, key, panel_by), out_dir / VERSUS_PNG, dpi)]
+
+
+def versus_outputs(cfg: Any) -> Any:
+    """`compare`'s extra outputs for `compare.versus` (None when it is not set)."""
+    if cfg.versus is None:
+        return None
+
+    def outputs(comparison: Any, out_dir: Path) -> tuple[str, list[Path]]:
+        return write_versus(comparison.rows, cfg.versus, cfg.panel_by, out_dir, cfg.dpi)
+
+    return outputs

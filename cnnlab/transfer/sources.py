@@ -7,6 +7,7 @@ weights on disk (cnnlab/transfer/torchvision.py converts torchvision's names and
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ def _run_variables(state: dict[str, Any], averaged: bool, decay: float | None) -
 
 def read_run(run_dir: Path, weights: str) -> Source:
     """The `weights` (final, best, ema) of a cnnlab run, as `cnnlab eval` would pick them."""
-    from cnnlab.evaluate import WEIGHTS, check_weights
+    from cnnlab.evaluate import WEIGHTS
+    from cnnlab.weights import check_weights
 
     cfg, step = check_weights(run_dir, weights)
     source = WEIGHTS.get(weights)
@@ -96,12 +98,13 @@ def source_path(cfg: DictConfig) -> Path:
     return Path(cfg.transfer.source).expanduser().absolute()
 
 
-def source_preprocess(cfg: DictConfig) -> Any:
+def source_preprocess(cfg: DictConfig, load_data: Callable[[DictConfig], Any]) -> Any:
     """The preprocessing statistics the source was trained with (`transfer.preprocess=source`),
     so its layers see inputs scaled as they learned them; None: the run's own data's.
 
     A cnnlab run's are recomputed from its own training data, as it computed them (its config,
-    its data cache); torchvision weights come with ImageNet's per-channel mean and std.
+    its data cache; `load_data` is cnnlab.run's); torchvision weights come with ImageNet's
+    per-channel mean and std.
     """
     from cnnlab.preprocess import PreprocessStats
     from cnnlab.transfer.plan import MODES
@@ -117,12 +120,12 @@ def source_preprocess(cfg: DictConfig) -> Any:
                               "and RGB images; or set transfer.preprocess=own")
         return PreprocessStats(mean=np.asarray(IMAGENET_MEAN, np.float32),
                                std=np.asarray(IMAGENET_STD, np.float32))
-    return _run_preprocess(cfg, path)
+    return _run_preprocess(cfg, path, load_data)
 
 
-def _run_preprocess(cfg: DictConfig, path: Path) -> Any:
+def _run_preprocess(cfg: DictConfig, path: Path,
+                    load_data: Callable[[DictConfig], Any]) -> Any:
     from cnnlab.configure import load_run_config
-    from cnnlab.run import load_data
 
     if not is_run_dir(path):
         return None  # read_source says what is wrong with it

@@ -25,11 +25,12 @@ from omegaconf import DictConfig
 from cnnlab import data as data_lib
 from cnnlab import steps
 from cnnlab.errors import ConfigError
-from cnnlab.evaluate import WEIGHTS, check_weights
+from cnnlab.evaluate import WEIGHTS
 from cnnlab.models import FAMILIES, input_fit, model_options
 from cnnlab.models.layers import Activation, Identity, build_layers
 from cnnlab.preprocess import PreprocessStats, preprocess
 from cnnlab.rundir import RunDir
+from cnnlab.weights import check_weights
 
 ModelFactory = Callable[[Activation | None], nn.Module]
 
