@@ -22,7 +22,7 @@ synchronous, and the loss is read back with ``.item()`` before the clock stops).
 ``batch_size * steps / elapsed``; the median step time is reported too, as it is less sensitive
 to other processes competing for the CPU.
 
-Usage (from the repository root, with ``pip install torch==2.13.0``)::
+Usage (from the repository root, with ``pip install torch==2.14.1``, the bench extra)::
 
     python benchmarks/torch_resnet.py                      # ResNet-20, batch 128, 30 steps
     python benchmarks/torch_resnet.py --depth 56 --channels-last
