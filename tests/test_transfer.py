@@ -283,3 +283,30 @@ def test_inputs_are_normalized_as_the_source_was_trained(source_run, fashion_dir
     assert abs(float(own.mean[0]) - float(source_stats.mean[0])) > 0.01
     with pytest.raises(ConfigError, match="the source was trained with preprocess=channel"):
         load_data(configure.compose([*common, "preprocess=mean_image"]))
+
+
+def test_ema_weights_of_a_run_are_its_bias_corrected_average(source_run, fashion_dir,
+                                                              tmp_path):
+    """transfer.weights=ema: the averaged weights `cnnlab eval eval.weights=ema` would use,
+    m_t / (1 - decay^t), not the raw ones; a run without an average is refused in one line."""
+    import optax
+
+    from cnnlab.steps import ema_variables
+    from cnnlab.transfer.sources import _restore_raw, read_run
+
+    path = tmp_path / "ema"
+    assert train_tiny(path, fashion_dir, ["train.steps=10", "eval.ema_decay=0.9"])[
+        "status"] == "finished"
+    state = _restore_raw(path / "checkpoints", 10)
+    ema = optax.EmaState(count=state["ema"]["count"], ema=state["ema"]["ema"])
+    params, _ = ema_variables(ema, 0.9)
+    got = read_run(path, "ema").arrays
+    expected = _flat({"params": params})
+    assert set(expected) <= set(got)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=0, err_msg=key)
+    raw = _flat({"params": state["params"]})
+    assert any(not np.array_equal(got[k], raw[k]) for k in raw)
+    with pytest.raises(ConfigError, match="trained without eval.ema_decay"):
+        read_run(source_run, "ema")
+
