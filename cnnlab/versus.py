@@ -51,6 +51,13 @@ def check_key(rows: Sequence[Row], key: str) -> None:
                           f"here: {known or 'none'}")
 
 
+def _label_keys(rows: Sequence[Row], others: Sequence[str]) -> list[str]:
+    """The keys that tell `rows` apart; none differ: the first key that differs overall (the
+    transfer mode, say), so a lone line is still named by what it is."""
+    differing = [k for k in others if k in differing_keys([row.config for row in rows])]
+    return differing or list(others[:1])
+
+
 def _series_label(row: Row, keys: Sequence[str]) -> str:
     return ", ".join(f"{readable_key(k)}={display_value(row.config.get(k))}"
                      for k in keys) or "runs"
@@ -65,11 +72,13 @@ def versus_series(rows: Sequence[Row], key: str, panel_by: str | None = None) ->
     # Keys that differ only between the references and the rest (source=None for scratch)
     # would label every line the same way: keep those that split the lines themselves.
     lines = [row for row in usable if row.config.get(key) is not None]
-    line_keys = [k for k in others if k in differing_keys([row.config for row in lines])]
+    references = [row for row in usable if row.config.get(key) is None]
+    line_keys = _label_keys(lines, others)
+    reference_keys = _label_keys(references, others)
     grouped: dict[tuple, list[Row]] = {}
     for row in usable:
         reference = row.config.get(key) is None
-        label = _series_label(row, others if reference else line_keys)
+        label = _series_label(row, reference_keys if reference else line_keys)
         panel = row.config.get(panel_by) if panel_by else None
         grouped.setdefault((panel, label, reference), []).append(row)
     xs = _x_order([row.config[key] for row in lines])
@@ -114,7 +123,9 @@ def versus_figure(series: Sequence[Series], key: str, panel_by: str | None) -> A
 
     panels = sorted({s.panel for s in series}, key=value_order)
     xs = _x_order([p.x for s in series if not s.reference for p in s.points])
-    fig = Figure(figsize=(4.2 * len(panels) + 1.8, 3.4), layout="constrained")
+    labels = [display_value(x) for x in xs]
+    width = max(4.2, 0.25 * sum(len(label) for label in labels) + 1.5)
+    fig = Figure(figsize=(width * len(panels) + 2.4, 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     colors: dict[str, str] = {}
     for ax, panel in zip(axes, panels, strict=True):
@@ -127,7 +138,7 @@ def versus_figure(series: Sequence[Series], key: str, panel_by: str | None) -> A
             ax.errorbar([xs.index(p.x) for p in s.points], [p.mean for p in s.points],
                         yerr=[p.std or 0.0 for p in s.points], marker="o", capsize=3,
                         color=color, label=s.label)
-        ax.set_xticks(range(len(xs)), [display_value(x) for x in xs])
+        ax.set_xticks(range(len(xs)), labels)
         ax.set_xlabel(readable_key(key))
         ax.grid(alpha=0.3)
         if panel_by:

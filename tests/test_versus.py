@@ -36,9 +36,9 @@ def test_series_are_lines_per_other_setting_and_references_without_the_key():
     assert [(p.x, p.mean) for p in top.points] == [("stage2", 21.0), ("stem", 11.0)]
     assert [p.std for p in top.points] == [pytest.approx(2 ** 0.5)] * 2
     assert [p.x for p in by[(100, "mode=finetune_all")].points] == ["stage2", "stem"]
-    reference = by[(100, "mode=scratch, source=None")]
+    reference = by[(100, "mode=scratch")]
     assert reference.reference and reference.points[0].mean == 16.0
-    assert by[(10, "mode=scratch, source=None")].points[0].mean == 40.0
+    assert by[(10, "mode=scratch")].points[0].mean == 40.0
     # The unfinished configuration (no mean) is no point at all.
     assert all(p.x != "stage9" for s in series for p in s.points)
 
@@ -46,7 +46,7 @@ def test_series_are_lines_per_other_setting_and_references_without_the_key():
 def test_markdown_and_figure(tmp_path):
     text, files = write_versus(ROWS, "transfer.load_through", "dataset.per_class", tmp_path)
     assert "| 100 | mode=finetune_top | 21.00 ± 1.41 | 11.00 ± 1.41 |  |" in text
-    assert "| 10 | mode=scratch, source=None |  |  | 40.00 |" in text
+    assert "| 10 | mode=scratch |  |  | 40.00 |" in text
     assert [f.name for f in files] == ["versus.md", "versus.png"]
     assert files[1].stat().st_size > 10_000
     fig = versus_figure(versus_series(ROWS, "transfer.load_through", "dataset.per_class"),
