@@ -124,7 +124,7 @@ def versus_figure(series: Sequence[Series], key: str, panel_by: str | None) -> A
     panels = sorted({s.panel for s in series}, key=value_order)
     xs = _x_order([p.x for s in series if not s.reference for p in s.points])
     labels = [display_value(x) for x in xs]
-    width = max(4.2, 0.25 * sum(len(label) for label in labels) + 1.5)
+    width = max(4.2, 0.9 * len(labels) + 0.08 * sum(len(label) for label in labels))
     fig = Figure(figsize=(width * len(panels) + 2.4, 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     colors: dict[str, str] = {}
