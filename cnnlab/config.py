@@ -210,7 +210,7 @@ class TransferConfig:
     load_through: str | None = None
     freeze_through: str | None = None
     # {layer here: layer of the source}: load exactly these layers, each from its named one.
-    layer_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    layer_map: dict[str, str] = MISSING
     # A new classifier: true, false, or null (when the class counts differ).
     reset_head: bool | None = None
     backbone_lr_mult: float = MISSING
@@ -218,7 +218,7 @@ class TransferConfig:
     # frozen or train: batch norm in frozen layers.
     bn: str = MISSING
     # source: normalize inputs with the source's statistics; own: with this run's data's.
-    preprocess: str = "source"
+    preprocess: str = MISSING
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from cnnlab.config import (
     ScheduleConfig,
     SummaryConfig,
     TrainConfig,
+    TransferConfig,
     group_options,
     option_values,
     root_values,
@@ -137,7 +138,8 @@ def test_cli_unknown_command(tmp_path):
 
 SCHEMAS = {"dataset": DatasetConfig, "init": InitConfig, "activation": ActivationConfig,
            "norm": NormConfig, "preprocess": PreprocessConfig, "augment": AugmentConfig,
-           "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "logger": LoggerConfig}
+           "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "logger": LoggerConfig,
+           "transfer": TransferConfig}
 
 
 def test_schema_defaults_are_missing_or_null_only():
