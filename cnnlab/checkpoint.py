@@ -135,6 +135,14 @@ class Checkpointer:
             raise ValueError("its contents do not match the checksum saved with it")
         return restored.state, meta
 
+    def restore_as_saved(self, step: int) -> Any:
+        """The state of checkpoint `step` as saved, nested dicts of arrays, without a template
+        (a transfer source's weights, whatever its optimizer). Not checked against its digest,
+        which is defined over the run's own state structure."""
+        with _orbax_errors_quiet():
+            return self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore())).state
+
     def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest checkpoint that restores and verifies, falling
         back past bad ones with a one-line warning each (they are moved aside to

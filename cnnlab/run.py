@@ -22,7 +22,7 @@ from cnnlab import transfer as transfer_lib
 from cnnlab.augment import Augment, make_augment
 from cnnlab.errors import ConfigError
 from cnnlab.evaluate import Evaluator, make_eval_views
-from cnnlab.models import abstract_variables, build_model, count_params, init_variables
+from cnnlab.models import build_model, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
 from cnnlab.transfer import sources as transfer_sources
@@ -193,7 +193,7 @@ def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
     model = build_model(cfg, dataset.num_classes)
     if schedule is None:
         schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
-    plan = transfer_lib.plan_for(cfg, model, abstract_variables(model, shape)["params"], shape)
+    plan = transfer_lib.plan_for(cfg, model, shape)
     if plan is None:
         tx = make_optimizer(cfg.optimizer, schedule)
         return Run(cfg, dataset, model, schedule, tx, init_state(cfg, model, tx, shape))

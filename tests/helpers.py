@@ -62,26 +62,33 @@ class TinyStep:
 
 
 def tiny_step(overrides: list[str] | None = None) -> TinyStep:
-    import jax
-    import numpy as np
-
-    from cnnlab import steps
     from cnnlab.models import build_model
     from cnnlab.optim import make_optimizer, make_schedule
-    from cnnlab.preprocess import PreprocessStats
     from cnnlab.run import init_state
 
     cfg = compose_config([*TINY, *(overrides or [])])
     model = build_model(cfg, 10)
     tx = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule, cfg.optimizer.lr, 100))
     state = init_state(cfg, model, tx, (12, 12, 1))
+    return TinyStep(cfg, model, tx, state, random_device_split((12, 12, 1)))
+
+
+def random_device_split(shape: tuple[int, int, int], n: int = 64) -> object:
+    """`n` random uint8 images of `shape` and labels of 10 classes on the device, normalized
+    with mean 0.5 and std 0.25 per channel (a cnnlab.steps.DeviceSplit; seed 0)."""
+    import jax
+    import numpy as np
+
+    from cnnlab import steps
+    from cnnlab.preprocess import PreprocessStats
+
     rng = np.random.default_rng(0)
-    data = jax.device_put(steps.DeviceSplit(
-        images=rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8),
-        labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
-        stats=PreprocessStats(mean=np.full((1,), 0.5, np.float32),
-                              std=np.full((1,), 0.25, np.float32))))
-    return TinyStep(cfg, model, tx, state, data)
+    channels = shape[-1]
+    return jax.device_put(steps.DeviceSplit(
+        images=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+        labels=rng.integers(0, 10, (n,), dtype=np.int32), mask=np.ones((n,), bool),
+        stats=PreprocessStats(mean=np.full((channels,), 0.5, np.float32),
+                              std=np.full((channels,), 0.25, np.float32))))
 
 
 def train_tiny(run_dir: Path, data_dir: Path, overrides: list[str] | None = None) -> dict:

@@ -21,7 +21,7 @@ from cnnlab.optim import (
     make_schedule,
     smoothed_cross_entropy,
 )
-from tests.helpers import compose_config
+from tests.helpers import compose_config, random_device_split
 
 W0 = np.array([1.0, -2.0, 0.5])
 CURVATURE = np.array([1.0, 3.0, 0.2])  # loss = 0.5 * sum(CURVATURE * w^2), gradient CURVATURE * w
@@ -300,21 +300,13 @@ MODEL = ("model=resnet20", "model.depth=8")
 @functools.cache
 def _initial() -> tuple[object, object, object]:
     """ResNet-8, its initial train state and random 16x16x3 data, shared by all runs below."""
-    from cnnlab import steps as steps_lib
     from cnnlab.models import build_model
-    from cnnlab.preprocess import PreprocessStats
     from cnnlab.run import init_state
 
     cfg = compose_config(list(MODEL))
     model = build_model(cfg, 10)
     state = init_state(cfg, model, optax.identity(), (16, 16, 3))
-    rng = np.random.default_rng(0)
-    data = jax.device_put(steps_lib.DeviceSplit(
-        images=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
-        labels=rng.integers(0, 10, (64,), dtype=np.int32), mask=np.ones((64,), bool),
-        stats=PreprocessStats(mean=np.full((3,), 0.5, np.float32),
-                              std=np.full((3,), 0.25, np.float32))))
-    return model, state, data
+    return model, state, random_device_split((16, 16, 3))
 
 
 @functools.cache

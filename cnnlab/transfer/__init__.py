@@ -23,6 +23,7 @@ import jax
 import optax
 from omegaconf import DictConfig
 
+from cnnlab.models import abstract_variables
 from cnnlab.models.summary import summarize
 from cnnlab.transfer.load import Loaded, load
 from cnnlab.transfer.optimizer import layer_labels, make_transfer_optimizer
@@ -34,13 +35,13 @@ __all__ = ["MODES", "Plan", "Setup", "frozen_mask", "plan_for", "setup", "valida
 log = logging.getLogger(__name__)
 
 
-def plan_for(cfg: DictConfig, model: nn.Module, params: Any,
-             image_shape: tuple[int, ...]) -> Plan | None:
-    """The run's plan (None for scratch): layer names from the model's own summary."""
+def plan_for(cfg: DictConfig, model: nn.Module, image_shape: tuple[int, ...]) -> Plan | None:
+    """The run's plan (None for scratch, which traces nothing): layer names from the model's
+    own summary, the layers with parameters from its variables' shapes."""
     if not MODES.get(cfg.transfer.mode).needs_source:
         return None
     order = [row.name for row in summarize(model, image_shape).at_depth(1)]
-    return make_plan(cfg.transfer, order, list(params))
+    return make_plan(cfg.transfer, order, list(abstract_variables(model, image_shape)["params"]))
 
 
 def frozen_mask(params: Any, frozen: tuple[str, ...]) -> Any:

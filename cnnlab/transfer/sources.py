@@ -42,17 +42,13 @@ def _flat(tree: Any) -> dict[str, np.ndarray]:
 def _restore_raw(folder: Path, step: int) -> dict[str, Any]:
     """A checkpoint's state as saved (nested dicts of arrays), without a template: the source's
     optimizer and model options need not be rebuilt to read its weights."""
-    import orbax.checkpoint as ocp
+    from cnnlab.checkpoint import Checkpointer
 
-    from cnnlab.checkpoint import _orbax_errors_quiet
-
-    manager = ocp.CheckpointManager(folder)
+    checkpoints = Checkpointer(folder, keep=None)
     try:
-        with _orbax_errors_quiet():
-            return manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore())).state
+        return checkpoints.restore_as_saved(step)
     finally:
-        manager.close()
+        checkpoints.close()
 
 
 def _run_variables(state: dict[str, Any], averaged: bool, decay: float | None) -> dict:
