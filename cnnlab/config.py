@@ -329,6 +329,11 @@ class TrainConfig:
     # With stop_on_nan, a mean training loss above this also counts as diverged (null: only
     # NaN/inf).
     divergence_threshold: float | None = MISSING
+    # Data parallel over this many devices (null: all); None also lets configs saved before
+    # the key existed load.
+    devices: int | None = None
+    # auto | true | false (cnnlab/parallel.py); None: auto.
+    distributed: str | None = None
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from cnnlab import (
     losses,
     models,
     optim,
+    parallel,
     preprocess,
     selection,
     tracking,
@@ -60,6 +61,10 @@ def _validate_loop(cfg: DictConfig) -> None:
                 f"{key}={value} must be a multiple of train.steps_per_call={per_call}")
     # PRNGKey keeps the low 32 bits: seed 2**32 would silently be seed 0's run.
     require(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
+    devices = cfg.train.get("devices")
+    require(devices is None or devices > 0,
+            f"train.devices={devices} must be a positive integer or null (every device)")
+    parallel.check_distributed(cfg.train.get("distributed"))
     threshold = cfg.train.divergence_threshold
     require(threshold is None or threshold > 0,
             f"train.divergence_threshold={threshold} must be positive or null (null: only "

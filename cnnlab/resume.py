@@ -19,7 +19,10 @@ from cnnlab.tracking import flatten
 # resume is not a change of the experiment.
 UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "dataset.download",
              "dataset.cache_dir", "dataset.cache_max_gb", "resume.", "summary.", "eval.weights",
-             "eval.format", "eval.output", "eval.batch_size", "checkpoint.keep", "diagnostics.")
+             "eval.format", "eval.output", "eval.batch_size", "checkpoint.keep", "diagnostics.",
+             # Where it computes (the same numbers up to the order of float sums): a run resumes
+             # on another device count.
+             "train.devices", "train.distributed")
 
 
 def finished_summary(run_dir: RunDir, total_steps: int) -> dict[str, Any] | None:

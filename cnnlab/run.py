@@ -17,7 +17,7 @@ import optax
 from omegaconf import DictConfig
 
 from cnnlab import data as data_lib
-from cnnlab import diagnostics, preprocess, steps
+from cnnlab import diagnostics, parallel, preprocess, steps
 from cnnlab import transfer as transfer_lib
 from cnnlab.augment import Augment, make_augment
 from cnnlab.errors import ConfigError
@@ -93,6 +93,12 @@ class Run:
     # Transfer learning's plan, probe phase and what was loaded (cnnlab/transfer); None for
     # transfer=scratch.
     transfer: transfer_lib.Setup | None = None
+    # The devices the run uses (cnnlab/parallel.py): the state and data are replicated there.
+    placement: parallel.Placement = dataclasses.field(
+        default_factory=lambda: parallel.Placement.over(jax.devices()[:1]))
+
+    def __post_init__(self) -> None:
+        self.state = self.placement.put(self.state)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -108,7 +114,7 @@ class Run:
 
     @functools.cached_property
     def train_data(self) -> steps.DeviceSplit:
-        return steps.device_split(self.dataset.train, self.dataset.preprocess)
+        return self.placement.put(steps.device_split(self.dataset.train, self.dataset.preprocess))
 
     @functools.cached_property
     def augment(self) -> Augment:
@@ -128,10 +134,12 @@ class Run:
         cfg = self.cfg
         frozen = (transfer_lib.frozen_mask(self.state.params, self.transfer.frozen(phase))
                   if self.transfer is not None else None)
+        batch = self.placement.batch
         return steps.make_train_chunk(steps.make_train_step(
             model, tx, self.augment, cfg.train.batch_size, cfg.regularization,
             cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss"),
-            frozen=frozen))
+            frozen=frozen, batch_sharding=batch),
+            replicated=None if batch is None else self.placement.replicated)
 
     @functools.cached_property
     def train_chunk(self) -> Callable:
@@ -164,7 +172,8 @@ class Run:
     def eval_splits(self, batch_size: int) -> dict[str, steps.DeviceSplit]:
         """The held-out splits on the device, padded to whole batches."""
         splits = {"test": self.dataset.test, "val": self.dataset.val}
-        return {name: steps.device_split(split, self.dataset.preprocess, batch_size)
+        return {name: self.placement.put(
+                    steps.device_split(split, self.dataset.preprocess, batch_size))
                 for name, split in splits.items() if split is not None}
 
     @functools.cached_property
@@ -183,8 +192,10 @@ def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
     otherwise from the initializer's, as a template that a checkpoint is restored into.
     `schedule`: the lr schedule instead of `cfg.schedule`'s (`cnnlab lr_find`'s ramp).
     """
-    # A missing source is said before the data is read, not after.
+    # A missing source, or devices this machine lacks, are said before the data is read.
     transfer_sources.check_exists(cfg)
+    placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.get("devices")))
+    placement.check_batch("train.batch_size", cfg.train.batch_size)
     dataset = load_data(cfg) if dataset is None else dataset
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
@@ -196,7 +207,8 @@ def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
     plan = transfer_lib.plan_for(cfg, model, shape)
     if plan is None:
         tx = make_optimizer(cfg.optimizer, schedule)
-        return Run(cfg, dataset, model, schedule, tx, init_state(cfg, model, tx, shape))
+        return Run(cfg, dataset, model, schedule, tx, init_state(cfg, model, tx, shape),
+                   placement=placement)
     model, setup = transfer_lib.setup(
         cfg, plan, lambda frozen: build_model(cfg, dataset.num_classes, frozen), schedule)
     state = init_state(cfg, model, setup.tx, shape)
@@ -205,7 +217,7 @@ def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
             cfg, plan, {"params": state.params, "batch_stats": state.batch_stats})
         state = state.replace(params=setup.loaded.variables["params"],
                               batch_stats=setup.loaded.variables["batch_stats"])
-    return Run(cfg, dataset, model, schedule, setup.tx, state, setup)
+    return Run(cfg, dataset, model, schedule, setup.tx, state, setup, placement)
 
 
 def use_compile_cache(path: str | None) -> None:

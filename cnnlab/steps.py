@@ -21,6 +21,7 @@ from cnnlab.augment import Augment, mixup_loss
 from cnnlab.losses import make_objective
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
 from cnnlab.optim import make_penalty
+from cnnlab.parallel import constrain
 from cnnlab.preprocess import PreprocessStats, preprocess
 
 
@@ -124,7 +125,8 @@ class Gradients(struct.PyTreeNode):
 def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
                    regularization: DictConfig | None = None,
                    activations: Callable[[], dict] = dict,
-                   loss_config: DictConfig | None = None, frozen: Any = None) -> Callable:
+                   loss_config: DictConfig | None = None, frozen: Any = None,
+                   batch_sharding: Any = None) -> Callable:
     """`gradients(state, data) -> Gradients` of the optimized objective on the batch at
     `state.step`, with that batch's metrics (see `make_train_step`).
 
@@ -135,6 +137,9 @@ def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
 
     `activations()` is called right after the forward pass, inside the differentiated function,
     and its result returned: cnnlab.diagnostics passes one that hands over what it recorded.
+
+    `batch_sharding` (cnnlab/parallel.py): the gathered batch is split over the devices as it
+    says, and XLA partitions the rest of the step along it (None: one device).
     """
     penalty = make_penalty(regularization)
     smoothing = float(regularization.label_smoothing) if regularization is not None else 0.0
@@ -144,7 +149,7 @@ def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
     def gradients(state: TrainState, data: DeviceSplit) -> Gradients:
         data_key, step_key = jax.random.split(state.rng)
         idx = batch_indices(data_key, state.step, data.labels.shape[0], batch_size)
-        images, labels = data.images[idx], data.labels[idx]
+        images, labels = constrain((data.images[idx], data.labels[idx]), batch_sharding)
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
         # cnnlab/augment.py's order: pixel-space augmentation, preprocessing, cutout, mixup.
         x = augment.cutout(aug_key, preprocess(augment(aug_key, images), data.stats))
@@ -212,7 +217,8 @@ def optimizer_updates(tx: optax.GradientTransformation, grads: Any, state: Train
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: Augment,
                     batch_size: int, regularization: DictConfig | None = None,
                     ema_decay: float | None = None, scale_lr: bool = False,
-                    loss_config: DictConfig | None = None, frozen: Any = None) -> Callable:
+                    loss_config: DictConfig | None = None, frozen: Any = None,
+                    batch_sharding: Any = None) -> Callable:
     """`train_step(state, data) -> (state, metrics)` for one batch.
 
     With `ema_decay`, the step also updates the moving average of the new weights and BN
@@ -232,7 +238,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     logged error counts the argmax against the dominant label (y when lam >= 1/2).
     """
     gradients = make_gradients(model, augment, batch_size, regularization,
-                               loss_config=loss_config, frozen=frozen)
+                               loss_config=loss_config, frozen=frozen,
+                               batch_sharding=batch_sharding)
 
     def train_step(state: TrainState, data: DeviceSplit) -> tuple[TrainState, dict]:
         out = gradients(state, data)
@@ -254,15 +261,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     return train_step
 
 
-def make_train_chunk(train_step: Callable) -> Callable:
+def make_train_chunk(train_step: Callable, replicated: Any = None) -> Callable:
     """`train_chunk(state, data, num_steps) -> (state, summed metrics)`, compiled once per length.
 
     The steps are a `lax.scan` unrolled completely: on CPU a rolled scan over conv steps compiles
     slowly and runs much slower, while unrolling keeps per-step speed and removes the per-step
     dispatch. The state's buffers are donated, so parameters are updated in place.
-    """
 
-    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state")
+    `replicated`: on several devices, the sharding the state and metrics leave with (whole on
+    every device, as they came), so that every chunk is called with the same shardings.
+    """
+    placed = {} if replicated is None else {"out_shardings": (replicated, replicated)}
+
+    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state", **placed)
     def train_chunk(
         state: TrainState, data: DeviceSplit, num_steps: int
     ) -> tuple[TrainState, dict]:

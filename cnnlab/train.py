@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import actions, diagnostics
+from cnnlab import actions, diagnostics, parallel
 from cnnlab.checkpoint import NoUsableCheckpoint
 from cnnlab.errors import ConfigError
 from cnnlab.models import count_params
@@ -47,6 +47,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         else:  # nothing trained yet: this start is the first
             run_dir.save_start_config(config, replace=True)
         use_compile_cache(cfg.compile_cache_dir)
+        parallel.initialize_distributed(cfg.train.get("distributed"))
         run = build(cfg, with_source=not saved)
         checkpoint = actions.Checkpoint(cfg, run_dir)
         try:
@@ -68,7 +69,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
     summary: dict[str, Any] = {
         "status": "running", "model": cfg.model.name, "dataset": run.dataset.name,
         "params": run.num_params, "macs": run.macs, "steps": cfg.train.steps,
-        "seed": cfg.seed, "resumed_from": resumed_from,
+        "seed": cfg.seed, "resumed_from": resumed_from, **run.placement.describe(),
     }
     if run.transfer is not None:
         summary["transfer"] = _transfer_summary(run, tracker)

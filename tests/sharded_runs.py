@@ -1,0 +1,68 @@
+"""Run by tests/test_parallel.py in a process with 4 forced host devices (XLA_FLAGS must be set
+before JAX starts, which the test process cannot do for itself): tiny fashion_mnist runs on 1, 2
+and 4 devices, printed as one JSON line.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_runs.py DATA_DIR OUT
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+
+from cnnlab import configure
+from cnnlab.errors import ConfigError
+from cnnlab.run import build
+from tests.helpers import TINY, train_tiny
+
+COMMON = ["train.steps=20", "train.log_every=5", "train.eval_every=10", "logger.mode=disabled"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e["train/loss"] for e in map(json.loads, lines) if "train/loss" in e}
+
+
+def test_errors(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e["test/error"] for e in map(json.loads, lines) if "test/error" in e}
+
+
+def collectives(data_dir: Path, devices: int) -> list[str]:
+    """The cross-device collectives XLA put into the compiled training chunk."""
+    cfg = configure.compose([*TINY, f"dataset.data_dir={data_dir}", f"train.devices={devices}"])
+    run = build(cfg)
+    text = run.train_chunk.lower(run.state, run.train_data, num_steps=1).compile().as_text()
+    return sorted({op for op in ("all-reduce", "all-gather", "reduce-scatter") if op in text})
+
+
+def main(data_dir: Path, out: Path) -> None:
+    results: dict = {"device_count": jax.device_count()}
+    for devices in (1, 4):
+        run_dir = out / f"devices{devices}"
+        summary = train_tiny(run_dir, data_dir, [*COMMON, f"train.devices={devices}"])
+        results[f"devices{devices}"] = {
+            "losses": losses(run_dir), "test_errors": test_errors(run_dir),
+            "summary": {k: summary.get(k) for k in ("devices", "device_kind", "platform",
+                                                    "processes", "status")}}
+    # Resume across device counts: the 4-device run as if killed after its checkpoint at step
+    # 10, resumed on 2 devices.
+    resumed = out / "resumed"
+    shutil.copytree(out / "devices4", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "20")
+    (resumed / "summary.json").unlink()
+    summary = train_tiny(resumed, data_dir, [*COMMON, "train.devices=2"])
+    results["resumed"] = {"losses": losses(resumed), "test_errors": test_errors(resumed),
+                          "resumed_from": summary["resumed_from"], "devices": summary["devices"]}
+    results["collectives"] = {n: collectives(data_dir, n) for n in (1, 4)}
+    try:
+        build(configure.compose([*TINY, f"dataset.data_dir={data_dir}", "train.batch_size=30"]))
+    except ConfigError as error:
+        results["indivisible"] = str(error)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

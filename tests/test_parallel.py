@@ -1,0 +1,106 @@
+"""Data parallelism (cnnlab/parallel.py): the same run on 1, 2 and 4 devices.
+
+The sharded runs need several devices, which a CPU has only when XLA is told before JAX starts
+(`--xla_force_host_platform_device_count`): tests/sharded_runs.py runs them in one child process
+with 4 host devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnlab import parallel
+from cnnlab.configure import validate
+from cnnlab.errors import ConfigError
+from tests.helpers import REPO, compose_config
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> dict:
+    out = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_runs.py"),
+                           str(fashion_dir), str(out)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _close(a: dict, b: dict, rtol: float = 1e-4) -> bool:
+    return a.keys() == b.keys() and all(
+        abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a)
+
+
+def test_four_devices_train_like_one(sharded: dict) -> None:
+    one, four = sharded["devices1"], sharded["devices4"]
+    assert sharded["device_count"] == 4
+    assert len(one["losses"]) == 4 and _close(four["losses"], one["losses"])
+    # The same predictions up to float order: the same error counts on 1,024 test images.
+    assert four["test_errors"] == pytest.approx(one["test_errors"], abs=0.2)
+    assert four["losses"]["20"] < four["losses"]["5"]  # and it trains
+
+
+def test_the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
+    # One device: no collective at all; four: the loss, gradients and BN statistics all-reduced.
+    assert sharded["collectives"] == {"1": [], "4": ["all-reduce"]}
+
+
+def test_summary_records_devices(sharded: dict) -> None:
+    assert sharded["devices1"]["summary"] == {
+        "devices": 1, "device_kind": "cpu", "platform": "cpu", "processes": 1,
+        "status": "finished"}
+    assert sharded["devices4"]["summary"]["devices"] == 4
+
+
+def test_a_run_resumes_on_another_device_count(sharded: dict) -> None:
+    resumed, four = sharded["resumed"], sharded["devices4"]
+    assert resumed["resumed_from"] == 10 and resumed["devices"] == 2
+    assert _close(resumed["losses"], four["losses"])
+    assert resumed["test_errors"] == pytest.approx(four["test_errors"], abs=0.2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.devices=0", "train.devices=0 must be a positive integer or null"),
+    ("train.distributed=sometimes",
+     "train.distributed='sometimes' is not one of auto, true, false"),
+])
+def test_bad_parallel_settings_are_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config([override]))
+
+
+def test_more_devices_than_the_machine_has() -> None:
+    import jax
+
+    count = jax.device_count()
+    with pytest.raises(ConfigError, match=f"train.devices={count + 1}: this machine has {count}"):
+        parallel.resolve_devices(count + 1)
+
+
+def test_a_batch_that_does_not_split_is_refused(sharded: dict) -> None:
+    assert sharded["indivisible"] == ("train.batch_size=30 does not split over 4 devices; use "
+                                      "a multiple of 4 or train.devices=N with N dividing 30")
+
+
+@pytest.mark.parametrize("value, expected", [(None, "auto"), (True, "true"), ("False", "false"),
+                                             ("auto", "auto")])
+def test_distributed_modes(value: object, expected: str) -> None:
+    assert parallel.check_distributed(value) == expected
+
+
+def test_auto_joins_only_a_multi_task_slurm_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda: calls.append(1))
+    monkeypatch.setattr(parallel.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not parallel.initialize_distributed("auto") and not calls
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert not parallel.initialize_distributed("false") and not calls
+    assert parallel.initialize_distributed("auto") and calls == [1]
