@@ -152,6 +152,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def validate_for_training(cfg: DictConfig) -> None:
+    # A multi-host job's processes meet before anything touches a device (the geometry check
+    # below does: layers choose their conv kernel by backend).
+    parallel.initialize_distributed(cfg.train.get("distributed"))
     validate(cfg)
     require(not cfg.dataset.summary_only,
             f"dataset={cfg.dataset.name} describes shapes for `cnnlab summary` only; cnnlab "

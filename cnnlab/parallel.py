@@ -58,6 +58,9 @@ def initialize_distributed(mode: str | bool | None) -> bool:
         _slurm_multi_task() or "JAX_COORDINATOR_ADDRESS" in os.environ))
     if not wanted or jax.distributed.is_initialized():
         return False
+    # CPU processes (tests, CPU clusters) need a collectives library to all-reduce across
+    # processes; accelerators bring their own (NCCL, ICI) and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
     log.info("process %d of %d: %d local of %d devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -100,10 +103,25 @@ class Placement:
         """The sharding of a batch's leading axis; None on one device (nothing to split)."""
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)) if self.size > 1 else None
 
+    def eval_batch(self, batch_size: int) -> NamedSharding | None:
+        """`batch` for evaluation batches that split evenly; others are evaluated whole on every
+        device (the same numbers, only slower), which the log says."""
+        if self.batch is not None and batch_size % self.size:
+            log.warning("train.eval_batch_size=%d does not split over %d devices: every device "
+                        "evaluates whole batches (a multiple of %d would split them)",
+                        batch_size, self.size, self.size)
+            return None
+        return self.batch
+
     def put(self, tree: Any) -> Any:
         """`tree` (device arrays) replicated on every device of the mesh; on one device left
         where it is, so a single-device run's programs and shardings are what they always were."""
-        return tree if self.size == 1 else jax.device_put(tree, self.replicated)
+        if self.size == 1:
+            return tree
+        if jax.process_count() > 1:
+            # Every process holds the same values; a global sharding is filled from the host.
+            tree = jax.device_get(tree)
+        return jax.device_put(tree, self.replicated)
 
     def check_batch(self, key: str, batch_size: int) -> None:
         """Each device must get an equal share of a batch."""

@@ -181,7 +181,8 @@ class Run:
         cfg = self.cfg
         views = make_eval_views(cfg.eval, cfg.augment, self.dataset.image_shape)
         return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
-                         cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k)
+                         cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k,
+                         batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size))
 
 
 def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,

@@ -81,6 +81,9 @@ def write_atomic(path: Path, text: str | bytes) -> None:
 class RunDir:
     """The files of one run (module docstring); `path` need not exist yet."""
 
+    # False for a multi-host job's processes other than 0 (FollowerRunDir).
+    writes = True
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
 
@@ -224,6 +227,33 @@ class RunDir:
         if not folder.is_dir():
             return []
         return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class FollowerRunDir(RunDir):
+    """The run directory as a multi-host job's other processes see it: they read it and take
+    part in its (collective) Orbax checkpoints, but only process 0 writes its files and holds
+    its lock, so the files are written once."""
+
+    writes = False
+
+    def write_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {k: jsonable(v) for k, v in summary.items()}
+
+    def append_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def drop_metrics_after(self, step: int) -> None:
+        pass
+
+    def save_start_config(self, config: dict[str, Any], replace: bool = False) -> None:
+        pass
+
+    def record_changes(self, step: int, changes: dict[str, list[Any]]) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        yield
 
 
 def is_run_dir(path: Path) -> bool:

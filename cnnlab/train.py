@@ -20,7 +20,7 @@ from cnnlab.models import count_params
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.resume import check_changes, finished_summary, unfit_state_message
 from cnnlab.run import Run, build, use_compile_cache
-from cnnlab.rundir import CURVES, RunDir
+from cnnlab.rundir import CURVES, FollowerRunDir, RunDir
 from cnnlab.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
     is finished, diverged (training loss non-finite or above train.divergence_threshold;
     `failure` says when), failed or interrupted (`signal`: the signal's number).
     """
-    run_dir = RunDir(run_dir)
+    # Before anything touches a device: a multi-host job's processes must meet first.
+    parallel.initialize_distributed(cfg.train.get("distributed"))
+    run_dir = RunDir(run_dir) if parallel.is_primary() else FollowerRunDir(run_dir)
     with run_dir.lock():
         if (previous := finished_summary(run_dir, cfg.train.steps)) is not None:
             log.info("%s already finished; nothing to do", run_dir)
@@ -47,7 +49,6 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         else:  # nothing trained yet: this start is the first
             run_dir.save_start_config(config, replace=True)
         use_compile_cache(cfg.compile_cache_dir)
-        parallel.initialize_distributed(cfg.train.get("distributed"))
         run = build(cfg, with_source=not saved)
         checkpoint = actions.Checkpoint(cfg, run_dir)
         try:
@@ -57,7 +58,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
             if run_dir.start_config() != config:
                 raise ConfigError(unfit_state_message(run_dir, config)) from None
             raise
-        tracker = RunTracker(run_dir, config, cfg.logger, group, int(state.step), tags, name)
+        # One W&B run per run, from process 0.
+        logger = (cfg.logger if run_dir.writes
+                  else OmegaConf.merge(cfg.logger, {"mode": "disabled"}))
+        tracker = RunTracker(run_dir, config, logger, group, int(state.step), tags, name)
         return _train(run, run_dir, state, loop, checkpoint, tracker)
 
 
@@ -145,6 +149,8 @@ def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any],
            figures: Callable[[], None] = lambda: None) -> None:
     """Write the final summary, curves, `figures` and W&B run; a full disk must not hide why
     it ended."""
+    if not run_dir.writes:
+        return tracker.finish(failed=summary.get("status") != "finished")
     try:
         tracker.write_summary(summary)
         _log_curves(tracker, run_dir, summary["final_step"])

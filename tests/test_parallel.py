@@ -104,3 +104,28 @@ def test_auto_joins_only_a_multi_task_slurm_job(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert not parallel.initialize_distributed("false") and not calls
     assert parallel.initialize_distributed("auto") and calls == [1]
+
+
+def test_a_two_process_slurm_job_trains_like_one_device(
+        sharded: dict, tmp_path: Path, fashion_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    job = {"SLURM_JOB_ID": str(40000 + os.getpid() % 4096), "SLURM_STEP_NODELIST": "localhost",
+           "SLURM_NTASKS": "2", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": str(REPO)}
+    tasks = [subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "multihost_run.py"), str(fashion_dir), str(run_dir)],
+        env={**os.environ, **job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [task.communicate(timeout=600) for task in tasks]
+    for task, (_, err) in zip(tasks, outputs, strict=True):
+        assert task.returncode == 0, err[-3000:]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [(r["process"], r["processes"], r["devices"]) for r in reports] == [(0, 2, 4), (1, 2, 4)]
+    # One set of files, written by process 0, with the one-device run's losses.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["devices"] == 4
+    assert summary["processes"] == 2
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {str(e["step"]): e["train/loss"] for e in metrics if "train/loss" in e}
+    assert _close(losses, sharded["devices1"]["losses"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "20"]
