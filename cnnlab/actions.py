@@ -22,8 +22,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from cnnlab import diagnostics, progress, steps
+from cnnlab.errors import ConfigError, require
 from cnnlab.optim import cycle_length
-from cnnlab.rundir import BEST, SNAPSHOTS, RunDir
+from cnnlab.rundir import BEST, PROFILE, SNAPSHOTS, RunDir
 from cnnlab.selection import EarlyStopping, Plateau
 from cnnlab.tracking import RunTracker
 
@@ -357,6 +358,67 @@ class Checkpoint:
 
     def close(self) -> None:
         self.checkpoints.close()
+
+
+def profile_window(spec: str | None) -> tuple[int, int] | None:
+    """`train.profile`'s "START:STOP" as (start, stop); None when off. Validated by
+    `validate_profile`."""
+    if spec is None:
+        return None
+    start, stop = (int(part) for part in str(spec).split(":"))
+    return start, stop
+
+
+def validate_profile(spec: str | None, train: DictConfig) -> None:
+    """START:STOP, whole numbers with 0 <= START < STOP <= train.steps, at chunk boundaries
+    (multiples of train.steps_per_call): the trace starts and stops between compiled calls."""
+    if spec is None:
+        return
+    try:
+        start, stop = profile_window(spec)
+    except ValueError:
+        raise ConfigError(f"train.profile={spec!r} must be START:STOP (steps), e.g. "
+                          f"{train.steps_per_call * 2}:{train.steps_per_call * 4}") from None
+    require(0 <= start < stop <= train.steps,
+            f"train.profile={spec} must satisfy 0 <= START < STOP <= train.steps={train.steps}")
+    per_call = train.steps_per_call
+    require(start % per_call == 0 and stop % per_call == 0,
+            f"train.profile={spec}: START and STOP must be multiples of "
+            f"train.steps_per_call={per_call} (the trace starts and stops between calls)")
+
+
+class Profile:
+    """`train.profile=START:STOP`: a JAX profiler trace of the steps from START to STOP in
+    <run_dir>/profile (open it in Perfetto, ui.perfetto.dev, or TensorBoard's profile tab).
+
+    The trace starts at the step boundary START, before the next chunk is dispatched, and stops
+    once the chunk ending at STOP has finished on the device, so it holds whole compiled calls
+    and the host work between them (the periodic actions, evaluations included if due)."""
+
+    def __init__(self, window: tuple[int, int], run_dir: RunDir, step: int) -> None:
+        self.start, self.stop = window
+        self.folder = run_dir / PROFILE
+        self.active = False
+        if self.start <= step < self.stop:  # START=0, or resumed inside the window
+            self._begin(step)
+
+    def _begin(self, step: int) -> None:
+        log.info("profiling steps %d to %d into %s", step, self.stop, self.folder)
+        jax.profiler.start_trace(str(self.folder), create_perfetto_trace=True)
+        self.active = True
+
+    def __call__(self, tick: Tick) -> None:
+        if not self.active and self.start <= tick.step < self.stop and not tick.last:
+            self._begin(tick.step)
+        elif self.active and (tick.step >= self.stop or tick.last or tick.stop is not None):
+            jax.block_until_ready(tick.state)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile written to %s", self.folder)
 
 
 class StopOnSignal:

@@ -334,6 +334,8 @@ class TrainConfig:
     devices: int | None = None
     # auto | true | false (cnnlab/parallel.py); None: auto.
     distributed: str | None = None
+    # "START:STOP": a profiler trace of those steps (cnnlab/actions.py Profile); null: off.
+    profile: str | None = None
 
 
 @dataclasses.dataclass

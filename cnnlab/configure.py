@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import (
+    actions,
     augment,
     data,
     diagnostics,
@@ -139,6 +140,7 @@ CHECKS = (
     lambda cfg: tracking.validate(cfg.logger),
     lambda cfg: model_summary.validate(cfg.summary),
     diagnostics.validate,
+    lambda cfg: actions.validate_profile(cfg.train.get("profile"), cfg.train),
 )
 
 

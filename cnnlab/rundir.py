@@ -40,6 +40,8 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+# train.profile's JAX profiler trace (TensorBoard and Perfetto files).
+PROFILE = "profile"
 # Per evaluated split (`test`, `val`, `test_ema`, ...), from the run's last evaluation.
 CONFUSION_CSV, CONFUSION_PNG = "confusion_{split}.csv", "confusion_{split}.png"
 PER_CLASS_CSV = "per_class_{split}.csv"

@@ -106,6 +106,8 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
                 progress, checkpoint]
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
         periodic.append(actions.Snapshots(cfg, run_dir))
+    if (window := actions.profile_window(cfg.train.get("profile"))) is not None:
+        periodic.insert(0, actions.Profile(window, run_dir, int(state.step)))
     try:
         _, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale, compiles)
         summary.update(_ending(stop, progress.step, signals.received))
