@@ -97,7 +97,8 @@ def tiny_net_dir(tmp_path_factory):
 
 IMAGENET_STYLE = [
     "dataset=imagenet", "dataset.name=stream_tiny_net", "dataset.num_classes=3",
-    "dataset.train_size=24", "model=resnet18", "augment=flip", "train.batch_size=2",
+    "dataset.train_size=24", "model=resnet18", "model.width=0.125", "augment=flip",
+    "train.batch_size=2",
     "train.steps=2", "train.steps_per_call=2", "train.eval_every=2", "train.eval_batch_size=4",
     "train.log_every=1", "checkpoint.enabled=false", "progress=false", "logger.mode=disabled",
     "dataset.stream_workers=0", "dataset.stats_sample=8",
