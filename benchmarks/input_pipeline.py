@@ -29,36 +29,43 @@ from cnnlab import configure, stream, stream_config
 from cnnlab import run as run_lib
 
 
-class SyntheticJpeg(tfds.core.GeneratorBasedBuilder):
-    """Random-pixel JPEGs of ImageNet-like sizes, 10 classes (noise compresses badly: each file
-    is larger than a photo of its size, so decoding is, if anything, slower than ImageNet's)."""
+def synthetic_builder() -> type:
+    """The builder class, defined when called: Grain workers re-import this script as
+    __mp_main__ and receive the class by value (cloudpickle), so a module-level definition
+    would register the name twice there."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    SIZES = {"train": 512, "validation": 64}
+    class SyntheticJpeg(tfds.core.GeneratorBasedBuilder):
+        """Random-pixel JPEGs of ImageNet-like sizes, 10 classes (noise compresses badly: each file
+        is larger than a photo of its size, so decoding is, if anything, slower than ImageNet's)."""
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=10)}))
+        VERSION = tfds.core.Version("1.0.0")
+        SIZES = {"train": 512, "validation": 64}
 
-    def _split_generators(self, dl_manager: object) -> dict:
-        return {split: self._generate_examples(n, seed)
-                for seed, (split, n) in enumerate(self.SIZES.items())}
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=10)}))
 
-    def _generate_examples(self, n: int, seed: int):
-        from PIL import Image
+        def _split_generators(self, dl_manager: object) -> dict:
+            return {split: self._generate_examples(n, seed)
+                    for seed, (split, n) in enumerate(self.SIZES.items())}
 
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            short = int(rng.integers(256, 401))
-            long = int(short * rng.uniform(1.0, 1.5))
-            shape = (short, long) if i % 2 else (long, short)
-            # Smooth-ish pixels (an upsampled 1/8 image): photo-like JPEG sizes.
-            small = rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3), np.uint8)
-            img = Image.fromarray(small).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-            encoded = io.BytesIO()
-            img.save(encoded, format="JPEG", quality=90)
-            yield i, {"image": encoded.getvalue(), "label": i % 10}
+        def _generate_examples(self, n: int, seed: int):
+            from PIL import Image
+
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                short = int(rng.integers(256, 401))
+                long = int(short * rng.uniform(1.0, 1.5))
+                shape = (short, long) if i % 2 else (long, short)
+                # Smooth-ish pixels (an upsampled 1/8 image): photo-like JPEG sizes.
+                small = rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3), np.uint8)
+                img = Image.fromarray(small).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+                encoded = io.BytesIO()
+                img.save(encoded, format="JPEG", quality=90)
+                yield i, {"image": encoded.getvalue(), "label": i % 10}
+
+    return SyntheticJpeg
 
 
 def pipeline_rate(split: stream.StreamSplit, batch_size: int, batches: int,
@@ -106,12 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="N of the N-worker rows")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
     parser.add_argument("--chunks", type=int, default=3, help="timed training chunks")
+    parser.add_argument("--only", default=None, help="one set: fashion_mnist or jpeg")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
     with tempfile.TemporaryDirectory() as tmp:
-        SyntheticJpeg(data_dir=tmp, file_format="array_record").download_and_prepare()
+        synthetic_builder()(data_dir=tmp, file_format="array_record").download_and_prepare()
         sets = {
             "fashion_mnist": (["dataset=fashion_mnist", "model=resnet20",
                                "train.batch_size=128"], 128),
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                                        "augment=flip", "train.batch_size=16"], 16),
         }
         for name, (overrides, batch) in sets.items():
+            if args.only and not name.startswith(args.only.replace("jpeg", "synthetic")):
+                continue
             common = [*overrides, "dataset.on_device=false", "dataset.stats_sample=64",
                       "train.steps=1000", "train.steps_per_call=2", "logger.mode=disabled"]
             split = stream_config.load_streamed(configure.compose(common)).train
