@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"after {first:.1f} s |")
             compile_s, step_rate, streamed_rate = step_rates(
                 [*common, f"dataset.stream_workers={args.workers}"], args.chunks)
-            print(f"| {name} | training step alone ({overrides[1]}, batch {batch}) | "
+            model = next(o for o in overrides if o.startswith("model="))
+            print(f"| {name} | training step alone ({model}, batch {batch}) | "
                   f"{step_rate:,.0f} | compiled in {compile_s:.0f} s |")
             print(f"| {name} | streamed training ({args.workers} workers) | "
                   f"{streamed_rate:,.0f} | pipeline and step together |")
