@@ -70,6 +70,18 @@ class DatasetConfig:
     test_fraction: float | None = None
     # Shapes only (ImageNet): `cnnlab summary` uses it, `cnnlab train` refuses it.
     summary_only: bool = MISSING
+    # Device-resident or streamed training set (cnnlab/stream_config.py): auto | true | false;
+    # Any: a bool or "auto". None, as in configs saved before streaming existed, reads as auto.
+    on_device: Any = None
+    # Streaming through Grain (cnnlab/stream.py); None: StreamOptions' defaults.
+    stream_workers: int | None = None
+    stream_threads: int | None = None
+    stream_prefetch: int | None = None
+    # Training images a streamed set's preprocessing statistics are computed from.
+    stats_sample: int | None = None
+    # auto's budget for the decoded train split on the device; None: half the device's memory
+    # (8 GB where the backend does not say, e.g. the CPU).
+    device_budget_gb: float | None = None
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ from cnnlab import (
     parallel,
     preprocess,
     selection,
+    stream_config,
     tracking,
 )
 from cnnlab.config import CONF_DIR, Config, resolve_presets
@@ -130,6 +131,7 @@ CHECKS = (
     lambda cfg: preprocess.validate(cfg.preprocess, cfg.dataset.image_shape),
     _validate_loop,
     lambda cfg: data.validate(cfg.dataset),
+    stream_config.validate,
     lambda cfg: optim.validate_optimizer(cfg.optimizer),
     lambda cfg: optim.validate_regularization(cfg.regularization),
     lambda cfg: losses.validate(cfg.loss),
@@ -159,8 +161,8 @@ def validate_for_training(cfg: DictConfig) -> None:
     parallel.initialize_distributed(cfg.train.get("distributed"))
     validate(cfg)
     require(not cfg.dataset.summary_only,
-            f"dataset={cfg.dataset.name} describes shapes for `cnnlab summary` only; cnnlab "
-            "keeps datasets in device memory, which it does not fit")
+            f"dataset={cfg.dataset.name} describes shapes for `cnnlab summary` only; set "
+            "dataset.summary_only=false to train on it (streamed: docs/data.md)")
 
 
 def compose(overrides: list[str] | None = None, for_training: bool = True,

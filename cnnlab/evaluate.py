@@ -194,7 +194,8 @@ class Evaluator:
         self.batch_size = batch_size
         self.splits = splits
         # The real examples (the splits are padded to whole batches), for the log lines.
-        self.sizes = {name: int(np.sum(jax.device_get(split.mask)))
+        self.sizes = {name: len(split) if hasattr(split, "device_batches")
+                      else int(np.sum(jax.device_get(split.mask)))
                       for name, split in splits.items()}
         self._eval_batch = steps.make_eval_batch(model, batch_size, top_k=top_k,
                                                  batch_sharding=batch_sharding)
@@ -208,9 +209,8 @@ class Evaluator:
 
     def _sums(self, variant: str, eval_batch: Any, params: Any, batch_stats: Any,
               name: str) -> dict[str, float]:
-        split = self.splits[name]
         sums = None
-        for index in range(split.labels.shape[0] // self.batch_size):
+        for split, index in _batches(self.splits[name], self.batch_size):
             # Each split's shape and each variant compile on their first batch.
             batch, _ = self.compiles.call((variant, name), eval_batch, params, batch_stats,
                                           split, index)
@@ -246,6 +246,14 @@ class Evaluator:
                      progress.duration(self.compiles.seconds - compiled))
         log.info("%sevaluated %s", prefix, ", ".join(took))
         return results
+
+
+def _batches(split: Any, batch_size: int) -> Any:
+    """(split, index) of each eval batch: a device-resident split's slices, or a streamed one's
+    (cnnlab.stream.EvalStream) batches, each a one-batch split, through the same function."""
+    if hasattr(split, "device_batches"):
+        return split.device_batches(batch_size)
+    return ((split, index) for index in range(split.labels.shape[0] // batch_size))
 
 
 @dataclasses.dataclass(frozen=True)

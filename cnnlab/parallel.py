@@ -123,6 +123,18 @@ class Placement:
             tree = jax.device_get(tree)
         return jax.device_put(tree, self.replicated)
 
+    def put_batches(self, chunk: Any) -> Any:
+        """A streamed chunk (`steps.StreamedChunk`: images and labels stacked (steps, batch,
+        ...)) onto the devices, each batch split along its second axis as the step wants it."""
+        if self.size == 1:
+            return jax.device_put(chunk)
+        split = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))
+        if jax.process_count() > 1:
+            chunk = jax.device_get(chunk)
+        return chunk.replace(images=jax.device_put(chunk.images, split),
+                             labels=jax.device_put(chunk.labels, split),
+                             stats=jax.device_put(chunk.stats, self.replicated))
+
     def check_batch(self, key: str, batch_size: int) -> None:
         """Each device must get an equal share of a batch."""
         if batch_size % self.size:

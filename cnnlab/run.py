@@ -7,6 +7,7 @@ on their first call.
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import optax
 from omegaconf import DictConfig
 
 from cnnlab import data as data_lib
-from cnnlab import diagnostics, parallel, preprocess, steps
+from cnnlab import diagnostics, parallel, preprocess, steps, stream, stream_config
 from cnnlab import transfer as transfer_lib
 from cnnlab.augment import Augment, make_augment
 from cnnlab.errors import ConfigError
@@ -27,11 +28,18 @@ from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
 from cnnlab.transfer import sources as transfer_sources
 
+log = logging.getLogger(__name__)
+
 
 def load_data(cfg: DictConfig) -> data_lib.Dataset:
     """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
     ds = cfg.dataset
+    where = stream_config.placement(cfg)
+    log.info("training set %s: %s", "on the device" if where.on_device else "streamed",
+             where.reason)
     try:
+        if not where.on_device:
+            return _with_stats(cfg, stream_config.load_streamed(cfg))
         dataset = data_lib.load_dataset(
             ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
             image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
@@ -43,13 +51,21 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
         )
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
         raise ConfigError(f"dataset {ds.name}: {e}") from None
+    return _with_stats(cfg, dataset)
+
+
+def _with_stats(cfg: DictConfig, dataset: data_lib.Dataset) -> data_lib.Dataset:
+    """`dataset` with `cfg.preprocess`'s statistics (of a streamed set: of its sample)."""
     _check_declared_shapes(cfg, dataset)
     # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
     # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
     # A transfer run normalizes as its source was trained (transfer.preprocess=source).
     stats = transfer_sources.source_preprocess(cfg, load_data)
     if stats is None:
-        stats = preprocess.compute_stats(cfg.preprocess, dataset)
+        # A streamed set's statistics come from its training sample.
+        sampled = (dataclasses.replace(dataset, train=dataset.train.sample)
+                   if isinstance(dataset.train, stream.StreamSplit) else dataset)
+        stats = preprocess.compute_stats(cfg.preprocess, sampled)
     stats = jax.device_put(stats)
     return dataclasses.replace(dataset, preprocess=stats)
 
@@ -112,15 +128,42 @@ class Run:
     def macs(self) -> int:
         return summarize(self.model, tuple(self.dataset.image_shape)).macs
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the training set is read from its files chunk by chunk (cnnlab/stream.py)."""
+        return isinstance(self.dataset.train, stream.StreamSplit)
+
     @functools.cached_property
     def train_data(self) -> steps.DeviceSplit:
+        if self.streamed:
+            raise ConfigError(f"{self.dataset.name}'s training set is streamed, and this needs "
+                              "it on the device: set dataset.on_device=true if it fits")
         return self.placement.put(steps.device_split(self.dataset.train, self.dataset.preprocess))
+
+    @functools.cached_property
+    def feeder(self) -> stream.ChunkFeeder:
+        """The streamed training set's chunks, read ahead (`steps.batch_indices`' order)."""
+        cfg = self.cfg
+        data_key = jax.device_get(jax.random.split(self.state.rng)[0])
+        return stream.ChunkFeeder(self.dataset.train, data_key, self.dataset.preprocess,
+                                  cfg.train.batch_size, cfg.train.steps,
+                                  cfg.train.steps_per_call, stream_config.options(cfg.dataset),
+                                  put=self.placement.put_batches)
+
+    def close(self) -> None:
+        """Stop reading ahead (a streamed run's feeder thread), whatever ended the run."""
+        if "feeder" in self.__dict__:
+            self.feeder.close()
+
+    def chunk_data(self, step: int, num_steps: int) -> steps.DeviceSplit | steps.StreamedChunk:
+        """What `chunk_at(step)` trains the steps step..step + num_steps - 1 on."""
+        return self.feeder(step, num_steps) if self.streamed else self.train_data
 
     @functools.cached_property
     def augment(self) -> Augment:
         cfg = self.cfg
         # AlexNet's lighting noise follows the training set's RGB principal components.
-        lighting_pca = (preprocess.channel_pca(self.dataset.train.images)
+        lighting_pca = (preprocess.channel_pca(stream.stats_images(self.dataset.train))
                         if cfg.augment.lighting else None)
         return make_augment(cfg.augment, lighting_pca)
 
@@ -172,8 +215,10 @@ class Run:
     def eval_splits(self, batch_size: int) -> dict[str, steps.DeviceSplit]:
         """The held-out splits on the device, padded to whole batches."""
         splits = {"test": self.dataset.test, "val": self.dataset.val}
-        return {name: self.placement.put(
-                    steps.device_split(split, self.dataset.preprocess, batch_size))
+        stats, options = self.dataset.preprocess, stream_config.options(self.cfg.dataset)
+        return {name: stream.EvalStream(split, stats, options, self.placement.put)
+                if isinstance(split, stream.StreamSplit)
+                else self.placement.put(steps.device_split(split, stats, batch_size))
                 for name, split in splits.items() if split is not None}
 
     @functools.cached_property

@@ -65,6 +65,34 @@ def device_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceS
                                       mask=np.arange(padded) < n, stats=stats))
 
 
+class GivenBatch(struct.PyTreeNode):
+    """One training batch handed to the step (streamed data, cnnlab/stream.py) instead of one
+    gathered from a `DeviceSplit` by `batch_indices`."""
+
+    images: jax.Array  # (B, H, W, C) uint8
+    labels: jax.Array  # (B,) int32
+    stats: PreprocessStats
+
+
+class StreamedChunk(struct.PyTreeNode):
+    """The batches of a chunk of steps, stacked: the xs of the chunk's scan (cnnlab/stream.py
+    reads them, in `batch_indices`' order, from files on the host)."""
+
+    images: jax.Array  # (num_steps, B, H, W, C) uint8
+    labels: jax.Array  # (num_steps, B) int32
+    stats: PreprocessStats
+
+
+def select_batch(data: DeviceSplit | GivenBatch, data_key: jax.Array, step: jax.Array,
+                 batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """(images, labels) of the batch at `step`: gathered from a device-resident split, or the
+    streamed batch itself (already in the same order)."""
+    if isinstance(data, GivenBatch):
+        return data.images, data.labels
+    idx = batch_indices(data_key, step, data.labels.shape[0], batch_size)
+    return data.images[idx], data.labels[idx]
+
+
 def zero_metrics() -> dict[str, jax.Array]:
     return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
             "count": jnp.zeros((), jnp.int32)}
@@ -148,8 +176,8 @@ def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
 
     def gradients(state: TrainState, data: DeviceSplit) -> Gradients:
         data_key, step_key = jax.random.split(state.rng)
-        idx = batch_indices(data_key, state.step, data.labels.shape[0], batch_size)
-        images, labels = constrain((data.images[idx], data.labels[idx]), batch_sharding)
+        images, labels = constrain(select_batch(data, data_key, state.step, batch_size),
+                                   batch_sharding)
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
         # cnnlab/augment.py's order: pixel-space augmentation, preprocessing, cutout, mixup.
         x = augment.cutout(aug_key, preprocess(augment(aug_key, images), data.stats))
@@ -268,6 +296,9 @@ def make_train_chunk(train_step: Callable, replicated: Any = None) -> Callable:
     slowly and runs much slower, while unrolling keeps per-step speed and removes the per-step
     dispatch. The state's buffers are donated, so parameters are updated in place.
 
+    `data` is the device-resident `DeviceSplit` (each step gathers its batch), or a
+    `StreamedChunk` of the chunk's batches, which the scan hands to the steps one by one.
+
     `replicated`: on several devices, the sharding the state and metrics leave with (whole on
     every device, as they came), so that every chunk is called with the same shardings.
     """
@@ -275,15 +306,19 @@ def make_train_chunk(train_step: Callable, replicated: Any = None) -> Callable:
 
     @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state", **placed)
     def train_chunk(
-        state: TrainState, data: DeviceSplit, num_steps: int
+        state: TrainState, data: DeviceSplit | StreamedChunk, num_steps: int
     ) -> tuple[TrainState, dict]:
-        def body(carry: tuple, _: None) -> tuple[tuple, None]:
+        streamed = isinstance(data, StreamedChunk)
+
+        def body(carry: tuple, batch: tuple | None) -> tuple[tuple, None]:
             state, sums = carry
-            state, metrics = train_step(state, data)
+            given = GivenBatch(*batch, stats=data.stats) if streamed else data
+            state, metrics = train_step(state, given)
             return (state, jax.tree.map(jnp.add, sums, metrics)), None
 
+        xs = (data.images, data.labels) if streamed else None
         (state, sums), _ = jax.lax.scan(
-            body, (state, zero_metrics()), None, length=num_steps, unroll=num_steps
+            body, (state, zero_metrics()), xs, length=num_steps, unroll=num_steps
         )
         return state, sums
 

@@ -62,7 +62,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         logger = (cfg.logger if run_dir.writes
                   else OmegaConf.merge(cfg.logger, {"mode": "disabled"}))
         tracker = RunTracker(run_dir, config, logger, group, int(state.step), tags, name)
-        return _train(run, run_dir, state, loop, checkpoint, tracker)
+        try:
+            return _train(run, run_dir, state, loop, checkpoint, tracker)
+        finally:
+            run.close()
 
 
 def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
@@ -191,12 +194,13 @@ def _chunk(run: Run, state: Any, num_steps: int, compiles: CompileTimer) -> tupl
     runs)."""
     step = int(state.step)
     phase, chunk = run.phase_at(step), run.chunk_at(step)
+    data = run.chunk_data(step, num_steps)
     key = (phase, num_steps)
     if not compiles.is_new(key):
-        return chunk(state, run.train_data, num_steps)
+        return chunk(state, data, num_steps)
     what = "the linear-probe step" if phase == "probe" else "the training step"
     log.info("compiling %s (%s, %d steps per call)", what, run.cfg.model.name, num_steps)
-    out, took = compiles.call(key, chunk, state, run.train_data, num_steps)
+    out, took = compiles.call(key, chunk, state, data, num_steps)
     log.info("compiled %s in %s", what, duration(took))
     return out
 

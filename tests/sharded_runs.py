@@ -47,6 +47,12 @@ def main(data_dir: Path, out: Path) -> None:
             "losses": losses(run_dir), "test_errors": test_errors(run_dir),
             "summary": {k: summary.get(k) for k in ("devices", "device_kind", "platform",
                                                     "processes", "status")}}
+    # Streamed through Grain (in-process reads), each chunk's batches split over 4 devices.
+    streamed = out / "streamed4"
+    summary = train_tiny(streamed, data_dir, [*COMMON, "train.devices=4", "dataset.on_device=false",
+                                              "dataset.stream_workers=0"])
+    results["streamed4"] = {"losses": losses(streamed), "test_errors": test_errors(streamed),
+                            "devices": summary["devices"]}
     # Resume across device counts: the 4-device run as if killed after its checkpoint at step
     # 10, resumed on 2 devices.
     resumed = out / "resumed"

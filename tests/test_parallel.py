@@ -45,6 +45,13 @@ def test_four_devices_train_like_one(sharded: dict) -> None:
     assert four["losses"]["20"] < four["losses"]["5"]  # and it trains
 
 
+def test_a_streamed_run_splits_its_batches_too(sharded: dict) -> None:
+    streamed, one = sharded["streamed4"], sharded["devices1"]
+    assert streamed["devices"] == 4
+    assert _close(streamed["losses"], one["losses"])
+    assert streamed["test_errors"] == pytest.approx(one["test_errors"], abs=0.2)
+
+
 def test_the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
     # One device: no collective at all; four: the loss, gradients and BN statistics all-reduced.
     assert sharded["collectives"] == {"1": [], "4": ["all-reduce"]}
