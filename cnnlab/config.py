@@ -329,6 +329,11 @@ class TrainConfig:
     # With stop_on_nan, a mean training loss above this also counts as diverged (null: only
     # NaN/inf).
     divergence_threshold: float | None = MISSING
+    # fp32 or bf16 (cnnlab.models.layers.PRECISIONS); grad_accum: microbatches per step
+    # (cnnlab.steps). Their default None (not MISSING) lets configs saved before these keys
+    # load: fp32 and 1, as those runs trained.
+    precision: str | None = None
+    grad_accum: int | None = None
 
 
 @dataclasses.dataclass
