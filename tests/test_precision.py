@@ -34,8 +34,8 @@ def _read_losses(run_dir) -> list[float]:
 
 def test_bf16_keeps_state_float32_and_computes_in_bfloat16():
     t = tiny_step(["train.precision=bf16"])
-    state, metrics = jax.jit(_step(t))(t.state, t.data)
-    state, metrics = jax.jit(_step(t))(state, t.data)
+    step = jax.jit(_step(t))
+    state, metrics = step(*step(t.state, t.data)[:1], t.data)
     assert int(state.step) == 2 and np.isfinite(float(metrics["loss_sum"]))
     # Mixed precision: weights, BN running statistics and the optimizer's moments stay float32.
     for part in (state.params, state.batch_stats, state.opt_state):
@@ -142,3 +142,46 @@ def test_configs_saved_before_the_keys_mean_fp32_and_one_microbatch():
     assert resume.config_changes(old, {"train": {"steps": 5, "precision": "bf16",
                                                  "grad_accum": 1}}) == {
         "train.precision": ["fp32", "bf16"]}
+
+
+def test_cpu_conv_kernel_gradient_in_bfloat16():
+    from jax import lax
+
+    from cnnlab.models.conv import conv_general_dilated
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 9, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 8))
+    args, dn = ((2, 2), ((1, 1), (1, 1))), ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, dtype):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x.astype(dtype), w.astype(dtype), *args,
+                                                 dimension_numbers=dn).astype(jnp.float32)))
+
+    expected = jax.grad(loss(lax.conv_general_dilated, jnp.float32), (0, 1))(x, w)
+    inner = jax.grad(lambda x, w: loss(conv_general_dilated, jnp.bfloat16)(x, w), (0, 1))
+    got = inner(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == jnp.bfloat16  # custom_vjp: cotangents in the primals' dtypes
+        np.testing.assert_allclose(g.astype(jnp.float32), e, atol=0.05 * float(jnp.abs(e).max()))
+
+
+@pytest.mark.parametrize("model", ["lenet5", "alexnet_cifar"])
+def test_stack_models_compute_in_bfloat16(model):
+    # LeNet-5's subsampling layers (float32 coefficients) and sparse table conv, AlexNet's LRN.
+    cfg = compose_config([f"model={model}", "train.precision=bf16", "model.dropout=0"])
+    shape = (32, 32, 3) if model == "alexnet_cifar" else (28, 28, 1)
+    net = build_model(cfg, 10)
+    x = jnp.ones((2, *shape), jnp.bfloat16)
+    variables = jax.jit(net.init, static_argnames="train")(jax.random.PRNGKey(0), x,
+                                                             train=False)
+    logits, captured = jax.jit(lambda v, x: net.apply(v, x, capture_intermediates=True,
+                                                      mutable=["intermediates"]))(variables, x)
+    assert logits.dtype == jnp.float32
+    dtypes = _float_dtypes(captured["intermediates"])
+    # Every layer's output is bfloat16; only the model's own output (the logits) is float32.
+    assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    top = captured["intermediates"]["__call__"][0]
+    assert top.dtype == jnp.float32
+    inner = {k: v for k, v in captured["intermediates"].items() if k != "__call__"}
+    assert _float_dtypes(inner) == {jnp.dtype(jnp.bfloat16)}
+    assert _float_dtypes(variables["params"]) == {jnp.dtype(jnp.float32)}
