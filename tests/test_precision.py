@@ -85,6 +85,17 @@ def test_grad_accum_equals_the_whole_batch_without_batch_norm():
         int, (m4["correct"], m4["count"]))
 
 
+def test_grad_accum_as_a_rolled_scan_equals_the_whole_batch(monkeypatch):
+    # What GPU/TPU run (steps.ACCUMULATE_LOOPS has CPU's unrolled loop only).
+    monkeypatch.setattr(steps, "ACCUMULATE_LOOPS", {})
+    t = tiny_step(["norm=none"])
+    whole, parts = (jax.jit(steps.make_gradients(t.model, make_augment(t.cfg.augment), 32,
+                                                 grad_accum=k))(t.state, t.data) for k in (1, 2))
+    for a, b in zip(jax.tree.leaves(whole.grads), jax.tree.leaves(parts.grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert int(parts.metrics["correct"]) == int(whole.metrics["correct"])
+
+
 def test_grad_accum_with_batch_norm_normalizes_per_microbatch():
     t = tiny_step()
     one, _ = jax.jit(_step(t, 1))(t.state, t.data)
