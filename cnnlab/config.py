@@ -348,6 +348,11 @@ class TrainConfig:
     distributed: str | None = None
     # "START:STOP": a profiler trace of those steps (cnnlab/actions.py Profile); null: off.
     profile: str | None = None
+    # fp32 or bf16 (cnnlab.models.layers.PRECISIONS); grad_accum: microbatches per step
+    # (cnnlab.steps). Their default None (not MISSING) lets configs saved before these keys
+    # load: fp32 and 1, as those runs trained.
+    precision: str | None = None
+    grad_accum: int | None = None
 
 
 @dataclasses.dataclass

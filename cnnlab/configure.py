@@ -73,6 +73,18 @@ def _validate_loop(cfg: DictConfig) -> None:
             "NaN/inf count as diverged)")
 
 
+def _validate_scale(cfg: DictConfig) -> None:
+    """train.precision and train.grad_accum; null (configs saved before them) is fp32 and 1."""
+    models.compute_dtype(cfg)
+    accum, batch = cfg.train.get("grad_accum"), cfg.train.batch_size
+    if accum is None:
+        return
+    require(accum >= 1, f"train.grad_accum={accum} must be a positive integer")
+    require(batch % accum == 0,
+            f"train.batch_size={batch} must be a multiple of train.grad_accum={accum} (the "
+            "microbatches are batch_size / grad_accum each)")
+
+
 def _own_keys(cfg: DictConfig) -> list[str]:
     """The config's keys without `hydra` (there when composed with Hydra's own config, and not
     resolvable outside a Hydra job)."""
@@ -130,6 +142,7 @@ CHECKS = (
     lambda cfg: augment.validate(cfg.augment, cfg.dataset.image_shape),
     lambda cfg: preprocess.validate(cfg.preprocess, cfg.dataset.image_shape),
     _validate_loop,
+    _validate_scale,
     lambda cfg: data.validate(cfg.dataset),
     stream_config.validate,
     lambda cfg: optim.validate_optimizer(cfg.optimizer),

@@ -60,9 +60,15 @@ def completed(run_dir: RunDir, summary: dict[str, Any], step: int) -> dict[str, 
             "completed_from_files": True}
 
 
+# Keys added to cnnlab after some runs started, and what their absence from such a run's first
+# config means (how it trained): resuming it with that value changes nothing.
+IMPLIED = {"train.precision": "fp32", "train.grad_accum": 1}
+
+
 def config_changes(start: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
     """{key: [first start's value, this start's value]} over the tracked settings."""
-    before, after = flatten(start), flatten(now)
+    after = flatten(now)
+    before = {**{key: v for key, v in IMPLIED.items() if key in after}, **flatten(start)}
     return {key: [before.get(key), after.get(key)] for key in sorted(set(before) | set(after))
             if before.get(key) != after.get(key) and not key.startswith(UNTRACKED)}
 

@@ -23,7 +23,7 @@ from cnnlab import transfer as transfer_lib
 from cnnlab.augment import Augment, make_augment
 from cnnlab.errors import ConfigError
 from cnnlab.evaluate import Evaluator, make_eval_views
-from cnnlab.models import build_model, count_params, init_variables
+from cnnlab.models import build_model, compute_dtype, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.optim import make_optimizer, make_schedule
 from cnnlab.transfer import sources as transfer_sources
@@ -181,7 +181,8 @@ class Run:
         return steps.make_train_chunk(steps.make_train_step(
             model, tx, self.augment, cfg.train.batch_size, cfg.regularization,
             cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss"),
-            frozen=frozen, batch_sharding=batch),
+            frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.get("grad_accum") or 1,
+            compute_dtype=compute_dtype(cfg)),
             replicated=None if batch is None else self.placement.replicated)
 
     @functools.cached_property

@@ -77,6 +77,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         "status": "running", "model": cfg.model.name, "dataset": run.dataset.name,
         "params": run.num_params, "macs": run.macs, "steps": cfg.train.steps,
         "seed": cfg.seed, "resumed_from": resumed_from, **run.placement.describe(),
+        "precision": cfg.train.get("precision") or "fp32",
     }
     if run.transfer is not None:
         summary["transfer"] = _transfer_summary(run, tracker)

@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import cifar_resnet, pattern, stack
-from cnnlab.models.layers import BatchNorm, InputFit, Layers, build_layers
+from cnnlab.models.layers import PRECISIONS, BatchNorm, InputFit, Layers, build_layers
 from cnnlab.registry import Registry
 
 
@@ -60,11 +60,19 @@ def model_options(model_cfg: DictConfig) -> Any:
     return options
 
 
+def compute_dtype(cfg: DictConfig) -> Any:
+    """The dtype `train.precision` computes in; ConfigError names the choices. Configs saved
+    before the key existed have none (null): fp32, as they were trained."""
+    precision = OmegaConf.select(cfg, "train.precision")
+    return PRECISIONS.get("fp32" if precision is None else precision)
+
+
 def build_model(cfg: DictConfig, num_classes: int,
                 frozen_norms: tuple[str, ...] = ()) -> nn.Module:
     """The Flax module a full run config describes; batch norms in the top-level layers
-    `frozen_norms` normalize with their running statistics in training too (cnnlab/transfer)."""
-    layers = build_layers(cfg.init, cfg.activation, cfg.norm)
+    `frozen_norms` normalize with their running statistics in training too (cnnlab/transfer).
+    Its layers compute in `train.precision`'s dtype; its logits are float32 whatever it is."""
+    layers = build_layers(cfg.init, cfg.activation, cfg.norm, compute_dtype(cfg))
     if frozen_norms and getattr(layers.norm, "func", None) is BatchNorm:
         layers = dataclasses.replace(
             layers, norm=functools.partial(layers.norm, frozen_layers=tuple(frozen_norms)))

@@ -146,6 +146,9 @@ class Subsample(nn.Module):
         summed = nn.avg_pool(x, window, window, pads) * self.kernel**2
         coefficient = self.param("coefficient", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", self.layers.bias_init, (x.shape[-1],))
+        # float32 parameters used in the compute dtype, as nn.Dense and nn.Conv use theirs.
+        summed, coefficient, bias = nn.dtypes.promote_dtype(summed, coefficient, bias,
+                                                           dtype=self.layers.dtype)
         return self.layers.act(summed * coefficient + bias)
 
 
@@ -204,7 +207,9 @@ class AuxClassifier(nn.Module):
         y = Dropout(0.7, name="dropout")(y, train)
         logits = Dense(self.num_classes, self.layers, activate=False, name="classifier")(y)
         if train:
-            self.sow(AUX_COLLECTION, "head", {"logits": logits, "weight": jnp.float32(self.weight)})
+            # float32 like the main classifier's logits (train.precision), for the loss.
+            self.sow(AUX_COLLECTION, "head", {"logits": logits.astype(jnp.float32),
+                                              "weight": jnp.float32(self.weight)})
         return x
 
 

@@ -102,7 +102,8 @@ class CifarResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         if self.dropout_head:
             x = Dropout(self.dropout_head, name="head_dropout")(x, train)
-        return lay.dense(self.num_classes, name="head")(x)
+        # float32 logits under any train.precision: softmax and losses need its range.
+        return lay.dense(self.num_classes, name="head")(x).astype(jnp.float32)
 
 
 def build(options: CifarResNetOptions, num_classes: int, layers: Layers,

@@ -8,6 +8,9 @@ gradient over (batch, height, width), the same gradient runs on the fast dot ker
 The forward pass and the input gradient are XLA's own (both on its fast path already; the same
 matmul treatment of the input gradient measured no faster). On GPU/TPU, XLA's convolutions are
 used unchanged.
+
+Under bfloat16 compute, x, w and dy are bfloat16 (flax casts the float32 kernel before the
+call); dx comes back in x's dtype and the kernel gradient in w's, as custom_vjp requires.
 """
 
 import functools
@@ -49,7 +52,10 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
             window = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1,
                                                   j + (wo - 1) * sw + 1, xp.shape[3]),
                                (1, sh, sw, 1))
-            cols.append(jnp.einsum("nhwc,nhwd->cd", window, dy))
+            # Accumulated in float32 under bfloat16 compute (train.precision): the sum runs
+            # over every pixel of the batch, far past bfloat16's 8-bit mantissa.
+            cols.append(jnp.einsum("nhwc,nhwd->cd", window, dy,
+                                   preferred_element_type=jnp.float32))
         rows.append(jnp.stack(cols))
     return dx, jnp.stack(rows).astype(w.dtype)
 

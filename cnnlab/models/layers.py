@@ -146,6 +146,9 @@ class Recorded:
 class Identity(nn.Module):
     """The `norm=none` choice: keeps block code free of `if norm` branches."""
 
+    # Every norm takes the compute dtype (`build_layers`); nothing to compute here.
+    dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return x
@@ -166,12 +169,16 @@ class BatchNorm(nn.Module):
     # (transfer learning's frozen layers, cnnlab/transfer): they normalize as at test time and
     # their statistics do not move.
     frozen_layers: tuple[str, ...] = ()
+    # The output's dtype (train.precision): Flax would otherwise promote bfloat16 inputs to the
+    # float32 of its scale and bias. Batch statistics are computed in float32 either way (Flax's
+    # force_float32_reductions) and the running ones are kept in float32.
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         train = train and not (self.path and self.path[0] in self.frozen_layers)
         norm = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                            epsilon=self.epsilon)
+                            epsilon=self.epsilon, dtype=self.dtype)
         y = norm(x)
         if train and self.unbiased and not self.is_initializing():
             # Flax stored m * old + (1 - m) * var; add (1 - m) * var / (n - 1) to make the batch
@@ -199,14 +206,18 @@ class LocalResponseNorm(nn.Module):
     k: float
     alpha: float
     beta: float
+    # Output dtype; None: the input's (a stack's own `lrn` entries).
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         half = self.size // 2
+        # The sum of squares in at least float32: bfloat16's 8 bits would round it coarsely.
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         squares = jax.lax.reduce_window(
-            jnp.square(x), 0.0, jax.lax.add, (1, 1, 1, self.size), (1, 1, 1, 1),
+            jnp.square(x32), 0.0, jax.lax.add, (1, 1, 1, self.size), (1, 1, 1, 1),
             ((0, 0), (0, 0), (0, 0), (half, self.size - 1 - half)))
-        return x / (self.k + self.alpha * squares) ** self.beta
+        return (x32 / (self.k + self.alpha * squares) ** self.beta).astype(self.dtype or x.dtype)
 
 
 class GroupNorm(nn.Module):
@@ -219,11 +230,13 @@ class GroupNorm(nn.Module):
 
     num_groups: int
     epsilon: float
+    # Output dtype; the statistics are float32 (as in BatchNorm).
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         groups = math.gcd(self.num_groups, x.shape[-1])
-        return nn.GroupNorm(num_groups=groups, epsilon=self.epsilon)(x)
+        return nn.GroupNorm(num_groups=groups, epsilon=self.epsilon, dtype=self.dtype)(x)
 
 
 class LayerNorm(nn.Module):
@@ -231,11 +244,13 @@ class LayerNorm(nn.Module):
     feature map, with a learned scale and shift per channel."""
 
     epsilon: float
+    # Output dtype; the statistics are float32 (as in BatchNorm).
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return nn.LayerNorm(epsilon=self.epsilon, reduction_axes=tuple(range(1, x.ndim)),
-                            feature_axes=-1)(x)
+                            feature_axes=-1, dtype=self.dtype)(x)
 
 
 RUNNING_VARS = ("unbiased", "biased")
@@ -275,6 +290,13 @@ NORMS.register("layer", _layer)
 # Norms without a learned shift: the convolution before them keeps its bias.
 NORMS_WITHOUT_SHIFT = ("none", "lrn")
 
+# train.precision -> the compute dtype of every layer. Parameters, optimizer state and BN
+# running statistics stay float32 whatever it is (mixed precision, Micikevicius et al. 2018):
+# bfloat16 has float32's exponent range, so unlike float16 it needs no loss scaling.
+PRECISIONS: Registry[Any] = Registry("train.precision")
+PRECISIONS.register("fp32", jnp.float32)
+PRECISIONS.register("bf16", jnp.bfloat16)
+
 
 @dataclasses.dataclass(frozen=True)
 class InputFit:
@@ -312,6 +334,9 @@ class Layers:
     conv_bias: bool
     # None: lax.conv_general_dilated. On CPU, a version with a fast kernel gradient (conv.py).
     conv_impl: Callable | None = None
+    # The compute dtype (PRECISIONS); parameters are created in float32 whatever it is and
+    # cast to it where used, so their gradients and the optimizer stay float32.
+    dtype: Any = jnp.float32
 
     def conv(self, x: jax.Array, features: int, kernel: int, stride: int = 1,
              padding: geometry.Padding = "same", groups: int = 1, name: str | None = None,
@@ -332,17 +357,20 @@ class Layers:
             kernel_init=self.conv_init,
             bias_init=self.bias_init,
             conv_general_dilated=self.conv_impl,
+            dtype=self.dtype,
             name=name,
         )(x)
 
     def dense(self, features: int, name: str | None = None) -> nn.Dense:
         return nn.Dense(
-            features, kernel_init=self.dense_init, bias_init=self.bias_init, name=name
+            features, kernel_init=self.dense_init, bias_init=self.bias_init, dtype=self.dtype,
+            name=name
         )
 
 
-def build_layers(init: Any, activation: Any, norm: Any) -> Layers:
-    """Build the `Layers` bundle from the `init`, `activation` and `norm` config nodes."""
+def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = jnp.float32) -> Layers:
+    """Build the `Layers` bundle from the `init`, `activation` and `norm` config nodes; its
+    layers compute in `dtype` (`train.precision`, cnnlab.models.compute_dtype)."""
     norm_options = {k: v for k, v in dict(norm).items() if k != "name" and v is not None}
     norm_factory = NORMS.get(norm.name)
     accepted = inspect.signature(norm_factory).parameters
@@ -359,7 +387,8 @@ def build_layers(init: Any, activation: Any, norm: Any) -> Layers:
         dense_init=INITIALIZERS.get(init.dense),
         bias_init=INITIALIZERS.get(init.bias),
         act=Recorded(ACTIVATIONS.get(activation.name)(activation)),
-        norm=norm_factory(**norm_options),
+        norm=functools.partial(norm_factory(**norm_options), dtype=dtype),
         conv_bias=norm.name in NORMS_WITHOUT_SHIFT,
         conv_impl=conv.conv_general_dilated if jax.default_backend() == "cpu" else None,
+        dtype=dtype,
     )

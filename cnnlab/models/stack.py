@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
@@ -238,7 +239,9 @@ class Stack(nn.Module):
                 x = blocks.Dropout(dropout_after[spec.name], name=f"{spec.name}_dropout")(
                     x, train)
         ctx = self.context
-        return blocks.Dense(ctx.num_classes, ctx.layers, activate=False, name="classifier")(x)
+        # float32 logits under any train.precision: softmax and losses need its range.
+        logits = blocks.Dense(ctx.num_classes, ctx.layers, activate=False, name="classifier")(x)
+        return logits.astype(jnp.float32)
 
 
 def build(options: StackOptions, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
