@@ -20,9 +20,11 @@ from cnnlab.tracking import flatten
 UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "dataset.download",
              "dataset.cache_dir", "dataset.cache_max_gb", "resume.", "summary.", "eval.weights",
              "eval.format", "eval.output", "eval.batch_size", "checkpoint.keep", "diagnostics.",
-             # Where it computes (the same numbers up to the order of float sums): a run resumes
-             # on another device count.
-             "train.devices", "train.distributed")
+             "train.profile",
+             # Where it computes and how its data arrives (the same numbers up to the order of
+             # float sums, the same batches): a run resumes on another device count or path.
+             "train.devices", "train.distributed", "dataset.on_device", "dataset.stream_",
+             "dataset.device_budget_gb")
 
 
 def finished_summary(run_dir: RunDir, total_steps: int) -> dict[str, Any] | None:
