@@ -145,7 +145,9 @@ def test_configs_saved_before_the_keys_mean_fp32_and_one_microbatch():
     assert TrainConfig().precision is None and TrainConfig().grad_accum is None
     cfg = compose_config(["train.precision=null", "train.grad_accum=null"])
     configure.validate(cfg)
-    assert compute_dtype(cfg) == jnp.float32
+    # Like train.precision=fp32: no dtype forced on the layers (they compute in float32).
+    assert compute_dtype(cfg) is None
+    assert compute_dtype(compose_config(["train.precision=fp32"])) is None
     # Resuming such a run with today's defaults is no change; with others it is one.
     old = {"train": {"steps": 5}}
     assert resume.config_changes(old, {"train": {"steps": 5, "precision": "fp32",

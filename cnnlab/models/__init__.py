@@ -64,7 +64,10 @@ def compute_dtype(cfg: DictConfig) -> Any:
     """The dtype `train.precision` computes in; ConfigError names the choices. Configs saved
     before the key existed have none (null): fp32, as they were trained."""
     precision = OmegaConf.select(cfg, "train.precision")
-    return PRECISIONS.get("fp32" if precision is None else precision)
+    dtype = PRECISIONS.get("fp32" if precision is None else precision)
+    # fp32 forces no dtype: layers compute in their inputs' and parameters' (float32, or float64
+    # where the fidelity tests enable x64), as before train.precision existed.
+    return None if dtype == jnp.float32 else dtype
 
 
 def build_model(cfg: DictConfig, num_classes: int,

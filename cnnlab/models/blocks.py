@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import geometry
-from cnnlab.models.layers import Layers
+from cnnlab.models.layers import Layers, at_least_float32
 from cnnlab.models.regularization import StochasticDepth
 from cnnlab.registry import Registry
 
@@ -208,7 +208,7 @@ class AuxClassifier(nn.Module):
         logits = Dense(self.num_classes, self.layers, activate=False, name="classifier")(y)
         if train:
             # float32 like the main classifier's logits (train.precision), for the loss.
-            self.sow(AUX_COLLECTION, "head", {"logits": logits.astype(jnp.float32),
+            self.sow(AUX_COLLECTION, "head", {"logits": at_least_float32(logits),
                                               "weight": jnp.float32(self.weight)})
         return x
 

@@ -23,7 +23,7 @@ from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models.blocks import BasicBlock, Dropout
-from cnnlab.models.layers import InputFit, Layers
+from cnnlab.models.layers import InputFit, Layers, at_least_float32
 from cnnlab.models.regularization import DropoutPlaces, check_stochastic_depth, linear_decay
 
 Shortcut = Literal["A", "B", "C"]
@@ -103,7 +103,8 @@ class CifarResNet(nn.Module):
         if self.dropout_head:
             x = Dropout(self.dropout_head, name="head_dropout")(x, train)
         # float32 logits under any train.precision: softmax and losses need its range.
-        return lay.dense(self.num_classes, name="head")(x).astype(jnp.float32)
+        logits = lay.dense(self.num_classes, name="head")(x)
+        return at_least_float32(logits)
 
 
 def build(options: CifarResNetOptions, num_classes: int, layers: Layers,

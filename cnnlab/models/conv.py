@@ -44,6 +44,8 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
     (sh, sw), (ho, wo) = strides, dy.shape[1:3]
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     n = xp.shape[0]
+    # Float32 accumulation under bfloat16 compute (train.precision); float64 stays float64.
+    accumulate = jnp.promote_types(w.dtype, jnp.float32)
     rows = []
     for i in range(kh):
         cols = []
@@ -54,8 +56,7 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
                                (1, sh, sw, 1))
             # Accumulated in float32 under bfloat16 compute (train.precision): the sum runs
             # over every pixel of the batch, far past bfloat16's 8-bit mantissa.
-            cols.append(jnp.einsum("nhwc,nhwd->cd", window, dy,
-                                   preferred_element_type=jnp.float32))
+            cols.append(jnp.einsum("nhwc,nhwd->cd", window, dy, preferred_element_type=accumulate))
         rows.append(jnp.stack(cols))
     return dx, jnp.stack(rows).astype(w.dtype)
 

@@ -147,7 +147,7 @@ class Identity(nn.Module):
     """The `norm=none` choice: keeps block code free of `if norm` branches."""
 
     # Every norm takes the compute dtype (`build_layers`); nothing to compute here.
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -172,7 +172,7 @@ class BatchNorm(nn.Module):
     # The output's dtype (train.precision): Flax would otherwise promote bfloat16 inputs to the
     # float32 of its scale and bias. Batch statistics are computed in float32 either way (Flax's
     # force_float32_reductions) and the running ones are kept in float32.
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -231,7 +231,7 @@ class GroupNorm(nn.Module):
     num_groups: int
     epsilon: float
     # Output dtype; the statistics are float32 (as in BatchNorm).
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -245,7 +245,7 @@ class LayerNorm(nn.Module):
 
     epsilon: float
     # Output dtype; the statistics are float32 (as in BatchNorm).
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -294,6 +294,12 @@ NORMS_WITHOUT_SHIFT = ("none", "lrn")
 # running statistics stay float32 whatever it is (mixed precision, Micikevicius et al. 2018):
 # bfloat16 has float32's exponent range, so unlike float16 it needs no loss scaling.
 PRECISIONS: Registry[Any] = Registry("train.precision")
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """`x` in float32, or kept in a wider float (float64 tests): logits and sums that bfloat16
+    would round too coarsely."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 PRECISIONS.register("fp32", jnp.float32)
 PRECISIONS.register("bf16", jnp.bfloat16)
 
@@ -336,7 +342,7 @@ class Layers:
     conv_impl: Callable | None = None
     # The compute dtype (PRECISIONS); parameters are created in float32 whatever it is and
     # cast to it where used, so their gradients and the optimizer stay float32.
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     def conv(self, x: jax.Array, features: int, kernel: int, stride: int = 1,
              padding: geometry.Padding = "same", groups: int = 1, name: str | None = None,
@@ -368,7 +374,7 @@ class Layers:
         )
 
 
-def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = jnp.float32) -> Layers:
+def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = None) -> Layers:
     """Build the `Layers` bundle from the `init`, `activation` and `norm` config nodes; its
     layers compute in `dtype` (`train.precision`, cnnlab.models.compute_dtype)."""
     norm_options = {k: v for k, v in dict(norm).items() if k != "name" and v is not None}

@@ -17,12 +17,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import blocks
-from cnnlab.models.layers import InputFit, Layers, LocalResponseNorm
+from cnnlab.models.layers import InputFit, Layers, LocalResponseNorm, at_least_float32
 from cnnlab.models.regularization import (
     DROPOUT_PLACES,
     DropoutPlaces,
@@ -241,7 +240,7 @@ class Stack(nn.Module):
         ctx = self.context
         # float32 logits under any train.precision: softmax and losses need its range.
         logits = blocks.Dense(ctx.num_classes, ctx.layers, activate=False, name="classifier")(x)
-        return logits.astype(jnp.float32)
+        return at_least_float32(logits)
 
 
 def build(options: StackOptions, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
