@@ -19,9 +19,7 @@ from cnnlab.errors import ConfigError
 from tests.helpers import REPO, compose_config
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> dict:
-    out = tmp_path_factory.mktemp("sharded")
+def _sharded_runs(out: Path, fashion_dir: Path) -> dict:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_runs.py"),
@@ -31,12 +29,25 @@ def sharded(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_the_same_run_on_one_to_four_devices_and_two_processes(
+        tmp_path: Path, fashion_dir: Path) -> None:
+    """One test, so that one test process runs the sharded runs (they take a minute) once."""
+    sharded = _sharded_runs(tmp_path, fashion_dir)
+    _four_devices_train_like_one(sharded)
+    _a_streamed_run_splits_its_batches_too(sharded)
+    _the_step_is_partitioned_over_the_devices(sharded)
+    _summary_records_devices(sharded)
+    _a_run_resumes_on_another_device_count(sharded)
+    _a_batch_that_does_not_split_is_refused(sharded)
+    _a_two_process_slurm_job_trains_like_one_device(sharded, tmp_path, fashion_dir)
+
+
 def _close(a: dict, b: dict, rtol: float = 1e-4) -> bool:
     return a.keys() == b.keys() and all(
         abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a)
 
 
-def test_four_devices_train_like_one(sharded: dict) -> None:
+def _four_devices_train_like_one(sharded: dict) -> None:
     one, four = sharded["devices1"], sharded["devices4"]
     assert sharded["device_count"] == 4
     assert len(one["losses"]) == 4 and _close(four["losses"], one["losses"])
@@ -45,26 +56,26 @@ def test_four_devices_train_like_one(sharded: dict) -> None:
     assert four["losses"]["20"] < four["losses"]["5"]  # and it trains
 
 
-def test_a_streamed_run_splits_its_batches_too(sharded: dict) -> None:
+def _a_streamed_run_splits_its_batches_too(sharded: dict) -> None:
     streamed, one = sharded["streamed4"], sharded["devices1"]
     assert streamed["devices"] == 4
     assert _close(streamed["losses"], one["losses"])
     assert streamed["test_errors"] == pytest.approx(one["test_errors"], abs=0.2)
 
 
-def test_the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
+def _the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
     # One device: no collective at all; four: the loss, gradients and BN statistics all-reduced.
     assert sharded["collectives"] == {"1": [], "4": ["all-reduce"]}
 
 
-def test_summary_records_devices(sharded: dict) -> None:
+def _summary_records_devices(sharded: dict) -> None:
     assert sharded["devices1"]["summary"] == {
         "devices": 1, "device_kind": "cpu", "platform": "cpu", "processes": 1,
         "status": "finished"}
     assert sharded["devices4"]["summary"]["devices"] == 4
 
 
-def test_a_run_resumes_on_another_device_count(sharded: dict) -> None:
+def _a_run_resumes_on_another_device_count(sharded: dict) -> None:
     resumed, four = sharded["resumed"], sharded["devices4"]
     assert resumed["resumed_from"] == 10 and resumed["devices"] == 2
     assert _close(resumed["losses"], four["losses"])
@@ -89,7 +100,7 @@ def test_more_devices_than_the_machine_has() -> None:
         parallel.resolve_devices(count + 1)
 
 
-def test_a_batch_that_does_not_split_is_refused(sharded: dict) -> None:
+def _a_batch_that_does_not_split_is_refused(sharded: dict) -> None:
     assert sharded["indivisible"] == ("train.batch_size=30 does not split over 4 devices; use "
                                       "a multiple of 4 or train.devices=N with N dividing 30")
 
@@ -113,9 +124,9 @@ def test_auto_joins_only_a_multi_task_slurm_job(monkeypatch: pytest.MonkeyPatch)
     assert parallel.initialize_distributed("auto") and calls == [1]
 
 
-def test_a_two_process_slurm_job_trains_like_one_device(
-        sharded: dict, tmp_path: Path, fashion_dir: Path) -> None:
-    run_dir = tmp_path / "run"
+def _a_two_process_slurm_job_trains_like_one_device(
+        sharded: dict, out: Path, fashion_dir: Path) -> None:
+    run_dir = out / "two_processes"
     job = {"SLURM_JOB_ID": str(40000 + os.getpid() % 4096), "SLURM_STEP_NODELIST": "localhost",
            "SLURM_NTASKS": "2", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONPATH": str(REPO)}
