@@ -5,9 +5,9 @@ numbers (batch as the contracted feature), which XLA's CPU backend runs on a slo
 on 2 cores it made ResNet-20's backward pass ~3x slower than its input gradient. Written as one
 matmul per kernel offset, contracting a strided slice of the padded input with the output
 gradient over (batch, height, width), the same gradient runs on the fast dot kernels.
-The forward pass and the input gradient are XLA's own (both on its fast path already; the same
-matmul treatment of the input gradient measured no faster). On GPU/TPU, XLA's convolutions are
-used unchanged.
+The forward pass is XLA's own; the input gradient is the transposed convolution autodiff would
+write, with its kernel materialized in the forward pass's layout (`_input_gradient`). On
+GPU/TPU, XLA's convolutions are used unchanged.
 
 Under bfloat16 compute, x, w and dy are bfloat16 (flax casts the float32 kernel before the
 call); dx comes back in x's dtype and the kernel gradient in w's, as custom_vjp requires.
@@ -36,10 +36,26 @@ def _fwd(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> tuple:
     return _forward(x, w, strides, padding), (x, w)
 
 
+def _input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding: tuple,
+                    dy: jax.Array) -> jax.Array:
+    """dL/dx: `dy` dilated by the strides, convolved with the kernel flipped and its in/out
+    channels swapped (what autodiff computes, with lax's padding rule). The swapped kernel is
+    materialized in HWIO (`optimization_barrier`, a few KB): left to XLA, the swap can become
+    the convolution's dimension labels (01oi), which its CPU runtime ran on a generic path
+    ~9x slower than the forward pass when a chunk held one step (train.steps_per_call=1)."""
+    kernel = lax.optimization_barrier(jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    pads = []
+    for size, k, s, (lo, _), out in zip(x_shape[1:3], w.shape[:2], strides, padding,
+                                        dy.shape[1:3], strict=True):
+        before = k - 1 - lo
+        pads.append((before, size + k - 1 - ((out - 1) * s + 1) - before))
+    return lax.conv_general_dilated(dy, kernel, (1, 1), pads, lhs_dilation=strides,
+                                    dimension_numbers=_NHWC)
+
+
 def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tuple:
     x, w = residuals
-    _, input_vjp = jax.vjp(lambda x_: _forward(x_, w, strides, padding), x)
-    (dx,) = input_vjp(dy)
+    dx = _input_gradient(x.shape, w, strides, padding, dy).astype(x.dtype)
     kh, kw = w.shape[:2]
     (sh, sw), (ho, wo) = strides, dy.shape[1:3]
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
