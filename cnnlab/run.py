@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def load_data(cfg: DictConfig) -> data_lib.Dataset:
     """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
     ds = cfg.dataset
-    where = stream_config.placement(cfg)
+    where = stream_config.data_location(cfg)
     log.info("training set %s: %s", "on the device" if where.on_device else "streamed",
              where.reason)
     try:

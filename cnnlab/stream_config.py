@@ -34,7 +34,7 @@ _SAMPLE_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class Placement:
+class DataLocation:
     on_device: bool
     reason: str
 
@@ -118,20 +118,20 @@ def _train_bytes(builder: Any, ds: Any, shape: tuple) -> int | None:
     return int(n) * int(np.prod(shape))
 
 
-def placement(cfg: DictConfig) -> Placement:
+def data_location(cfg: DictConfig) -> DataLocation:
     """Where the run's training set goes, and why (logged)."""
     ds, choice = cfg.dataset, on_device_choice(cfg.dataset)
     if ds.name == folder_data.NAME:
-        return Placement(True, "dataset=folder is decoded into memory")
+        return DataLocation(True, "dataset=folder is decoded into memory")
     if choice is False:
-        return Placement(False, "dataset.on_device=false")
+        return DataLocation(False, "dataset.on_device=false")
     builder = data_lib._builder(ds.name, ds.data_dir)
     shape = tuple(builder.info.features[ds.image_key].shape)
     if None in shape:
         require(choice is not True, f"dataset.on_device=true but {ds.name}'s images have "
                 "variable sizes, resized on the host as they stream: set dataset.on_device=auto "
                 "or false")
-        return Placement(False, f"{ds.name}'s images have variable sizes {shape}: resized to "
+        return DataLocation(False, f"{ds.name}'s images have variable sizes {shape}: resized to "
                          f"{ds.image_shape} while streaming")
     size = _train_bytes(builder, ds, shape)
     if choice is True:
@@ -140,13 +140,14 @@ def placement(cfg: DictConfig) -> Placement:
                 f"dataset.on_device=true but the decoded {ds.train_split} split takes "
                 f"{(size or 0) / 1e9:.1f} GB, over the device's {(limit or 0) / 1e9:.1f} GB: set "
                 "dataset.on_device=auto or false")
-        return Placement(True, "dataset.on_device=true")
+        return DataLocation(True, "dataset.on_device=true")
     budget, why = _device_budget(ds)
     if size is not None and size > budget:
-        return Placement(False, f"the decoded {ds.train_split} split takes {size / 1e9:.2f} GB, "
+        return DataLocation(False, f"the decoded {ds.train_split} split takes {size / 1e9:.2f} GB, "
                          f"over the budget of {why}")
     held = "unknown size" if size is None else f"{size / 1e9:.2f} GB"
-    return Placement(True, f"the decoded {ds.train_split} split ({held}) fits the budget of {why}")
+    return DataLocation(True,
+                        f"the decoded {ds.train_split} split ({held}) fits the budget of {why}")
 
 
 def _image_spec(builder: Any, ds: Any) -> tuple[tuple[int, int, int], int, tuple | None]:

@@ -128,17 +128,17 @@ def test_on_device_true_refuses_variable_size_images(tiny_net_dir):
                           "dataset.on_device=true"])
     with pytest.raises(ConfigError, match="on_device=true but stream_tiny_net's images have "
                                           "variable sizes"):
-        stream_config.placement(cfg)
+        stream_config.data_location(cfg)
 
 
 def test_auto_keeps_a_set_that_fits_on_the_device_and_streams_one_that_does_not(fashion_dir):
     base = [f"dataset.data_dir={fashion_dir}", "dataset.max_examples=1000"]
-    fits = stream_config.placement(compose_config(base))
+    fits = stream_config.data_location(compose_config(base))
     assert fits.on_device and "fits the budget of 8 GB" in fits.reason
     # 1,000 28x28 images: 0.78 MB.
-    over = stream_config.placement(compose_config([*base, "dataset.device_budget_gb=0.0005"]))
+    over = stream_config.data_location(compose_config([*base, "dataset.device_budget_gb=0.0005"]))
     assert not over.on_device and "0.00 GB, over the budget" in over.reason
-    assert stream_config.placement(compose_config(
+    assert stream_config.data_location(compose_config(
         [*base, "dataset.on_device=false"])).reason == "dataset.on_device=false"
 
 
