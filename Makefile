@@ -37,7 +37,7 @@ lint: setup ## ruff
 faults: setup ## the fault scenarios (kills, corruptions, full disk, bad values) through the CLI, counted
 	$(BIN)/python benchmarks/faults.py --out benchmarks/results/faults.md $(ARGS)
 
-bench: setup ## throughput of cnnlab vs an equivalent PyTorch script, ResNet-20 and -56
+bench: setup ## the benchmark suite: cnnlab vs PyTorch eager and torch.compile, 6 CNNs
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 

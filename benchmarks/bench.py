@@ -1,119 +1,307 @@
-"""`make bench`: training throughput of cnnlab vs an equivalent PyTorch script, same machine.
+"""`make bench`: the benchmark suite, cnnlab's training throughput beside PyTorch's, same machine.
 
-Both sides train a CIFAR ResNet (option A, batch 128 by default) on 10,000 random 32x32x3 uint8
-images held in memory, with pad-4 random crop + flip, per-channel normalization, cross-entropy
-and SGD(momentum 0.9, weight decay 1e-4). cnnlab runs its real compiled chunk of
-`train.steps_per_call` steps (cnnlab.steps); PyTorch runs benchmarks/torch_resnet.py in eager
-mode. Compilation and warm-up are excluded from both timings.
+Entries (benchmarks/suite.py): ResNet-20/56/110 and VGG-11 on 32x32x3 (batch 128), ResNet-18
+and ResNet-50 on 224x224x3 (batch 16, 1000 classes). Each entry trains with cnnlab's real
+compiled chunk (benchmarks/bench_cnnlab.py), with PyTorch eager and with torch.compile
+(benchmarks/torch_suite.py), every (entry, framework) in its own process so that its peak
+memory is its own. Reported: images/s and median step time (after warm-up), compile time,
+peak memory and the parameter counts (which must agree), as markdown and JSON, after a
+description of the machine.
 
-    python benchmarks/bench.py --depths 20 56 --batch-size 128
+    python benchmarks/bench.py                                  # the whole suite
+    python benchmarks/bench.py --models resnet20 vgg11 --frameworks cnnlab eager
+    python benchmarks/bench.py --models resnet56 --variant spc1=train.steps_per_call=1
+    python benchmarks/bench.py --quick --models resnet20         # seconds, for smoke tests
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
+import datetime
 import json
+import os
 import platform
+import shlex
+import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-import jax
-import numpy as np
-
-from cnnlab import data
-from cnnlab.configure import compose
-from cnnlab.models import count_params
-from cnnlab.preprocess import PreprocessStats
-from cnnlab.run import build
-
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # run as a script: `benchmarks` must be importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.suite import ENTRIES, FRAMEWORKS, usable_cores  # noqa: E402
+
+CHILD = {"cnnlab": ["benchmarks.bench_cnnlab"], "eager": ["benchmarks.torch_suite"],
+         "compiled": ["benchmarks.torch_suite", "--compile"]}
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "numpy")
 
 
-def synthetic_dataset(n: int, shape: tuple[int, int, int], num_classes: int,
-                      seed: int = 0) -> data.Dataset:
-    """Random uint8 images in memory, with fixed per-channel statistics."""
-    rng = np.random.default_rng(seed)
-    train = data.ArraySplit(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-                            rng.integers(0, num_classes, (n,), dtype=np.int32))
-    mean, std = np.full((shape[-1],), 0.5, np.float32), np.full((shape[-1],), 0.25, np.float32)
-    return data.Dataset("synthetic", train, train, None, num_classes, shape, mean, std,
-                        preprocess=PreprocessStats(mean=mean, std=std))
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A row's cnnlab config: the suite's overrides plus its own (empty for the base row)."""
+    label: str
+    overrides: tuple[str, ...]
 
 
-def bench_cnnlab(depth: int, batch_size: int, steps_per_call: int, calls: int,
-                 warmup_calls: int) -> dict:
-    cfg = compose([f"model=resnet{depth}", "dataset=cifar10", f"train.batch_size={batch_size}"])
-    run = build(cfg, synthetic_dataset(10_000, (32, 32, 3), 10))
-    state, data_on_device, chunk = run.state, run.train_data, run.train_chunk
+def parse_variant(text: str) -> Variant:
+    """`label=override [override ...]`, e.g. `scan=model.scan_blocks=true`."""
+    label, sep, overrides = text.partition("=")
+    if not sep or not label or not overrides.strip():
+        raise argparse.ArgumentTypeError(f"--variant wants LABEL=OVERRIDE..., got {text!r}")
+    return Variant(label, tuple(shlex.split(overrides)))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=list(ENTRIES), default=list(ENTRIES))
+    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    p.add_argument("--steps", type=int, help="timed steps of every run (default: per entry)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: per entry)")
+    p.add_argument("--quick", action="store_true", help="batch 8 and 2 steps: a smoke test")
+    p.add_argument("--overrides", nargs="+", default=[],
+                   help="cnnlab config overrides for every cnnlab run (train.steps_per_call=1)")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[],
+                   help="LABEL=OVERRIDE...: one more cnnlab row per entry with these overrides")
+    p.add_argument("--threads", type=int, help="PyTorch threads (default: usable cores)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "bench.json",
+                   help="the JSON; the markdown goes beside it (.md)")
+    return p.parse_args(argv)
+
+
+def child_command(framework: str, model: str, args: argparse.Namespace,
+                  overrides: tuple[str, ...]) -> list[str]:
+    cmd = [sys.executable, "-m", *CHILD[framework], "--model", model]
+    cmd += ["--quick"] if args.quick else []
+    cmd += [] if args.steps is None else ["--steps", str(args.steps)]
+    cmd += [] if args.warmup is None else ["--warmup", str(args.warmup)]
+    if framework == "cnnlab" and overrides:
+        cmd += ["--overrides", *overrides]
+    if framework != "cnnlab" and args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
+def run_child(cmd: list[str]) -> dict:
+    """The child's JSON line, or {"error": ...} with the end of its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
-    state, sums = chunk(state, data_on_device, steps_per_call)
-    jax.block_until_ready(sums)
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup_calls - 1):
-        state, sums = chunk(state, data_on_device, steps_per_call)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        state, sums = chunk(state, data_on_device, steps_per_call)
-    jax.block_until_ready(state)
-    elapsed = time.perf_counter() - t0
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    wall = time.perf_counter() - t0
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"error": "\n".join(proc.stderr.strip().splitlines()[-15:]), "wall_s": wall}
+    return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def log_result(what: str, result: dict) -> None:
+    if "error" in result:
+        print(f"{what}: FAILED\n{result['error']}", file=sys.stderr, flush=True)
+    else:
+        print(f"{what}: {result['images_per_sec']:.1f} img/s, {result['wall_s']:.0f} s in all",
+              file=sys.stderr, flush=True)
+
+
+def run_entry(model: str, args: argparse.Namespace) -> list[dict]:
+    """The rows of one entry: the base row and one per variant, the PyTorch runs shared."""
+    variants = [Variant("", ()), *args.variant]
+    torch_runs = {}
+    for framework in (f for f in args.frameworks if f != "cnnlab"):
+        torch_runs[framework] = run_child(child_command(framework, model, args, ()))
+        log_result(f"{model} {framework}", torch_runs[framework])
+    rows = []
+    for variant in variants:
+        row = {"model": model, "variant": variant.label,
+               "overrides": [*args.overrides, *variant.overrides], **torch_runs}
+        if "cnnlab" in args.frameworks:
+            row["cnnlab"] = run_child(child_command("cnnlab", model, args,
+                                                    tuple(row["overrides"])))
+            log_result(f"{model}{' ' + variant.label if variant.label else ''} cnnlab",
+                       row["cnnlab"])
+        rows.append(finish_row(row))
+    return rows
+
+
+def finish_row(row: dict) -> dict:
+    """The row's shared fields, and whether its frameworks' parameter counts agree."""
+    runs = [row[f] for f in FRAMEWORKS if f in row and "error" not in row[f]]
+    counts = sorted({r["params"] for r in runs})
+    first = runs[0] if runs else {}
+    return {**row, "input": first.get("input"), "batch_size": first.get("batch_size"),
+            "params": counts[0] if len(counts) == 1 else counts,
+            "params_match": len(counts) <= 1}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpus() -> list[str]:
+    """The NVIDIA GPUs nvidia-smi lists (none where it is missing): asked without importing
+    jax or torch here, whose first use of a GPU would hold memory the children then lack."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.startswith("GPU")]
+
+
+def _git_commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, cwd=REPO)
+    return out.stdout.strip() or None
+
+
+def describe_machine(rows: list[dict]) -> dict:
+    devices = sorted({f"{f}: {row[f]['device']}" for row in rows for f in FRAMEWORKS
+                      if f in row and "device" in row[f]})
     return {
-        "framework": "cnnlab (jax)", "model": f"resnet{depth}", "batch_size": batch_size,
-        "images_per_sec": calls * steps_per_call * batch_size / elapsed,
-        "step_ms": 1000 * elapsed / (calls * steps_per_call), "compile_s": compile_s,
-        "params": count_params(state.params), "jax": jax.__version__,
-        "device": str(jax.devices()[0].device_kind),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
+        "ram_gib": _ram_gib(), "load_average": os.getloadavg(), "gpus": _gpus(),
+        "devices": devices, "versions": {p: _version(p) for p in PACKAGES},
+        "commit": _git_commit(),
     }
 
 
-def bench_torch(depth: int, batch_size: int, steps: int, warmup: int,
-                extra: list[str]) -> dict | None:
-    cmd = [sys.executable, str(HERE / "torch_resnet.py"), "--depth", str(depth),
-           "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", str(warmup),
-           "--json", *extra]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        print(f"pytorch benchmark failed: {getattr(e, 'stderr', e)}", file=sys.stderr)
-        return None
-    return json.loads(out.strip().splitlines()[-1])
+def _gpu_line(machine: dict, rows: list[dict]) -> str:
+    used = any(row[f].get("platform") == "gpu" for row in rows for f in FRAMEWORKS if f in row)
+    if used:
+        return f"GPU: measured ({', '.join(machine['gpus']) or 'see devices'})"
+    if machine["gpus"]:
+        return f"GPU: not measured (present but unused: {', '.join(machine['gpus'])})"
+    return "GPU: not measured (no GPU on this machine)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[20, 56])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps-per-call", type=int, default=10)
-    parser.add_argument("--calls", type=int, default=4, help="timed calls of steps-per-call")
-    parser.add_argument("--warmup-calls", type=int, default=2)
-    parser.add_argument("--torch-args", default="", help="extra args for torch_resnet.py")
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench.json")
-    args = parser.parse_args(argv)
+def machine_markdown(machine: dict, rows: list[dict]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    ram = f"{machine['ram_gib']:.1f} GiB" if machine["ram_gib"] else "unknown"
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average"])
+    return [
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} CPUs ({machine['usable_cores']} "
+        f"usable by this process), {ram} RAM; {machine['os']}, Python {machine['python']}",
+        f"Versions: {versions}; cnnlab commit {machine['commit']}",
+        f"Devices: {'; '.join(machine['devices']) or 'none ran'}",
+        _gpu_line(machine, rows),
+        f"Date: {machine['date']}; load average (1, 5, 15 min) at the start "
+        f"{machine['load_at_start']:.2f}, at the end: {load}",
+        *([BUSY] if machine["load_at_start"] >= 0.5 else []),
+    ]
 
-    rows = []
-    for depth in args.depths:
-        ours = bench_cnnlab(depth, args.batch_size, args.steps_per_call, args.calls,
-                            args.warmup_calls)
-        theirs = None if args.no_torch else bench_torch(
-            depth, args.batch_size, args.calls * args.steps_per_call,
-            args.warmup_calls * args.steps_per_call // 2, args.torch_args.split())
-        rows.append({"cnnlab": ours, "pytorch": theirs})
 
-    print(f"\nmachine: {platform.machine()}, {jax.devices()[0].device_kind}, "
-          f"jax {jax.__version__}, batch {args.batch_size}")
-    print("| model | cnnlab img/s | PyTorch img/s | cnnlab / PyTorch | cnnlab compile s |")
-    print("|---|---|---|---|---|")
+# Measured on a 2-core machine with one core busy elsewhere: PyTorch eager ResNet-20 took 3 s a
+# step with 2 threads against 40 ms with 1, its threads waiting on each other op after op.
+BUSY = ("**Warning: the machine was not idle at the start; every figure may be slowed down by "
+        "other processes, PyTorch's multi-threaded ones most (`--threads 1` avoids that).**")
+
+
+def _num(run: dict | None, key: str, fmt: str = "{:.0f}") -> str:
+    if run is None:
+        return "-"
+    if "error" in run:
+        return "failed"
+    return "-" if run.get(key) is None else fmt.format(run[key])
+
+
+def _ratio(row: dict, a: str, b: str) -> str:
+    ra, rb = row.get(a), row.get(b)
+    if not ra or not rb or "error" in ra or "error" in rb:
+        return "-"
+    return f"{ra['images_per_sec'] / rb['images_per_sec']:.2f}x"
+
+
+def _label(row: dict) -> str:
+    return f"{row['model']} [{row['variant']}]" if row["variant"] else row["model"]
+
+
+def _params(row: dict) -> str:
+    if row["params_match"]:
+        return f"{row['params']:,}" if row["params"] is not None else "-"
+    return "MISMATCH " + " / ".join(f"{p:,}" for p in row["params"])
+
+
+def results_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model | input | batch | params | cnnlab img/s | eager img/s | compiled img/s "
+        "| cnnlab/eager | cnnlab/compiled | cnnlab compile s | torch.compile s "
+        "| cnnlab peak MiB | eager peak MiB | compiled peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        ours, theirs = row["cnnlab"], row["pytorch"]
-        t = f"{theirs['images_per_sec']:.0f}" if theirs else "n/a"
-        ratio = f"{ours['images_per_sec'] / theirs['images_per_sec']:.2f}x" if theirs else "n/a"
-        print(f"| {ours['model']} | {ours['images_per_sec']:.0f} | {t} | {ratio} | "
-              f"{ours['compile_s']:.0f} |")
+        c, e, t = (row.get(f) for f in FRAMEWORKS)
+        lines.append(
+            f"| {_label(row)} | {row['input']} | {row['batch_size']} | {_params(row)} "
+            f"| {_num(c, 'images_per_sec', '{:.1f}')} | {_num(e, 'images_per_sec', '{:.1f}')} "
+            f"| {_num(t, 'images_per_sec', '{:.1f}')} | {_ratio(row, 'cnnlab', 'eager')} "
+            f"| {_ratio(row, 'cnnlab', 'compiled')} | {_num(c, 'compile_s')} "
+            f"| {_num(t, 'compile_s')} | {_num(c, 'peak_mib')} | {_num(e, 'peak_mib')} "
+            f"| {_num(t, 'peak_mib')} |")
+    lines += ["", "| model | cnnlab steps/call | cnnlab step ms | eager step ms | compiled step ms "
+              "| cnnlab overrides |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        c, e, t = (row.get(f) for f in FRAMEWORKS)
+        lines.append(f"| {_label(row)} | {_num(c, 'steps_per_call')} "
+                     f"| {_num(c, 'step_ms_median')} | {_num(e, 'step_ms_median')} "
+                     f"| {_num(t, 'step_ms_median')} | {' '.join(row['overrides']) or '-'} |")
+    return lines
+
+
+def markdown(machine: dict, rows: list[dict]) -> str:
+    peak = ("Peak memory: on the CPU the peak RSS of the run's own process (model, data, "
+            "compiler and runtime included); on a GPU the device's peak bytes in use (jax) or "
+            "torch.cuda.max_memory_allocated. Compile s: the warm-up's time beyond that of as "
+            "many steady-state steps. Step ms: the median timed step.")
+    return "\n".join(["# cnnlab benchmark suite", "", *machine_markdown(machine, rows), "",
+                      *results_markdown(rows), "", peak, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_at_start = os.getloadavg()[0]
+    rows = [row for model in args.models for row in run_entry(model, args)]
+    machine = {**describe_machine(rows), "load_at_start": load_at_start}
+    text = markdown(machine, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nraw results: {args.out}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "variant")}
+    settings["variants"] = [dataclasses.asdict(v) for v in args.variant]
+    args.out.write_text(json.dumps({"machine": machine, "settings": settings, "rows": rows},
+                                   indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"results: {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    failed = [r for r in rows if not r["params_match"]
+              or any("error" in r[f] for f in FRAMEWORKS if f in r)]
+    if failed:
+        print(f"{len(failed)} row(s) failed or disagree on the parameter count",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

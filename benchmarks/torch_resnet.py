@@ -149,14 +149,15 @@ def augment(
     hp, wp = h + 2 * pad, w + 2 * pad
     x = batch_u8.float().mul_(scale).add_(shift)  # (B, H, W, C)
     x = F.pad(x, (0, 0, pad, pad, pad, pad))  # zero-pad H and W: (B, Hp, Wp, C)
-    oy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator)
-    flip = torch.rand((b, 1, 1), generator=generator) < 0.5
-    ar_h = torch.arange(h).view(1, h, 1)
-    ar_w = torch.arange(w).view(1, 1, w)
+    dev = batch_u8.device
+    oy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator, device=dev)
+    flip = torch.rand((b, 1, 1), generator=generator, device=dev) < 0.5
+    ar_h = torch.arange(h, device=dev).view(1, h, 1)
+    ar_w = torch.arange(w, device=dev).view(1, 1, w)
     rows = oy + ar_h  # (B, H, 1)
     cols = ox + torch.where(flip, w - 1 - ar_w, ar_w)  # (B, 1, W)
-    flat = (torch.arange(b).view(b, 1, 1) * (hp * wp) + rows * wp + cols).view(-1)
+    flat = (torch.arange(b, device=dev).view(b, 1, 1) * (hp * wp) + rows * wp + cols).view(-1)
     x = x.view(-1, c).index_select(0, flat).view(b, h, w, c)
     x = x.permute(0, 3, 1, 2)  # NCHW view with channels-last strides
     if channels_last:

@@ -260,7 +260,7 @@ def test_weights_files_that_cannot_be_read_are_refused(tmp_path):
 def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
     """`transfer.source=resnet18.pth`: the run starts from torchvision's weights (converted),
     with a new 5-class classifier, every other layer frozen by the linear probe."""
-    from benchmarks.bench import synthetic_dataset
+    from benchmarks.bench_cnnlab import synthetic_dataset
     from cnnlab.run import build, load_data
     from cnnlab.transfer.sources import source_preprocess
 

@@ -1,0 +1,79 @@
+"""The benchmark suite (benchmarks/bench.py): a real quick run end to end, and its rows."""
+
+import json
+
+import pytest
+
+from benchmarks import bench
+from benchmarks.suite import ENTRIES
+
+pytest.importorskip("torch")  # the PyTorch side (the bench extra; installed with dev)
+
+
+def test_a_quick_run_reports_both_frameworks_beside_the_machine(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--models", "resnet20", "--frameworks", "cnnlab", "eager",
+                       "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["model"] == "resnet20" and row["params_match"] and "compiled" not in row
+    for framework in ("cnnlab", "eager"):
+        run = row[framework]
+        assert run["framework"] == framework and run["params"] == row["params"]
+        assert run["images_per_sec"] > 0 and run["step_ms_median"] > 0
+        assert run["peak_mib"] > 0 and run["peak_kind"] == "process peak RSS"
+    assert row["cnnlab"]["compile_s"] >= 0 and row["eager"]["threads"] == 1
+    machine = report["machine"]
+    assert machine["usable_cores"] >= 1 and machine["versions"]["jax"]
+    text = out.with_suffix(".md").read_text()
+    assert machine["cpu"] in text and f"jax {machine['versions']['jax']}" in text
+    assert "GPU: " in text
+    assert sum(line.startswith("| resnet20 ") for line in text.splitlines()) == 2  # 2 tables
+
+
+def fake_child(calls: list[list[str]]):
+    def run_child(cmd: list[str]) -> dict:
+        calls.append(cmd)
+        framework = "cnnlab" if "benchmarks.bench_cnnlab" in cmd else (
+            "compiled" if "--compile" in cmd else "eager")
+        return {"framework": framework, "params": 10, "input": "32x32x3", "batch_size": 8,
+                "images_per_sec": 4.0 if framework == "cnnlab" else 2.0, "wall_s": 1.0}
+    return run_child
+
+
+def test_a_variant_is_a_row_of_its_own_beside_the_same_pytorch_runs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "run_child", fake_child(calls))
+    args = bench.parse_args(["--models", "resnet56", "--overrides", "seed=1",
+                             "--variant", "spc1=train.steps_per_call=1 train.log_every=5"])
+    base, variant = bench.run_entry("resnet56", args)
+    assert (base["variant"], variant["variant"]) == ("", "spc1")
+    assert variant["overrides"] == ["seed=1", "train.steps_per_call=1", "train.log_every=5"]
+    assert base["eager"] is variant["eager"] and base["compiled"] is variant["compiled"]
+    cnnlab_cmds = [c for c in calls if "benchmarks.bench_cnnlab" in c]
+    assert [c[c.index("--overrides") + 1:] for c in cnnlab_cmds] == [
+        ["seed=1"], ["seed=1", "train.steps_per_call=1", "train.log_every=5"]]
+    assert len(calls) == 4  # PyTorch runs once per entry, whatever the variants
+    lines = bench.results_markdown([base, variant])
+    assert any(line.startswith("| resnet56 [spc1] |") and "| 2.00x |" in line for line in lines)
+
+
+def test_disagreeing_parameter_counts_are_reported_and_fail_the_suite():
+    run = {"input": "32x32x3", "batch_size": 8, "images_per_sec": 1.0}
+    row = bench.finish_row({"model": "vgg11", "variant": "", "overrides": [],
+                            "cnnlab": {**run, "params": 5}, "eager": {**run, "params": 6}})
+    assert not row["params_match"] and "MISMATCH 5 / 6" in bench.results_markdown([row])[2]
+
+
+def test_a_variant_needs_a_label_and_overrides():
+    assert bench.parse_variant("scan=model.scan_blocks=true") == bench.Variant(
+        "scan", ("model.scan_blocks=true",))
+    for bad in ("model.scan_blocks", "=a=b", "scan="):
+        with pytest.raises(Exception, match="LABEL=OVERRIDE"):
+            bench.parse_variant(bad)
+
+
+def test_every_entry_runs_whole_chunks_and_pads_only_small_images():
+    for entry in ENTRIES.values():
+        assert entry.steps % entry.steps_per_call == 0 and entry.warmup >= 1
+        assert entry.crop_pad == 0 or entry.shape[0] == 32
