@@ -134,7 +134,7 @@ def finish_row(row: dict) -> dict:
     counts = sorted({r["params"] for r in runs})
     first = runs[0] if runs else {}
     return {**row, "input": first.get("input"), "batch_size": first.get("batch_size"),
-            "params": counts[0] if len(counts) == 1 else counts,
+            "params": counts[0] if len(counts) == 1 else counts or None,
             "params_match": len(counts) <= 1}
 
 
