@@ -272,13 +272,20 @@ def results_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def failures_markdown(rows: list[dict]) -> list[str]:
+    """The last line of each failed run's stderr (the JSON holds 15)."""
+    failed = [f"- {_label(row)} {f}: {row[f]['error'].splitlines()[-1] if row[f]['error'] else '?'}"
+              for row in rows for f in FRAMEWORKS if f in row and "error" in row[f]]
+    return ["", "Failed runs:", *failed] if failed else []
+
+
 def markdown(machine: dict, rows: list[dict]) -> str:
     peak = ("Peak memory: on the CPU the peak RSS of the run's own process (model, data, "
             "compiler and runtime included); on a GPU the device's peak bytes in use (jax) or "
             "torch.cuda.max_memory_allocated. Compile s: the warm-up's time beyond that of as "
             "many steady-state steps. Step ms: the median timed step.")
     return "\n".join(["# cnnlab benchmark suite", "", *machine_markdown(machine, rows), "",
-                      *results_markdown(rows), "", peak, ""])
+                      *results_markdown(rows), *failures_markdown(rows), "", peak, ""])
 
 
 def main(argv: list[str] | None = None) -> int:

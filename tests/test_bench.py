@@ -65,6 +65,16 @@ def test_disagreeing_parameter_counts_are_reported_and_fail_the_suite():
     assert not row["params_match"] and "MISMATCH 5 / 6" in bench.results_markdown([row])[2]
 
 
+def test_a_failed_run_is_marked_and_its_error_listed():
+    row = bench.finish_row({"model": "resnet20", "variant": "bad", "overrides": [],
+                            "cnnlab": {"error": "Traceback\nKeyError: 'nope'"},
+                            "eager": {"params": 6, "input": "32x32x3", "batch_size": 8,
+                                      "images_per_sec": 1.0}})
+    assert row["params_match"] and row["params"] == 6
+    assert "| failed |" in bench.results_markdown([row])[2]
+    assert bench.failures_markdown([row])[-1] == "- resnet20 [bad] cnnlab: KeyError: 'nope'"
+
+
 def test_a_variant_needs_a_label_and_overrides():
     assert bench.parse_variant("scan=model.scan_blocks=true") == bench.Variant(
         "scan", ("model.scan_blocks=true",))
