@@ -31,6 +31,7 @@ from cnnlab import steps
 from cnnlab.augment import Augment
 from cnnlab.errors import require
 from cnnlab.models.layers import recording_activations
+from cnnlab.models.scan import unrolled
 
 PREFIX = "diag"
 # Per-layer values logged as `diag/<metric>/<layer>`.
@@ -100,7 +101,8 @@ def make_diagnose(model: nn.Module, tx: optax.GradientTransformation, augment: A
                   batch_size: int, regularization: DictConfig | None = None,
                   scale_lr: bool = False, loss_config: DictConfig | None = None) -> Callable:
     """`diagnose(state, data) -> {metric: {layer: value}}`, jitted; the step's arguments as
-    `steps.make_train_step` takes them."""
+    `steps.make_train_step` takes them. Repeated blocks are unrolled, so each has its row."""
+    model = unrolled(model)
 
     @jax.jit
     def diagnose(state: steps.TrainState, data: steps.DeviceSplit) -> dict:

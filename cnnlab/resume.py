@@ -24,7 +24,10 @@ UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "da
              # Where it computes and how its data arrives (the same numbers up to the order of
              # float sums, the same batches): a run resumes on another device count or path.
              "train.devices", "train.distributed", "dataset.on_device", "dataset.stream_",
-             "dataset.device_budget_gb")
+             "dataset.device_budget_gb",
+             # Scanned or unrolled blocks: the same variables and numbers (not the same dropout
+             # and stochastic-depth draws).
+             "model.scan_blocks")
 
 
 def finished_summary(run_dir: RunDir, total_steps: int) -> dict[str, Any] | None:

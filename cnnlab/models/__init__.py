@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cnnlab.errors import ConfigError
 from cnnlab.models import cifar_resnet, pattern, stack
 from cnnlab.models.layers import PRECISIONS, BatchNorm, InputFit, Layers, build_layers
+from cnnlab.models.scan import unrolled
 from cnnlab.registry import Registry
 
 
@@ -80,7 +81,9 @@ def build_model(cfg: DictConfig, num_classes: int,
         layers = dataclasses.replace(
             layers, norm=functools.partial(layers.norm, frozen_layers=tuple(frozen_norms)))
     family = FAMILIES.get(cfg.model.family)
-    return family.build(model_options(cfg.model), num_classes, layers, input_fit(cfg.model))
+    model = family.build(model_options(cfg.model), num_classes, layers, input_fit(cfg.model))
+    # A batch norm knows it is frozen by its path, which a scanned block's has lost.
+    return unrolled(model) if frozen_norms else model
 
 
 def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> Any:

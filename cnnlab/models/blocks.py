@@ -255,15 +255,16 @@ def _block_dropout(rate: float, y: jax.Array, train: bool) -> jax.Array:
     return Dropout(rate, name="dropout")(y, train) if rate else y
 
 
-def _add_shortcut(branch: jax.Array, shortcut: nn.Module, x: jax.Array, survival: float,
-                  per_example: bool, train: bool) -> jax.Array:
+def _add_shortcut(branch: jax.Array, shortcut: nn.Module, x: jax.Array,
+                  survival: float | jax.Array, per_example: bool, train: bool) -> jax.Array:
     """branch + shortcut, the branch gated by stochastic depth when its survival is below 1.
 
     The shortcut applies whether or not the branch survives: a dropped downsampling block is its
     shortcut alone (the paper's id(): option A's pad, or B/C's projection). Called inside a
-    block's compact method, so the gate module is the block's `stochastic_depth`.
+    block's compact method, so the gate module is the block's `stochastic_depth`. An array
+    `survival` (one block's of a scan, cnnlab.models.scan) always gates.
     """
-    if survival < 1:
+    if not isinstance(survival, float | int) or survival < 1:
         branch = StochasticDepth(survival, per_example, name="stochastic_depth")(branch, train)
     return branch + shortcut(x, train)
 
@@ -286,7 +287,8 @@ class BasicBlock(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 survival: jax.Array | None = None) -> jax.Array:
         lay = self.layers
         y = lay.conv(x, self.features, 3, self.stride, name="conv1", label=self.name)
         y = _block_dropout(self.dropout, lay.act(lay.norm(name="norm1")(y, train)), train)
@@ -294,7 +296,8 @@ class BasicBlock(nn.Module):
         y = lay.norm(name="norm2")(y, train)
         if self.residual:
             shortcut = Shortcut(self.features, self.stride, lay, self.shortcut, name="shortcut")
-            y = _add_shortcut(y, shortcut, x, self.survival, self.per_example, train)
+            y = _add_shortcut(y, shortcut, x, self.survival if survival is None else survival,
+                              self.per_example, train)
         return lay.act(y)
 
 
@@ -318,7 +321,8 @@ class Bottleneck(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 survival: jax.Array | None = None) -> jax.Array:
         lay = self.layers
         first, middle = (self.stride, 1) if self.stride_at == "1x1" else (1, self.stride)
         y = lay.conv(x, self.features, 1, first, name="conv1", label=self.name)
@@ -330,7 +334,8 @@ class Bottleneck(nn.Module):
         y = lay.norm(name="norm3")(y, train)
         if self.residual:
             shortcut = Shortcut(out, self.stride, lay, self.shortcut, name="shortcut")
-            y = _add_shortcut(y, shortcut, x, self.survival, self.per_example, train)
+            y = _add_shortcut(y, shortcut, x, self.survival if survival is None else survival,
+                              self.per_example, train)
         return lay.act(y)
 
 

@@ -25,6 +25,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.models.blocks import BasicBlock, Dropout
 from cnnlab.models.layers import InputFit, Layers, at_least_float32
 from cnnlab.models.regularization import DropoutPlaces, check_stochastic_depth, linear_decay
+from cnnlab.models.scan import scan_blocks
 
 Shortcut = Literal["A", "B", "C"]
 # The dropout places this family has: no hidden fc layers, no conv layers outside its blocks
@@ -45,6 +46,9 @@ class CifarResNetOptions:
     stochastic_depth_mode: str = MISSING
     # Dropout rates by place (0 = none): stage, head, block.
     dropout_at: DropoutPlaces = MISSING
+    # Run each stage's repeated blocks as one scan (cnnlab.models.scan): compile time flat in
+    # depth, the same variables and numbers.
+    scan_blocks: bool = MISSING
 
     def validate(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:
@@ -75,28 +79,17 @@ class CifarResNet(nn.Module):
     dropout_stage: float = 0.0
     dropout_head: float = 0.0
     dropout_block: float = 0.0
+    # Each stage's blocks of one shape (all of stage 1, the others but their first) run as one
+    # scan over their variables (cnnlab.models.scan); initialization always unrolls.
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         lay = self.layers
-        blocks_per_stage = (self.depth - 2) // 6
-        survival = linear_decay(3 * blocks_per_stage, self.stochastic_depth)
         x = lay.conv(self.fit(x), self.width, 3, name="stem")
         x = lay.act(lay.norm(name="stem_norm")(x, train))
         for stage in range(3):
-            for block in range(blocks_per_stage):
-                x = BasicBlock(
-                    features=self.width * 2**stage,
-                    layers=lay,
-                    stride=2 if stage > 0 and block == 0 else 1,
-                    residual=self.residual,
-                    shortcut=self.shortcut,
-                    # Blocks are numbered 1..L across the stages, as in the paper.
-                    survival=survival[stage * blocks_per_stage + block],
-                    per_example=self.per_example,
-                    dropout=self.dropout_block,
-                    name=f"stage{stage + 1}_block{block + 1}",
-                )(x, train)
+            x = self._stage(stage, x, train)
             if self.dropout_stage:
                 x = Dropout(self.dropout_stage, name=f"stage{stage + 1}_dropout")(x, train)
         x = jnp.mean(x, axis=(1, 2))
@@ -105,6 +98,36 @@ class CifarResNet(nn.Module):
         # float32 logits under any train.precision: softmax and losses need its range.
         logits = lay.dense(self.num_classes, name="head")(x)
         return at_least_float32(logits)
+
+    def _stage(self, stage: int, x: jax.Array, train: bool) -> jax.Array:
+        blocks_per_stage = (self.depth - 2) // 6
+        # Blocks are numbered 1..L across the stages, as in the paper.
+        survival = linear_decay(3 * blocks_per_stage, self.stochastic_depth)
+        survival = survival[stage * blocks_per_stage:(stage + 1) * blocks_per_stage]
+        names = [f"stage{stage + 1}_block{block + 1}" for block in range(blocks_per_stage)]
+        # Stride 2 starts every stage but the first: that block differs from the rest.
+        first = 1 if stage > 0 else 0
+        scanned = self.scan_blocks and not self.is_initializing() and len(names) - first > 1
+        for block, name in enumerate(names[:first] if scanned else names):
+            x = self._block(stage, block, survival[block], name=name)(x, train)
+        if scanned:
+            gated = self.residual and self.stochastic_depth < 1
+            x = scan_blocks(self, names[first:], self._block(stage, first, 1.0, parent=None),
+                            x, train, survival[first:] if gated else None)
+        return x
+
+    def _block(self, stage: int, block: int, survival: float, **where: object) -> BasicBlock:
+        return BasicBlock(
+            features=self.width * 2**stage,
+            layers=self.layers,
+            stride=2 if stage > 0 and block == 0 else 1,
+            residual=self.residual,
+            shortcut=self.shortcut,
+            survival=survival,
+            per_example=self.per_example,
+            dropout=self.dropout_block,
+            **where,
+        )
 
 
 def build(options: CifarResNetOptions, num_classes: int, layers: Layers,
@@ -122,4 +145,5 @@ def build(options: CifarResNetOptions, num_classes: int, layers: Layers,
         dropout_stage=options.dropout_at.stage,
         dropout_head=options.dropout_at.head,
         dropout_block=options.dropout_at.block,
+        scan_blocks=options.scan_blocks,
     )

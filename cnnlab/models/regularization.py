@@ -72,7 +72,9 @@ class StochasticDepth(nn.Module):
     @nn.compact
     def __call__(self, branch: jax.Array, train: bool = False) -> jax.Array:
         if not train:
-            return branch * self.survival
+            # An array survival (a scanned block's) in the branch's dtype, as a Python float
+            # (weakly typed) would be: bfloat16 stays bfloat16.
+            return branch * jnp.asarray(self.survival, branch.dtype)
         shape = ((branch.shape[0],) + (1,) * (branch.ndim - 1)) if self.per_example else ()
         keep = jax.random.bernoulli(self.make_rng("dropout"), self.survival, shape)
         self.sow(GATES_COLLECTION, "keep", keep)

@@ -28,6 +28,7 @@ from cnnlab.models.regularization import (
     check_stochastic_depth,
     linear_decay,
 )
+from cnnlab.models.scan import scan_blocks
 from cnnlab.models.spec import LayerSpec, parse_layers
 
 RESIDUAL_KINDS = ("basic", "bottleneck")
@@ -60,6 +61,9 @@ class StackOptions:
     stochastic_depth_mode: str = MISSING
     # Dropout added by kind of place, one rate each (0 = none): conv, stage, fc, head, block.
     dropout_at: DropoutPlaces = MISSING
+    # Run each stage's repeated residual blocks as one scan (cnnlab.models.scan): compile time
+    # flat in depth, the same variables and numbers.
+    scan_blocks: bool = MISSING
 
     def validate(self) -> None:
         body, head = self.specs()
@@ -174,14 +178,17 @@ def _conv(spec: LayerSpec, ctx: Context) -> nn.Module:
                            name=spec.name)
 
 
-def _residual_block(block: type) -> Callable[[LayerSpec, Context], nn.Module]:
-    def build(spec: LayerSpec, ctx: Context) -> nn.Module:
+def _residual_block(block: type) -> Callable[..., nn.Module]:
+    def build(spec: LayerSpec, ctx: Context, **where: Any) -> nn.Module:
+        """The block of `spec`; `where` (default: named after it) places it, `parent=None` for
+        the unbound block a scan applies."""
         extra = {"stride_at": ctx.options.stride_at} if block is blocks.Bottleneck else {}
         return block(ctx.width(spec["features"]), ctx.layers, spec["stride"],
-                     ctx.options.residual, ctx.options.shortcut, name=spec.name,
+                     ctx.options.residual, ctx.options.shortcut,
                      survival=dict(ctx.survival).get(spec.name, 1.0),
                      per_example=ctx.options.stochastic_depth_mode == "example",
-                     dropout=ctx.options.dropout_at.block, **extra)
+                     dropout=ctx.options.dropout_at.block, **(where or {"name": spec.name}),
+                     **extra)
     return build
 
 
@@ -220,30 +227,61 @@ BUILDERS: dict[str, Callable[[LayerSpec, Context], nn.Module | None]] = {
 }
 
 
+def repeats(specs: tuple[LayerSpec, ...], i: int, ends: set[str]) -> int:
+    """How many layers from specs[i] on repeat the residual block before it: same kind and
+    width, stride 1, so each one's input and output have the shape of the previous block's
+    output. A name in `ends` (a dropout follows it) ends the run."""
+    if i == 0 or specs[i - 1].kind not in RESIDUAL_KINDS or specs[i - 1].name in ends:
+        return 0
+    previous, count = specs[i - 1], 0
+    for spec in specs[i:]:
+        if (spec.kind != previous.kind or spec["features"] != previous["features"]
+                or spec["stride"] != 1):
+            break
+        count += 1
+        if spec.name in ends:
+            break
+    return count
+
+
 class Stack(nn.Module):
     body: tuple[LayerSpec, ...]
     head: tuple[LayerSpec, ...]
     context: Context
     fit: InputFit = InputFit()
+    # Runs of repeated residual blocks run as one scan (cnnlab.models.scan); init unrolls.
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = self.fit(x)
         dropout_after = dict(self.context.dropout_after)
-        for spec in self.body + self.head:
-            layer = BUILDERS[spec.kind](spec, self.context)
-            if layer is not None:
-                x = layer(x, train)
-            if spec.name in dropout_after:
-                x = blocks.Dropout(dropout_after[spec.name], name=f"{spec.name}_dropout")(
-                    x, train)
+        specs, i = self.body + self.head, 0
+        scanning = self.scan_blocks and not self.is_initializing()
+        while i < len(specs):
+            count = repeats(specs, i, set(dropout_after)) if scanning else 0
+            if count > 1:
+                x = self._scan(specs[i:i + count], x, train)
+            else:
+                count = 1
+                layer = BUILDERS[specs[i].kind](specs[i], self.context)
+                x = x if layer is None else layer(x, train)
+            i += count
+            if (last := specs[i - 1].name) in dropout_after:
+                x = blocks.Dropout(dropout_after[last], name=f"{last}_dropout")(x, train)
         ctx = self.context
         # float32 logits under any train.precision: softmax and losses need its range.
         logits = blocks.Dense(ctx.num_classes, ctx.layers, activate=False, name="classifier")(x)
         return at_least_float32(logits)
 
+    def _scan(self, run: tuple[LayerSpec, ...], x: jax.Array, train: bool) -> jax.Array:
+        survival = [dict(self.context.survival).get(spec.name, 1.0) for spec in run]
+        block = BUILDERS[run[0].kind](run[0], self.context, parent=None)
+        return scan_blocks(self, [spec.name for spec in run], block, x, train,
+                           survival if min(survival) < 1 else None)
+
 
 def build(options: StackOptions, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
     body, head = options.specs()
     context = Context(layers, options, num_classes, options.survival(), options.dropout_after())
-    return Stack(body, head, context, fit)
+    return Stack(body, head, context, fit, options.scan_blocks)

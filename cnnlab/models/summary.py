@@ -50,6 +50,7 @@ from cnnlab.models import blocks, count_params
 from cnnlab.models.blocks import AUX_COLLECTION
 from cnnlab.models.layers import Identity, LocalResponseNorm
 from cnnlab.models.regularization import StochasticDepth
+from cnnlab.models.scan import unrolled
 from cnnlab.registry import Registry
 
 
@@ -342,7 +343,9 @@ def _attribute(saved: dict[tuple[str, ...], int], paths: list[tuple[str, ...]]) 
 def summarize(model: nn.Module, image_shape: tuple[int, ...], name: str = "",
               training_memory: bool = True) -> Summary:
     """Trace `model` on one image of `image_shape` and tabulate every module it calls;
-    `training_memory=False` skips tracing the backward pass (saved_bytes stay 0)."""
+    `training_memory=False` skips tracing the backward pass (saved_bytes stay 0). Repeated
+    blocks are unrolled: every one is a row."""
+    model = unrolled(model)
     tracker = _FieldTracker()
 
     def record(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:

@@ -28,6 +28,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.evaluate import WEIGHTS
 from cnnlab.models import FAMILIES, input_fit, model_options
 from cnnlab.models.layers import Activation, Identity, build_layers
+from cnnlab.models.scan import unrolled
 from cnnlab.preprocess import PreprocessStats, preprocess
 from cnnlab.rundir import RunDir
 from cnnlab.weights import check_weights
@@ -48,7 +49,8 @@ def model_factory(cfg: DictConfig, num_classes: int) -> ModelFactory:
 
     def factory(act: Activation | None = None) -> nn.Module:
         swapped = layers if act is None or not is_relu else dataclasses.replace(layers, act=act)
-        return family.build(options, num_classes, swapped, fit)
+        # Unrolled: the backward rules and layer hooks act per module.
+        return unrolled(family.build(options, num_classes, swapped, fit))
 
     return factory
 

@@ -1,0 +1,176 @@
+"""`model.scan_blocks`: repeated residual blocks as one scan (cnnlab.models.scan).
+
+The scanned model must be the unrolled one computed differently: same variables, same outputs,
+gradients and batch statistics (float64, so only the order of sums may differ), a checkpoint of
+either loads into the other, and its compiled program does not grow with depth.
+"""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cnnlab.models import build_model, init_variables
+from cnnlab.models.scan import unrolled
+from cnnlab.models.stack import repeats
+from tests.helpers import compose_config, train_tiny
+
+TINY_CIFAR = ["model=resnet20", "model.width=4"]
+TINY_STACK = ["model.width=0.0625"]
+
+
+def _models(overrides: list[str]) -> tuple:
+    cfg = compose_config(overrides)
+    scanned = compose_config([*overrides, "model.scan_blocks=true"])
+    return build_model(cfg, 10), build_model(scanned, 10)
+
+
+def _forward(model, variables, x, train: bool, rngs=None):
+    """(sum of squared logits, (logits, mutable collections)) as one differentiable function."""
+    def loss(params):
+        out = model.apply({**variables, "params": params}, x, train=train,
+                          mutable=["batch_stats", "intermediates"] if train else False,
+                          rngs=rngs or {})
+        logits, state = out if train else (out, {})
+        return jnp.sum(logits ** 2), (logits, state)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+
+def _assert_trees_close(a, b, what: str) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b),
+                            strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10, atol=1e-12,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+# Training mode runs every path test mode does (batch statistics instead of running ones).
+@pytest.mark.parametrize("overrides, shape, modes", [
+    (TINY_CIFAR, (8, 8, 3), (False, True)),
+    (["model=resnet50", *TINY_STACK, "model.shortcut=A"], (16, 16, 3), (True,)),
+], ids=["cifar_resnet20", "resnet50_bottleneck"])
+def test_scanned_blocks_compute_what_unrolled_blocks_do(overrides, shape, modes):
+    with jax.enable_x64(True):
+        plain, scanned = _models(overrides)
+        variables = init_variables(plain, jax.random.PRNGKey(0), shape)
+        # Initialization unrolls either way: one seed, one set of weights.
+        _assert_trees_close(variables, init_variables(scanned, jax.random.PRNGKey(0), shape),
+                            "init")
+        variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, *shape), jnp.float64)
+        for train in modes:
+            (loss, (logits, state)), grads = _forward(plain, variables, x, train)
+            (loss_s, (logits_s, state_s)), grads_s = _forward(scanned, variables, x, train)
+            np.testing.assert_allclose(logits_s, logits, rtol=1e-10)
+            _assert_trees_close(grads_s, grads, f"gradients (train={train})")
+            # Batch statistics come back under each block's own name.
+            _assert_trees_close(state_s, state, "updated batch statistics")
+
+
+def test_stochastic_depth_under_a_scan_gates_each_block_and_scales_at_test_time():
+    overrides = [*TINY_CIFAR, "model.stochastic_depth=0.5"]
+    with jax.enable_x64(True):
+        plain, scanned = _models(overrides)
+        variables = jax.tree.map(lambda v: v.astype(jnp.float64),
+                                 init_variables(plain, jax.random.PRNGKey(0), (8, 8, 3)))
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3), jnp.float64)
+        # Test time: every branch scaled by its own survival probability, as unrolled.
+        np.testing.assert_allclose(scanned.apply(variables, x), plain.apply(variables, x),
+                                   rtol=1e-10)
+
+        def gates(model, key):
+            _, state = model.apply(variables, x, train=True, rngs={"dropout": key},
+                                   mutable=["batch_stats", "intermediates"])
+            return state["intermediates"]
+
+        keys = jax.random.split(jax.random.PRNGKey(2), 8)
+        drawn = jax.jit(jax.vmap(lambda key: gates(scanned, key)))(keys)
+        # Sown under each block's own name, as unrolled.
+        assert jax.tree.structure(drawn) == jax.tree.structure(
+            jax.eval_shape(lambda: gates(plain, keys[0])))
+    draws = np.stack([np.asarray(g).reshape(8) for g in jax.tree.leaves(drawn)], axis=1)
+    assert set(np.unique(draws)) <= {0.0, 1.0}
+    # Each block draws its own gate: over 8 draws, the 9 blocks' do not all agree.
+    assert len({tuple(column) for column in draws.T}) > 1
+
+
+def test_repeated_blocks_are_found_per_stage():
+    """He et al. 2016, Table 1: ResNet-34 has 3, 4, 6 and 3 basic blocks per stage; each
+    stage's first block changes width or stride, so 2, 3, 5 and 2 repeat it."""
+    cfg = compose_config(["model=resnet34"])
+    from cnnlab.models import model_options
+
+    body, head = model_options(cfg.model).specs()
+    specs = body + head
+    runs = [repeats(specs, i, set()) for i in range(len(specs))]
+    starts = [(specs[i - 1].name, n) for i, n in enumerate(runs) if n and runs[i - 1] == 0]
+    assert [n for _, n in starts] == [2, 3, 5, 2]
+    # A dropout after a block ends its run there.
+    cut = specs[[s.name for s in specs].index(starts[2][0]) + 2].name
+    assert repeats(specs, [s.name for s in specs].index(starts[2][0]) + 1, {cut}) == 2
+
+
+def _convolutions(model, shape: tuple[int, ...]) -> int:
+    """Convolutions in the traced training step: what XLA compiles."""
+    variables = init_variables(model, jax.random.PRNGKey(0), shape)
+    x = jnp.zeros((2, *shape))
+
+    def step(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits)
+
+    text = str(jax.make_jaxpr(jax.grad(step))(variables["params"]))
+    return text.count("conv_general_dilated")
+
+
+def test_the_scanned_program_does_not_grow_with_depth():
+    counts = {}
+    for depth in (20, 56):
+        plain, scanned = _models([*TINY_CIFAR, f"model.depth={depth}"])
+        counts[depth] = _convolutions(plain, (8, 8, 3)), _convolutions(scanned, (8, 8, 3))
+    assert counts[56][0] > 2 * counts[20][0]  # unrolled: every block is compiled
+    assert counts[56][1] == counts[20][1] < counts[20][0]
+
+
+def test_per_module_tools_see_every_block():
+    _, scanned = _models(TINY_CIFAR)
+    assert unrolled(scanned).scan_blocks is False and scanned.scan_blocks is True
+    from cnnlab.models.summary import summarize
+
+    rows = [row.name for row in summarize(scanned, (8, 8, 3)).rows]
+    assert {f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)} <= set(rows)
+
+
+def _params(run_dir, step: int) -> dict:
+    restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(restored["params"])}
+
+
+def test_a_scanned_run_resumes_unrolled_from_its_checkpoint(fashion_dir, tmp_path):
+    common = ["model.depth=14", "train.log_every=5"]
+    scanned, resumed = tmp_path / "scanned", tmp_path / "resumed"
+    train_tiny(scanned, fashion_dir, [*common, "model.scan_blocks=true"])
+    shutil.copytree(scanned, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "20")
+    (resumed / "summary.json").unlink()
+    summary = train_tiny(resumed, fashion_dir, [*common, "model.scan_blocks=false"])
+    assert summary["resumed_from"] == 10 and summary["status"] == "finished"
+
+    def losses(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {e["step"]: e["train/loss"] for e in map(json.loads, lines) if "train/loss" in e}
+
+    a, b = losses(scanned), losses(resumed)
+    assert a.keys() == b.keys() == {5, 10, 15, 20}
+    np.testing.assert_allclose([b[s] for s in (15, 20)], [a[s] for s in (15, 20)], rtol=1e-4)
+    final, final_resumed = _params(scanned, 20), _params(resumed, 20)
+    assert final.keys() == final_resumed.keys()
+    for key in final:
+        np.testing.assert_allclose(final_resumed[key], final[key], rtol=1e-3, atol=1e-5,
+                                   err_msg=key)
