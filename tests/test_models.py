@@ -32,6 +32,19 @@ def test_param_counts_match_the_paper(depth):
     assert param_count([f"model=plain{depth}"]) == resnet
 
 
+def test_the_1202_layer_net_has_the_papers_19_4m_parameters():
+    """Table 6's 1202-layer net (n = 200), against the count of its layers by hand."""
+    n, widths = 200, (16, 32, 64)
+    stem, head = 3 * 3 * 3 * 16 + 2 * 16, 64 * 10 + 10
+    # Two 3x3 convs and two batch norms per block; each stage's first block reads the
+    # previous stage's width.
+    blocks = sum(9 * w_in * w + 9 * w * w + 4 * w + (n - 1) * (2 * 9 * w * w + 4 * w)
+                 for w_in, w in zip((16, 16, 32), widths, strict=True))
+    count = param_count(["model=resnet1202"])
+    assert count == stem + blocks + head
+    assert round(count / 1e6, 1) == 19.4
+
+
 def test_projection_shortcuts_add_exactly_the_1x1_convs():
     # Option B: 1x1 projections (no bias) + BN where the shape changes: 16->32 and 32->64.
     extra = (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
