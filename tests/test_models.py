@@ -115,6 +115,8 @@ def test_matches_pytorch_reference_parameter_count():
 @pytest.mark.parametrize("stride, pad, kernel, shape", [
     (1, 1, 3, (2, 8, 8, 3)), (2, 1, 3, (2, 7, 7, 4)), (2, 0, 1, (2, 8, 8, 4)),
     (4, 0, 11, (1, 35, 35, 3)), (1, 2, 5, (2, 9, 9, 2)),
+    # Output maps of at most 4 pixels take the matmul (im2col) path.
+    (1, 1, 3, (3, 2, 2, 5)), (2, 1, 3, (2, 3, 4, 3)), (1, 0, 3, (2, 3, 3, 4)),
 ])
 def test_cpu_conv_gradients_equal_xla_autodiff(stride, pad, kernel, shape):
     from jax import lax
@@ -131,7 +133,30 @@ def test_cpu_conv_gradients_equal_xla_autodiff(stride, pad, kernel, shape):
 
     expected = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
     got = jax.grad(loss(conv_general_dilated), (0, 1))(x, w)
-    np.testing.assert_allclose(
-        loss(conv_general_dilated)(x, w), loss(lax.conv_general_dilated)(x, w), rtol=1e-6)
+    y = lax.conv_general_dilated(x, w, *args, dimension_numbers=dn)
+    np.testing.assert_allclose(conv_general_dilated(x, w, *args, dimension_numbers=dn), y,
+                               rtol=1e-5, atol=1e-6 * float(jnp.abs(y).max()))
     for e, g in zip(expected, got, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+
+
+@pytest.mark.parametrize("kernel, stride, pad, shape", [
+    (2, 2, 0, (2, 8, 8, 3)), (3, 2, 1, (2, 9, 7, 4)), (3, 1, 1, (1, 6, 6, 2)),
+    (3, 2, 0, (2, 11, 11, 3)),
+])
+def test_cpu_max_pool_gradient_equals_xla_autodiff(kernel, stride, pad, shape):
+    import flax.linen as nn
+
+    from cnnlab.models.pooling import max_pool
+
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    # Ties, as ReLU's zeros make them: the gradient goes to the first maximum of each window.
+    x = jnp.where(x < 0.3, 0.0, x)
+    args = ((kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)))
+
+    def loss(pool):
+        return lambda x: jnp.sum(jnp.sin(pool(x, *args)))
+
+    np.testing.assert_array_equal(max_pool(x, *args), nn.max_pool(x, *args))
+    np.testing.assert_allclose(jax.grad(loss(max_pool))(x), jax.grad(loss(nn.max_pool))(x),
+                               rtol=1e-6, atol=1e-7)

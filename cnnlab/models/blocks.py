@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.errors import ConfigError
-from cnnlab.models import geometry
+from cnnlab.models import geometry, pooling
 from cnnlab.models.layers import Layers, at_least_float32
 from cnnlab.models.regularization import StochasticDepth
 from cnnlab.registry import Registry
@@ -121,7 +121,7 @@ class Pool(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         pads = geometry.window_pads(self.name or self.kind, x.shape[1:3], self.kernel,
                                     self.stride, self.padding)
-        pool = nn.max_pool if self.kind == "max" else nn.avg_pool
+        pool = pooling.max_pool if self.kind == "max" else nn.avg_pool
         return pool(x, (self.kernel, self.kernel), (self.stride, self.stride), pads)
 
 
