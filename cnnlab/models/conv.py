@@ -31,6 +31,15 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 SMALL_MAP = 4
 
 
+def offset_window(xp: jax.Array, i: int, j: int, out: tuple[int, int],
+                  strides: tuple) -> jax.Array:
+    """The pixels of the padded NHWC input `xp` that kernel offset (i, j) meets at each of the
+    `out` output positions: a strided slice."""
+    (ho, wo), (sh, sw) = out, strides
+    end = (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, xp.shape[3])
+    return lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
+
+
 def _forward(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
@@ -65,9 +74,7 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
     x, w = residuals
     dx = _input_gradient(x.shape, w, strides, padding, dy).astype(x.dtype)
     kh, kw = w.shape[:2]
-    (sh, sw), (ho, wo) = strides, dy.shape[1:3]
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    n = xp.shape[0]
     # Float32 accumulation under bfloat16 compute (train.precision); float64 stays float64.
     accumulate = jnp.promote_types(w.dtype, jnp.float32)
     rows = []
@@ -75,9 +82,7 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
         cols = []
         for j in range(kw):
             # The input pixels this kernel offset saw: a strided window of the padded input.
-            window = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1,
-                                                  j + (wo - 1) * sw + 1, xp.shape[3]),
-                               (1, sh, sw, 1))
+            window = offset_window(xp, i, j, dy.shape[1:3], strides)
             # Accumulated in float32 under bfloat16 compute (train.precision): the sum runs
             # over every pixel of the batch, far past bfloat16's 8-bit mantissa.
             cols.append(jnp.einsum("nhwc,nhwd->cd", window, dy, preferred_element_type=accumulate))
@@ -96,8 +101,7 @@ def _im2col(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.A
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     n, (sh, sw) = xp.shape[0], strides
     ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    windows = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                         (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    windows = [offset_window(xp, i, j, (ho, wo), strides) for i in range(kh) for j in range(kw)]
     patches = jnp.concatenate(windows, axis=-1).reshape(n * ho * wo, kh * kw * c)
     return (patches @ w.reshape(kh * kw * c, o)).reshape(n, ho, wo, o)
 

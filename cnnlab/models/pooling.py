@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnlab.models.conv import offset_window
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x: jax.Array, window: tuple, strides: tuple, padding: tuple) -> jax.Array:
@@ -32,20 +34,18 @@ def _bwd(window: tuple, strides: tuple, padding: tuple, x: jax.Array,
          dy: jax.Array) -> tuple:
     y = nn.max_pool(x, window, strides, padding)
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-    n, c = xp.shape[0], xp.shape[3]
     (sh, sw), (ho, wo) = strides, y.shape[1:3]
     claimed = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros(xp.shape, dy.dtype)
     zero = jnp.zeros((), dy.dtype)
     for i in range(window[0]):
         for j in range(window[1]):
-            end = (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c)
-            hit = (lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1)) == y) & ~claimed
+            hit = (offset_window(xp, i, j, (ho, wo), strides) == y) & ~claimed
             claimed = claimed | hit
             # Back to the padded input's grid: offset (i, j), strided, zeros in between.
+            high = (xp.shape[1] - i - (ho - 1) * sh - 1, xp.shape[2] - j - (wo - 1) * sw - 1)
             dxp = dxp + lax.pad(jnp.where(hit, dy, zero), zero, (
-                (0, 0, 0), (i, xp.shape[1] - end[1], sh - 1), (j, xp.shape[2] - end[2], sw - 1),
-                (0, 0, 0)))
+                (0, 0, 0), (i, high[0], sh - 1), (j, high[1], sw - 1), (0, 0, 0)))
     (top, _), (left, _) = padding
     return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
 
