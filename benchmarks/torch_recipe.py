@@ -2,7 +2,7 @@
 reference side of `benchmarks/fidelity.py`.
 
 SGD (momentum 0.9, weight decay 1e-4 on every parameter), batch 128, lr 0.1 divided by 10 at
-50% and 75% of the steps, 4-pixel zero-pad random crops and horizontal flips, per-channel
+50% and 75% of the steps, 4-pixel black-padded random crops and horizontal flips, per-channel
 standardisation by the train set's mean and std, the nets of `torch_reference.CifarNet`. Each
 epoch is a fresh permutation (the last, incomplete batch dropped). The train error is the mean
 of the last 10 steps' batch errors; the test error is measured once at the end, with running BN
@@ -36,7 +36,8 @@ def load(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """A random crop of the zero-padded (already standardised) NCHW batch, and a flip."""
+    """A random crop of the black-padded NCHW batch of [0, 1] pixels, and a flip (torchvision's
+    RandomCrop(padding=4) and cnnlab's `augment.crop_pad`: the padding is black, not the mean)."""
     n, _, h, w = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -60,11 +61,15 @@ def train(args: argparse.Namespace) -> dict:
     pixels = train_x.astype(np.float32) / 255
     mean, std = pixels.mean((0, 1, 2)), pixels.std((0, 1, 2))
 
-    def tensor(images: np.ndarray) -> torch.Tensor:
-        x = (images.astype(np.float32) / 255 - mean) / std
-        return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    mean_t, std_t = (torch.from_numpy(v).view(1, -1, 1, 1) for v in (mean, std))
 
-    train_t, train_labels = tensor(train_x), torch.from_numpy(train_y)
+    def pixels_nchw(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        return (x - mean_t) / std_t
+
+    train_t, train_labels = pixels_nchw(train_x), torch.from_numpy(train_y)
     net = CifarNet(args.depth, not args.plain, in_channels=train_x.shape[-1],
                    num_classes=int(train_y.max()) + 1)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
@@ -77,7 +82,7 @@ def train(args: argparse.Namespace) -> dict:
         idx = order[(step % per_epoch) * args.batch_size:][:args.batch_size]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
-        logits = net(augment(train_t[idx], generator))
+        logits = net(standardise(augment(train_t[idx], generator)))
         loss = F.cross_entropy(logits, train_labels[idx])
         optimizer.zero_grad()
         loss.backward()
@@ -86,7 +91,7 @@ def train(args: argparse.Namespace) -> dict:
     net.eval()
     wrong = 0
     with torch.no_grad():
-        test_t = tensor(test_x)
+        test_t = standardise(pixels_nchw(test_x))
         for i in range(0, len(test_t), 1000):
             predicted = net(test_t[i:i + 1000]).argmax(1).numpy()
             wrong += int((predicted != test_y[i:i + 1000]).sum())

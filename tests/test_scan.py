@@ -40,11 +40,11 @@ def _forward(model, variables, x, train: bool, rngs=None):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
 
-def _assert_trees_close(a, b, what: str) -> None:
+def _assert_trees_close(a, b, what: str, rtol: float = 1e-10) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b), what
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b),
                             strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10, atol=1e-12,
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * 1e-2,
                                    err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
@@ -57,9 +57,10 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do(overrides, shape, modes)
     with jax.enable_x64(True):
         plain, scanned = _models(overrides)
         variables = init_variables(plain, jax.random.PRNGKey(0), shape)
-        # Initialization unrolls either way: one seed, one set of weights.
+        # Initialization unrolls either way: one seed, one set of weights (the scanned model's
+        # is run op by op, not compiled, which may round a float32 draw one ulp differently).
         _assert_trees_close(variables, init_variables(scanned, jax.random.PRNGKey(0), shape),
-                            "init")
+                            "init", rtol=1e-6)
         variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
         x = jax.random.normal(jax.random.PRNGKey(1), (4, *shape), jnp.float64)
         for train in modes:
