@@ -9,8 +9,8 @@ when the scan reads them and written back per block, so checkpoints, transfer le
 conversion and every per-layer tool see one layout, and a run may switch `model.scan_blocks`
 on resume. Initialization always runs the unrolled blocks, so a seed gives the same weights
 either way (`init_variables` runs a scanned model's init op by op: compiling 600 unrolled
-blocks takes minutes). What differs: dropout and stochastic-depth draws (one key per block split from the
-parent's, not the unrolled model's per-module keys), and per-module hooks (Flax's
+blocks takes minutes). What differs: dropout and stochastic-depth draws (one key per block
+split from the parent's, not the unrolled model's per-module keys), and per-module hooks (Flax's
 `capture_intermediates`, method interceptors, the activation recorder), which do not see inside
 the scan; `unrolled()` gives the same model without it for those.
 """
