@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cnnlab.errors import ConfigError
 from cnnlab.models import cifar_resnet, pattern, stack
 from cnnlab.models.layers import PRECISIONS, BatchNorm, InputFit, Layers, build_layers
-from cnnlab.models.scan import unrolled
+from cnnlab.models.scan import scans_blocks, unrolled
 from cnnlab.registry import Registry
 
 
@@ -112,7 +112,7 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...
     draws either way, up to one-ulp differences in rounding the normal's inverse CDF.
     """
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    if getattr(model, "scan_blocks", False):
+    if scans_blocks(model):
         return model.init(key, dummy, train=False)
     lowered = jax.jit(model.init, static_argnames="train").lower(key, dummy, train=False)
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})

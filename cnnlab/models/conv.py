@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnlab.models.geometry import output_size
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Output maps up to this many pixels are computed as a matmul (`_im2col`).
 SMALL_MAP = 4
@@ -93,15 +95,15 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
 conv_nhwc.defvjp(_fwd, _bwd)
 
 
-def _im2col(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
+def _im2col(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple,
+            out: tuple[int, int]) -> jax.Array:
     """The convolution as one matmul: the input windows of every kernel offset side by side
     (kh*kw*C features per output pixel) times the kernel reshaped to (kh*kw*C, O). Its
     gradients are autodiff's of slices and a matmul, all fast on CPU."""
     kh, kw, c, o = w.shape
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    n, (sh, sw) = xp.shape[0], strides
-    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    windows = [offset_window(xp, i, j, (ho, wo), strides) for i in range(kh) for j in range(kw)]
+    n, (ho, wo) = xp.shape[0], out
+    windows = [offset_window(xp, i, j, out, strides) for i in range(kh) for j in range(kw)]
     patches = jnp.concatenate(windows, axis=-1).reshape(n * ho * wo, kh * kw * c)
     return (patches @ w.reshape(kh * kw * c, o)).reshape(n, ho, wo, o)
 
@@ -125,8 +127,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
             feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type)
     strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
-    out = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
-           in zip(lhs.shape[1:3], rhs.shape[:2], strides, pads, strict=True)]
+    out = tuple(output_size(size, k, s, p)
+                for size, k, s, p in zip(lhs.shape[1:3], rhs.shape[:2], strides, pads, strict=True))
     if out[0] * out[1] <= SMALL_MAP:
-        return _im2col(lhs, rhs, strides, pads)
+        return _im2col(lhs, rhs, strides, pads, out)
     return conv_nhwc(lhs, rhs, strides, pads)

@@ -62,4 +62,9 @@ def _stack(trees: list) -> dict:
 
 def unrolled(model: nn.Module) -> nn.Module:
     """`model` with its repeated blocks unrolled (same variables): for per-module hooks."""
-    return model.clone(scan_blocks=False) if getattr(model, "scan_blocks", False) else model
+    return model.clone(scan_blocks=False) if scans_blocks(model) else model
+
+
+def scans_blocks(model: nn.Module) -> bool:
+    """Whether `model` runs its repeated blocks as scans (families without the option do not)."""
+    return bool(getattr(model, "scan_blocks", False))
