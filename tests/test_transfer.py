@@ -184,7 +184,8 @@ def test_a_missing_source_is_said_before_the_data_is_read(tmp_path):
     with pytest.raises(ConfigError, match=r"transfer.source=.*/gone does not exist; give a "
                                           r"cnnlab run directory or a .pth/.pt/.safetensors"):
         run.build(cfg, with_source=True)
-    cfg = configure.compose(["transfer=linear_probe", f"transfer.source={tmp_path}"])
+    cfg = configure.compose(["transfer=linear_probe", f"transfer.source={tmp_path}",
+                             "dataset.data_dir=/nonexistent"])
     with pytest.raises(ConfigError, match="is a folder but not a cnnlab run directory"):
         run.build(cfg, with_source=True)
 

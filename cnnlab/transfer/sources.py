@@ -136,10 +136,17 @@ def _run_preprocess(cfg: DictConfig, path: Path,
 
 
 def check_exists(cfg: DictConfig) -> None:
-    """A one-line ConfigError if `transfer.source` is set and names nothing."""
-    if cfg.transfer.source is not None and not source_path(cfg).exists():
+    """A one-line ConfigError if `transfer.source` is set and names nothing, or a folder that is
+    not a cnnlab run (cheap checks, made before the data is read)."""
+    if cfg.transfer.source is None:
+        return
+    path = source_path(cfg)
+    if not path.exists():
         raise ConfigError(f"transfer.source={cfg.transfer.source} does not exist; give a cnnlab "
                           f"run directory or a {'/'.join(WEIGHT_FILE_SUFFIXES)} weights file")
+    if path.is_dir() and not is_run_dir(path):
+        raise ConfigError(f"transfer.source={path} is a folder but not a cnnlab run "
+                          "directory (no .hydra/config.yaml)")
 
 
 def read_source(cfg: DictConfig) -> Source:
@@ -147,9 +154,6 @@ def read_source(cfg: DictConfig) -> Source:
     check_exists(cfg)
     path = source_path(cfg)
     if path.is_dir():
-        if not is_run_dir(path):
-            raise ConfigError(f"transfer.source={path} is a folder but not a cnnlab run "
-                              "directory (no .hydra/config.yaml)")
         return read_run(path, cfg.transfer.weights)
     if path.suffix not in WEIGHT_FILE_SUFFIXES:
         raise ConfigError(f"transfer.source={path}: unknown kind of file; valid: a cnnlab run "
