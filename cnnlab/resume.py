@@ -102,6 +102,18 @@ def check_changes(run_dir: RunDir, config: dict[str, Any], allow: bool, step: in
     run_dir.record_changes(step, changes)
 
 
+def check_finished_unchanged(run_dir: RunDir, config: dict[str, Any]) -> None:
+    """A finished run's results answer for its own settings only: a start with other ones (a
+    sweep rerun into the same folder with another model, say) is refused, whatever
+    `resume.allow_changes` says, rather than handed the old results as its own."""
+    start = run_dir.start_config()
+    if start is not None and (changes := config_changes(start, config)):
+        raise ConfigError(
+            f"{run_dir} already finished with other settings ({describe(changes)}), so its "
+            "results are not this config's; train in another hydra.run.dir (or "
+            "hydra.sweep.dir)")
+
+
 def unfit_state_message(run_dir: RunDir, config: dict[str, Any]) -> str:
     """Why a checkpoint does not fit this config's state, naming the keys that changed."""
     start = run_dir.start_config()

@@ -18,7 +18,12 @@ from cnnlab.checkpoint import NoUsableCheckpoint
 from cnnlab.errors import ConfigError
 from cnnlab.models import count_params
 from cnnlab.progress import CompileTimer, duration
-from cnnlab.resume import check_changes, finished_summary, unfit_state_message
+from cnnlab.resume import (
+    check_changes,
+    check_finished_unchanged,
+    finished_summary,
+    unfit_state_message,
+)
 from cnnlab.run import Run, build, use_compile_cache
 from cnnlab.rundir import CURVES, FollowerRunDir, RunDir
 from cnnlab.tracking import RunTracker
@@ -39,10 +44,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
     parallel.initialize_distributed(cfg.train.get("distributed"))
     run_dir = RunDir(run_dir) if parallel.is_primary() else FollowerRunDir(run_dir)
     with run_dir.lock():
+        config = OmegaConf.to_container(cfg, resolve=True)
         if (previous := finished_summary(run_dir, cfg.train.steps)) is not None:
+            check_finished_unchanged(run_dir, config)
             log.info("%s already finished; nothing to do", run_dir)
             return previous
-        config = OmegaConf.to_container(cfg, resolve=True)
         saved = run_dir.checkpoint_steps()
         if saved:
             check_changes(run_dir, config, cfg.resume.allow_changes, saved[-1])

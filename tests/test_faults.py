@@ -148,6 +148,19 @@ def test_case5_a_changed_value_is_refused_then_recorded_when_allowed(interrupted
     assert RunDir(interrupted).start_config()["optimizer"]["lr"] == 0.1  # the original is kept
 
 
+def test_case5_a_finished_run_is_not_answered_for_other_settings(straight, fashion_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for changed, allow in ((["model.width=8"], "false"), (["optimizer.lr=0.5"], "true")):
+        with pytest.raises(ConfigError, match=r"already finished with other settings \((model."
+                                              r"width 4 -> 8|optimizer.lr 0.1 -> 0.5)\)"):
+            train_tiny(run_dir, fashion_dir, [*FAULTS, *changed, f"resume.allow_changes={allow}"])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    same = train_tiny(run_dir, fashion_dir, [*FAULTS, "logger.mode=offline"])  # untracked key
+    assert same == json.loads(before["summary.json"])
+
+
 def test_case5_a_changed_shape_is_one_line_naming_the_key(interrupted, fashion_dir):
     with pytest.raises(ConfigError, match=r"do not fit .*\(changed: model.width 4 -> 8\)"):
         train_tiny(interrupted, fashion_dir,
