@@ -12,6 +12,12 @@ under "differs" means the two sides' difference is within their seeds' spread (p
 
     TFDS_DATA_DIR=../shared/data/tfds_array_record python benchmarks/fidelity.py \\
         --models plain20 resnet20 --seeds 0 1 2 --steps 300 --out benchmarks/results/fidelity.md
+
+An interrupted comparison resumes: rerun the same command. Its runs are kept in `--work-dir`
+(cnnlab's jobs checkpoint there and resume like any cnnlab run; each finished PyTorch run is one
+JSON file there and is not run again). `--include OLD.json` adds the runs of an earlier
+comparison (its `.json`) to the table, e.g. the 20-layer nets' beside a later run of the 56-layer
+ones.
 """
 
 from __future__ import annotations
@@ -22,42 +28,55 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"train_error": "final/train/error", "test_error": "final/test/error"}
 
 
-def cnnlab_runs(models: list[str], seeds: list[int], steps: int, out: Path) -> list[dict]:
-    sweep = out / "cnnlab"
-    cmd = [str(Path(sys.executable).parent / "cnnlab"), "train", "-m", "experiment=resnet_vs_plain",
-           "dataset=fashion_mnist", "dataset.val_size=0", f"model={','.join(models)}",
-           f"seed={','.join(map(str, seeds))}", f"train.steps={steps}", "train.log_every=10",
-           f"train.eval_every={steps}", "checkpoint.enabled=false", "logger.mode=disabled",
-           "progress=false", f"hydra.sweep.dir={sweep}"]
-    subprocess.run(cmd, check=True, cwd=REPO)
+def cnnlab_runs(models: list[str], seeds: list[int], steps: int, work_dir: Path) -> list[dict]:
+    """Each model as one multirun over the seeds, in a sweep folder of its own (a rerun resumes
+    its jobs; another model never meets them)."""
     results = []
-    for summary_file in sorted(sweep.glob("*/summary.json")):
-        summary = json.loads(summary_file.read_text())
-        results.append({"framework": "cnnlab", "model": summary["model"], "seed": summary["seed"],
-                        **{k: summary[v] for k, v in METRICS.items()},
-                        "wall_time": summary["wall_time"]})
+    for model in models:
+        sweep = work_dir / "cnnlab" / model
+        cmd = [str(Path(sys.executable).parent / "cnnlab"), "train", "-m",
+               "experiment=resnet_vs_plain", "dataset=fashion_mnist", "dataset.val_size=0",
+               f"model={model}", f"seed={','.join(map(str, seeds))}", f"train.steps={steps}",
+               "train.log_every=10", f"train.eval_every={steps}",
+               f"checkpoint.every={max(steps // 6, 1)}", "logger.mode=disabled",
+               "progress=false", f"hydra.sweep.dir={sweep}"]
+        subprocess.run(cmd, check=True, cwd=REPO)
+        for summary_file in sorted(sweep.glob("*/summary.json")):
+            summary = json.loads(summary_file.read_text())
+            if summary["seed"] not in seeds:
+                continue  # a job of an earlier command with more seeds
+            results.append({"framework": "cnnlab", "model": summary["model"],
+                            "seed": summary["seed"],
+                            **{k: summary[v] for k, v in METRICS.items()},
+                            "wall_time": summary["wall_time"]})
     return results
 
 
-def torch_runs(models: list[str], seeds: list[int], steps: int) -> list[dict]:
+def torch_runs(models: list[str], seeds: list[int], steps: int, work_dir: Path) -> list[dict]:
+    done = work_dir / "pytorch"
+    done.mkdir(parents=True, exist_ok=True)
     results = []
     for model in models:
         depth, plain = int(model.removeprefix("plain").removeprefix("resnet")), "plain" in model
         for seed in seeds:
-            cmd = [sys.executable, "benchmarks/torch_recipe.py", "--depth", str(depth),
-                   "--steps", str(steps), "--seed", str(seed), *(["--plain"] if plain else [])]
-            line = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True,
-                                  text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            result = json.loads(line.stdout.strip().splitlines()[-1])
-            results.append({**result, "model": model})
-            print(f"pytorch {model} seed {seed}: {result}", file=sys.stderr)
+            record = done / f"{model}_seed{seed}_steps{steps}.json"
+            if not record.exists():
+                cmd = [sys.executable, "benchmarks/torch_recipe.py", "--depth", str(depth),
+                       "--steps", str(steps), "--seed", str(seed), *(["--plain"] if plain else [])]
+                line = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True,
+                                      text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                result = json.loads(line.stdout.strip().splitlines()[-1])
+                tmp = record.with_suffix(".tmp")
+                tmp.write_text(json.dumps({**result, "model": model}))
+                tmp.replace(record)  # atomic: a killed comparison never leaves half a record
+            results.append(json.loads(record.read_text()))
+            print(f"pytorch {model} seed {seed}: {results[-1]}", file=sys.stderr)
     return results
 
 
@@ -86,11 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", type=Path, default=None, help="markdown table (and .json beside)")
+    p.add_argument("--work-dir", type=Path, default=REPO / "benchmarks/results/fidelity_runs",
+                   help="the runs of both sides, kept so that rerunning the command resumes")
+    p.add_argument("--include", type=Path, nargs="*", default=[],
+                   help="the .json of earlier comparisons: their runs join the table")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = cnnlab_runs(args.models, args.seeds, args.steps, Path(tmp))
-    results += torch_runs(args.models, args.seeds, args.steps)
-    table = compare(results, args.models)
+    args.work_dir = args.work_dir / f"steps{args.steps}"
+    results = [r for old in args.include for r in json.loads(old.read_text())]
+    results += cnnlab_runs(args.models, args.seeds, args.steps, args.work_dir)
+    results += torch_runs(args.models, args.seeds, args.steps, args.work_dir)
+    models = list(dict.fromkeys([r["model"] for r in results]))
+    table = compare(results, models)
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
