@@ -437,9 +437,10 @@ def short_dirname(name: str, model_name: str | None = None) -> str:
     MAX_DIRNAME characters.
 
     Names past the file system's 255-byte limit would crash the sweep; the hash of the whole
-    keeps cut names distinct. The job's full overrides are in `.hydra/overrides.yaml`.
+    keeps cut names distinct. The job's full overrides are in `.hydra/overrides.yaml`. A job
+    of a sweep that varies nothing (one model, one seed) is named by its model, not `0_`.
     """
-    name = name_the_model(name, model_name)
+    name = name_the_model(name, model_name) or (f"model={model_name}" if model_name else "")
     if len(name) <= MAX_DIRNAME:
         return name
     import hashlib

@@ -49,5 +49,5 @@ def report(sweep_dir: Path) -> tuple[str, bool]:
     total = sum(len(jobs) for jobs in counts.values())
     parts = ", ".join(f"{len(jobs)} {status}" for status, jobs in sorted(counts.items()))
     all_finished = set(counts) <= {"finished"}
-    return (f"sweep of {total} jobs: {parts}; tables and plots: cnnlab compare {sweep_dir}",
-            all_finished)
+    jobs = "1 job" if total == 1 else f"{total} jobs"
+    return f"sweep of {jobs}: {parts}; tables and plots: cnnlab compare {sweep_dir}", all_finished

@@ -256,6 +256,12 @@ def test_shown_overrides_name_the_model_trained(overrides, name, shown):
     assert short_dirname(overrides, name) == shown
 
 
+def test_a_job_that_varies_nothing_is_named_by_its_model():
+    from cnnlab.config import short_dirname
+
+    assert short_dirname("", "plain20") == "model=plain20"
+
+
 @pytest.mark.parametrize("overrides, fitted", [
     ([], 10),  # 50, 250, 250: the default chunk fits
     (["train.log_every=15"], 5),

@@ -201,3 +201,17 @@ def test_a_study_without_m_is_refused_with_its_size(tmp_path):
         "cnnlab: error: experiment=resnet_vs_plain is a study of 24 runs of 64,000 steps: run it "
         "with -m")
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_the_sweep_report_counts_its_jobs_in_words(tmp_path):
+    from cnnlab.rundir import RunDir
+    from cnnlab.sweep import report
+
+    for n in range(2):
+        job = tmp_path / f"{n}_seed={n}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "config.yaml").write_text(f"seed: {n}\n")  # what Hydra writes
+        RunDir(job).write_summary({"status": "finished"})
+        line, all_finished = report(tmp_path)
+        jobs = "1 job" if n == 0 else "2 jobs"
+        assert line.startswith(f"sweep of {jobs}: {n + 1} finished;") and all_finished
