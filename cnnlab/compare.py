@@ -484,7 +484,7 @@ class FailedRun:
     label: str
     seed: Any
     status: str
-    step: Any  # final_step; None when the run never got that far
+    step: Any  # final_step, else the last step logged (a running or killed run); None: none
     reason: str | None
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # for the key columns
     keys: tuple[str, ...] = ()  # the keys that vary across all configurations compared
@@ -495,9 +495,16 @@ def failed_runs(runs: Sequence[Run], configurations: Sequence[Configuration]) ->
     the keys that vary across every configuration compared (so its columns are table.csv's)."""
     of_run = {id(run): c for c in configurations for run in c.runs}
     keys = tuple(differing_keys([c.config for c in configurations]))
-    return [FailedRun(run.name, of_run[id(run)].label, run.seed, run.status,
-                      run.summary.get("final_step"), run.reason, of_run[id(run)].config, keys)
+    return [FailedRun(run.name, of_run[id(run)].label, run.seed, run.status, _reached(run),
+                      run.reason, of_run[id(run)].config, keys)
             for run in runs if not run.finished]
+
+
+def _reached(run: Run) -> int | None:
+    """How far an unfinished run got: its final step, else the last one it logged."""
+    if (step := run.summary.get("final_step")) is not None:
+        return step
+    return max((int(e["step"]) for e in run.metrics if "step" in e), default=None)
 
 
 def check_panel_key(runs: Sequence[Run], key: str) -> None:

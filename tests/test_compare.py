@@ -228,6 +228,16 @@ def test_failed_table_lists_diverged_and_crashed_runs(sweep):
     ]
 
 
+def test_a_running_or_killed_run_is_listed_at_its_last_logged_step(tmp_path):
+    finished_run(tmp_path / "0_seed=0", "plain20", 0)
+    write_run(tmp_path / "1_seed=1", config("plain20", 1), ["seed=1"],
+              [{"step": 10, "train/error": 80.0}, {"step": 20, "train/error": 70.0}],
+              {"status": "running", "model": "plain20", "seed": 1})
+    runs = cmp.load_runs([str(tmp_path)])
+    [failed] = cmp.failed_runs(runs, cmp.group_runs(runs))
+    assert (failed.run, failed.status, failed.step) == ("1_seed=1", "running", 20)
+
+
 def test_status_reasons():
     assert cmp.run_status({"status": "diverged", "failure": "diverged: x"}) == (
         "diverged", "diverged: x")
