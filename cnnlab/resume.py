@@ -105,9 +105,14 @@ def check_changes(run_dir: RunDir, config: dict[str, Any], allow: bool, step: in
 def check_finished_unchanged(run_dir: RunDir, config: dict[str, Any]) -> None:
     """A finished run's results answer for its own settings only: a start with other ones (a
     sweep rerun into the same folder with another model, say) is refused, whatever
-    `resume.allow_changes` says, rather than handed the old results as its own."""
+    `resume.allow_changes` says, rather than handed the old results as its own. Keys the first
+    start did not have (added to cnnlab since) are not counted: a sweep rerun after an upgrade
+    still finds its finished jobs."""
     start = run_dir.start_config()
-    if start is not None and (changes := config_changes(start, config)):
+    if start is None:
+        return
+    known = flatten(start)
+    if changes := {k: v for k, v in config_changes(start, config).items() if k in known}:
         raise ConfigError(
             f"{run_dir} already finished with other settings ({describe(changes)}), so its "
             "results are not this config's; train in another hydra.run.dir (or "

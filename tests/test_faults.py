@@ -159,6 +159,11 @@ def test_case5_a_finished_run_is_not_answered_for_other_settings(straight, fashi
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     same = train_tiny(run_dir, fashion_dir, [*FAULTS, "logger.mode=offline"])  # untracked key
     assert same == json.loads(before["summary.json"])
+    # A key the first start did not have (cnnlab upgraded since) is not a change of settings.
+    start = RunDir(run_dir).start_config()
+    del start["train"]["stop_on_nan"]
+    RunDir(run_dir).save_start_config(start, replace=True)
+    assert train_tiny(run_dir, fashion_dir, FAULTS) == same
 
 
 def test_case5_a_changed_shape_is_one_line_naming_the_key(interrupted, fashion_dir):
