@@ -295,8 +295,9 @@ def _sweep_size(cfg: "DictConfig", steps: list[int]) -> str:
     choices were each checked, but only n_trials of them run)."""
     trials = cfg.hydra.sweeper.get("n_trials")
     if trials is None:
-        jobs = "1 job" if len(steps) == 1 else f"{len(steps)} jobs"
-        return f"cnnlab: sweep of {jobs}, {sum(steps):,} training steps in all"
+        from cnnlab.sweep import job_count
+
+        return f"cnnlab: sweep of {job_count(len(steps))}, {sum(steps):,} training steps in all"
     return (f"cnnlab: search of {trials} trials of up to {max(steps):,} training steps "
             f"({len(steps)} combinations of its choices checked)")
 

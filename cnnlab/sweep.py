@@ -43,11 +43,16 @@ def tally(sweep_dir: Path) -> dict[str, list[Path]]:
     return by_status
 
 
+def job_count(n: int) -> str:
+    """'1 job', '3 jobs': how the sweep lines count jobs."""
+    return "1 job" if n == 1 else f"{n} jobs"
+
+
 def report(sweep_dir: Path) -> tuple[str, bool]:
     """One line on how the sweep went, and whether every job finished."""
     counts = tally(sweep_dir)
     total = sum(len(jobs) for jobs in counts.values())
     parts = ", ".join(f"{len(jobs)} {status}" for status, jobs in sorted(counts.items()))
     all_finished = set(counts) <= {"finished"}
-    jobs = "1 job" if total == 1 else f"{total} jobs"
-    return f"sweep of {jobs}: {parts}; tables and plots: cnnlab compare {sweep_dir}", all_finished
+    return (f"sweep of {job_count(total)}: {parts}; tables and plots: cnnlab compare "
+            f"{sweep_dir}", all_finished)
