@@ -65,7 +65,7 @@ def torch_runs(models: list[str], seeds: list[int], steps: int, work_dir: Path) 
     for model in models:
         depth, plain = int(model.removeprefix("plain").removeprefix("resnet")), "plain" in model
         for seed in seeds:
-            record = done / f"{model}_seed{seed}_steps{steps}.json"
+            record = done / f"{model}_seed{seed}.json"  # work_dir is per step count
             if not record.exists():
                 cmd = [sys.executable, "benchmarks/torch_recipe.py", "--depth", str(depth),
                        "--steps", str(steps), "--seed", str(seed), *(["--plain"] if plain else [])]
