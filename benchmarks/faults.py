@@ -245,6 +245,23 @@ def changed_value(override: str) -> Callable[[Path, Path], list[str]]:
     return scenario
 
 
+def finished_changed(override: str) -> Callable[[Path, Path], list[str]]:
+    """Rerun a finished run with one value changed: refused, its summary and history untouched
+    (before the fix, the old run's summary came back as the new config's result, exit 0)."""
+    def scenario(work: Path, reference: Path) -> list[str]:
+        run_dir = work / "run"
+        first = run(["train", *C, f"hydra.run.dir={run_dir}"], work)
+        if first.returncode != 0:
+            return [f"the first run failed: exit {first.returncode}"]
+        summary = (run_dir / "summary.json").read_text()
+        changed = run(["train", *C, override, f"hydra.run.dir={run_dir}"], work)
+        problems = one_line_end(changed, (2,))
+        if (run_dir / "summary.json").read_text() != summary:
+            problems.append("summary.json rewritten by a refused change")
+        return problems + recovers(run_dir, work, reference)
+    return scenario
+
+
 def with_tmpfs(fill: bool) -> Callable[[Path, Path], list[str]]:
     """A run on a tmpfs that is full, or read-only, from the start of a resume."""
     def scenario(work: Path, reference: Path) -> list[str]:
@@ -347,6 +364,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path, Path], list[str]]]] = {
     "two processes on one run directory": ("fault", second_process),
     "resume with optimizer.lr=0.5": ("fault", changed_value("optimizer.lr=0.5")),
     "resume with model.width=8": ("fault", changed_value("model.width=8")),
+    "finished run rerun with model.width=8": ("fault", finished_changed("model.width=8")),
     "disk full at resume": ("fault", with_tmpfs(fill=True)),
     "read-only run directory": ("fault", with_tmpfs(fill=False)),
     "augment.cutout=100": ("user error", refused("augment.cutout=100")),
