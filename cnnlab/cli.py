@@ -46,7 +46,8 @@ commands:
   compare  tables (mean ± std over seeds) and error curves of runs, from their files:
            cnnlab compare MULTIRUN_DIR|RUN_DIR [...] [compare.panel_by=model.residual]
            [compare.metric=error|loss] [compare.ylim=[0,20]] [compare.format=markdown|csv]
-           [compare.output=DIR] [compare.select=all|best] [compare.versus=KEY];
+           [compare.output=DIR] [compare.select=all|best] [compare.versus=KEY]
+           [compare.contrast=KEY];
            a W&B group (online):
            cnnlab compare wandb:ENTITY/PROJECT/GROUP
 
@@ -420,11 +421,13 @@ def compare_command(args: list[str]) -> None:
     paths, overrides = _paths_and_overrides(args, "compare", "run or multirun directories",
                                             "CSV output: compare.format=csv")
     from cnnlab.compare import compare, parse_config
+    from cnnlab.contrast import contrast_outputs
     from cnnlab.versus import versus_outputs
 
     try:
         cfg = parse_config(overrides)
-        text, written = compare(paths, cfg, versus_outputs(cfg))
+        extras = [e for e in (versus_outputs(cfg), contrast_outputs(cfg)) if e is not None]
+        text, written = compare(paths, cfg, extras)
     except ConfigError as e:
         fail(str(e))
     print(text, end="")

@@ -91,6 +91,9 @@ class CompareConfig:
     # A config key (e.g. transfer.load_through): also versus.md and versus.png, the final test
     # error against its values, a line per other differing setting (cnnlab/versus.py).
     versus: str | None = None
+    # A config key (e.g. model.residual): also contrast.md, each of its values against the first
+    # within groups that differ in nothing else, Welch's t-test over seeds (cnnlab/contrast.py).
+    contrast: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -859,9 +862,10 @@ Extra = Callable[[Comparison, Path], tuple[str, list[Path]]]
 
 
 def compare(paths: Sequence[str], cfg: CompareConfig,
-            extra: Extra | None = None) -> tuple[str, list[Path]]:
-    """Load, compare and write; returns (what to print, the files written). `extra(comparison,
-    out_dir)` adds outputs of modules built on this one (compare.versus: cnnlab/versus.py)."""
+            extras: Sequence[Extra] = ()) -> tuple[str, list[Path]]:
+    """Load, compare and write; returns (what to print, the files written). Each
+    `extra(comparison, out_dir)` adds outputs of a module built on this one (compare.versus:
+    cnnlab/versus.py, compare.contrast: cnnlab/contrast.py)."""
     comparison = build(load_runs(paths), cfg)
     out_dir = output_dir(paths, cfg)
     try:
@@ -872,7 +876,7 @@ def compare(paths: Sequence[str], cfg: CompareConfig,
     text = RENDERERS[cfg.format](comparison)
     if cfg.pareto:
         text += "\n" + pareto_markdown(*pareto_points(comparison.rows))
-    if extra is not None:
+    for extra in extras:
         extra_text, files = extra(comparison, out_dir)
         text += "\n" + extra_text
         written += files
