@@ -79,10 +79,11 @@ def _determined(key: str, by: Sequence[str], configs: Sequence[dict[str, Any]]) 
 
 def group_keys(rows: Sequence[Row], key: str) -> list[str]:
     """The differing keys other than `key` that define the groups: every one the others do not
-    determine, names (`*.name`) dropped first, so `model.name` goes and `model.depth` stays."""
+    determine. Names (`*.name`) are dropped first, then later keys before earlier ones, so of
+    `model.name`, `model.depth` and `model.scan_blocks` (which follows depth) only depth stays."""
     configs = [row.config for row in rows]
     keys = [k for k in differing_keys(configs) if k != key]
-    for candidate in sorted(keys, key=lambda k: not k.endswith(".name")):
+    for candidate in sorted(reversed(keys), key=lambda k: not k.endswith(".name")):
         rest = [k for k in keys if k != candidate]
         if _determined(candidate, [key, *rest], configs):
             keys = rest
