@@ -456,10 +456,17 @@ def group_options(group: str) -> list[str]:
     """The option names of a config group, from the YAML files in `conf/<group>/`.
 
     Options in sub-folders are named by their path, as Hydra names them (`smoke/init_study`).
+    Private bases (`_stack`), hidden folders and `results/` are not options: `experiment` is the
+    experiments/ folder, whose results/ keeps finished runs' logs with their saved configs.
     """
     root = CONF_DIR / group
+
+    def is_option(path: Path) -> bool:
+        parts = path.relative_to(root).parts
+        return parts[0] != "results" and not any(part[0] in "_." for part in parts)
+
     return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
-                  if not any(part.startswith("_") for part in p.relative_to(root).parts))
+                  if is_option(p))
 
 
 def help_groups() -> str:

@@ -7,6 +7,7 @@ import pytest
 from omegaconf import MISSING, OmegaConf
 
 from cnnlab.config import (
+    CONF_DIR,
     ActivationConfig,
     AffineConfig,
     AugmentConfig,
@@ -65,6 +66,15 @@ GROUPS = ["model", "dataset", "init", "activation", "norm", "preprocess", "augme
 def test_every_group_has_options():
     for group in GROUPS:
         assert group_options(group), f"conf/{group} is empty"
+
+
+def test_saved_runs_under_experiments_results_are_not_experiments():
+    # experiments/results/resnet_vs_plain_2000/ keeps finished runs' .hydra/config.yaml files.
+    saved = list((CONF_DIR / "experiment" / "results").rglob("*.yaml"))
+    assert saved, "the premise: experiments/results holds saved run configs"
+    options = group_options("experiment")
+    assert "resnet_vs_plain" in options and "smoke/resnet_vs_plain" in options
+    assert not [o for o in options if o.startswith("results/") or "/." in o]
 
 
 # One test per option, so that the test processes share the model group's traces (each
