@@ -762,3 +762,20 @@ def test_one_key_is_one_line_per_configuration_and_bad_keys_are_refused(diag_run
         cmp.build(runs, cmp.CompareConfig(keys=["diag/*"], panel_by="model.residual"))
     # Without compare.keys, the error curves as always.
     assert cmp.build(runs, cmp.CompareConfig()).ylabel == "error (%)"
+
+
+def test_the_kept_study_runs_are_finished_and_compare_draws_from_them(tmp_path):
+    # experiments/results/resnet_vs_plain_2000/ holds the logs docs/studies.md's table comes
+    # from: only finished runs of 2,000 steps, whose summaries agree with their own logs.
+    kept = REPO / "experiments" / "results" / "resnet_vs_plain_2000"
+    runs = cmp.load_runs([str(kept)])
+    assert runs and all(run.finished for run in runs)
+    for run in runs:
+        assert run.summary["final_step"] == run.config["train.steps"] == 2000
+        last_test = [e["test/error"] for e in run.metrics if "test/error" in e][-1]
+        assert run.summary["final/test/error"] == pytest.approx(last_test)
+        assert run.name == f"{run.config['model.name']}_seed{run.seed}"
+    cfg = cmp.parse_config([f"output={tmp_path}"])
+    text, _ = cmp.compare([str(kept)], cfg)
+    assert text.count("| 1/1 |") + text.count("| 2/2 |") + text.count("| 3/3 |") == len(
+        {run.config["model.name"] for run in runs})
