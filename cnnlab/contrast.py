@@ -18,15 +18,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab.compare import Row, Stat, differing_keys, display_value, readable_key, value_order
+from cnnlab.compare import (
+    COLUMNS,
+    Row,
+    Stat,
+    differing_keys,
+    display_value,
+    readable_key,
+    value_order,
+)
 from cnnlab.errors import ConfigError
 
 CONTRAST_MD = "contrast.md"
 ALPHA = 0.05
-# The columns tested, in table order: (Row.stats name, the table's name for it).
-METRICS = (("final_test_error", "final test error (%)"),
-           ("final_train_error", "final train error (%)"),
-           ("final_val_error", "final val error (%)"))
+# The columns tested, in table order: (Row.stats name, the table's header for it).
+METRICS = tuple((col.name, col.header) for col in COLUMNS
+                if col.name in ("final_test_error", "final_train_error", "final_val_error"))
 
 
 @dataclasses.dataclass(frozen=True)
