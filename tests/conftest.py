@@ -19,8 +19,10 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Runs composed by the tests cache decoded data in this session's folder, shared by the
-    xdist workers (the parent of each worker's base temp), never in the user's ~/.cache."""
+    """Runs composed by the tests cache decoded data and compiled programs in this session's
+    folder, shared by the xdist workers (the parent of each worker's base temp), never in the
+    user's ~/.cache."""
     root = tmp_path_factory.getbasetemp()
     shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     os.environ["CNNLAB_DATA_CACHE"] = str(shared / "data-cache")
+    os.environ["CNNLAB_COMPILE_CACHE"] = str(shared / "xla-cache")

@@ -273,7 +273,10 @@ def test_augmentation_study_is_the_presets_on_the_resnet_recipe():
     assert (cutout.augment.crop_pad, cutout.augment.flip, cutout.augment.cutout) == (4, True, 16)
 
 
-@pytest.mark.parametrize("study", STUDIES)
+# `make test` trains the headline study's smoke size; every study's every job composes and
+# validates above, and the others train through the same sweep and run code in the slow tests.
+@pytest.mark.parametrize("study", [
+    pytest.param(s, marks=() if s == "resnet_vs_plain" else pytest.mark.slow) for s in STUDIES])
 def test_smoke_study_runs(study, fashion_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(["train", "-m", f"experiment=smoke/{study}", "logger.mode=disabled",
@@ -335,6 +338,7 @@ def test_transfer_study_is_yosinski_et_al_on_fashion_mnist_halves(size):
         assert len(axes["dataset.per_class"]) == 3 and len(seeds) == 3
 
 
+@pytest.mark.slow  # tests/test_transfer.py trains transfer runs from a source in `make test`
 def test_transfer_study_smoke_runs_after_its_source(fashion_dir, tmp_path):
     """The documented commands at CI size: task A, then the sweep on B (which reads A's run
     directory), then B from scratch; each job loads what its k says and freezes it or not."""

@@ -51,7 +51,8 @@ def _assert_trees_close(a, b, what: str, rtol: float = 1e-10) -> None:
 # Training mode runs every path test mode does (batch statistics instead of running ones).
 @pytest.mark.parametrize("overrides, shape, modes", [
     (TINY_CIFAR, (8, 8, 3), (False, True)),
-    (["model=resnet50", *TINY_STACK, "model.shortcut=A"], (16, 16, 3), (True,)),
+    pytest.param(["model=resnet50", *TINY_STACK, "model.shortcut=A"], (16, 16, 3), (True,),
+                 marks=pytest.mark.slow),  # the same scan over bottleneck blocks: a long compile
 ], ids=["cifar_resnet20", "resnet50_bottleneck"])
 def test_scanned_blocks_compute_what_unrolled_blocks_do(overrides, shape, modes):
     with jax.enable_x64(True):

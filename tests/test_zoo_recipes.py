@@ -237,7 +237,7 @@ def two_steps(model_name: str, shape: tuple[int, int, int], *overrides: str) -> 
     return variables["params"], new_state.params, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28, 1)])
+@pytest.mark.parametrize("shape", [(32, 32, 3), pytest.param((28, 28, 1), marks=pytest.mark.slow)])
 def test_densenet_trains_at_32_and_28(shape):
     # Width 1/4 (growth 3) keeps the 100 layers and the geometry at a fraction of the compute.
     before, after, metrics = two_steps("densenet_bc100", shape, "norm=batch",
