@@ -1,7 +1,7 @@
 """One cnnlab run of the `make bench` suite, in its own process: prints one JSON line.
 
-cnnlab trains with its real compiled chunk of `train.steps_per_call` steps (cnnlab.steps,
-built by cnnlab.run.build) on random uint8 images held in memory, with the entry's
+cnnlab trains with its real compiled chunk of `train.steps_per_call` steps (cnnlab.training.steps,
+built by cnnlab.training.build.build) on random uint8 images held in memory, with the entry's
 augmentation, per-channel normalization, cross-entropy and SGD (momentum 0.9, weight decay
 1e-4), fp32. The first calls (compilation included) are untimed; compile_s is their time
 beyond that of as many steady-state calls. Peak memory: the device's peak bytes in use on a
@@ -28,11 +28,11 @@ from benchmarks.suite import (
     peak_rss_mib,
     warmup_overhead_s,
 )
-from cnnlab import data
-from cnnlab.configure import compose
+from cnnlab.config.load import compose
+from cnnlab.data import load as data
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.models import count_params
-from cnnlab.preprocess import PreprocessStats
-from cnnlab.run import build
+from cnnlab.training.build import build
 
 
 def synthetic_dataset(n: int, shape: tuple[int, int, int], num_classes: int,

@@ -1,6 +1,6 @@
 """Loading fashion_mnist (train + test): decoded from TFDS's files vs read from the data cache.
 
-Each row times a whole `cnnlab.data.load_dataset` call, what a run pays before training: fresh
+Each row times a whole `cnnlab.data.load.load_dataset` call, what a run pays before training: fresh
 (no cache: every PNG decoded), cold (decoded and stored in an empty cache) and warm (read back
 from the cache; the median of `--repeats`). Every load also computes the train set's channel
 mean/std, timed alone on the last line; TFDS's import is paid before any timing.
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cnnlab import data
+from cnnlab.data import load as data
 
 
 def timed(load: Callable[[], data.Dataset]) -> tuple[float, data.Dataset]:

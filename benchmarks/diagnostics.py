@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jax
 
-from cnnlab import diagnostics
-from cnnlab.configure import compose
-from cnnlab.run import Run, build, use_compile_cache
+from cnnlab.config.load import compose
+from cnnlab.training import diagnostics
+from cnnlab.training.build import Run, build, use_compile_cache
 
 
 def train(run: Run, state: object, steps: int, per_call: int, every: int) -> tuple[object, float]:

@@ -1,4 +1,4 @@
-"""The streamed input pipeline (cnnlab/stream.py) alone, beside the training step it feeds.
+"""The streamed input pipeline (cnnlab/data/stream.py) alone, beside the training step it feeds.
 
 For each set, the pipeline's images/s with 0 (in-process) and N Grain worker processes: the
 batches of `train.batch_size` read in `steps.batch_indices`' order, decoded (and resized), as
@@ -25,8 +25,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnnlab import configure, stream, stream_config
-from cnnlab import run as run_lib
+from cnnlab.config import load as configure
+from cnnlab.data import placement as stream_config
+from cnnlab.data import stream
+from cnnlab.training import build as run_lib
 
 
 def synthetic_builder() -> type:

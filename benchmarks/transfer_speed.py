@@ -18,8 +18,8 @@ from pathlib import Path
 import jax
 
 from benchmarks.bench import synthetic_dataset
-from cnnlab.configure import compose, load_run_config
-from cnnlab.run import build
+from cnnlab.config.load import compose, load_run_config
+from cnnlab.training.build import build
 
 MODES = {
     "scratch": [],

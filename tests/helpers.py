@@ -18,7 +18,8 @@ import tensorflow_datasets as tfds
 from omegaconf import DictConfig
 from tensorflow_datasets.testing import mocking
 
-from cnnlab import configure, data
+from cnnlab.config import load as configure
+from cnnlab.data import load as data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,14 +58,14 @@ class TinyStep:
     cfg: DictConfig
     model: object
     tx: object
-    state: object  # cnnlab.steps.TrainState
-    data: object  # cnnlab.steps.DeviceSplit: 64 random 12x12x1 images on the device
+    state: object  # cnnlab.training.steps.TrainState
+    data: object  # cnnlab.training.steps.DeviceSplit: 64 random 12x12x1 images on the device
 
 
 def tiny_step(overrides: list[str] | None = None) -> TinyStep:
     from cnnlab.models import build_model
-    from cnnlab.optim import make_optimizer, make_schedule
-    from cnnlab.run import init_state
+    from cnnlab.training.build import init_state
+    from cnnlab.training.optim import make_optimizer, make_schedule
 
     cfg = compose_config([*TINY, *(overrides or [])])
     model = build_model(cfg, 10)
@@ -75,12 +76,12 @@ def tiny_step(overrides: list[str] | None = None) -> TinyStep:
 
 def random_device_split(shape: tuple[int, int, int], n: int = 64) -> object:
     """`n` random uint8 images of `shape` and labels of 10 classes on the device, normalized
-    with mean 0.5 and std 0.25 per channel (a cnnlab.steps.DeviceSplit; seed 0)."""
+    with mean 0.5 and std 0.25 per channel (a cnnlab.training.steps.DeviceSplit; seed 0)."""
     import jax
     import numpy as np
 
-    from cnnlab import steps
-    from cnnlab.preprocess import PreprocessStats
+    from cnnlab.data.preprocess import PreprocessStats
+    from cnnlab.training import steps
 
     rng = np.random.default_rng(0)
     channels = shape[-1]
@@ -96,7 +97,7 @@ def train_tiny(run_dir: Path, data_dir: Path, overrides: list[str] | None = None
     would have written; returns its summary."""
     from omegaconf import OmegaConf
 
-    from cnnlab.train import train
+    from cnnlab.training.loop import train
 
     cfg = configure.compose([*TINY, "logger.mode=disabled", f"dataset.data_dir={data_dir}",
                              *(overrides or [])])
@@ -112,7 +113,7 @@ def _forget_handlers() -> None:
 
 def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: float = 600,
             fresh_process: bool = False) -> subprocess.CompletedProcess:
-    """Run `cnnlab ARGS` as a user would: by default in this process (`cnnlab.cli.main`, with
+    """Run `cnnlab ARGS` as a user would: by default in this process (`cnnlab.cli.main.main`, with
     stdout, stderr, the exit code, the working directory and TFDS_DATA_DIR as a shell gives
     them), which spares a JAX import and reuses this process's compilations; with
     `fresh_process`, in a new Python process, for the tests of the entry point itself."""
@@ -122,7 +123,7 @@ def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: f
             env["TFDS_DATA_DIR"] = str(data_dir)
         return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
-    from cnnlab import cli
+    from cnnlab.cli import main as cli
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     previous_dir, previous_data = os.getcwd(), os.environ.get("TFDS_DATA_DIR")

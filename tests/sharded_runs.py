@@ -12,9 +12,9 @@ from pathlib import Path
 
 import jax
 
-from cnnlab import configure
+from cnnlab.config import load as configure
 from cnnlab.errors import ConfigError
-from cnnlab.run import build
+from cnnlab.training.build import build
 from tests.helpers import TINY, train_tiny
 
 COMMON = ["train.steps=20", "train.log_every=5", "train.eval_every=10", "logger.mode=disabled"]

@@ -1,4 +1,5 @@
-"""Each augmentation against its definition, written out by hand in NumPy (cnnlab/augment.py)."""
+"""Each augmentation against its definition, written out by hand in NumPy
+(cnnlab/data/augment.py)."""
 
 import math
 
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import augment as aug
-from cnnlab.config import group_options
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.config.schema import group_options
+from cnnlab.data import augment as aug
+from cnnlab.data.preprocess import PreprocessStats, channel_pca, preprocess
 from cnnlab.errors import ConfigError
-from cnnlab.preprocess import PreprocessStats, channel_pca, preprocess
 from tests.helpers import compose_config
 
 LUMA = np.array([0.2989, 0.587, 0.114])
@@ -33,7 +34,8 @@ def keys(n: int, seed: int = 0) -> jax.Array:
 # ------------------------------------------------------------------ pipeline and defaults
 
 def test_default_pipeline_is_bit_identical_to_crop_flip_then_normalize():
-    """crop_flip + channel: the same keys and float32 operations as before cnnlab.preprocess."""
+    """crop_flip + channel: the same keys and float32 operations as before
+    cnnlab.data.preprocess."""
     images = pixels((32, 8, 8, 3))
     mean, std = jnp.array([0.49, 0.48, 0.45]), jnp.array([0.25, 0.24, 0.26])
     key = jax.random.PRNGKey(7)
@@ -333,7 +335,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def test_mixup_loss_is_lambda_ce_a_plus_one_minus_lambda_ce_b_with_or_without_smoothing():
-    from cnnlab.optim import smoothed_cross_entropy
+    from cnnlab.training.optim import smoothed_cross_entropy
 
     rng = np.random.default_rng(0)
     logits, a, b, lam = rng.normal(size=(6, 5)), rng.integers(0, 5, 6), rng.integers(0, 5, 6), 0.3
@@ -360,7 +362,7 @@ def test_train_step_with_mixup_logs_the_mixed_loss_and_the_dominant_labels_error
     import flax.linen as nn
     import optax
 
-    from cnnlab import steps
+    from cnnlab.training import steps
 
     class Linear(nn.Module):
         @nn.compact
@@ -383,7 +385,7 @@ def test_train_step_with_mixup_logs_the_mixed_loss_and_the_dominant_labels_error
 
     @jax.jit
     def inputs(state: steps.TrainState, data: steps.DeviceSplit) -> tuple:
-        # The same batch, keys and augmentation as the step draws them (cnnlab/steps.py).
+        # The same batch, keys and augmentation as the step draws them (cnnlab/training/steps.py).
         data_key, step_key = jax.random.split(state.rng)
         idx = steps.batch_indices(data_key, state.step, 64, batch)
         aug_key, _ = jax.random.split(jax.random.fold_in(step_key, state.step))

@@ -1,5 +1,5 @@
 """Scale jittering, random affine distortions, hue rotation and colour casting
-(cnnlab/augment.py), each against its definition written out in NumPy."""
+(cnnlab/data/augment.py), each against its definition written out in NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import augment as aug
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.data import augment as aug
 from cnnlab.errors import ConfigError
 from tests.helpers import compose_config
 

@@ -1,4 +1,5 @@
-"""cnnlab compare and cnnlab/plots.py on hand-written run directories (no training, no JAX)."""
+"""cnnlab compare and cnnlab/analysis/plots.py on hand-written run directories (no training, no
+JAX)."""
 
 import csv
 import dataclasses
@@ -14,9 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnlab import compare as cmp
-from cnnlab.errors import ConfigError
-from cnnlab.plots import (
+from cnnlab.analysis import compare as cmp
+from cnnlab.analysis.plots import (
     LEGEND_WIDTH,
     PANEL_SIZE,
     TEST_WIDTH,
@@ -29,7 +29,8 @@ from cnnlab.plots import (
     mean_curve,
     plot_run,
 )
-from cnnlab.rundir import RunDir
+from cnnlab.errors import ConfigError
+from cnnlab.runs.rundir import RunDir
 from tests.helpers import REPO, run_cli
 
 STEPS = (10, 20, 30, 40)
@@ -586,7 +587,7 @@ def test_plot_run(tmp_path):
 def test_plot_run_does_not_import_jax(tmp_path):
     run_dir = finished_run(tmp_path / "run", "resnet20", 0)
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom cnnlab.plots import plot_run\n"
+        "import sys, time\nfrom pathlib import Path\nfrom cnnlab.analysis.plots import plot_run\n"
         f"t = time.perf_counter(); plot_run(Path({str(run_dir)!r}), Path({str(tmp_path)!r}) / "
         "'c.png'); print(time.perf_counter() - t)\nassert 'jax' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import MISSING, OmegaConf
 
-from cnnlab.config import (
+from cnnlab.config.load import validate
+from cnnlab.config.schema import (
     CONF_DIR,
     ActivationConfig,
     AffineConfig,
@@ -34,12 +35,11 @@ from cnnlab.config import (
     option_values,
     root_values,
 )
-from cnnlab.configure import validate
 from cnnlab.errors import ConfigError
 from cnnlab.models.cifar_resnet import CifarResNetOptions
 from cnnlab.models.pattern import PatternOptions
 from cnnlab.models.stack import StackOptions
-from cnnlab.optim import make_schedule
+from cnnlab.training.optim import make_schedule
 from tests.helpers import compose_config, make_image_folder, run_cli
 
 
@@ -206,7 +206,9 @@ def test_default_augment_keeps_command_line_keys_that_differ_from_the_base():
 
 
 def test_data_cache_setting_reaches_the_loader_and_is_bookkeeping(monkeypatch):
-    from cnnlab import compare, resume, run
+    from cnnlab.analysis import compare
+    from cnnlab.runs import resume
+    from cnnlab.training import build as run
 
     monkeypatch.delenv("CNNLAB_DATA_CACHE", raising=False)
     assert compose_config().dataset.cache_dir == "~/.cache/cnnlab/data"
@@ -260,14 +262,14 @@ def test_version_names_cnnlab_and_the_libraries_that_decide_the_numbers(tmp_path
     ("seed=1", "resnet8", "seed=1"),
 ])
 def test_shown_overrides_name_the_model_trained(overrides, name, shown):
-    from cnnlab.config import name_the_model, short_dirname
+    from cnnlab.config.schema import name_the_model, short_dirname
 
     assert name_the_model(overrides, name) == shown
     assert short_dirname(overrides, name) == shown
 
 
 def test_a_job_that_varies_nothing_is_named_by_its_model():
-    from cnnlab.config import short_dirname
+    from cnnlab.config.schema import short_dirname
 
     assert short_dirname("", "plain20") == "model=plain20"
 
@@ -281,14 +283,14 @@ def test_a_job_that_varies_nothing_is_named_by_its_model():
       "train.eval_every=0", "checkpoint.every=2"], 2),  # cycles of ceil(100/3)=34 steps
 ])
 def test_steps_per_call_is_fitted_to_every_boundary_the_host_acts_at(overrides, fitted):
-    from cnnlab.configure import compose
+    from cnnlab.config.load import compose
 
     cfg = compose(overrides)  # resolves, then validates: no "must be a multiple" left to say
     assert cfg.train.steps_per_call == fitted
 
 
 def test_train_help_lists_the_options_users_can_choose_only(tmp_path):
-    from cnnlab.config import group_options
+    from cnnlab.config.schema import group_options
     from tests.helpers import run_cli
 
     result = run_cli(["train", "--help"], cwd=tmp_path)
@@ -308,7 +310,8 @@ def test_train_help_lists_the_options_users_can_choose_only(tmp_path):
 def test_command_help_lists_every_option_it_takes(tmp_path, command, schema):
     import dataclasses
 
-    from cnnlab import compare, config
+    from cnnlab.analysis import compare
+    from cnnlab.config import schema as config
     from tests.helpers import run_cli
 
     result = run_cli([command, "--help"], cwd=tmp_path)
@@ -327,8 +330,8 @@ def test_epochs_set_the_steps_from_the_images_the_trainer_sees(fashion_dir):
 
     import tensorflow_datasets as tfds
 
-    from cnnlab.configure import compose
-    from cnnlab.data import load_dataset
+    from cnnlab.config.load import compose
+    from cnnlab.data.load import load_dataset
 
     # The declared size is the prepared split's (TFDS's own count of it).
     info = tfds.builder("fashion_mnist", data_dir=str(fashion_dir)).info
@@ -349,7 +352,7 @@ def test_epochs_set_the_steps_from_the_images_the_trainer_sees(fashion_dir):
      "train.epochs needs dataset.train_size, which dataset fashion_mnist does not declare"),
 ])
 def test_epochs_that_cannot_be_turned_into_steps_are_one_line(overrides, message):
-    from cnnlab.configure import compose
+    from cnnlab.config.load import compose
 
     with pytest.raises(ConfigError) as info:
         compose(overrides)
@@ -361,7 +364,7 @@ def test_a_run_saved_before_a_key_existed_loads_with_todays_default(tmp_path):
     the whole augment.affine node) takes today's default for the run's group choices."""
     from omegaconf import OmegaConf
 
-    from cnnlab.configure import load_run_config
+    from cnnlab.config.load import load_run_config
 
     cfg = compose_config(["model=plain20", "augment=crop_flip"])
     saved = OmegaConf.to_container(cfg)

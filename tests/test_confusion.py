@@ -1,5 +1,7 @@
-"""Top-k error, confusion matrices and per-class errors (cnnlab/steps.py, cnnlab/evaluate.py,
-cnnlab/confusion.py): the device's counts against NumPy from the same log-probabilities, ties
+"""Top-k error, confusion matrices and per-class errors (cnnlab/training/steps.py,
+cnnlab/training/evaluate.py,
+cnnlab/analysis/confusion.py): the device's counts against NumPy from the same log-probabilities,
+ties
 and the padded tail included; the files and W&B panels of a real run."""
 
 import csv
@@ -10,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from cnnlab import confusion, evaluate, steps
-from cnnlab.configure import validate
-from cnnlab.data import ArraySplit
+from cnnlab.analysis import confusion
+from cnnlab.config.load import validate
+from cnnlab.data.load import ArraySplit
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
-from cnnlab.preprocess import PreprocessStats
+from cnnlab.training import evaluate, steps
 from tests.helpers import compose_config, train_tiny, wandb_run_contents
 
 K, BATCH, REAL = 12, 32, 50  # 50 real examples padded to 64: 14 padded ones in the last batch

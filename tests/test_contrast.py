@@ -1,10 +1,11 @@
-"""`compare.contrast`: a key's effect on the final error against seed noise (cnnlab/contrast.py)."""
+"""`compare.contrast`: a key's effect on the final error against seed noise
+(cnnlab/analysis/contrast.py)."""
 
 import pytest
 from scipy import stats
 
-from cnnlab.compare import Row, mean_std
-from cnnlab.contrast import contrast_markdown, contrasts, group_keys, welch_p
+from cnnlab.analysis.compare import Row, mean_std
+from cnnlab.analysis.contrast import contrast_markdown, contrasts, group_keys, welch_p
 from cnnlab.errors import ConfigError
 from tests.helpers import run_cli
 from tests.test_compare import sweep  # noqa: F401 (a fixture)

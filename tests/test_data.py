@@ -1,4 +1,4 @@
-"""Tests for cnnlab.data.
+"""Tests for cnnlab.data.load.
 
 Real data: fashion_mnist prepared by TFDS as array_record (the shared `fashion_dir` fixture:
 ../shared/data/tfds_array_record from the repo root, or $CNNLAB_SHARED_DATA) and as tfrecord in
@@ -24,7 +24,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnnlab import data, data_cache
+from cnnlab.data import cache as data_cache
+from cnnlab.data import load as data
 from tests.helpers import REPO
 
 

@@ -1,4 +1,5 @@
-"""Training diagnostics (cnnlab/diagnostics.py): each figure against a direct computation, and a
+"""Training diagnostics (cnnlab/training/diagnostics.py): each figure against a direct computation,
+and a
 real run that logs them (or, off, does not, with the training chunk unchanged)."""
 
 import dataclasses
@@ -12,12 +13,12 @@ import optax
 import pytest
 from flax import traverse_util
 
-from cnnlab import diagnostics, steps
-from cnnlab.augment import make_augment
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.data.augment import make_augment
+from cnnlab.data.preprocess import preprocess
 from cnnlab.errors import ConfigError
 from cnnlab.models.layers import Recorded
-from cnnlab.preprocess import preprocess
+from cnnlab.training import diagnostics, steps
 from tests.helpers import TINY, TinyStep, compose_config, tiny_step, train_tiny, wandb_run_contents
 
 # SGD without momentum, weight decay or schedule: the applied update is exactly -lr * g.

@@ -1,4 +1,4 @@
-"""`cnnlab eval` (cnnlab/ensemble.py) on real runs: final, best, EMA and snapshot weights,
+"""`cnnlab eval` (cnnlab/training/ensemble.py) on real runs: final, best, EMA and snapshot weights,
 ensembles, and the one-line errors; the EMA of a real run's trajectory by hand."""
 
 import csv
@@ -14,8 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import cli, configure, steps
+from cnnlab.cli import main as cli
+from cnnlab.config import load as configure
 from cnnlab.models import build_model
+from cnnlab.training import steps
 from tests.helpers import run_cli, train_tiny
 from tests.test_evaluate import plain_softmax
 
@@ -79,7 +81,7 @@ _DATASETS: dict[str, object] = {}
 
 def _dataset(cfg: OmegaConf) -> object:
     """The run's dataset, read once for runs that share the dataset and preprocessing configs."""
-    from cnnlab.run import load_data
+    from cnnlab.training.build import load_data
 
     key = OmegaConf.to_yaml({"dataset": cfg.dataset, "preprocess": cfg.preprocess})
     if key not in _DATASETS:

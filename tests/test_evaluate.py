@@ -1,4 +1,4 @@
-"""Evaluation techniques (cnnlab/evaluate.py), each against its definition written by hand:
+"""Evaluation techniques (cnnlab/training/evaluate.py), each against its definition written by hand:
 EMA weights, flip and ten-crop TTA, ensembles, snapshot ensembles' schedule and snapshots, and
 `cnnlab eval` on real runs."""
 
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import evaluate, steps
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
-from cnnlab.optim import make_optimizer, make_schedule
-from cnnlab.preprocess import PreprocessStats
+from cnnlab.training import evaluate, steps
+from cnnlab.training.optim import make_optimizer, make_schedule
 from tests.helpers import TINY, compose_config
 
 IMAGE = (12, 12, 1)
@@ -35,7 +35,7 @@ def device_split(images: np.ndarray, labels: np.ndarray) -> steps.DeviceSplit:
 @functools.cache
 def tiny_model() -> tuple:
     """ResNet-8 at width 4 (TINY), its initial state and random 12x12 data."""
-    from cnnlab.run import init_state
+    from cnnlab.training.build import init_state
 
     cfg = compose_config(TINY)
     model = build_model(cfg, 10)

@@ -12,10 +12,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cnnlab.config import CONF_DIR, group_options, resolve_presets
-from cnnlab.configure import validate_for_training
-from cnnlab.optim import make_schedule
-from cnnlab.tracking import flatten
+from cnnlab.config.load import validate_for_training
+from cnnlab.config.schema import CONF_DIR, group_options, resolve_presets
+from cnnlab.runs.tracking import flatten
+from cnnlab.training.optim import make_schedule
 from tests.helpers import run_cli
 
 STUDIES = ["resnet_vs_plain", "init_study", "activation_study", "batchnorm_study",

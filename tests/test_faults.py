@@ -17,10 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnlab import actions, configure
-from cnnlab.checkpoint import NoUsableCheckpoint
+from cnnlab.config import load as configure
 from cnnlab.errors import ConfigError
-from cnnlab.rundir import RunDir, RunDirBusy
+from cnnlab.runs.checkpoint import NoUsableCheckpoint
+from cnnlab.runs.rundir import RunDir, RunDirBusy
+from cnnlab.training import actions
 from tests.helpers import TINY, run_cli, train_tiny
 
 FAULTS = ["train.steps=20", "train.steps_per_call=5", "train.log_every=5",

@@ -18,8 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")  # installed with the dev extra (pyproject.toml)
 
 from benchmarks import torch_reference  # noqa: E402
-from cnnlab import data, preprocess, run  # noqa: E402
-from cnnlab.configure import compose  # noqa: E402
+from cnnlab.config.load import compose  # noqa: E402
+from cnnlab.data import load as data  # noqa: E402
+from cnnlab.data import preprocess  # noqa: E402
+from cnnlab.training import build as run  # noqa: E402
 
 BATCH = 32
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4

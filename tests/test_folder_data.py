@@ -1,4 +1,4 @@
-"""dataset=folder (cnnlab.folder_data) and the dataset.classes / dataset.per_class subsets.
+"""dataset=folder (cnnlab.data.folder) and the dataset.classes / dataset.per_class subsets.
 
 Folders of small PNG/JPEG images of assorted sizes and modes are built in tmp_path with Pillow;
 per_class and classes on real fashion_mnist use the shared offline copy (`fashion_dir`).
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cnnlab import configure, data, folder_data
+from cnnlab.config import load as configure
+from cnnlab.data import folder as folder_data
+from cnnlab.data import load as data
 from cnnlab.errors import ConfigError
 from tests.helpers import TINY, compose_config, make_image_folder, run_cli
 
@@ -180,7 +182,7 @@ def test_unreadable_files_are_skipped_with_one_warning(
         plain_layout: Path, caplog: pytest.LogCaptureFixture) -> None:
     (plain_layout / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     (plain_layout / "a" / "cut.jpg").write_bytes((plain_layout / "a" / "1.jpg").read_bytes()[:60])
-    with caplog.at_level(logging.WARNING, logger="cnnlab.folder_data"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.data.folder"):
         ds = load(plain_layout)
     assert len(ds.train) + len(ds.test) == 18
     [record] = [r for r in caplog.records if "unreadable" in r.getMessage()]

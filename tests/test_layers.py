@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config import ActivationConfig
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.config.schema import ActivationConfig
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, init_variables
 from cnnlab.models.layers import ACTIVATIONS, INITIALIZERS, NORMS, build_layers

@@ -1,4 +1,5 @@
-"""Multi-scale evaluation (`eval.scales`, cnnlab/evaluate.py): each scale's softmax by hand,
+"""Multi-scale evaluation (`eval.scales`, cnnlab/training/evaluate.py): each scale's softmax by
+hand,
 averaged in NumPy; composed with flip TTA; the one-line refusals; `cnnlab eval` on a real run."""
 
 import json
@@ -8,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab import evaluate, steps
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
 from cnnlab.errors import ConfigError
+from cnnlab.training import evaluate, steps
 from tests.helpers import compose_config, run_cli, train_tiny
 from tests.test_evaluate import IMAGE, plain_softmax, tiny_model
 

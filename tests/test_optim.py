@@ -11,10 +11,10 @@ import optax
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config import OptimizerConfig, group_options, option_values
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.config.schema import OptimizerConfig, group_options, option_values
 from cnnlab.errors import ConfigError
-from cnnlab.optim import (
+from cnnlab.training.optim import (
     OPTIMIZERS,
     make_optimizer,
     make_penalty,
@@ -70,7 +70,7 @@ def fixed(t: int, w: np.ndarray) -> np.ndarray:
 
 def reference(name: str, opt: DictConfig, schedule: Callable, grads: Callable,
               steps: int = 2) -> list:
-    """The papers' rules (module docstring of cnnlab/optim.py), in float64."""
+    """The papers' rules (module docstring of cnnlab/training/optim.py), in float64."""
     w = W0.copy()
     buf = m = v = eg = ex = np.zeros_like(w)
     wd, out = opt.weight_decay, []
@@ -301,7 +301,7 @@ MODEL = ("model=resnet20", "model.depth=8")
 def _initial() -> tuple[object, object, object]:
     """ResNet-8, its initial train state and random 16x16x3 data, shared by all runs below."""
     from cnnlab.models import build_model
-    from cnnlab.run import init_state
+    from cnnlab.training.build import init_state
 
     cfg = compose_config(list(MODEL))
     model = build_model(cfg, 10)
@@ -313,8 +313,8 @@ def _initial() -> tuple[object, object, object]:
 def _train(overrides: tuple[str, ...], steps: int = 2) -> tuple[list[float], list]:
     """Jitted train steps through make_train_step: the logged losses and the states (initial one
     first). Cached, so the regularization tests reuse the `sgd` run as their baseline."""
-    from cnnlab import steps as steps_lib
-    from cnnlab.augment import make_augment
+    from cnnlab.data.augment import make_augment
+    from cnnlab.training import steps as steps_lib
 
     cfg = compose_config([*MODEL, *overrides])
     validate(cfg)

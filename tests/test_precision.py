@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab import configure, resume, steps
-from cnnlab.augment import make_augment
-from cnnlab.config import TrainConfig
+from cnnlab.config import load as configure
+from cnnlab.config.schema import TrainConfig
+from cnnlab.data.augment import make_augment
+from cnnlab.data.preprocess import preprocess
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype
-from cnnlab.preprocess import preprocess
+from cnnlab.runs import resume
+from cnnlab.training import steps
 from tests.helpers import TINY, compose_config, tiny_step, train_tiny
 
 

@@ -1,4 +1,4 @@
-"""Preprocessing methods and their training-set statistics (cnnlab/preprocess.py)."""
+"""Preprocessing methods and their training-set statistics (cnnlab/data/preprocess.py)."""
 
 import flax.linen as nn
 import jax
@@ -8,13 +8,13 @@ import optax
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import data as data_lib
-from cnnlab import preprocess as pp
-from cnnlab import steps
-from cnnlab.augment import make_augment
-from cnnlab.config import group_options
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.config.schema import group_options
+from cnnlab.data import load as data_lib
+from cnnlab.data import preprocess as pp
+from cnnlab.data.augment import make_augment
 from cnnlab.errors import ConfigError
+from cnnlab.training import steps
 from tests.helpers import compose_config
 
 
@@ -114,7 +114,7 @@ def test_zca_whitened_training_data_has_zero_mean_and_covariance_u_lambda_over_l
 
 
 def test_zca_statistics_travel_as_device_data_shared_by_every_split(fashion_dir):
-    from cnnlab.run import load_data
+    from cnnlab.training.build import load_data
 
     cfg = compose_config(["preprocess=zca", "dataset.max_examples=1024", "dataset.val_size=24",
                           f"dataset.data_dir={fashion_dir}"])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab import actions, progress
+from cnnlab import progress
+from cnnlab.training import actions
 from tests.helpers import run_cli, train_tiny
 
 BATCH = 32
@@ -108,7 +109,7 @@ def test_off_a_terminal_plain_lines_every_tenth_and_30_s_with_images_per_s_and_e
         _run(bar, clock, compile_s=120.0, step_s=10.0)
         bar.close()
     assert stream.getvalue() == ""  # nothing on stderr, no carriage returns anywhere
-    lines = [r.getMessage() for r in caplog.records if r.name == "cnnlab.actions"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cnnlab.training.actions"]
     assert not any("\r" in line for line in lines)
     # The clock starts at step 5; a line every 30 s (3 chunks) at the earliest, and at the end.
     assert [line.split(":")[0] for line in lines] == [
@@ -143,7 +144,7 @@ def test_on_a_terminal_a_bar_that_starts_after_the_compile(caplog):
     assert "\r" in screen and "10/100" in screen
     # 5 steps of 32 images in 2 s, not 10 steps in 122 s.
     assert "80 images/s, loss 0.500, error 12.5%, ETA 36.0 s" in screen
-    assert not [r for r in caplog.records if r.name == "cnnlab.actions"]
+    assert not [r for r in caplog.records if r.name == "cnnlab.training.actions"]
 
 
 def test_progress_false_shows_nothing(caplog):
@@ -153,7 +154,7 @@ def test_progress_false_shows_nothing(caplog):
         _run(bar, clock, compile_s=1.0, step_s=100.0)
         bar.close()
     assert stream.getvalue() == ""
-    assert not [r for r in caplog.records if r.name == "cnnlab.actions"]
+    assert not [r for r in caplog.records if r.name == "cnnlab.training.actions"]
     assert bar.step == 100 and bar.loss == 0.5  # still followed for the summary
 
 

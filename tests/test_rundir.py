@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cnnlab.rundir import RunDir, find_run_dirs
+from cnnlab.runs.rundir import RunDir, find_run_dirs
 
 
 def test_summary_round_trips_non_finite_values_and_leaves_no_temporary(tmp_path):
@@ -64,7 +64,7 @@ def test_a_write_that_dies_half_way_leaves_the_old_file_whole(tmp_path, write):
               else "run.write_summary({'status': 'finished', 'note': 'y' * 300})")
     script = (
         "import resource, sys\n"
-        "from cnnlab.rundir import RunDir\n"
+        "from cnnlab.runs.rundir import RunDir\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
         f"run = RunDir({str(tmp_path)!r})\n"
         f"try:\n    {action}\nexcept OSError as e:\n    sys.exit(e.errno)\n"

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
 from cnnlab.errors import ConfigError
-from cnnlab.selection import EarlyStopping, Plateau
-from cnnlab.train import train
+from cnnlab.training.loop import train
+from cnnlab.training.selection import EarlyStopping, Plateau
 from tests.helpers import TINY, compose_config
 from tests.test_train import flat, load_params, read_jsonl, with_overrides
 
@@ -84,12 +84,12 @@ def test_early_stopping_stops_after_patience_stalled_evaluations():
 def test_lr_scale_multiplies_the_step_like_a_smaller_lr():
     """A state's lr_scale of 1/2 gives the same parameters as the optimizer with lr / 2,
     momentum and weight decay included (lr is the last factor of every update)."""
-    from cnnlab.augment import make_augment
+    from cnnlab.data.augment import make_augment
+    from cnnlab.data.preprocess import PreprocessStats
     from cnnlab.models import build_model
-    from cnnlab.optim import make_optimizer, make_schedule
-    from cnnlab.preprocess import PreprocessStats
-    from cnnlab.run import init_state
-    from cnnlab.steps import DeviceSplit, make_train_step
+    from cnnlab.training.build import init_state
+    from cnnlab.training.optim import make_optimizer, make_schedule
+    from cnnlab.training.steps import DeviceSplit, make_train_step
 
     cfg = compose_config(with_overrides(TINY, optimizer="momentum", augment="none"))
     rng = np.random.default_rng(0)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.augment import make_augment, normalize, random_crop, random_flip
-from cnnlab.config import option_values
-from cnnlab.optim import make_optimizer, make_schedule
-from cnnlab.steps import batch_indices
+from cnnlab.config.schema import option_values
+from cnnlab.data.augment import make_augment, normalize, random_crop, random_flip
+from cnnlab.training.optim import make_optimizer, make_schedule
+from cnnlab.training.steps import batch_indices
 
 
 def test_each_epoch_is_a_fresh_permutation_with_remainder_dropped():
@@ -93,7 +93,7 @@ def test_cosine_ends_at_the_final_factor():
 
 def test_train_chunks_make_no_host_transfers():
     """The hot loop: compiled chunks on device-resident data, nothing copied implicitly."""
-    from cnnlab import steps
+    from cnnlab.training import steps
     from tests.helpers import tiny_step
 
     tiny = tiny_step()

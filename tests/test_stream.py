@@ -1,4 +1,4 @@
-"""Streaming training sets through Grain (cnnlab/stream.py): the same batches as on the device,
+"""Streaming training sets through Grain (cnnlab/data/stream.py): the same batches as on the device,
 resuming mid-stream, the placement choice, and an ImageNet-style set of variable-size JPEGs
 prepared with TFDS and trained end to end at 224x224."""
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cnnlab import run as run_lib
-from cnnlab import stream, stream_config
+from cnnlab.data import placement as stream_config
+from cnnlab.data import stream
 from cnnlab.errors import ConfigError
+from cnnlab.training import build as run_lib
 from tests.helpers import TINY, compose_config, train_tiny
 
 # In-process reading (no worker processes to start): what the tests can afford on 2 cores.
@@ -50,7 +51,7 @@ def test_streamed_batches_train_as_the_device_resident_ones(fashion_dir):
 
 
 def test_the_stream_order_is_batch_indices_order():
-    from cnnlab import steps
+    from cnnlab.training import steps
 
     key = jax.random.split(jax.random.PRNGKey(3))[0]
     order = stream.Order(np.asarray(key), 50, 8)  # 6 steps an epoch, 2 examples skipped
@@ -109,8 +110,8 @@ def test_an_imagenet_style_set_streams_resized_and_trains_at_224(tiny_net_dir, t
                                                                  caplog):
     from omegaconf import OmegaConf
 
-    from cnnlab import configure
-    from cnnlab.train import train
+    from cnnlab.config import load as configure
+    from cnnlab.training.loop import train
 
     cfg = configure.compose([*IMAGENET_STYLE, f"dataset.data_dir={tiny_net_dir}"])
     (tmp_path / ".hydra").mkdir()
@@ -145,7 +146,7 @@ def test_auto_keeps_a_set_that_fits_on_the_device_and_streams_one_that_does_not(
 @pytest.mark.parametrize("override, key", [("dataset.val_size=10", "val_size"),
                                            ("dataset.classes=[0,1]", "classes")])
 def test_streaming_refuses_what_needs_the_whole_set_in_memory(override, key):
-    from cnnlab import configure
+    from cnnlab.config import load as configure
 
     with pytest.raises(ConfigError, match=f"dataset.{key}=.*streamed training set"):
         configure.compose(["dataset.on_device=false", override])
@@ -155,7 +156,7 @@ def test_resuming_mid_stream_gives_the_uninterrupted_result(fashion_dir, tmp_pat
     import os
     import signal
 
-    from cnnlab import actions
+    from cnnlab.training import actions
 
     overrides = [*STREAM, "dataset.max_examples=256", "train.batch_size=16", "train.steps=24",
                  "train.steps_per_call=4", "train.log_every=4", "checkpoint.every=4"]

@@ -204,8 +204,8 @@ def test_a_study_without_m_is_refused_with_its_size(tmp_path):
 
 
 def test_the_sweep_report_counts_its_jobs_in_words(tmp_path):
-    from cnnlab.rundir import RunDir
-    from cnnlab.sweep import report
+    from cnnlab.cli.sweep import report
+    from cnnlab.runs.rundir import RunDir
 
     for n in range(2):
         job = tmp_path / f"{n}_seed={n}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.train import train
+from cnnlab.training.loop import train
 from tests.helpers import TINY, compose_config
 from tests.test_train import with_overrides
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cnnlab.configure import compose
+from cnnlab.config.load import compose
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, geometry
 from cnnlab.models.spec import parse_layers
@@ -261,7 +261,7 @@ def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
     """`transfer.source=resnet18.pth`: the run starts from torchvision's weights (converted),
     with a new 5-class classifier, every other layer frozen by the linear probe."""
     from benchmarks.bench_cnnlab import synthetic_dataset
-    from cnnlab.run import build, load_data
+    from cnnlab.training.build import build, load_data
     from cnnlab.transfer.sources import source_preprocess
 
     net = torchvision.models.resnet18(weights=None).eval()

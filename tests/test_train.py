@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.train import train
+from cnnlab.training.loop import train
 from tests.helpers import TINY, compose_config, run_cli, wandb_run_contents
 
 
@@ -206,8 +206,8 @@ def test_batch_larger_than_dataset_is_a_config_error(fashion_dir, tmp_path, bad)
 
 
 def test_a_diverged_run_says_diverged_once(tmp_path, capsys):
-    from cnnlab import app
-    from cnnlab.rundir import RunDir
+    from cnnlab.cli import app
+    from cnnlab.runs.rundir import RunDir
 
     summary = {"status": "diverged", "failure": "diverged: train/loss reached inf by step 3"}
     with pytest.raises(SystemExit) as info:
@@ -220,7 +220,7 @@ def test_a_diverged_run_says_diverged_once(tmp_path, capsys):
 def test_tfds_opencv_advice_is_not_repeated_but_other_warnings_are(caplog):
     import logging
 
-    from cnnlab.app import quiet_library_logs
+    from cnnlab.cli.app import quiet_library_logs
 
     quiet_library_logs()
     quiet_library_logs()  # idempotent: one filter

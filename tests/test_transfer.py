@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from cnnlab import configure, run
+from cnnlab.config import load as configure
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, init_variables
 from cnnlab.models.summary import summarize
+from cnnlab.training import build as run
 from cnnlab.transfer.load import load
 from cnnlab.transfer.plan import make_plan
 from cnnlab.transfer.sources import Source
@@ -271,7 +272,7 @@ def _checkpoint(run_dir: Path, step: int) -> dict:
 def test_inputs_are_normalized_as_the_source_was_trained(source_run, fashion_dir):
     """transfer.preprocess=source: the source's training-set statistics (here of 1,024 images
     of all classes), not those of this run's data (task B alone); own: this run's."""
-    from cnnlab.run import load_data
+    from cnnlab.training.build import load_data
 
     common = [*TINY, "logger.mode=disabled", f"dataset.data_dir={fashion_dir}",
               "transfer=linear_probe", f"transfer.source={source_run}",
@@ -292,7 +293,7 @@ def test_ema_weights_of_a_run_are_its_bias_corrected_average(source_run, fashion
     m_t / (1 - decay^t), not the raw ones; a run without an average is refused in one line."""
     import optax
 
-    from cnnlab.steps import ema_variables
+    from cnnlab.training.steps import ema_variables
     from cnnlab.transfer.sources import _restore_raw, read_run
 
     path = tmp_path / "ema"

@@ -1,10 +1,10 @@
-"""`compare.versus`: the final test error against a config key (cnnlab/versus.py)."""
+"""`compare.versus`: the final test error against a config key (cnnlab/analysis/versus.py)."""
 
 import pytest
 
-from cnnlab.compare import Row, Stat, mean_std
+from cnnlab.analysis.compare import Row, Stat, mean_std
+from cnnlab.analysis.versus import versus_figure, versus_markdown, versus_series, write_versus
 from cnnlab.errors import ConfigError
-from cnnlab.versus import versus_figure, versus_markdown, versus_series, write_versus
 
 
 def _row(mode, k, per_class, errors, source="A"):

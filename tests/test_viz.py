@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.models import blocks
-from cnnlab.preprocess import PreprocessStats
 from cnnlab.viz import draw_ascent
 from cnnlab.viz.ascent import ascend
 from cnnlab.viz.gradients import class_score, input_gradients, saliency_map

@@ -14,15 +14,15 @@ import numpy as np
 import optax
 import pytest
 
-from cnnlab import steps
-from cnnlab.augment import make_augment
-from cnnlab.config import group_options
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.config.schema import group_options
+from cnnlab.data.augment import make_augment
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, check_geometry, init_variables
 from cnnlab.models.blocks import AUX_COLLECTION, CONNECTION_TABLES, TableConv
 from cnnlab.models.summary import Summary, summarize
-from cnnlab.preprocess import PreprocessStats
+from cnnlab.training import steps
 from tests.helpers import compose_config, run_cli
 
 IMAGENET = ["dataset=imagenet"]

@@ -7,12 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from cnnlab import steps
-from cnnlab.augment import make_augment
-from cnnlab.configure import validate
+from cnnlab.config.load import validate
+from cnnlab.data.augment import make_augment
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import abstract_variables, build_model, check_geometry, init_variables
-from cnnlab.preprocess import PreprocessStats
+from cnnlab.training import steps
 from tests.helpers import compose_config
 from tests.test_experiments import compose_study, training_config
 from tests.test_zoo import conv_params, rows, summary_of

@@ -113,7 +113,8 @@ ACTIVATIONS.register("gelu", _fixed(functools.partial(nn.gelu, approximate=False
 ACTIVATIONS.register("silu", _fixed(nn.silu))
 
 
-# Where an activation's output goes while it is traced: cnnlab/diagnostics.py sets a recorder
+# Where an activation's output goes while it is traced: cnnlab/training/diagnostics.py sets a
+# recorder
 # while it traces its own function; every other trace (the training step) has none, so the
 # check below runs once per trace in Python and adds nothing to the compiled program.
 _RECORDER: contextvars.ContextVar[Callable[[jax.Array], None] | None] = contextvars.ContextVar(

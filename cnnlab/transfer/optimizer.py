@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from omegaconf import DictConfig
 
-from cnnlab.optim import make_optimizer, with_clipping
+from cnnlab.training.optim import make_optimizer, with_clipping
 from cnnlab.transfer.plan import BACKBONE, FROZEN, HEAD, Plan
 
 

@@ -17,7 +17,7 @@ from flax.traverse_util import flatten_dict
 from omegaconf import DictConfig
 
 from cnnlab.errors import ConfigError
-from cnnlab.rundir import is_run_dir
+from cnnlab.runs.rundir import is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _flat(tree: Any) -> dict[str, np.ndarray]:
 def _restore_raw(folder: Path, step: int) -> dict[str, Any]:
     """A checkpoint's state as saved (nested dicts of arrays), without a template: the source's
     optimizer and model options need not be rebuilt to read its weights."""
-    from cnnlab.checkpoint import Checkpointer
+    from cnnlab.runs.checkpoint import Checkpointer
 
     checkpoints = Checkpointer(folder, keep=None)
     try:
@@ -54,7 +54,7 @@ def _restore_raw(folder: Path, step: int) -> dict[str, Any]:
 def _run_variables(state: dict[str, Any], averaged: bool, decay: float | None) -> dict:
     if not averaged:
         return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    from cnnlab.steps import ema_variables
+    from cnnlab.training.steps import ema_variables
 
     ema = optax.EmaState(count=np.asarray(state["ema"]["count"]), ema=state["ema"]["ema"])
     params, batch_stats = ema_variables(ema, decay)
@@ -63,8 +63,8 @@ def _run_variables(state: dict[str, Any], averaged: bool, decay: float | None) -
 
 def read_run(run_dir: Path, weights: str) -> Source:
     """The `weights` (final, best, ema) of a cnnlab run, as `cnnlab eval` would pick them."""
-    from cnnlab.evaluate import WEIGHTS
-    from cnnlab.weights import check_weights
+    from cnnlab.runs.weights import check_weights
+    from cnnlab.training.evaluate import WEIGHTS
 
     cfg, step = check_weights(run_dir, weights)
     source = WEIGHTS.get(weights)
@@ -99,10 +99,11 @@ def source_preprocess(cfg: DictConfig, load_data: Callable[[DictConfig], Any]) -
     so its layers see inputs scaled as they learned them; None: the run's own data's.
 
     A cnnlab run's are recomputed from its own training data, as it computed them (its config,
-    its data cache; `load_data` is cnnlab.run's); torchvision weights come with ImageNet's
+    its data cache; `load_data` is cnnlab.training.build's); torchvision weights come with
+    ImageNet's
     per-channel mean and std.
     """
-    from cnnlab.preprocess import PreprocessStats
+    from cnnlab.data.preprocess import PreprocessStats
     from cnnlab.transfer.plan import MODES
 
     tr = cfg.transfer
@@ -121,7 +122,7 @@ def source_preprocess(cfg: DictConfig, load_data: Callable[[DictConfig], Any]) -
 
 def _run_preprocess(cfg: DictConfig, path: Path,
                     load_data: Callable[[DictConfig], Any]) -> Any:
-    from cnnlab.configure import load_run_config
+    from cnnlab.config.load import load_run_config
 
     if not is_run_dir(path):
         return None  # read_source says what is wrong with it

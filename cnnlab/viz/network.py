@@ -1,6 +1,7 @@
 """A trained run as pure functions of pixel batches, for the visualisations.
 
-The run is rebuilt the way `cnnlab eval` rebuilds it (cnnlab/run.py's `build` from the saved
+The run is rebuilt the way `cnnlab eval` rebuilds it (cnnlab/training/build.py's `build` from the
+saved
 config, the newest checkpoint of `weights` restored into its state) and its data comes through
 `run.load_data`. Pixels are float (N, H, W, C) on the [0, 1] scale and the run's own
 `preprocess` is part of every function, so gradients and ascent live in the space people look
@@ -22,16 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnlab import data as data_lib
-from cnnlab import steps
+from cnnlab.data import load as data_lib
+from cnnlab.data.preprocess import PreprocessStats, preprocess
 from cnnlab.errors import ConfigError
-from cnnlab.evaluate import WEIGHTS
 from cnnlab.models import FAMILIES, input_fit, model_options
 from cnnlab.models.layers import Activation, Identity, build_layers
 from cnnlab.models.scan import unrolled
-from cnnlab.preprocess import PreprocessStats, preprocess
-from cnnlab.rundir import RunDir
-from cnnlab.weights import check_weights
+from cnnlab.runs.rundir import RunDir
+from cnnlab.runs.weights import check_weights
+from cnnlab.training import steps
+from cnnlab.training.evaluate import WEIGHTS
 
 ModelFactory = Callable[[Activation | None], nn.Module]
 
@@ -179,7 +180,7 @@ class Restored:
 
 def restore(run_dir: Path, weights: str = "final") -> Restored:
     """Rebuild the run from its saved config and restore the newest checkpoint of `weights`."""
-    from cnnlab.run import build, load_data
+    from cnnlab.training.build import build, load_data
 
     cfg, step = check_weights(run_dir, weights)
     source = WEIGHTS.get(weights)

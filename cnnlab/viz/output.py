@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnlab.rundir import RunDir
+from cnnlab.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,5 @@
+"""`python -m cnnlab.cli`: the `cnnlab` command."""
+
+from cnnlab.cli.main import main
+
+main()

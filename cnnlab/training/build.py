@@ -1,0 +1,281 @@
+"""`build(cfg) -> Run`: a validated config turned into everything a run needs, in one place.
+
+`cnnlab train` (cnnlab/training/loop.py), `cnnlab eval` (cnnlab/training/ensemble.py), the
+benchmarks and the tests
+all start here, so a run is assembled one way. Nothing is compiled: the jitted functions compile
+on their first call.
+"""
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from omegaconf import DictConfig
+
+from cnnlab import parallel
+from cnnlab import transfer as transfer_lib
+from cnnlab.data import load as data_lib
+from cnnlab.data import placement as stream_config
+from cnnlab.data import preprocess, stream
+from cnnlab.data.augment import Augment, make_augment
+from cnnlab.errors import ConfigError
+from cnnlab.models import build_model, compute_dtype, count_params, init_variables
+from cnnlab.models.summary import summarize
+from cnnlab.training import diagnostics, steps
+from cnnlab.training.evaluate import Evaluator, make_eval_views
+from cnnlab.training.optim import make_optimizer, make_schedule
+from cnnlab.transfer import sources as transfer_sources
+
+log = logging.getLogger(__name__)
+
+
+def load_data(cfg: DictConfig) -> data_lib.Dataset:
+    """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
+    ds = cfg.dataset
+    where = stream_config.data_location(cfg)
+    log.info("training set %s: %s", "on the device" if where.on_device else "streamed",
+             where.reason)
+    try:
+        if not where.on_device:
+            return _with_stats(cfg, stream_config.load_streamed(cfg))
+        dataset = data_lib.load_dataset(
+            ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
+            image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
+            val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
+            folds=ds.get("folds"), fold=ds.get("fold") or 0,
+            classes=ds.get("classes"), per_class=ds.get("per_class"),
+            folder=data_lib.folder_spec(ds), cache_dir=ds.cache_dir,
+            cache_max_bytes=None if ds.get("cache_max_gb") is None else int(ds.cache_max_gb * 1e9),
+        )
+    except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
+        raise ConfigError(f"dataset {ds.name}: {e}") from None
+    return _with_stats(cfg, dataset)
+
+
+def _with_stats(cfg: DictConfig, dataset: data_lib.Dataset) -> data_lib.Dataset:
+    """`dataset` with `cfg.preprocess`'s statistics (of a streamed set: of its sample)."""
+    _check_declared_shapes(cfg, dataset)
+    # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
+    # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
+    # A transfer run normalizes as its source was trained (transfer.preprocess=source).
+    stats = transfer_sources.source_preprocess(cfg, load_data)
+    if stats is None:
+        # A streamed set's statistics come from its training sample.
+        sampled = (dataclasses.replace(dataset, train=dataset.train.sample)
+                   if isinstance(dataset.train, stream.StreamSplit) else dataset)
+        stats = preprocess.compute_stats(cfg.preprocess, sampled)
+    stats = jax.device_put(stats)
+    return dataclasses.replace(dataset, preprocess=stats)
+
+
+def _check_declared_shapes(cfg: DictConfig, dataset: data_lib.Dataset) -> None:
+    """The dataset config's image_shape/num_classes (used before loading) must match the data."""
+    declared = cfg.dataset.image_shape
+    if declared is not None and tuple(declared) != tuple(dataset.image_shape):
+        raise ConfigError(
+            f"dataset.image_shape={list(declared)} but {dataset.name} holds "
+            f"{'x'.join(map(str, dataset.image_shape))} images; correct the dataset config")
+    classes = cfg.dataset.num_classes
+    if classes is not None and classes != dataset.num_classes:
+        raise ConfigError(f"dataset.num_classes={classes} but {dataset.name} has "
+                          f"{dataset.num_classes} classes; correct the dataset config")
+
+
+def init_state(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformation,
+               image_shape: tuple[int, ...]) -> steps.TrainState:
+    """The state at step 0: weights from fold 0 of `seed`, the run's root key from fold 1."""
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    variables = init_variables(model, init_key, image_shape)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    return steps.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=tx.init(params), rng=run_key,
+        ema=steps.init_ema(cfg.eval.ema_decay, params, batch_stats),
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """A ready run: its data on the device, model, optimizer, initial state and compiled steps."""
+
+    cfg: DictConfig
+    dataset: data_lib.Dataset
+    model: nn.Module
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    state: steps.TrainState
+    # Transfer learning's plan, probe phase and what was loaded (cnnlab/transfer); None for
+    # transfer=scratch.
+    transfer: transfer_lib.Setup | None = None
+    # The devices the run uses (cnnlab/parallel.py): the state and data are replicated there.
+    placement: parallel.Placement = dataclasses.field(
+        default_factory=lambda: parallel.Placement.over(jax.devices()[:1]))
+
+    def __post_init__(self) -> None:
+        self.state = self.placement.put(self.state)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset.train) // self.cfg.train.batch_size
+
+    @functools.cached_property
+    def num_params(self) -> int:
+        return count_params(self.state.params)
+
+    @functools.cached_property
+    def macs(self) -> int:
+        return summarize(self.model, tuple(self.dataset.image_shape)).macs
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the training set is read from its files chunk by chunk
+        (cnnlab/data/stream.py)."""
+        return isinstance(self.dataset.train, stream.StreamSplit)
+
+    @functools.cached_property
+    def train_data(self) -> steps.DeviceSplit:
+        if self.streamed:
+            raise ConfigError(f"{self.dataset.name}'s training set is streamed, and this needs "
+                              "it on the device: set dataset.on_device=true if it fits")
+        return self.placement.put(steps.device_split(self.dataset.train, self.dataset.preprocess))
+
+    @functools.cached_property
+    def feeder(self) -> stream.ChunkFeeder:
+        """The streamed training set's chunks, read ahead (`steps.batch_indices`' order)."""
+        cfg = self.cfg
+        data_key = jax.device_get(jax.random.split(self.state.rng)[0])
+        return stream.ChunkFeeder(self.dataset.train, data_key, self.dataset.preprocess,
+                                  cfg.train.batch_size, cfg.train.steps,
+                                  cfg.train.steps_per_call, stream_config.options(cfg.dataset),
+                                  put=self.placement.put_batches)
+
+    def close(self) -> None:
+        """Stop reading ahead (a streamed run's feeder thread), whatever ended the run."""
+        if "feeder" in self.__dict__:
+            self.feeder.close()
+
+    def chunk_data(self, step: int, num_steps: int) -> steps.DeviceSplit | steps.StreamedChunk:
+        """What `chunk_at(step)` trains the steps step..step + num_steps - 1 on."""
+        return self.feeder(step, num_steps) if self.streamed else self.train_data
+
+    @functools.cached_property
+    def augment(self) -> Augment:
+        cfg = self.cfg
+        # AlexNet's lighting noise follows the training set's RGB principal components.
+        lighting_pca = (preprocess.channel_pca(stream.stats_images(self.dataset.train))
+                        if cfg.augment.lighting else None)
+        return make_augment(cfg.augment, lighting_pca)
+
+    @property
+    def scale_lr(self) -> bool:
+        # Only under reduce-on-plateau: other runs skip a product per parameter per step.
+        return self.cfg.schedule.name == "plateau"
+
+    def _chunk(self, model: nn.Module, tx: optax.GradientTransformation,
+               phase: str) -> Callable:
+        cfg = self.cfg
+        frozen = (transfer_lib.frozen_mask(self.state.params, self.transfer.frozen(phase))
+                  if self.transfer is not None else None)
+        batch = self.placement.batch
+        return steps.make_train_chunk(steps.make_train_step(
+            model, tx, self.augment, cfg.train.batch_size, cfg.regularization,
+            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss"),
+            frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.get("grad_accum") or 1,
+            compute_dtype=compute_dtype(cfg)),
+            replicated=None if batch is None else self.placement.replicated)
+
+    @functools.cached_property
+    def train_chunk(self) -> Callable:
+        """`train_chunk(state, train_data, num_steps) -> (state, summed metrics)`."""
+        return self._chunk(self.model, self.tx, "main")
+
+    @functools.cached_property
+    def probe_chunk(self) -> Callable:
+        """two_phase's first phase: `train_chunk` with the loaded layers frozen."""
+        return self._chunk(self.transfer.probe_model, self.transfer.probe_tx, "probe")
+
+    def phase_at(self, step: int) -> str:
+        """"probe" during two_phase's linear probe, else "main"."""
+        probe_steps = self.transfer.plan.probe_steps if self.transfer is not None else 0
+        return "probe" if step < probe_steps else "main"
+
+    def chunk_at(self, step: int) -> Callable:
+        """The compiled chunk that trains the steps from `step` on (its phase's)."""
+        return self.probe_chunk if self.phase_at(step) == "probe" else self.train_chunk
+
+    @functools.cached_property
+    def diagnose(self) -> Callable[[steps.TrainState], dict]:
+        """`diagnose(state) -> {metric: {layer: value}}` on the batch the next step trains on
+        (cnnlab/training/diagnostics.py); compiled on its first call, so only runs that use it
+        pay."""
+        diagnose = diagnostics.make_diagnose(self.model, self.tx, self.augment,
+                                             self.cfg.train.batch_size, self.cfg.regularization,
+                                             self.scale_lr, self.cfg.get("loss"))
+        return lambda state: diagnose(state, self.train_data)
+
+    def eval_splits(self, batch_size: int) -> dict[str, steps.DeviceSplit]:
+        """The held-out splits on the device, padded to whole batches."""
+        splits = {"test": self.dataset.test, "val": self.dataset.val}
+        stats, options = self.dataset.preprocess, stream_config.options(self.cfg.dataset)
+        return {name: stream.EvalStream(split, stats, options, self.placement.put)
+                if isinstance(split, stream.StreamSplit)
+                else self.placement.put(steps.device_split(split, stats, batch_size))
+                for name, split in splits.items() if split is not None}
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        cfg = self.cfg
+        views = make_eval_views(cfg.eval, cfg.augment, self.dataset.image_shape)
+        return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
+                         cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k,
+                         batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size))
+
+
+def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
+          with_source: bool = False, schedule: optax.Schedule | None = None) -> Run:
+    """The run `cfg` describes (validated by cnnlab.config.load); `dataset`: already loaded.
+
+    `with_source`: a transfer run's state starts from its source's weights (a fresh start);
+    otherwise from the initializer's, as a template that a checkpoint is restored into.
+    `schedule`: the lr schedule instead of `cfg.schedule`'s (`cnnlab lr_find`'s ramp).
+    """
+    # A missing source, or devices this machine lacks, are said before the data is read.
+    transfer_sources.check_exists(cfg)
+    placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.get("devices")))
+    placement.check_batch("train.batch_size", cfg.train.batch_size)
+    dataset = load_data(cfg) if dataset is None else dataset
+    if cfg.train.batch_size > len(dataset.train):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
+                          f"{len(dataset.train)} training examples of {dataset.name}")
+    shape = tuple(dataset.image_shape)
+    model = build_model(cfg, dataset.num_classes)
+    if schedule is None:
+        schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
+    plan = transfer_lib.plan_for(cfg, model, shape)
+    if plan is None:
+        tx = make_optimizer(cfg.optimizer, schedule)
+        return Run(cfg, dataset, model, schedule, tx, init_state(cfg, model, tx, shape),
+                   placement=placement)
+    model, setup = transfer_lib.setup(
+        cfg, plan, lambda frozen: build_model(cfg, dataset.num_classes, frozen), schedule)
+    state = init_state(cfg, model, setup.tx, shape)
+    if with_source:
+        setup.loaded = transfer_lib.load_source(
+            cfg, plan, {"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(params=setup.loaded.variables["params"],
+                              batch_stats=setup.loaded.variables["batch_stats"])
+    return Run(cfg, dataset, model, schedule, setup.tx, state, setup, placement)
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Keep compiled programs on disk; compiles of >= 1 s are worth a lookup."""
+    if path is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
