@@ -28,7 +28,7 @@ from benchmarks.suite import (
     peak_rss_mib,
     warmup_overhead_s,
 )
-from cnnlab.config.load import compose
+from cnnlab.cli.preflight import compose
 from cnnlab.data import load as data
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.models import count_params

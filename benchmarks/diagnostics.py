@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from cnnlab.config.load import compose
+from cnnlab.cli.preflight import compose
 from cnnlab.training import diagnostics
 from cnnlab.training.build import Run, build, use_compile_cache
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
 from cnnlab.data import placement as stream_config
 from cnnlab.data import stream
 from cnnlab.training import build as run_lib
@@ -87,7 +87,7 @@ def pipeline_rate(split: stream.StreamSplit, batch_size: int, batches: int,
 def step_rates(overrides: list[str], chunks: int) -> tuple[float, float, float]:
     """(compile seconds, images/s of the step on one device-resident chunk, images/s of
     streamed chunks: pipeline and step together)."""
-    cfg = configure.compose(overrides)
+    cfg = preflight.compose(overrides)
     run = run_lib.build(cfg)
     per_call, batch = cfg.train.steps_per_call, cfg.train.batch_size
     state, chunk = run.state, run.chunk_at(0)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             common = [*overrides, "dataset.on_device=false", "dataset.stats_sample=64",
                       "train.steps=1000", "train.steps_per_call=2", "logger.mode=disabled"]
-            split = stream_config.load_streamed(configure.compose(common)).train
+            split = stream_config.load_streamed(preflight.compose(common)).train
             for workers in (0, args.workers):
                 options = stream.StreamOptions(workers=workers, threads=2)
                 first, rate = pipeline_rate(split, batch, args.batches, options)

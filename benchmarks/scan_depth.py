@@ -26,7 +26,7 @@ def measure(depth: int, scan: bool, steps_per_call: int, calls: int, batch: int)
     import jax
 
     from benchmarks.bench_cnnlab import synthetic_dataset
-    from cnnlab.config.load import compose
+    from cnnlab.cli.preflight import compose
     from cnnlab.training.build import build
 
     cfg = compose(["model=resnet110", f"model.depth={depth}", f"model.scan_blocks={scan}",

@@ -18,7 +18,8 @@ from pathlib import Path
 import jax
 
 from benchmarks.bench import synthetic_dataset
-from cnnlab.config.load import compose, load_run_config
+from cnnlab.cli.preflight import compose
+from cnnlab.config.load import load_run_config
 from cnnlab.training.build import build
 
 MODES = {

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cnnlab.config.schema import CONF_DIR, group_options  # noqa: E402
+from cnnlab.config.groups import CONF_DIR, group_options
 from cnnlab.models import build_model  # noqa: E402
 from cnnlab.models.summary import summarize  # noqa: E402
 

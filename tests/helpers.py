@@ -18,7 +18,8 @@ import tensorflow_datasets as tfds
 from omegaconf import DictConfig
 from tensorflow_datasets.testing import mocking
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
+from cnnlab.config import load as config_load
 from cnnlab.data import load as data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ TINY = [
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The composed config, presets resolved, not validated (tests validate it themselves)."""
-    return configure.compose(overrides, check=False)
+    return config_load.compose(overrides)
 
 
 @dataclasses.dataclass
@@ -99,7 +100,7 @@ def train_tiny(run_dir: Path, data_dir: Path, overrides: list[str] | None = None
 
     from cnnlab.training.loop import train
 
-    cfg = configure.compose([*TINY, "logger.mode=disabled", f"dataset.data_dir={data_dir}",
+    cfg = preflight.compose([*TINY, "logger.mode=disabled", f"dataset.data_dir={data_dir}",
                              *(overrides or [])])
     (Path(run_dir) / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(run_dir) / ".hydra" / "config.yaml")

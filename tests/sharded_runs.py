@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
 from cnnlab.errors import ConfigError
 from cnnlab.training.build import build
 from tests.helpers import TINY, train_tiny
@@ -32,7 +32,7 @@ def test_errors(run_dir: Path) -> dict[int, float]:
 
 def collectives(data_dir: Path, devices: int) -> list[str]:
     """The cross-device collectives XLA put into the compiled training chunk."""
-    cfg = configure.compose([*TINY, f"dataset.data_dir={data_dir}", f"train.devices={devices}"])
+    cfg = preflight.compose([*TINY, f"dataset.data_dir={data_dir}", f"train.devices={devices}"])
     run = build(cfg)
     text = run.train_chunk.lower(run.state, run.train_data, num_steps=1).compile().as_text()
     return sorted({op for op in ("all-reduce", "all-gather", "reduce-scatter") if op in text})
@@ -64,7 +64,7 @@ def main(data_dir: Path, out: Path) -> None:
                           "resumed_from": summary["resumed_from"], "devices": summary["devices"]}
     results["collectives"] = {n: collectives(data_dir, n) for n in (1, 4)}
     try:
-        build(configure.compose([*TINY, f"dataset.data_dir={data_dir}", "train.batch_size=30"]))
+        build(preflight.compose([*TINY, f"dataset.data_dir={data_dir}", "train.batch_size=30"]))
     except ConfigError as error:
         results["indivisible"] = str(error)
     print(json.dumps(results))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.config.load import validate
-from cnnlab.config.schema import group_options
+from cnnlab.cli.preflight import validate
+from cnnlab.config.groups import group_options
 from cnnlab.data import augment as aug
 from cnnlab.data.preprocess import PreprocessStats, channel_pca, preprocess
 from cnnlab.errors import ConfigError

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.data import augment as aug
 from cnnlab.errors import ConfigError
 from tests.helpers import compose_config

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from omegaconf import MISSING, OmegaConf
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
+from cnnlab.config.groups import CONF_DIR, group_options, option_values, root_values
 from cnnlab.config.schema import (
-    CONF_DIR,
     ActivationConfig,
     AffineConfig,
     AugmentConfig,
@@ -31,9 +31,6 @@ from cnnlab.config.schema import (
     SummaryConfig,
     TrainConfig,
     TransferConfig,
-    group_options,
-    option_values,
-    root_values,
 )
 from cnnlab.errors import ConfigError
 from cnnlab.models.cifar_resnet import CifarResNetOptions
@@ -262,14 +259,14 @@ def test_version_names_cnnlab_and_the_libraries_that_decide_the_numbers(tmp_path
     ("seed=1", "resnet8", "seed=1"),
 ])
 def test_shown_overrides_name_the_model_trained(overrides, name, shown):
-    from cnnlab.config.schema import name_the_model, short_dirname
+    from cnnlab.config.names import name_the_model, short_dirname
 
     assert name_the_model(overrides, name) == shown
     assert short_dirname(overrides, name) == shown
 
 
 def test_a_job_that_varies_nothing_is_named_by_its_model():
-    from cnnlab.config.schema import short_dirname
+    from cnnlab.config.names import short_dirname
 
     assert short_dirname("", "plain20") == "model=plain20"
 
@@ -283,14 +280,14 @@ def test_a_job_that_varies_nothing_is_named_by_its_model():
       "train.eval_every=0", "checkpoint.every=2"], 2),  # cycles of ceil(100/3)=34 steps
 ])
 def test_steps_per_call_is_fitted_to_every_boundary_the_host_acts_at(overrides, fitted):
-    from cnnlab.config.load import compose
+    from cnnlab.cli.preflight import compose
 
     cfg = compose(overrides)  # resolves, then validates: no "must be a multiple" left to say
     assert cfg.train.steps_per_call == fitted
 
 
 def test_train_help_lists_the_options_users_can_choose_only(tmp_path):
-    from cnnlab.config.schema import group_options
+    from cnnlab.config.groups import group_options
     from tests.helpers import run_cli
 
     result = run_cli(["train", "--help"], cwd=tmp_path)
@@ -330,7 +327,7 @@ def test_epochs_set_the_steps_from_the_images_the_trainer_sees(fashion_dir):
 
     import tensorflow_datasets as tfds
 
-    from cnnlab.config.load import compose
+    from cnnlab.cli.preflight import compose
     from cnnlab.data.load import load_dataset
 
     # The declared size is the prepared split's (TFDS's own count of it).
@@ -352,7 +349,7 @@ def test_epochs_set_the_steps_from_the_images_the_trainer_sees(fashion_dir):
      "train.epochs needs dataset.train_size, which dataset fashion_mnist does not declare"),
 ])
 def test_epochs_that_cannot_be_turned_into_steps_are_one_line(overrides, message):
-    from cnnlab.config.load import compose
+    from cnnlab.cli.preflight import compose
 
     with pytest.raises(ConfigError) as info:
         compose(overrides)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cnnlab.analysis import confusion
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.data.load import ArraySplit
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError

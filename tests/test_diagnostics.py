@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.data.augment import make_augment
 from cnnlab.data.preprocess import preprocess
 from cnnlab.errors import ConfigError

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.cli import main as cli
-from cnnlab.config import load as configure
+from cnnlab.config import load as config_load
 from cnnlab.models import build_model
 from cnnlab.training import steps
 from tests.helpers import run_cli, train_tiny
@@ -93,7 +93,7 @@ def _hand_flip_probs(run_dir: Path, step: int) -> tuple[np.ndarray, np.ndarray]:
     """A run's flip-TTA probabilities from its raw checkpoint files: the mean of the softmaxes
     on the test images and on their mirror images; and the labels."""
 
-    cfg = configure.load_run_config(run_dir)
+    cfg = config_load.load_run_config(run_dir)
     dataset = _dataset(cfg)
     state = _restore(run_dir, step)
     model = build_model(cfg, dataset.num_classes)

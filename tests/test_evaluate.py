@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model

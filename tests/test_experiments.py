@@ -12,8 +12,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cnnlab.config.load import validate_for_training
-from cnnlab.config.schema import CONF_DIR, group_options, resolve_presets
+from cnnlab.cli.preflight import validate_for_training
+from cnnlab.config.groups import CONF_DIR, group_options
+from cnnlab.config.presets import resolve_presets
 from cnnlab.runs.tracking import flatten
 from cnnlab.training.optim import make_schedule
 from tests.helpers import run_cli

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
 from cnnlab.errors import ConfigError
 from cnnlab.runs.checkpoint import NoUsableCheckpoint
 from cnnlab.runs.rundir import RunDir, RunDirBusy
@@ -258,7 +258,7 @@ def test_sigint_from_the_cli_exits_130_with_one_line_and_a_checkpoint(
 ])
 def test_values_that_gave_silently_wrong_science_are_refused(override, message):
     with pytest.raises(ConfigError) as info:
-        configure.compose([override])
+        preflight.compose([override])
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")  # installed with the dev extra (pyproject.toml)
 
 from benchmarks import torch_reference  # noqa: E402
-from cnnlab.config.load import compose  # noqa: E402
+from cnnlab.cli.preflight import compose  # noqa: E402
 from cnnlab.data import load as data  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
 from cnnlab.training import build as run  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
 from cnnlab.data import folder as folder_data
 from cnnlab.data import load as data
 from cnnlab.errors import ConfigError
@@ -200,7 +200,7 @@ def test_per_class_and_classes_on_a_folder(plain_layout: Path) -> None:
 def test_folder_config_knows_shapes_and_sizes_before_reading(plain_layout: Path) -> None:
     cfg = compose_config(["dataset=folder", f"dataset.path={plain_layout}",
                           "dataset.image_size=[16,20]", "dataset.channels=1"])
-    configure.validate(cfg)  # the geometry check runs on the derived shape
+    preflight.validate(cfg)  # the geometry check runs on the derived shape
     assert list(cfg.dataset.image_shape) == [16, 20, 1] and cfg.dataset.num_classes == 3
     assert cfg.dataset.train_size == 4 + 8 + 2
     steps = compose_config(["dataset=folder", f"dataset.path={plain_layout}",
@@ -210,24 +210,24 @@ def test_folder_config_knows_shapes_and_sizes_before_reading(plain_layout: Path)
     for bad, needle in (("dataset.image_size=[16]", "[height, width]"),
                         ("dataset.resize=squash", "stretch, center_crop"),
                         ("dataset.channels=4", "1 (greyscale) or 3")):
-        _one_line_error(lambda bad=bad: configure.validate(compose_config(
+        _one_line_error(lambda bad=bad: preflight.validate(compose_config(
             ["dataset=folder", f"dataset.path={plain_layout}", "dataset.image_size=[16,16]",
              bad])), needle)
-    _one_line_error(lambda: configure.validate(compose_config(["dataset=folder"])),
+    _one_line_error(lambda: preflight.validate(compose_config(["dataset=folder"])),
                     "dataset.path=DIR")
-    _one_line_error(lambda: configure.validate(compose_config(["dataset.path=/x"])),
+    _one_line_error(lambda: preflight.validate(compose_config(["dataset.path=/x"])),
                     "dataset=folder only")
 
 
 def test_bad_per_class_and_classes_values_are_one_line() -> None:
     for value, needle in (("0", "integer >= 1"), ("1.0", "fraction in (0, 1)"),
                           ("-0.5", "per_class=-0.5")):
-        _one_line_error(lambda value=value: configure.validate(
+        _one_line_error(lambda value=value: preflight.validate(
             compose_config([f"dataset.per_class={value}"])), needle)
     for value, needle in (("[]", "keeps no class"), ("[1,1,2]", "repeats [1]"),
                           ("[3,10]", "[10] outside the valid range: indices in [0, 10)"),
                           ("[-1]", "[-1] outside")):
-        _one_line_error(lambda value=value: configure.validate(
+        _one_line_error(lambda value=value: preflight.validate(
             compose_config([f"dataset.classes={value}"])), needle)
     _one_line_error(lambda: compose_config(["dataset.per_class=5", "train.epochs=1"]),
                     "train.epochs", "dataset.per_class=5", "train.steps")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.config.schema import ActivationConfig
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, init_variables

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from cnnlab.training import evaluate, steps
 from tests.helpers import compose_config, run_cli, train_tiny

@@ -11,8 +11,9 @@ import optax
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config.load import validate
-from cnnlab.config.schema import OptimizerConfig, group_options, option_values
+from cnnlab.cli.preflight import validate
+from cnnlab.config.groups import group_options, option_values
+from cnnlab.config.schema import OptimizerConfig
 from cnnlab.errors import ConfigError
 from cnnlab.training.optim import (
     OPTIMIZERS,

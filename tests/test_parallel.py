@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cnnlab import parallel
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from tests.helpers import REPO, compose_config
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cnnlab.analysis.compare import Row, Stat, pareto_front, pareto_markdown, pareto_points
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, model_options
 from cnnlab.models.summary import summarize

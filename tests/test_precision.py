@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
 from cnnlab.config.schema import TrainConfig
 from cnnlab.data.augment import make_augment
 from cnnlab.data.preprocess import preprocess
@@ -139,14 +139,14 @@ def test_bf16_with_grad_accum_and_batch_norm_learns(fashion_dir, tmp_path):
 def test_bad_values_are_one_line_errors(override, message):
     cfg = compose_config(["train.batch_size=32", override])
     with pytest.raises(ConfigError) as info:
-        configure.validate(cfg)
+        preflight.validate(cfg)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_configs_saved_before_the_keys_mean_fp32_and_one_microbatch():
     assert TrainConfig().precision is None and TrainConfig().grad_accum is None
     cfg = compose_config(["train.precision=null", "train.grad_accum=null"])
-    configure.validate(cfg)
+    preflight.validate(cfg)
     # Like train.precision=fp32: no dtype forced on the layers (they compute in float32).
     assert compute_dtype(cfg) is None
     assert compute_dtype(compose_config(["train.precision=fp32"])) is None

@@ -8,8 +8,8 @@ import optax
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.config.load import validate
-from cnnlab.config.schema import group_options
+from cnnlab.cli.preflight import validate
+from cnnlab.config.groups import group_options
 from cnnlab.data import load as data_lib
 from cnnlab.data import preprocess as pp
 from cnnlab.data.augment import make_augment

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from tests.helpers import compose_config, train_tiny
 

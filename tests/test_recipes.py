@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.analysis import compare as cmp
-from cnnlab.config.schema import steps_from_epochs
+from cnnlab.config.presets import steps_from_epochs
 from cnnlab.data.load import ArraySplit, fold_split
 from cnnlab.errors import ConfigError
 from cnnlab.training import losses
@@ -100,7 +100,7 @@ def test_l2_on_saturated_sigmoid_has_almost_no_gradient_where_cross_entropy_has_
     (["loss=cross_entropy", "loss.output=softmax"], "takes no loss.output"),
 ])
 def test_bad_loss_values_are_one_line(overrides, message):
-    from cnnlab.config.load import validate
+    from cnnlab.cli.preflight import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(overrides))
@@ -233,7 +233,7 @@ def test_folds_partition_the_train_split(n, k):
     (["dataset.folds=1"], "dataset.folds=1 must be >= 2 or null"),
 ])
 def test_bad_fold_values_are_one_line(overrides, message):
-    from cnnlab.config.load import validate
+    from cnnlab.cli.preflight import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(overrides))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from cnnlab.training.loop import train
 from cnnlab.training.selection import EarlyStopping, Plateau

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.config.schema import option_values
+from cnnlab.config.groups import option_values
 from cnnlab.data.augment import make_augment, normalize, random_crop, random_flip
 from cnnlab.training.optim import make_optimizer, make_schedule
 from cnnlab.training.steps import batch_indices

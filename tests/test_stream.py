@@ -110,10 +110,10 @@ def test_an_imagenet_style_set_streams_resized_and_trains_at_224(tiny_net_dir, t
                                                                  caplog):
     from omegaconf import OmegaConf
 
-    from cnnlab.config import load as configure
+    from cnnlab.cli import preflight
     from cnnlab.training.loop import train
 
-    cfg = configure.compose([*IMAGENET_STYLE, f"dataset.data_dir={tiny_net_dir}"])
+    cfg = preflight.compose([*IMAGENET_STYLE, f"dataset.data_dir={tiny_net_dir}"])
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     with caplog.at_level(logging.INFO):
@@ -146,10 +146,10 @@ def test_auto_keeps_a_set_that_fits_on_the_device_and_streams_one_that_does_not(
 @pytest.mark.parametrize("override, key", [("dataset.val_size=10", "val_size"),
                                            ("dataset.classes=[0,1]", "classes")])
 def test_streaming_refuses_what_needs_the_whole_set_in_memory(override, key):
-    from cnnlab.config import load as configure
+    from cnnlab.cli import preflight
 
     with pytest.raises(ConfigError, match=f"dataset.{key}=.*streamed training set"):
-        configure.compose(["dataset.on_device=false", override])
+        preflight.compose(["dataset.on_device=false", override])
 
 
 def test_resuming_mid_stream_gives_the_uninterrupted_result(fashion_dir, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cnnlab.config.load import compose
+from cnnlab.cli.preflight import compose
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, geometry
 from cnnlab.models.spec import parse_layers

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from cnnlab.config import load as configure
+from cnnlab.cli import preflight
+from cnnlab.config import load as config_load
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, init_variables
 from cnnlab.models.summary import summarize
@@ -25,8 +26,8 @@ ORDER = RESNET8[1:]
 
 
 def _tr(**values):
-    cfg = configure.compose(["transfer=finetune_all", "transfer.source=/nowhere",
-                             "transfer.backbone_lr_mult=1.0"], check=False)
+    cfg = config_load.compose(["transfer=finetune_all", "transfer.source=/nowhere",
+                             "transfer.backbone_lr_mult=1.0"])
     for key, value in values.items():
         cfg.transfer[key] = value
     return cfg.transfer
@@ -80,13 +81,13 @@ def test_plan_names_layers_and_stages():
 ])
 def test_bad_transfer_values_are_one_line_errors(overrides, message):
     with pytest.raises(Exception) as error:
-        configure.compose(overrides)
+        preflight.compose(overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def _variables(overrides, classes=10, shape=(28, 28, 1), seed=0):
     """(the model's layers in order, its initial variables)."""
-    cfg = configure.compose(["model=resnet20", *overrides], check=False)
+    cfg = config_load.compose(["model=resnet20", *overrides])
     model = build_model(cfg, classes)
     order = [row.name for row in summarize(model, shape).at_depth(1)]
     return order, init_variables(model, jax.random.PRNGKey(seed), shape)
@@ -162,7 +163,7 @@ def source_run(tmp_path_factory, fashion_dir) -> Path:
 
 
 def _run(source: Path, fashion_dir: Path, overrides: list[str]) -> run.Run:
-    cfg = configure.compose([*TINY, "logger.mode=disabled", f"dataset.data_dir={fashion_dir}",
+    cfg = preflight.compose([*TINY, "logger.mode=disabled", f"dataset.data_dir={fashion_dir}",
                              f"transfer.source={source}", *overrides])
     return run.build(cfg, with_source=True)
 
@@ -180,12 +181,12 @@ def _layers_equal(a, b) -> dict[str, bool]:
 
 
 def test_a_missing_source_is_said_before_the_data_is_read(tmp_path):
-    cfg = configure.compose(["transfer=linear_probe", f"transfer.source={tmp_path}/gone",
+    cfg = preflight.compose(["transfer=linear_probe", f"transfer.source={tmp_path}/gone",
                              "dataset.data_dir=/nonexistent"])
     with pytest.raises(ConfigError, match=r"transfer.source=.*/gone does not exist; give a "
                                           r"cnnlab run directory or a .pth/.pt/.safetensors"):
         run.build(cfg, with_source=True)
-    cfg = configure.compose(["transfer=linear_probe", f"transfer.source={tmp_path}",
+    cfg = preflight.compose(["transfer=linear_probe", f"transfer.source={tmp_path}",
                              "dataset.data_dir=/nonexistent"])
     with pytest.raises(ConfigError, match="is a folder but not a cnnlab run directory"):
         run.build(cfg, with_source=True)
@@ -242,7 +243,7 @@ def test_two_phase_switches_at_probe_steps_and_resumes_across_the_switch(source_
     assert whole["status"] == "finished" and whole["transfer"]["head_reset"]
     # The phases: the backbone holds still through step 10 and trains after it.
     saved = {step: _checkpoint(tmp_path / "whole", step) for step in (5, 10, 15)}
-    loaded = run.build(configure.load_run_config(tmp_path / "whole"), with_source=True).state
+    loaded = run.build(config_load.load_run_config(tmp_path / "whole"), with_source=True).state
     for step in (5, 10):
         same = _layers_equal(jax.device_get(loaded.params), saved[step]["params"])
         assert same == {layer: layer != "head" for layer in same}, step
@@ -277,14 +278,14 @@ def test_inputs_are_normalized_as_the_source_was_trained(source_run, fashion_dir
     common = [*TINY, "logger.mode=disabled", f"dataset.data_dir={fashion_dir}",
               "transfer=linear_probe", f"transfer.source={source_run}",
               "dataset.classes=[5,6,7,8,9]"]
-    source_stats = load_data(configure.load_run_config(source_run)).preprocess
-    inherited = load_data(configure.compose(common)).preprocess
-    own = load_data(configure.compose([*common, "transfer.preprocess=own"])).preprocess
+    source_stats = load_data(config_load.load_run_config(source_run)).preprocess
+    inherited = load_data(preflight.compose(common)).preprocess
+    own = load_data(preflight.compose([*common, "transfer.preprocess=own"])).preprocess
     np.testing.assert_array_equal(inherited.mean, source_stats.mean)
     np.testing.assert_array_equal(inherited.std, source_stats.std)
     assert abs(float(own.mean[0]) - float(source_stats.mean[0])) > 0.01
     with pytest.raises(ConfigError, match="the source was trained with preprocess=channel"):
-        load_data(configure.compose([*common, "preprocess=mean_image"]))
+        load_data(preflight.compose([*common, "preprocess=mean_image"]))
 
 
 def test_ema_weights_of_a_run_are_its_bias_corrected_average(source_run, fashion_dir,

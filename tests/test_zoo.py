@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from cnnlab.config.load import validate
-from cnnlab.config.schema import group_options
+from cnnlab.cli.preflight import validate
+from cnnlab.config.groups import group_options
 from cnnlab.data.augment import make_augment
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError

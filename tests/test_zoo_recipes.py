@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnlab.config.load import validate
+from cnnlab.cli.preflight import validate
 from cnnlab.data.augment import make_augment
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.analysis.plots import YSCALES, CurveSet, lr_drops, mean_curve, plot_curves, plot_pareto
-from cnnlab.config.schema import name_the_model
+from cnnlab.config.names import name_the_model
 from cnnlab.errors import ConfigError
 from cnnlab.runs.rundir import CONFIG, CURVES, RunDir, find_run_dirs, floats
 from cnnlab.runs.tracking import flatten

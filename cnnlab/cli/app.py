@@ -16,8 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnlab.config.load import validate_for_training
-from cnnlab.config.schema import CONF_DIR, name_the_model, resolve_presets
+from cnnlab.cli.preflight import validate_for_training
+from cnnlab.config.groups import CONF_DIR
+from cnnlab.config.names import name_the_model
+from cnnlab.config.presets import resolve_presets
 from cnnlab.data.load import DatasetUnavailableError
 from cnnlab.errors import ConfigError
 from cnnlab.runs.rundir import RunDir, RunDirBusy

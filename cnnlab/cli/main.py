@@ -88,7 +88,7 @@ def command_help(command: str) -> str:
     if command in OPTION_SCHEMAS:
         defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SCHEMAS[command]())}
     else:
-        from cnnlab.config.schema import root_values
+        from cnnlab.config.groups import root_values
 
         defaults = OmegaConf.to_container(root_values(command))
         defaults.pop("ema_decay", None)  # a training setting: eval reads each run's own
@@ -122,7 +122,7 @@ def _info_only(parsed: "argparse.Namespace") -> bool:
 
 def _check_group_choices(parsed: list) -> None:
     """`model=resnt20` -> one line with the valid choices (and the closest one)."""
-    from cnnlab.config.schema import CONF_DIR, group_options
+    from cnnlab.config.groups import CONF_DIR, group_options
     from cnnlab.registry import unknown_choice
 
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}
@@ -193,8 +193,9 @@ def check_config(overrides: list[str], for_training: bool = True,
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnnlab.config.load import validate, validate_for_training
-    from cnnlab.config.schema import CONF_DIR, resolve_presets
+    from cnnlab.cli.preflight import validate, validate_for_training
+    from cnnlab.config.groups import CONF_DIR
+    from cnnlab.config.presets import resolve_presets
 
     check = validate_for_training if for_training else validate
 
@@ -387,7 +388,8 @@ def eval_command(args: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnnlab.config.schema import EvalConfig, root_values
+    from cnnlab.config.groups import root_values
+    from cnnlab.config.schema import EvalConfig
 
     try:
         # conf/config.yaml's eval section on the schema, then the command line's eval.* keys.

@@ -6,19 +6,12 @@ values are checked by the module that uses them (cnnlab/config/load.py calls eac
 
 import dataclasses
 import logging
-import math
-import re
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
-
-from cnnlab.errors import ConfigError
+from omegaconf import MISSING
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # Every field is MISSING: its value comes from conf/ (conf/config.yaml for the sections no group
@@ -205,7 +198,7 @@ class RegularizationConfig:
 class LossConfig:
     # The optimized data term (cnnlab/training/losses.py): cross_entropy, mse, sigmoid_bce. Runs
     # saved
-    # before the loss group existed load with today's default (configure.load_run_config).
+    # before the loss group existed load with today's default (cnnlab.config.load.load_run_config).
     name: str = MISSING
     # mse only (null otherwise): the outputs the squared error is taken of: softmax, sigmoid,
     # logits.
@@ -421,187 +414,4 @@ class Config:
 
 ConfigStore.instance().store(name="config_schema", node=Config)
 
-MAX_DIRNAME = 100
 
-
-# `model=NAME` in a list of overrides (not `model.depth=8`): the choice of the model group.
-_MODEL_CHOICE = re.compile(r"(?<![\w.+~])model=([\w-]+)")
-
-
-def name_the_model(overrides: str, model_name: str | None) -> str:
-    """`model=plain20` with `model.depth=8` trains a plain-8: overrides as shown to people
-    (folder names, W&B names, compare labels) name the net trained, `model.name`."""
-    if not model_name:
-        return overrides
-    return _MODEL_CHOICE.sub(f"model={model_name}", overrides)
-
-
-def short_dirname(name: str, model_name: str | None = None) -> str:
-    """A multirun job's folder name from its overrides (the model named as trained), cut to
-    MAX_DIRNAME characters.
-
-    Names past the file system's 255-byte limit would crash the sweep; the hash of the whole
-    keeps cut names distinct. The job's full overrides are in `.hydra/overrides.yaml`. A job
-    of a sweep that varies nothing (one model, one seed) is named by its model, not `0_`.
-    """
-    name = name_the_model(name, model_name) or (f"model={model_name}" if model_name else "")
-    if len(name) <= MAX_DIRNAME:
-        return name
-    import hashlib
-
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{name[:MAX_DIRNAME - 9]}~{digest}"
-
-
-OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
-
-
-def group_options(group: str) -> list[str]:
-    """The option names of a config group, from the YAML files in `conf/<group>/`.
-
-    Options in sub-folders are named by their path, as Hydra names them (`smoke/init_study`).
-    Private bases (`_stack`), hidden folders and `results/` are not options: `experiment` is the
-    experiments/ folder, whose results/ keeps finished runs' logs with their saved configs.
-    """
-    root = CONF_DIR / group
-
-    def is_option(path: Path) -> bool:
-        parts = path.relative_to(root).parts
-        return parts[0] != "results" and not any(part[0] in "_." for part in parts)
-
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
-                  if is_option(p))
-
-
-def help_groups() -> str:
-    """The config groups and their options for `cnnlab train --help` (Hydra's own listing shows
-    the private bases, `_stack` and `_cifar_resnet`, as if they were models)."""
-    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
-    return "\n".join(f"{group}: {', '.join(group_options(group))}" for group in groups)
-
-
-OmegaConf.register_new_resolver("cnnlab_help_groups", help_groups, replace=True)
-
-
-# The augment option every preset includes (all augmentations off): what "not overridden" means.
-AUGMENT_BASE = "_base"
-
-
-def option_values(group: str, name: str) -> DictConfig:
-    """`conf/<group>/<name>.yaml` with the bases its defaults list names merged in, in order.
-
-    Entries are options of the same group (`defaults: [_base, _self_]`); `_self_` marks where
-    the file's own keys go (last if it is not listed), as Hydra composes a group option.
-    """
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{group}={name}: no such option; valid choices: "
-                          + ", ".join(group_options(group)))
-    own = OmegaConf.load(path)
-    with open_dict(own):
-        defaults = own.pop("defaults", None)
-    entries = list(defaults) if defaults is not None else []
-    if "_self_" not in entries:
-        entries.append("_self_")
-    parts = []
-    for entry in entries:
-        if not isinstance(entry, str):
-            raise ConfigError(f"{path}: option_values follows plain same-group entries only, "
-                              f"not {entry}")
-        parts.append(own if entry == "_self_" else option_values(group, entry))
-    return OmegaConf.merge(*parts)
-
-
-def root_values(key: str) -> DictConfig:
-    """The section `key` of conf/config.yaml (one no group chooses: train, eval, ...)."""
-    return OmegaConf.load(CONF_DIR / "config.yaml")[key]
-
-
-def steps_from_epochs(cfg: DictConfig) -> None:
-    """`train.epochs=E` sets `train.steps` to ceil(E x images / batch): the images are the train
-    split's, after `dataset.max_examples` and less the `dataset.val_size` held out, as the
-    trainer will see them. Refused where the split's size is not known from the config."""
-    epochs, ds = cfg.train.epochs, cfg.dataset
-    if epochs is None:
-        return
-    if not (isinstance(epochs, int | float) and math.isfinite(epochs) and epochs > 0):
-        raise ConfigError(f"train.epochs={epochs} must be a positive number or null")
-    subsets = [f"dataset.{key}={ds.get(key)}" for key in ("classes", "per_class")
-               if ds.get(key) is not None]
-    if subsets:
-        # What they keep depends on each class's count, which no config declares: refusing
-        # beats a schedule sized for the whole split (the loading line logs the kept count).
-        raise ConfigError(f"train.epochs counts dataset.train_size, which {' and '.join(subsets)} "
-                          "shrink by an amount known only once the data is read: set "
-                          "train.steps instead (the loading line logs the train images)")
-    if ds.train_size is None or ds.train_split != "train":
-        raise ConfigError(
-            f"train.epochs needs the size of dataset.train_split={ds.train_split!r} before the "
-            f"data is read, and dataset {ds.name} declares dataset.train_size only for 'train'"
-            if ds.train_size is not None else
-            f"train.epochs needs dataset.train_size, which dataset {ds.name} does not declare: "
-            "set dataset.train_size=N, or train.steps instead")
-    images = min(ds.train_size, ds.max_examples or ds.train_size)
-    folds = ds.get("folds")
-    # A fold holds n // k images, one more for the first n % k folds (cnnlab.data.load.fold_split).
-    images -= ds.val_size if not folds else images // folds + ((ds.fold or 0) < images % folds)
-    if images < 1:
-        return  # validation of dataset.val_size reports it
-    steps = math.ceil(epochs * images / cfg.train.batch_size)
-    log.info("train.epochs=%s: train.steps=%d (%d images, batch %d)", epochs, steps, images,
-             cfg.train.batch_size)
-    cfg.train.steps = steps
-
-
-def fit_steps_per_call(cfg: DictConfig) -> None:
-    """Lower `train.steps_per_call` to the largest chunk that ends on every step the host must
-    act at (logging, evaluation, checkpoints, diagnostics, the end of a snapshot cycle), so that any
-    `train.log_every` works: the chunk size is a speed setting, not one users must plan around.
-    Same steps, same numbers: only how many of them one compiled call runs changes."""
-    train = cfg.train
-    if not all(isinstance(v, int) and v > 0 for v in (train.steps_per_call, train.log_every)):
-        return  # validation reports it
-    boundaries = [train.log_every, train.eval_every, cfg.checkpoint.every,
-                  OmegaConf.select(cfg, "diagnostics.every")]
-    if cfg.schedule.name == "cyclic_cosine" and cfg.schedule.cycles >= 1:
-        boundaries.append(-(-train.steps // cfg.schedule.cycles))  # ceil: one cycle's steps
-    fitted = train.steps_per_call
-    for every in boundaries:
-        if isinstance(every, int) and every > 0:
-            fitted = math.gcd(fitted, every)
-    if fitted != train.steps_per_call:
-        log.info("train.steps_per_call %d -> %d: chunks of steps must end at every %s",
-                 train.steps_per_call, fitted,
-                 ", ".join(str(b) for b in boundaries if isinstance(b, int) and b > 0))
-        train.steps_per_call = fitted
-
-
-def resolve_presets(cfg: DictConfig) -> None:
-    """Fill in the dataset's derived keys (cnnlab.data.load.resolve), set `train.steps` from
-    `train.epochs` (steps_from_epochs), fit `train.steps_per_call` (fit_steps_per_call), and
-    replace `augment: default` by the preset the dataset names, so
-    logs show what ran.
-
-    Keys set on the command line (`augment.cutout=16`) stay on top of the preset: they are the
-    ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
-    `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
-    """
-    from cnnlab.data import load as data
-
-    data.resolve(cfg.dataset)  # a folder's shapes and sizes, classes' num_classes: used below
-    steps_from_epochs(cfg)
-    fit_steps_per_call(cfg)
-    if cfg.augment.name != "default":
-        return
-    preset = cfg.dataset.default_augment
-    if preset not in group_options("augment") or preset == "default":
-        raise ConfigError(
-            f"dataset.default_augment='{preset}'; valid choices: "
-            + ", ".join(o for o in group_options("augment") if o != "default")
-        )
-    with open_dict(cfg):
-        base = option_values("augment", AUGMENT_BASE)
-        overrides = {key: value for key, value in cfg.augment.items()
-                     if key != "name" and value != base[key]}
-        cfg.augment = OmegaConf.merge(OmegaConf.structured(AugmentConfig),
-                                      option_values("augment", preset), overrides)

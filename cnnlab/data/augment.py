@@ -549,7 +549,8 @@ def make_augment(cfg: DictConfig, lighting_pca: tuple[np.ndarray, np.ndarray] | 
 
     `lighting_pca`: `cnnlab.data.preprocess.channel_pca(train_images)`, needed when lighting > 0.
     """
-    from cnnlab.config.schema import AUGMENT_BASE, AugmentConfig, option_values
+    from cnnlab.config.groups import AUGMENT_BASE, option_values
+    from cnnlab.config.schema import AugmentConfig
 
     cfg = OmegaConf.merge(OmegaConf.structured(AugmentConfig),
                           option_values("augment", AUGMENT_BASE), cfg)

@@ -33,9 +33,10 @@ from typing import Any
 
 import yaml
 
+from cnnlab.config.load import SAVED_CONFIG
 from cnnlab.errors import ConfigError
 
-CONFIG = Path(".hydra") / "config.yaml"
+CONFIG = Path(SAVED_CONFIG)
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"

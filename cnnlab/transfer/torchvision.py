@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config.schema import CONF_DIR
+from cnnlab.config.groups import CONF_DIR
 from cnnlab.errors import ConfigError
 from cnnlab.models import FAMILIES, abstract_variables, input_fit, model_options
 from cnnlab.models.layers import build_layers
