@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from cnnlab.analysis import compare as cmp
+from cnnlab.analysis import curves, group, load, tables
 from cnnlab.analysis.plots import (
     LEGEND_WIDTH,
     PANEL_SIZE,
@@ -129,19 +130,19 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def test_load_finds_jobs_in_job_order(sweep):
-    runs = cmp.load_runs([str(sweep)])
+    runs = load.load_runs([str(sweep)])
     assert [r.name for r in runs] == [
         "0_model=plain20,seed=0", "1_model=plain20,seed=1", "2_model=plain20,seed=2",
         "3_model=resnet20,seed=0", "4_model=resnet20,seed=1", "5_model=resnet20,seed=2",
         "6_model=plain20,optimizer.lr=1.0,seed=0", "10_model=resnet20,seed=3"]
     assert runs[0].config["model.name"] == "plain20"  # interpolation resolved
     assert [r.status for r in runs[-2:]] == ["diverged", "failed"]
-    assert runs[-1].reason == cmp.NO_SUMMARY and runs[-1].seed == 3
+    assert runs[-1].reason == load.NO_SUMMARY and runs[-1].seed == 3
     assert np.isnan(runs[-2].metrics[1]["train/loss"])  # "nan" strings read as floats
 
 
 def test_grouping_and_labels(sweep):
-    configurations = cmp.group_runs(cmp.load_runs([str(sweep)]))
+    configurations = group.group_runs(load.load_runs([str(sweep)]))
     assert [c.label for c in configurations] == [
         "model=plain20", "model=resnet20", "model=plain20, optimizer.lr=1.0"]
     assert [[r.seed for r in c.runs] for c in configurations] == [[0, 1, 2], [0, 1, 2, 3], [0]]
@@ -155,7 +156,7 @@ def test_labels_fall_back_to_differing_config_keys(tmp_path):
     b = finished_run(tmp_path / "b", "resnet20", 0)
     for run_dir in (a, b):
         (run_dir / ".hydra" / "overrides.yaml").unlink()
-    configurations = cmp.group_runs(cmp.load_runs([str(a), str(b)]))
+    configurations = group.group_runs(load.load_runs([str(a), str(b)]))
     assert [c.label for c in configurations] == ["model.name=plain20, model.residual=false",
                                                  "model.name=resnet20, model.residual=true"]
 
@@ -164,23 +165,23 @@ def test_many_differing_keys_are_cut_to_the_fewest_that_tell_apart():
     base = {"model.name": "plain20", "model.depth": 20, "optimizer.lr": 0.1, "train.steps": 40}
     other = {"model.name": "resnet110", "model.depth": 110, "optimizer.lr": 0.01,
              "train.steps": 80, "model.new_key": 1}  # a key of a newer config version
-    runs = [cmp.Run(str(i), str(i), {**cfg, "seed": 0}, None, {}, (), "finished")
+    runs = [load.Run(str(i), str(i), {**cfg, "seed": 0}, None, {}, (), "finished")
             for i, cfg in enumerate((base, other))]
-    assert [c.label for c in cmp.group_runs(runs)] == ["model.name=plain20, …",
+    assert [c.label for c in group.group_runs(runs)] == ["model.name=plain20, …",
                                                        "model.name=resnet110, …"]
 
 
 def test_the_configuration_without_distinguishing_overrides_is_the_defaults(tmp_path):
     a = finished_run(tmp_path / "a", "resnet20", 0, overrides=[])
     b = finished_run(tmp_path / "b", "plain20", 0, overrides=["model=plain20"])
-    assert [c.label for c in cmp.group_runs(cmp.load_runs([str(a), str(b)]))] == [
+    assert [c.label for c in group.group_runs(load.load_runs([str(a), str(b)]))] == [
         "defaults", "model=plain20"]
 
 
 def test_single_configuration_is_labelled_by_its_overrides(tmp_path):
-    runs = [cmp.load_run(finished_run(tmp_path / str(s), "resnet20", s), str(s))
+    runs = [load.load_run(finished_run(tmp_path / str(s), "resnet20", s), str(s))
             for s in range(2)]
-    assert [c.label for c in cmp.group_runs(runs)] == ["model=resnet20"]
+    assert [c.label for c in group.group_runs(runs)] == ["model=resnet20"]
 
 
 def test_read_metrics_merges_steps_and_skips_a_cut_line(tmp_path):
@@ -193,18 +194,18 @@ def test_read_metrics_merges_steps_and_skips_a_cut_line(tmp_path):
 
 def test_missing_paths_and_empty_dirs_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file or directory"):
-        cmp.load_runs([str(tmp_path / "nope")])
+        load.load_runs([str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="no runs in"):
-        cmp.load_runs([str(tmp_path)])
+        load.load_runs([str(tmp_path)])
     with pytest.raises(ConfigError, match="at least one"):
-        cmp.load_runs([])
+        load.load_runs([])
 
 
 # ----------------------------------------------------------------------------- aggregation
 
 
 def test_table_is_mean_and_sample_std_over_finished_seeds(sweep):
-    rows = cmp.table_rows(cmp.group_runs(cmp.load_runs([str(sweep)])))
+    rows = tables.table_rows(group.group_runs(load.load_runs([str(sweep)])))
     assert [(r.finished, r.runs) for r in rows] == [(3, 3), (3, 4), (0, 1)]
     for row, model in zip(rows, MODELS, strict=False):
         for column, field in (("final_test_error", "test"), ("final_train_error", "train")):
@@ -216,16 +217,16 @@ def test_table_is_mean_and_sample_std_over_finished_seeds(sweep):
         best = [min(ERRORS[model, s]["test"].values()) for s in range(3)]
         assert row.stats["best_test_error"].mean == pytest.approx(np.mean(best))
         assert row.stats["params"].mean == 272_474
-    assert rows[2].stats["final_test_error"] == cmp.Stat(None, None, 0)
+    assert rows[2].stats["final_test_error"] == tables.Stat(None, None, 0)
 
 
 def test_failed_table_lists_diverged_and_crashed_runs(sweep):
-    runs = cmp.load_runs([str(sweep)])
-    failed = cmp.failed_runs(runs, cmp.group_runs(runs))
+    runs = load.load_runs([str(sweep)])
+    failed = tables.failed_runs(runs, group.group_runs(runs))
     assert [(f.run, f.label, f.seed, f.status, f.step, f.reason) for f in failed] == [
         ("6_model=plain20,optimizer.lr=1.0,seed=0", "model=plain20, optimizer.lr=1.0", 0,
          "diverged", 20, "train/loss is nan at step 20"),
-        ("10_model=resnet20,seed=3", "model=resnet20", 3, "failed", None, cmp.NO_SUMMARY),
+        ("10_model=resnet20,seed=3", "model=resnet20", 3, "failed", None, load.NO_SUMMARY),
     ]
 
 
@@ -234,20 +235,20 @@ def test_a_running_or_killed_run_is_listed_at_its_last_logged_step(tmp_path):
     write_run(tmp_path / "1_seed=1", config("plain20", 1), ["seed=1"],
               [{"step": 10, "train/error": 80.0}, {"step": 20, "train/error": 70.0}],
               {"status": "running", "model": "plain20", "seed": 1})
-    runs = cmp.load_runs([str(tmp_path)])
-    [failed] = cmp.failed_runs(runs, cmp.group_runs(runs))
+    runs = load.load_runs([str(tmp_path)])
+    [failed] = tables.failed_runs(runs, group.group_runs(runs))
     assert (failed.run, failed.status, failed.step) == ("1_seed=1", "running", 20)
 
 
 def test_status_reasons():
-    assert cmp.run_status({"status": "diverged", "failure": "diverged: x"}) == (
+    assert load.run_status({"status": "diverged", "failure": "diverged: x"}) == (
         "diverged", "diverged: x")
-    assert cmp.run_status({"status": "running"}) == ("running", cmp._RUNNING)
-    assert cmp.run_status(None) == ("failed", cmp.NO_SUMMARY)
+    assert load.run_status({"status": "running"}) == ("running", load._RUNNING)
+    assert load.run_status(None) == ("failed", load.NO_SUMMARY)
 
 
 def test_curves_are_seed_means_at_common_steps(sweep):
-    curve_sets = cmp.configuration_curves(cmp.group_runs(cmp.load_runs([str(sweep)])))
+    curve_sets = curves.configuration_curves(group.group_runs(load.load_runs([str(sweep)])))
     assert [cs.label for cs in curve_sets] == ["model=plain20", "model=resnet20"]  # no diverged
     plain, resnet = curve_sets
     assert plain.train.steps.tolist() == [10, 20, 40]  # seed 1 has no step 30
@@ -273,8 +274,8 @@ def test_mean_curve_leaves_out_runs_without_the_key():
 
 
 def test_markdown_formats_mean_pm_std(sweep):
-    rows = cmp.table_rows(cmp.group_runs(cmp.load_runs([str(sweep)])))
-    text = cmp.render_markdown(rows, [])
+    rows = tables.table_rows(group.group_runs(load.load_runs([str(sweep)])))
+    text = tables.render_markdown(rows, [])
     values = [ERRORS["plain20", s]["test"][40] for s in range(3)]
     assert f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" in text
     # One column per differing config key, in config order, values as pandas prints them.
@@ -291,8 +292,8 @@ def significant_digits(text: str) -> int:
 
 
 def test_csv_parses_back_to_the_numbers(sweep):
-    rows = cmp.table_rows(cmp.group_runs(cmp.load_runs([str(sweep)])))
-    text = cmp.table_csv(rows)
+    rows = tables.table_rows(group.group_runs(load.load_runs([str(sweep)])))
+    text = tables.table_csv(rows)
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert list(parsed[0])[:5] == ["model.name", "model.residual", "optimizer.lr", "n", "runs"]
     assert [(p["model.name"], p["model.residual"], p["optimizer.lr"]) for p in parsed] == [
@@ -313,39 +314,39 @@ def test_csv_parses_back_to_the_numbers(sweep):
 
 
 def test_csv_cells_have_no_float_noise(sweep):
-    rows = cmp.table_rows(cmp.group_runs(cmp.load_runs([str(sweep)])))
-    _, *records = csv.reader(io.StringIO(cmp.table_csv(rows)))
+    rows = tables.table_rows(group.group_runs(load.load_runs([str(sweep)])))
+    _, *records = csv.reader(io.StringIO(tables.table_csv(rows)))
     cells = [cell for record in records for cell in record[3:]]  # after the config keys
     floats_ = [c for c in cells if "." in c or "e" in c.lower()]
-    assert floats_ and all(significant_digits(c) <= cmp.CSV_DIGITS for c in floats_), floats_
-    stats = {col.name: cmp.mean_std([]) for col in cmp.COLUMNS}
-    stats["final_test_error"] = cmp.mean_std([89.99, 89.98, 90.0])
+    assert floats_ and all(significant_digits(c) <= tables.CSV_DIGITS for c in floats_), floats_
+    stats = {col.name: tables.mean_std([]) for col in tables.COLUMNS}
+    stats["final_test_error"] = tables.mean_std([89.99, 89.98, 90.0])
     assert repr(stats["final_test_error"].mean) == "89.99000000000001"  # numpy's mean
-    row = cmp.Row("a", 3, 3, stats, {})
-    assert cmp.table_csv([row]).splitlines()[1].startswith("a,3,3,89.99,0.01,")
+    row = tables.Row("a", 3, 3, stats, {})
+    assert tables.table_csv([row]).splitlines()[1].startswith("a,3,3,89.99,0.01,")
 
 
 def test_tables_of_one_configuration_name_it_by_its_label(tmp_path):
-    runs = [cmp.load_run(finished_run(tmp_path / str(s), "resnet20", s), str(s))
+    runs = [load.load_run(finished_run(tmp_path / str(s), "resnet20", s), str(s))
             for s in range(2)]
-    rows = cmp.table_rows(cmp.group_runs(runs))
-    assert cmp.table_csv(rows).startswith("configuration,n,runs,final_test_error_mean,")
-    assert "| model=resnet20 | 2/2 |" in cmp.markdown_table(rows)
+    rows = tables.table_rows(group.group_runs(runs))
+    assert tables.table_csv(rows).startswith("configuration,n,runs,final_test_error_mean,")
+    assert "| model=resnet20 | 2/2 |" in tables.markdown_table(rows)
 
 
 def test_markdown_shows_the_fewest_distinguishing_keys_and_csv_all():
     configs = [{"model.name": f"m{i}", "model.depth": i, "optimizer.lr": 0.1 * i,
                 "train.steps": 40 * i, "model.width": i} for i in (1, 2)]
-    rows = [cmp.Row(c["model.name"], 1, 1, {col.name: cmp.mean_std([12.3456])
-                                            for col in cmp.COLUMNS}, c) for c in configs]
-    header = cmp.markdown_table(rows).splitlines()[0]
+    rows = [tables.Row(c["model.name"], 1, 1, {col.name: tables.mean_std([12.3456])
+                                            for col in tables.COLUMNS}, c) for c in configs]
+    header = tables.markdown_table(rows).splitlines()[0]
     assert header.startswith("| model.name | seeds | final test error (%) |")
-    assert "| m1 | 1/1 | 12.35 |" in cmp.markdown_table(rows)  # errors to 2 decimals
-    assert list(cmp.table_frame(rows).columns[:5]) == list(configs[0])
+    assert "| m1 | 1/1 | 12.35 |" in tables.markdown_table(rows)  # errors to 2 decimals
+    assert list(tables.table_frame(rows).columns[:5]) == list(configs[0])
 
 
 def test_figure_has_thin_train_bold_test_one_colour_per_configuration(sweep):
-    curve_sets = cmp.configuration_curves(cmp.group_runs(cmp.load_runs([str(sweep)])))
+    curve_sets = curves.configuration_curves(group.group_runs(load.load_runs([str(sweep)])))
     fig = curves_figure(curve_sets)
     (ax,) = fig.axes
     lines = {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
@@ -368,12 +369,12 @@ def test_figure_has_thin_train_bold_test_one_colour_per_configuration(sweep):
 
 def test_panel_by_makes_one_axis_per_value(sweep):
     cfg = cmp.CompareConfig(panel_by="model.residual", ylim=[0.0, 50.0])
-    comparison = cmp.build(cmp.load_runs([str(sweep)]), cfg)
+    comparison = cmp.build(load.load_runs([str(sweep)]), cfg)
     fig = curves_figure(comparison.curves, ylim=cfg.ylim)
     assert [ax.get_title() for ax in fig.axes] == ["residual: False", "residual: True"]
     assert all(ax.get_ylim() == (0.0, 50.0) for ax in fig.axes)
     with pytest.raises(ConfigError, match="did you mean model.residual"):
-        cmp.build(cmp.load_runs([str(sweep)]), cmp.CompareConfig(panel_by="model.residul"))
+        cmp.build(load.load_runs([str(sweep)]), cmp.CompareConfig(panel_by="model.residul"))
 
 
 def drawn(fig):
@@ -458,7 +459,7 @@ def test_compare_draws_losses_on_a_log_axis(sweep):
     events[1]["test/loss"] = 4000.0  # a blow-up it recovered from
     metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
     cfg = cmp.CompareConfig(metric="loss")
-    fig = curves_figure(cmp.build(cmp.load_runs([str(sweep)]), cfg).curves, ylabel="loss")
+    fig = curves_figure(cmp.build(load.load_runs([str(sweep)]), cfg).curves, ylabel="loss")
     assert fig.axes[0].get_yscale() == "log"
 
 
@@ -469,14 +470,14 @@ def sweep_of(tmp_path: Path, jobs: list[tuple[str, dict]]) -> Path:
         run_dir = finished_run(root / f"{num}_{override}", "resnet20", 0, [override])
         cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         for key, value in changes.items():
-            group, name = key.split(".")
-            cfg[group][name] = value
+            section, name = key.split(".")
+            cfg[section][name] = value
         (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     return root
 
 
 def panel_titles(root: Path, key: str) -> list[str]:
-    comparison = cmp.build(cmp.load_runs([str(root)]), cmp.CompareConfig(panel_by=key))
+    comparison = cmp.build(load.load_runs([str(root)]), cmp.CompareConfig(panel_by=key))
     return [ax.get_title() for ax in curves_figure(comparison.curves).axes]
 
 
@@ -496,13 +497,13 @@ def test_panels_sort_by_value_not_job_order(tmp_path):
 
 
 def test_readable_titles():
-    assert [cmp.panel_title(k, v) for k, v in (
+    assert [group.panel_title(k, v) for k, v in (
         ("model.residual", True), ("optimizer.lr", 0.01), ("norm.name", "batch"),
         ("activation.name", "relu"), ("train.batch_size", 256), ("model.widths", [16, 32]))
     ] == ["residual: True", "learning rate: 0.01", "normalization: batch", "activation: relu",
           "batch size: 256", "widths: [16,32]"]
-    assert sorted([True, False], key=cmp.value_order) == [False, True]
-    assert sorted(["b", 3, None, True, "a", 1.5], key=cmp.value_order) == [
+    assert sorted([True, False], key=group.value_order) == [False, True]
+    assert sorted(["b", 3, None, True, "a", 1.5], key=group.value_order) == [
         True, 1.5, 3, "a", "b", None]
 
 
@@ -535,14 +536,14 @@ def test_lr_drop_lines_at_the_configurations_drop_steps(tmp_path):
         events = [json.loads(line) for line in metrics.read_text().splitlines()]
         events = [{**e, "lr": base if e["step"] <= drop else base / 10} for e in events]
         metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
-    comparison = cmp.build(cmp.load_runs([str(root)]), cmp.CompareConfig())
+    comparison = cmp.build(load.load_runs([str(root)]), cmp.CompareConfig())
     assert [cs.lr_drops for cs in comparison.curves] == [(20,), (30,)]
     (ax,) = curves_figure(comparison.curves).axes
     assert lr_drop_lines(ax) == [20, 30]
     line = next(line for line in ax.get_lines() if line.get_gid() == "lr-drop:20")
     assert line.get_linewidth() <= TRAIN_WIDTH and line.get_zorder() == 0  # faint, behind
     # With panels, each panel shows the drops of its own configurations.
-    comparison = cmp.build(cmp.load_runs([str(root)]),
+    comparison = cmp.build(load.load_runs([str(root)]),
                            cmp.CompareConfig(panel_by="optimizer.lr"))
     assert [lr_drop_lines(ax) for ax in curves_figure(comparison.curves).axes] == [[20], [30]]
 
@@ -640,7 +641,7 @@ class FakeWandbRun:
 
 
 def test_wandb_runs_map_onto_run_records():
-    run = cmp._wandb_run(FakeWandbRun(), "me/cnnlab")
+    run = load._wandb_run(FakeWandbRun(), "me/cnnlab")
     assert (run.name, run.source, run.status) == ("plain20-s0", "wandb:me/cnnlab/abc123",
                                                   "failed")
     assert run.metrics[0] == {"step": 10, "train/error": 50.0}
@@ -653,10 +654,10 @@ def test_wandb_without_api_key_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="^cannot read W&B group me/cnnlab/g1: ") as info:
-        cmp.load_runs(["wandb:me/cnnlab/g1"])
+        load.load_runs(["wandb:me/cnnlab/g1"])
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="expected wandb:ENTITY/PROJECT/GROUP"):
-        cmp.load_runs(["wandb:me/cnnlab"])
+        load.load_runs(["wandb:me/cnnlab"])
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -730,7 +731,7 @@ def diag_runs(tmp_path: Path) -> Path:
 def test_keys_draw_each_layer_in_one_panel_per_configuration(diag_runs):
     cfg = cmp.parse_config(["compare.keys=[diag/grad_norm/*]"])
     assert cfg.keys == ["diag/grad_norm/*"]
-    comparison = cmp.build(cmp.load_runs([str(diag_runs)]), cfg)
+    comparison = cmp.build(load.load_runs([str(diag_runs)]), cfg)
     assert comparison.ylabel == "diag/grad_norm" and not comparison.line_styles
     fig = curves_figure(comparison.curves, ylabel=comparison.ylabel,
                         line_styles=comparison.line_styles)
@@ -751,7 +752,7 @@ def test_keys_draw_each_layer_in_one_panel_per_configuration(diag_runs):
 
 
 def test_one_key_is_one_line_per_configuration_and_bad_keys_are_refused(diag_runs):
-    runs = cmp.load_runs([str(diag_runs)])
+    runs = load.load_runs([str(diag_runs)])
     comparison = cmp.build(runs, cmp.CompareConfig(keys=["diag/grad_norm/head"],
                                                    panel_by="model.residual"))
     assert [(cs.label, cs.panel) for cs in comparison.curves] == [
@@ -769,7 +770,7 @@ def test_the_kept_study_runs_are_finished_and_compare_draws_from_them(tmp_path):
     # experiments/results/resnet_vs_plain_2000/ holds the logs docs/studies.md's table comes
     # from: only finished runs of 2,000 steps, whose summaries agree with their own logs.
     kept = REPO / "experiments" / "results" / "resnet_vs_plain_2000"
-    runs = cmp.load_runs([str(kept)])
+    runs = load.load_runs([str(kept)])
     assert runs and all(run.finished for run in runs)
     for run in runs:
         assert run.summary["final_step"] == run.config["train.steps"] == 2000

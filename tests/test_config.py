@@ -203,7 +203,7 @@ def test_default_augment_keeps_command_line_keys_that_differ_from_the_base():
 
 
 def test_data_cache_setting_reaches_the_loader_and_is_bookkeeping(monkeypatch):
-    from cnnlab.analysis import compare
+    from cnnlab.analysis import group
     from cnnlab.runs import resume
     from cnnlab.training import build as run
 
@@ -228,7 +228,7 @@ def test_data_cache_setting_reaches_the_loader_and_is_bookkeeping(monkeypatch):
     # Where decoded images are kept does not change what a run computes.
     start = {"dataset": {"cache_dir": "~/.cache/cnnlab/data", "max_examples": 8}}
     assert resume.config_changes(start, {"dataset": {"cache_dir": None, "max_examples": 8}}) == {}
-    assert compare.is_bookkeeping("dataset.cache_dir")
+    assert group.is_bookkeeping("dataset.cache_dir")
     # A run config written before the key existed loads without a cache.
     assert OmegaConf.structured(DatasetConfig).cache_dir is None
 

@@ -4,8 +4,8 @@
 import pytest
 from scipy import stats
 
-from cnnlab.analysis.compare import Row, mean_std
 from cnnlab.analysis.contrast import contrast_markdown, contrasts, group_keys, welch_p
+from cnnlab.analysis.tables import Row, mean_std
 from cnnlab.errors import ConfigError
 from tests.helpers import run_cli
 from tests.test_compare import sweep  # noqa: F401 (a fixture)

@@ -62,7 +62,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_module_imports_one_that_imports_it_back():
     graph = import_graph()
-    assert "cnnlab.cli.preflight" in graph["cnnlab.cli.main"]  # the graph sees function-level imports
+    # The graph sees function-level imports.
+    assert "cnnlab.cli.preflight" in graph["cnnlab.cli.main"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from cnnlab.analysis.compare import Row, Stat, pareto_front, pareto_markdown, pareto_points
+from cnnlab.analysis.pareto import pareto_front, pareto_markdown, pareto_points
+from cnnlab.analysis.tables import Row, Stat
 from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, model_options

@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.analysis import compare as cmp
+from cnnlab.analysis import load
 from cnnlab.config.presets import steps_from_epochs
 from cnnlab.data.load import ArraySplit, fold_split
 from cnnlab.errors import ConfigError
@@ -269,7 +270,7 @@ def test_compare_groups_folds_like_seeds(tmp_path):
     for fold, error in enumerate([10.0, 12.0, 14.0]):
         cv_run(tmp_path, f"{fold}_fold={fold}", fold, 0, error)
     cv_run(tmp_path, "3_lr", 0, 0, 30.0, lr=0.01)
-    comparison = cmp.build(cmp.load_runs([str(tmp_path)]), cmp.CompareConfig())
+    comparison = cmp.build(load.load_runs([str(tmp_path)]), cmp.CompareConfig())
     rows = {row.config["optimizer.lr"]: row for row in comparison.rows}
     assert rows[0.1].finished == 3 and rows[0.01].finished == 1
     stat = rows[0.1].stats["final_val_error"]
@@ -279,7 +280,7 @@ def test_compare_groups_folds_like_seeds(tmp_path):
 def test_select_best_reports_the_seed_with_the_lowest_val_error(tmp_path):
     for seed, error in enumerate([15.0, 9.0, 11.0]):
         cv_run(tmp_path, f"{seed}_seed={seed}", 0, seed, error)
-    runs = cmp.load_runs([str(tmp_path)])
+    runs = load.load_runs([str(tmp_path)])
     [row] = cmp.build(runs, cmp.parse_config(["compare.select=best"])).rows
     assert row.finished == 1 and row.stats["final_val_error"].mean == 9.0
     assert row.stats["final_test_error"].mean == 10.0
@@ -295,4 +296,4 @@ def test_select_best_without_a_val_error_is_one_line(tmp_path):
     del summary["final/val/error"]
     (run / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ConfigError, match="compare.select=best picks by final/val/error"):
-        cmp.build(cmp.load_runs([str(tmp_path)]), cmp.parse_config(["compare.select=best"]))
+        cmp.build(load.load_runs([str(tmp_path)]), cmp.parse_config(["compare.select=best"]))

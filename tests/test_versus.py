@@ -2,7 +2,7 @@
 
 import pytest
 
-from cnnlab.analysis.compare import Row, Stat, mean_std
+from cnnlab.analysis.tables import Row, Stat, mean_std
 from cnnlab.analysis.versus import versus_figure, versus_markdown, versus_series, write_versus
 from cnnlab.errors import ConfigError
 

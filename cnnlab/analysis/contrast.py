@@ -18,15 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab.analysis.compare import (
-    COLUMNS,
-    Row,
-    Stat,
-    differing_keys,
-    display_value,
-    readable_key,
-    value_order,
-)
+from cnnlab.analysis.group import differing_keys, display_value, readable_key, value_order
+from cnnlab.analysis.tables import COLUMNS, Row, Stat
 from cnnlab.errors import ConfigError
 
 CONTRAST_MD = "contrast.md"
@@ -161,14 +154,3 @@ def write_contrast(rows: Sequence[Row], key: str, out_dir: Path) -> tuple[str, l
     text = contrast_markdown(contrasts(rows, key), key)
     (out_dir / CONTRAST_MD).write_text(text)
     return text, [out_dir / CONTRAST_MD]
-
-
-def contrast_outputs(cfg: Any) -> Any:
-    """`compare`'s extra outputs for `compare.contrast` (None when it is not set)."""
-    if cfg.contrast is None:
-        return None
-
-    def outputs(comparison: Any, out_dir: Path) -> tuple[str, list[Path]]:
-        return write_contrast(comparison.rows, cfg.contrast, out_dir)
-
-    return outputs

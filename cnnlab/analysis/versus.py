@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab.analysis.compare import (
-    Row,
+from cnnlab.analysis.group import (
     differing_keys,
     display_value,
     panel_title,
     readable_key,
     value_order,
 )
+from cnnlab.analysis.tables import Row
 from cnnlab.errors import ConfigError
 
 VERSUS_PNG, VERSUS_MD = "versus.png", "versus.md"
@@ -165,14 +165,3 @@ def write_versus(rows: Sequence[Row], key: str, panel_by: str | None, out_dir: P
     (out_dir / VERSUS_MD).write_text(text)
     return text, [out_dir / VERSUS_MD,
                   save_figure(versus_figure(series, key, panel_by), out_dir / VERSUS_PNG, dpi)]
-
-
-def versus_outputs(cfg: Any) -> Any:
-    """`compare`'s extra outputs for `compare.versus` (None when it is not set)."""
-    if cfg.versus is None:
-        return None
-
-    def outputs(comparison: Any, out_dir: Path) -> tuple[str, list[Path]]:
-        return write_versus(comparison.rows, cfg.versus, cfg.panel_by, out_dir, cfg.dpi)
-
-    return outputs

@@ -423,13 +423,9 @@ def compare_command(args: list[str]) -> None:
     paths, overrides = _paths_and_overrides(args, "compare", "run or multirun directories",
                                             "CSV output: compare.format=csv")
     from cnnlab.analysis.compare import compare, parse_config
-    from cnnlab.analysis.contrast import contrast_outputs
-    from cnnlab.analysis.versus import versus_outputs
 
     try:
-        cfg = parse_config(overrides)
-        extras = [e for e in (versus_outputs(cfg), contrast_outputs(cfg)) if e is not None]
-        text, written = compare(paths, cfg, extras)
+        text, written = compare(paths, parse_config(overrides))
     except ConfigError as e:
         fail(str(e))
     print(text, end="")
