@@ -11,13 +11,12 @@ import signal
 import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cnnlab import parallel
 from cnnlab.cli.preflight import validate_for_training
-from cnnlab.config.groups import CONF_DIR
 from cnnlab.config.names import name_the_model
 from cnnlab.config.presets import resolve_presets
 from cnnlab.data.load import DatasetUnavailableError
@@ -138,17 +137,34 @@ def _report_end(summary: dict, run_dir: RunDir, multirun: bool) -> None:
     raise SystemExit(1)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def train_task(cfg: DictConfig) -> float | None:
-    """Train one configuration; returns the objective (for sweepers that optimize it)."""
+def _preflighted() -> bool:
+    """Whether the CLI composed and checked this sweep job before the sweep started: every job
+    of the basic sweeper is listed there; a search's continuous ranges (Optuna's interval(...))
+    are drawn only here."""
+    return HydraConfig.get().sweeper._target_.endswith("BasicSweeper")
+
+
+def train_job(cfg: DictConfig) -> float | None:
+    """A job of a sweep, as Hydra's launcher composed it where it runs; returns the objective
+    (for sweepers that optimize it)."""
+    resolve_presets(cfg)
+    return train_checked(cfg, check=not _preflighted())
+
+
+def train_checked(cfg: DictConfig, check: bool = False) -> float | None:
+    """Train one configuration that cnnlab/cli/preflight.py composed and checked (or, `check`,
+    one it could not list); inside a Hydra job (HydraConfig set)."""
     from cnnlab.training.loop import failure_reason, train
 
     quiet_library_logs()
     run_dir = RunDir(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        resolve_presets(cfg)
-        validate_for_training(cfg)
+        # A multi-host job's processes meet before anything touches a device (a no-op where the
+        # preflight's check already did, in this process).
+        parallel.initialize_distributed(cfg.train.get("distributed"))
+        if check:
+            validate_for_training(cfg)
         summary = train(cfg, run_dir.path, group=cfg.logger.group or sweep_group(),
                         tags=sweep_tags(), name=run_name(cfg))
     except tuple(e for o in OUTCOMES for e in o.errors) as e:
@@ -164,7 +180,3 @@ def train_task(cfg: DictConfig) -> float | None:
               f"(accuracy {100 - error:.2f}%) at step {summary['final_step']}, "
               f"{summary['wall_time']:.0f} s; run directory: {run_dir}")
     return objective(summary)
-
-
-def run_train_app() -> None:
-    train_task()

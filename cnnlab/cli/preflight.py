@@ -7,17 +7,21 @@ cli/ and not in config/ (config/ is read by the modules it checks).
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import models, parallel
+from cnnlab.cli import hydra_compat
+from cnnlab.cli.args import fail
 from cnnlab.config import load
 from cnnlab.config.schema import Config
 from cnnlab.data import augment, placement, preprocess
 from cnnlab.data import load as data
-from cnnlab.errors import require
+from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
 from cnnlab.models import summary as model_summary
 from cnnlab.runs import tracking
@@ -170,3 +174,163 @@ def compose(overrides: list[str] | None = None, for_training: bool = True) -> Di
     cfg = load.compose(overrides)
     (validate_for_training if for_training else validate)(cfg)
     return cfg
+
+
+def _check_group_choices(parsed: list) -> None:
+    """`model=resnt20` -> one line with the valid choices (and the closest one)."""
+    from cnnlab.config.groups import CONF_DIR, group_options
+    from cnnlab.registry import unknown_choice
+
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    for override in parsed:
+        key = override.get_key_element().lstrip("~+")
+        if key not in groups or override.is_delete():
+            continue
+        values = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
+                  else [override.get_value_element_as_str()])
+        valid = group_options(key)
+        for value in values:
+            if value not in valid and value != "null":
+                fail(unknown_choice(key, value, valid))
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Every single-run override list a sweep describes, expanded by Hydra's basic sweeper (a
+    later override of a key replaces an earlier one, so the command line wins over a config's
+    `hydra.sweeper.params`). Ranges of a continuous search (Optuna's `interval(...)`) cannot be
+    listed: those keys are checked in each job instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        fail(str(e).splitlines()[0] if str(e) else "could not parse the overrides")
+    _check_group_choices(parsed)
+    listable = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
+    return hydra_compat.expand_sweep(listable)
+
+
+def _config_sweep(hydra_cfg: DictConfig) -> list[str]:
+    """The sweep a config declares in `hydra.sweeper.params`, as override strings."""
+    params = hydra_cfg.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def _one_line(error: Exception) -> str:
+    """Hydra/OmegaConf errors span lines; keep what names the key and the value."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
+        return f"{error.full_key}: {str(error.msg).splitlines()[0]}"
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+class CheckedRuns(NamedTuple):
+    cfg: DictConfig  # the last composed config, with its `hydra` node
+    steps: list[int]  # train.steps of each run
+    # Each run as composed (what Hydra saves in .hydra/) and as checked (presets resolved).
+    composed: list[DictConfig]
+    checked: list[DictConfig]
+
+
+def check_config(overrides: list[str], for_training: bool = True,
+                 multirun: bool = False) -> CheckedRuns:
+    """Compose and validate every run the command line describes; exit 2 on the first error.
+
+    A multirun (`-m`) also expands the sweep that a config declares in `hydra.sweeper.params`
+    (the experiments/ studies). A study started without -m is refused with its size: in Hydra
+    projects `experiment=` usually means one run, and a study can be days of training.
+    """
+    import copy
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cnnlab.config.groups import CONF_DIR
+    from cnnlab.config.presets import resolve_presets
+
+    check = validate_for_training if for_training else validate
+
+    def composed(combination: list[str]) -> DictConfig:
+        try:
+            return compose(config_name="config", overrides=combination,
+                           return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            fail(_one_line(e))
+
+    steps, composed_runs, checked_runs = [], [], []
+    # job_name: Hydra names a run's log file after it (.hydra/../app.log), as in every release.
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="app"):
+        for combination in _expand(overrides):
+            cfg = composed(combination)
+            runs = [combination]
+            declared = str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+            sweeping = multirun or declared
+            _check_no_sweep_without_multirun(overrides, sweeping)
+            if sweeping:
+                runs = _expand(_config_sweep(cfg.hydra) + combination)
+            if declared and not multirun and for_training:
+                _refuse_study_without_multirun(cfg, len(runs))
+            for run in runs:
+                raw = composed(run)
+                _check_run_dir(raw, sweeping)
+                cfg = copy.deepcopy(raw)
+                try:
+                    resolve_presets(cfg)
+                    check(cfg)
+                except ConfigError as e:
+                    fail(str(e))
+                except (OmegaConfBaseException, ValueError) as e:
+                    fail(_one_line(e))
+                steps.append(int(cfg.train.steps))
+                composed_runs.append(raw)
+                checked_runs.append(cfg)
+    return CheckedRuns(cfg, steps, composed_runs, checked_runs)
+
+
+def _refuse_study_without_multirun(cfg: DictConfig, jobs: int) -> None:
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.select(cfg, "hydra.runtime.choices.experiment") or "this config"
+    fail(f"experiment={name} is a study of {jobs} runs of {cfg.train.steps:,} steps: run it "
+         f"with -m (cnnlab train -m experiment={name} ...), or train one run of its recipe with "
+         "hydra.mode=RUN")
+
+
+def _check_no_sweep_without_multirun(overrides: list[str], sweeping: bool) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweeping:
+        return
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            fail(f"{override.input_line} is a sweep: add -m (--multirun) to run each value, or "
+                 "write a list as key=[a,b]")
+
+
+def _check_run_dir(cfg: DictConfig, multirun: bool) -> None:
+    """A run directory that is a file, or that cannot be written (read-only, full), would fail
+    inside Hydra's logging set-up with a traceback, before any of cnnlab's code runs."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(str(OmegaConf.select(cfg, key)))
+    if path.exists() and not path.is_dir():
+        fail(f"{key}={path} is a file; a run directory must be a folder")
+    nearest = next(p for p in [path, *path.parents] if p.exists())  # created by Hydra if absent
+    try:
+        # A few KB through fsync: an empty file can still be created on a full disk.
+        with tempfile.TemporaryFile(dir=nearest) as probe:
+            probe.write(b"\0" * 8192)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        fail(f"{key}={path} cannot be written: {e.strerror or e} ({nearest})")

@@ -7,28 +7,24 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnlab.runs.rundir import RunDir, find_run_dirs
 
 log = logging.getLogger(__name__)
 
-# Set in the launching process when a multirun starts; read by the CLI when it ends.
-current_sweep_dir: Path | None = None
-
-
 class SweepReport(Callback):
     """Registered in conf/config.yaml (hydra.callbacks)."""
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global current_sweep_dir
-        current_sweep_dir = Path(config.hydra.sweep.dir)
-
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         # A single run reports its own failure (and has no job number).
-        if job_return.status != JobStatus.FAILED or current_sweep_dir is None:
+        if job_return.status != JobStatus.FAILED or config.hydra.mode != RunMode.MULTIRUN:
             return
-        error = job_return._return_value
+        try:
+            error: BaseException = job_return.return_value  # a failed job's raises its error
+        except Exception as raised:  # noqa: BLE001 (any error a job raised is reported)
+            error = raised
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         log.error("job %s_%s failed: %s", config.hydra.job.num,
                   config.hydra.job.override_dirname, reason)
