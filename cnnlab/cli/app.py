@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from cnnlab.config.load import validate_for_training
 from cnnlab.config.schema import CONF_DIR, name_the_model, resolve_presets
-from cnnlab.data.load import DatasetUnavailableError
+from cnnlab.data.types import DatasetUnavailableError
 from cnnlab.errors import ConfigError
 from cnnlab.runs.rundir import RunDir, RunDirBusy
 

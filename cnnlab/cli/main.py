@@ -397,7 +397,7 @@ def eval_command(args: list[str]) -> None:
         key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
         fail(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}")
     from cnnlab.cli.app import quiet_library_logs
-    from cnnlab.data.load import DatasetUnavailableError
+    from cnnlab.data.types import DatasetUnavailableError
     from cnnlab.progress import console_log
     from cnnlab.training.ensemble import evaluate_runs, format_report
 
@@ -455,7 +455,7 @@ def lr_find_command(args: list[str]) -> None:
     except ConfigError as e:
         fail(str(e))
     from cnnlab.cli.app import quiet_library_logs
-    from cnnlab.data.load import DatasetUnavailableError
+    from cnnlab.data.types import DatasetUnavailableError
     from cnnlab.progress import console_log
     from cnnlab.training.build import use_compile_cache
 
@@ -492,7 +492,7 @@ def viz_command(args: list[str]) -> None:
              "[key=value ...]")
     from cnnlab import viz
     from cnnlab.cli.app import quiet_library_logs
-    from cnnlab.data.load import DatasetUnavailableError
+    from cnnlab.data.types import DatasetUnavailableError
 
     quiet_library_logs()
     try:

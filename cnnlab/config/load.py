@@ -17,9 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab import models, parallel
 from cnnlab.config.schema import CONF_DIR, Config, resolve_presets
-from cnnlab.data import augment, preprocess
-from cnnlab.data import load as data
 from cnnlab.data import placement as stream_config
+from cnnlab.data import preprocess
+from cnnlab.data import validate as dataset_checks
+from cnnlab.data.augment import pipeline as augment
 from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
 from cnnlab.models import summary as model_summary
@@ -134,7 +135,7 @@ CHECKS = (
     lambda cfg: preprocess.validate(cfg.preprocess, cfg.dataset.image_shape),
     _validate_loop,
     _validate_scale,
-    lambda cfg: data.validate(cfg.dataset),
+    lambda cfg: dataset_checks.validate(cfg.dataset),
     stream_config.validate,
     lambda cfg: optim.validate_optimizer(cfg.optimizer),
     lambda cfg: optim.validate_regularization(cfg.regularization),

@@ -53,12 +53,14 @@ class DatasetConfig:
     cache_dir: str | None = None
     cache_max_gb: float | None = None  # the cache's size; least recently used entries go
     default_augment: str = MISSING
-    # Subsets of any dataset (cnnlab.data.load); defaults, not MISSING, so older runs' configs load.
+    # Subsets of any dataset (cnnlab.data.subsets); defaults, not MISSING, so older runs' configs
+    # load.
     # classes: only these classes, relabelled 0..len-1 in this order; null: all.
     classes: list[int] | None = None
     # per_class: N training images per class (int), or that fraction of each (float in (0, 1)),
     # drawn by val_seed after the validation hold-out; null: all. Any: OmegaConf 2.3's Union
-    # nodes break Hydra's merge of conf/dataset; cnnlab.data.load.check_per_class checks the type.
+    # nodes break Hydra's merge of conf/dataset; cnnlab.data.subsets.check_per_class checks the
+    # type.
     per_class: Any = None
     # dataset=folder only (cnnlab.data.folder), null for the others: the folder, the size every
     # image is resized to, how (stretch | center_crop), channels (1 | 3), and the test split
@@ -137,7 +139,7 @@ class AffineConfig:
 
 @dataclasses.dataclass
 class AugmentConfig:
-    # Order and definitions: cnnlab/data/augment.py; conf/augment/_base.yaml turns each one off.
+    # Order and definitions: cnnlab/data/augment/; conf/augment/_base.yaml turns each one off.
     name: str = MISSING
     crop_pad: int = MISSING
     flip: bool = MISSING
@@ -543,7 +545,8 @@ def steps_from_epochs(cfg: DictConfig) -> None:
             "set dataset.train_size=N, or train.steps instead")
     images = min(ds.train_size, ds.max_examples or ds.train_size)
     folds = ds.get("folds")
-    # A fold holds n // k images, one more for the first n % k folds (cnnlab.data.load.fold_split).
+    # A fold holds n // k images, one more for the first n % k folds
+    # (cnnlab.data.subsets.fold_split).
     images -= ds.val_size if not folds else images // folds + ((ds.fold or 0) < images % folds)
     if images < 1:
         return  # validation of dataset.val_size reports it
@@ -577,7 +580,7 @@ def fit_steps_per_call(cfg: DictConfig) -> None:
 
 
 def resolve_presets(cfg: DictConfig) -> None:
-    """Fill in the dataset's derived keys (cnnlab.data.load.resolve), set `train.steps` from
+    """Fill in the dataset's derived keys (cnnlab.data.validate.resolve), set `train.steps` from
     `train.epochs` (steps_from_epochs), fit `train.steps_per_call` (fit_steps_per_call), and
     replace `augment: default` by the preset the dataset names, so
     logs show what ran.
@@ -586,9 +589,9 @@ def resolve_presets(cfg: DictConfig) -> None:
     ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
     `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
     """
-    from cnnlab.data import load as data
+    from cnnlab.data.validate import resolve
 
-    data.resolve(cfg.dataset)  # a folder's shapes and sizes, classes' num_classes: used below
+    resolve(cfg.dataset)  # a folder's shapes and sizes, classes' num_classes: used below
     steps_from_epochs(cfg)
     fit_steps_per_call(cfg)
     if cfg.augment.name != "default":
