@@ -29,20 +29,20 @@ from benchmarks.suite import (
     warmup_overhead_s,
 )
 from cnnlab.cli.preflight import compose
-from cnnlab.data import load as data
 from cnnlab.data.preprocess import PreprocessStats
+from cnnlab.data.types import ArraySplit, Dataset
 from cnnlab.models import count_params
 from cnnlab.training.build import build
 
 
 def synthetic_dataset(n: int, shape: tuple[int, int, int], num_classes: int,
-                      seed: int = 0) -> data.Dataset:
+                      seed: int = 0) -> Dataset:
     """Random uint8 images in memory, with fixed per-channel statistics."""
     rng = np.random.default_rng(seed)
-    train = data.ArraySplit(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+    train = ArraySplit(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
                             rng.integers(0, num_classes, (n,), dtype=np.int32))
     mean, std = np.full((shape[-1],), 0.5, np.float32), np.full((shape[-1],), 0.25, np.float32)
-    return data.Dataset("synthetic", train, train, None, num_classes, shape, mean, std,
+    return Dataset("synthetic", train, train, None, num_classes, shape, mean, std,
                         preprocess=PreprocessStats(mean=mean, std=std))
 
 

@@ -18,9 +18,10 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnlab.data import load as data
+from cnnlab.data.types import Dataset
 
 
-def timed(load: Callable[[], data.Dataset]) -> tuple[float, data.Dataset]:
+def timed(load: Callable[[], Dataset]) -> tuple[float, Dataset]:
     start = time.perf_counter()
     dataset = load()
     return time.perf_counter() - start, dataset
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import tensorflow_datasets  # noqa: F401  (its import is not part of any timing)
 
-    def load(cache_dir: str | None) -> data.Dataset:
+    def load(cache_dir: str | None) -> Dataset:
         return data.load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=cache_dir)
 
     fresh_s, fresh = timed(lambda: load(None))

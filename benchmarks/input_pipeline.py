@@ -1,10 +1,10 @@
 """The streamed input pipeline (cnnlab/data/stream.py) alone, beside the training step it feeds.
 
 For each set, the pipeline's images/s with 0 (in-process) and N Grain worker processes: the
-batches of `train.batch_size` read in `steps.batch_indices`' order, decoded (and resized), as
-the training loop pulls them; the first batch (worker start-up) is timed apart. Then the
-training step's images/s on batches already on the device (the step alone), and a whole
-streamed run's chunks (step + pipeline), so the two say whether the pipeline keeps up.
+batches of `train.batch_size` read in `batch_indices`' order (cnnlab/data/device.py), decoded
+(and resized), as the training loop pulls them; the first batch (worker start-up) is timed
+apart. Then the training step's images/s on batches already on the device (the step alone), and
+a whole streamed run's chunks (step + pipeline), so the two say whether the pipeline keeps up.
 
 Sets: fashion_mnist (28x28 PNGs; TFDS_DATA_DIR) and a synthetic ImageNet-style set of JPEGs of
 random sizes (shorter side 256-400, as most ImageNet photos), resized and centre-cropped to

@@ -124,8 +124,9 @@ class Placement:
         return jax.device_put(tree, self.replicated)
 
     def put_batches(self, chunk: Any) -> Any:
-        """A streamed chunk (`steps.StreamedChunk`: images and labels stacked (steps, batch,
-        ...)) onto the devices, each batch split along its second axis as the step wants it."""
+        """A streamed chunk (cnnlab.data.device.StreamedChunk: images and labels stacked (steps,
+        batch, ...)) onto the devices, each batch split along its second axis as the step wants
+        it."""
         if self.size == 1:
             return jax.device_put(chunk)
         split = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))

@@ -20,7 +20,9 @@ from tensorflow_datasets.testing import mocking
 
 from cnnlab.cli import preflight
 from cnnlab.config import load as config_load
-from cnnlab.data import load as data
+from cnnlab.config.groups import AUGMENT_BASE, option_values
+from cnnlab.config.schema import AugmentConfig
+from cnnlab.data import tfds_reader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +54,16 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     return config_load.compose(overrides)
 
 
+def augment_config(**options: object) -> DictConfig:
+    """A complete `augment` config: conf/augment/_base.yaml (every augmentation off) with
+    `options` on top, typed by the schema, as make_augment takes (tests name only what they
+    turn on: `augment_config(cutout=3)`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(AugmentConfig),
+                           option_values("augment", AUGMENT_BASE), options)
+
+
 @dataclasses.dataclass
 class TinyStep:
     """A TINY model's pieces for calling the training step directly (no run, no data files)."""
@@ -60,7 +72,7 @@ class TinyStep:
     model: object
     tx: object
     state: object  # cnnlab.training.steps.TrainState
-    data: object  # cnnlab.training.steps.DeviceSplit: 64 random 12x12x1 images on the device
+    data: object  # cnnlab.data.device.DeviceSplit: 64 random 12x12x1 images on the device
 
 
 def tiny_step(overrides: list[str] | None = None) -> TinyStep:
@@ -77,16 +89,16 @@ def tiny_step(overrides: list[str] | None = None) -> TinyStep:
 
 def random_device_split(shape: tuple[int, int, int], n: int = 64) -> object:
     """`n` random uint8 images of `shape` and labels of 10 classes on the device, normalized
-    with mean 0.5 and std 0.25 per channel (a cnnlab.training.steps.DeviceSplit; seed 0)."""
+    with mean 0.5 and std 0.25 per channel (a cnnlab.data.device.DeviceSplit; seed 0)."""
     import jax
     import numpy as np
 
+    from cnnlab.data.device import DeviceSplit
     from cnnlab.data.preprocess import PreprocessStats
-    from cnnlab.training import steps
 
     rng = np.random.default_rng(0)
     channels = shape[-1]
-    return jax.device_put(steps.DeviceSplit(
+    return jax.device_put(DeviceSplit(
         images=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
         labels=rng.integers(0, 10, (n,), dtype=np.int32), mask=np.ones((n,), bool),
         stats=PreprocessStats(mean=np.full((channels,), 0.5, np.float32),
@@ -244,7 +256,7 @@ _ORIGINAL_GETITEMS = mocking._getitems
 def mock_tfds(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(mocking, "_getitems", _bound_or_unbound_getitems)
     # Mocked TFDS downloads nothing, so the offline probe of the real download hosts must not run.
-    monkeypatch.setattr(data, "_unreachable_hosts", lambda builder: "")
+    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda builder: "")
     return functools.partial(tfds.testing.mock_data, policy=tfds.testing.MockPolicy.USE_CODE)
 
 

@@ -1,5 +1,5 @@
 """Each augmentation against its definition, written out by hand in NumPy
-(cnnlab/data/augment.py)."""
+(cnnlab/data/augment/)."""
 
 import math
 
@@ -11,10 +11,11 @@ from omegaconf import OmegaConf
 
 from cnnlab.cli.preflight import validate
 from cnnlab.config.groups import group_options
-from cnnlab.data import augment as aug
+from cnnlab.data.augment import ops as aug
+from cnnlab.data.augment.pipeline import make_augment, mixup_loss
 from cnnlab.data.preprocess import PreprocessStats, channel_pca, preprocess
 from cnnlab.errors import ConfigError
-from tests.helpers import compose_config
+from tests.helpers import augment_config, compose_config
 
 LUMA = np.array([0.2989, 0.587, 0.114])
 
@@ -46,7 +47,7 @@ def test_default_pipeline_is_bit_identical_to_crop_flip_then_normalize():
         images = aug.random_flip(flip_key, aug.random_crop(crop_key, images, 4))
         return (images.astype(jnp.float32) / 255.0 - mean) / std
 
-    augment = aug.make_augment(compose_config(["augment=crop_flip"]).augment)
+    augment = make_augment(compose_config(["augment=crop_flip"]).augment)
 
     @jax.jit
     def new(key: jax.Array, images: jax.Array) -> jax.Array:
@@ -58,11 +59,10 @@ def test_default_pipeline_is_bit_identical_to_crop_flip_then_normalize():
 
 
 def test_every_operation_is_deterministic_per_key_and_differs_across_keys():
-    cfg = OmegaConf.create({"crop_pad": 2, "flip": True, "resized_crop": True,
-                            "brightness": 0.4, "contrast": 0.4, "saturation": 0.4,
-                            "lighting": 0.1, "cutout": 3, "mixup": 1.0})
+    cfg = augment_config(crop_pad=2, flip=True, resized_crop=True, brightness=0.4,
+                         contrast=0.4, saturation=0.4, lighting=0.1, cutout=3, mixup=1.0)
     pca = (np.array([0.2, 0.02, 0.004], np.float32), np.eye(3, dtype=np.float32))
-    augment = aug.make_augment(cfg, pca)
+    augment = make_augment(cfg, pca)
     images, labels = pixels((16, 8, 8, 3)), jnp.arange(16) % 10
 
     @jax.jit
@@ -78,17 +78,26 @@ def test_every_operation_is_deterministic_per_key_and_differs_across_keys():
 
 def test_augment_none_keeps_the_batch_and_presets_all_build_and_run():
     images = pixels((4, 8, 8, 3))
-    none = aug.make_augment(OmegaConf.create({}))
+    none = make_augment(augment_config())
     np.testing.assert_array_equal(none(jax.random.PRNGKey(0), images), images)
     pca = (np.array([0.2, 0.02, 0.004], np.float32), np.eye(3, dtype=np.float32))
     for preset in group_options("augment"):
         cfg = compose_config([f"augment={preset}", "dataset=cifar10"])
         validate(cfg)
-        augment = aug.make_augment(cfg.augment, pca)
+        augment = make_augment(cfg.augment, pca)
         out = jax.jit(augment)(jax.random.PRNGKey(0), images)
         assert out.shape == images.shape, preset
     with pytest.raises(ValueError, match="channel_pca"):
-        aug.make_augment(compose_config(["augment=alexnet"]).augment)
+        make_augment(compose_config(["augment=alexnet"]).augment)
+
+
+def test_make_augment_refuses_a_partial_config_naming_the_missing_keys():
+    with pytest.raises(ConfigError, match="lacks crop_pad, flip, .*affine"):
+        make_augment(OmegaConf.create({"cutout": 3}))
+    partial = augment_config()
+    del partial.affine.shear
+    with pytest.raises(ConfigError, match=r"lacks affine\.shear:"):
+        make_augment(partial)
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -298,7 +307,7 @@ def test_cutout_zeroes_one_clipped_square_and_the_expected_share_of_pixels(size)
 
 
 def test_cutout_runs_after_preprocessing_so_the_square_is_zero_input():
-    augment = aug.make_augment(OmegaConf.create({"cutout": 3}))
+    augment = make_augment(augment_config(cutout=3))
     stats = PreprocessStats(mean=jnp.array([0.5]), std=jnp.array([0.25]))
     images = pixels((8, 6, 6, 1))
     x = augment.cutout(jax.random.PRNGKey(0), preprocess(augment(jax.random.PRNGKey(0), images),
@@ -346,13 +355,13 @@ def test_mixup_loss_is_lambda_ce_a_plus_one_minus_lambda_ce_b_with_or_without_sm
     def ce(z: jax.Array, y: jax.Array) -> jax.Array:
         return smoothed_cross_entropy(z, y, 0.0)
 
-    loss = aug.mixup_loss(ce, jnp.float32(lam), jnp.asarray(a), jnp.asarray(b))
+    loss = mixup_loss(ce, jnp.float32(lam), jnp.asarray(a), jnp.asarray(b))
     assert float(loss(jnp.float32(logits))) == pytest.approx(by_hand, rel=1e-5)
     # Label smoothing eps: the target is the mix of the two smoothed one-hot vectors.
     eps = 0.1
     target = lam * ((1 - eps) * np.eye(5)[a] + eps / 5) + (1 - lam) * ((1 - eps) * np.eye(5)[b]
                                                                      + eps / 5)
-    smoothed = aug.mixup_loss(lambda z, y: smoothed_cross_entropy(z, y, eps), jnp.float32(lam),
+    smoothed = mixup_loss(lambda z, y: smoothed_cross_entropy(z, y, eps), jnp.float32(lam),
                               jnp.asarray(a), jnp.asarray(b))
     assert float(smoothed(jnp.float32(logits))) == pytest.approx(
         -(target * logp).sum(-1).mean(), rel=1e-5)
@@ -362,6 +371,7 @@ def test_train_step_with_mixup_logs_the_mixed_loss_and_the_dominant_labels_error
     import flax.linen as nn
     import optax
 
+    from cnnlab.data.device import DeviceSplit, batch_indices
     from cnnlab.training import steps
 
     class Linear(nn.Module):
@@ -371,23 +381,22 @@ def test_train_step_with_mixup_logs_the_mixed_loss_and_the_dominant_labels_error
 
     model, tx, batch = Linear(), optax.sgd(0.1), 16
     rng = np.random.default_rng(0)
-    data = steps.DeviceSplit(
+    data = DeviceSplit(
         images=jnp.asarray(rng.integers(0, 256, (64, 6, 6, 3)), jnp.uint8),
         labels=jnp.asarray(rng.integers(0, 10, 64), jnp.int32), mask=jnp.ones(64, bool),
         stats=PreprocessStats(mean=jnp.full(3, 0.5), std=jnp.full(3, 0.25)))
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)))["params"]
     state = steps.TrainState(step=jnp.int32(3), params=params, batch_stats={},
                              opt_state=tx.init(params), rng=jax.random.PRNGKey(1))
-    augment = aug.make_augment(OmegaConf.create({"crop_pad": 1, "flip": True, "cutout": 2,
-                                                 "mixup": 0.4}))
+    augment = make_augment(augment_config(crop_pad=1, flip=True, cutout=2, mixup=0.4))
     reg = OmegaConf.create({"l1": 0.0, "l2": 0.0, "apply_to": "kernels", "label_smoothing": 0.1})
     _, metrics = jax.jit(steps.make_train_step(model, tx, augment, batch, reg))(state, data)
 
     @jax.jit
-    def inputs(state: steps.TrainState, data: steps.DeviceSplit) -> tuple:
+    def inputs(state: steps.TrainState, data: DeviceSplit) -> tuple:
         # The same batch, keys and augmentation as the step draws them (cnnlab/training/steps.py).
         data_key, step_key = jax.random.split(state.rng)
-        idx = steps.batch_indices(data_key, state.step, 64, batch)
+        idx = batch_indices(data_key, state.step, 64, batch)
         aug_key, _ = jax.random.split(jax.random.fold_in(step_key, state.step))
         x = augment.cutout(aug_key, preprocess(augment(aug_key, data.images[idx]), data.stats))
         x, partners, lam = augment.mixup(aug_key, x, data.labels[idx])

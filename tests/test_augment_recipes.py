@@ -1,16 +1,16 @@
 """Scale jittering, random affine distortions, hue rotation and colour casting
-(cnnlab/data/augment.py), each against its definition written out in NumPy."""
+(cnnlab/data/augment/), each against its definition written out in NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from cnnlab.cli.preflight import validate
-from cnnlab.data import augment as aug
+from cnnlab.data.augment import ops as aug
+from cnnlab.data.augment.pipeline import Augment, make_augment
 from cnnlab.errors import ConfigError
-from tests.helpers import compose_config
+from tests.helpers import augment_config, compose_config
 
 
 def floats(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -26,8 +26,8 @@ def warp(images: np.ndarray, angle: float = 0.0, zoom: float = 1.0, shear: float
                                       jnp.tile(jnp.asarray(shift, jnp.float32), (n, 1))))
 
 
-def augment_with(**options: object) -> aug.Augment:
-    return aug.make_augment(OmegaConf.create(options))
+def augment_with(**options: object) -> Augment:
+    return make_augment(augment_config(**options))
 
 
 # --------------------------------------------------------------------------------- affine
@@ -216,7 +216,7 @@ def test_options_compose_with_a_preset_and_train_on_device():
                           "augment.color_cast=20", "augment.scale_jitter=[28,36]"])
     validate(cfg)
     assert (cfg.augment.crop_pad, cfg.augment.flip, cfg.augment.affine.rotate) == (4, True, 15)
-    augment = aug.make_augment(cfg.augment)
+    augment = make_augment(cfg.augment)
     pixels = jnp.asarray(np.random.default_rng(6).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
     out = jax.jit(augment)(jax.random.PRNGKey(0), pixels)
     assert out.shape == pixels.shape and out.dtype == jnp.float32

@@ -14,8 +14,9 @@ import pytest
 
 from cnnlab.analysis import confusion
 from cnnlab.cli.preflight import validate
-from cnnlab.data.load import ArraySplit
+from cnnlab.data.device import DeviceSplit, device_split
 from cnnlab.data.preprocess import PreprocessStats
+from cnnlab.data.types import ArraySplit
 from cnnlab.errors import ConfigError
 from cnnlab.training import evaluate, steps
 from tests.helpers import compose_config, train_tiny, wandb_run_contents
@@ -32,16 +33,16 @@ class PixelLogits(nn.Module):
         return x.reshape(x.shape[0], -1)[:, :K]
 
 
-def _split() -> steps.DeviceSplit:
+def _split() -> DeviceSplit:
     rng = np.random.default_rng(0)
     images = rng.choice(np.array([0, 255], np.uint8), (REAL, 4, 4, 1))
     labels = rng.integers(0, K, REAL, dtype=np.int32)
     stats = PreprocessStats(mean=np.full((1,), 0.5, np.float32),
                             std=np.full((1,), 0.25, np.float32))
-    return steps.device_split(ArraySplit(images, labels), stats, pad_to=BATCH)
+    return device_split(ArraySplit(images, labels), stats, pad_to=BATCH)
 
 
-def _numpy_reference(split: steps.DeviceSplit) -> tuple[np.ndarray, np.ndarray]:
+def _numpy_reference(split: DeviceSplit) -> tuple[np.ndarray, np.ndarray]:
     """The real examples' log-probabilities from the prediction path, and their labels."""
     predict = steps.make_predict_batch(PixelLogits(), BATCH)
     logp = np.concatenate([np.asarray(predict({}, {}, split, i))

@@ -1,4 +1,4 @@
-"""Tests for cnnlab.data.load.
+"""Tests for cnnlab.data.load (and the tfds_reader and subsets it assembles).
 
 Real data: fashion_mnist prepared by TFDS as array_record (the shared `fashion_dir` fixture:
 ../shared/data/tfds_array_record from the repo root, or $CNNLAB_SHARED_DATA) and as tfrecord in
@@ -26,6 +26,8 @@ from PIL import Image
 
 from cnnlab.data import cache as data_cache
 from cnnlab.data import load as data
+from cnnlab.data import subsets, tfds_reader
+from cnnlab.data.types import ArraySplit, Dataset, DatasetUnavailableError
 from tests.helpers import REPO
 
 
@@ -37,7 +39,7 @@ def tfrecord_dir(fashion_dir: Path) -> str:
     return str(folder)
 
 
-def _row_keys(split: data.ArraySplit) -> np.ndarray:
+def _row_keys(split: ArraySplit) -> np.ndarray:
     """One opaque, sortable key per example (pixels + label), for multiset comparisons."""
     rows = np.concatenate(
         [split.images.reshape(len(split), -1), split.labels.astype(np.uint8)[:, None]], axis=1
@@ -50,11 +52,11 @@ def _row_keys(split: data.ArraySplit) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fashion(fashion_dir: Path) -> data.Dataset:
+def fashion(fashion_dir: Path) -> Dataset:
     return data.load_dataset("fashion_mnist", data_dir=str(fashion_dir))
 
 
-def test_fashion_mnist_shapes_dtypes_and_class_balance(fashion: data.Dataset) -> None:
+def test_fashion_mnist_shapes_dtypes_and_class_balance(fashion: Dataset) -> None:
     assert fashion.name == "fashion_mnist"
     assert fashion.num_classes == 10
     assert fashion.image_shape == (28, 28, 1)
@@ -74,7 +76,7 @@ def test_fashion_mnist_shapes_dtypes_and_class_balance(fashion: data.Dataset) ->
     assert not np.array_equal(fashion.train.images[0], fashion.train.images[1])
 
 
-def test_fashion_mnist_mean_std(fashion: data.Dataset) -> None:
+def test_fashion_mnist_mean_std(fashion: Dataset) -> None:
     assert fashion.mean.dtype == np.float32 and fashion.mean.shape == (1,)
     assert fashion.std.dtype == np.float32 and fashion.std.shape == (1,)
     pixels = fashion.train.images.astype(np.float64) / 255.0
@@ -85,7 +87,7 @@ def test_fashion_mnist_mean_std(fashion: data.Dataset) -> None:
     np.testing.assert_allclose(fashion.std, [0.3530], atol=1e-4)
 
 
-def test_fashion_mnist_val_hold_out(fashion: data.Dataset, fashion_dir: Path) -> None:
+def test_fashion_mnist_val_hold_out(fashion: Dataset, fashion_dir: Path) -> None:
     n, val_size = 4000, 1000
     kwargs = dict(data_dir=str(fashion_dir), max_examples=n, val_size=val_size)
     held = data.load_dataset("fashion_mnist", val_seed=7, **kwargs)
@@ -93,9 +95,9 @@ def test_fashion_mnist_val_hold_out(fashion: data.Dataset, fashion_dir: Path) ->
     assert len(held.train) == n - val_size and len(held.val) == val_size
     assert len(held.test) == n  # max_examples truncates every split (test has 10000)
 
-    original = data.ArraySplit(fashion.train.images[:n], fashion.train.labels[:n])
+    original = ArraySplit(fashion.train.images[:n], fashion.train.labels[:n])
     # train and val together are exactly the original examples (a permutation of them) ...
-    both = data.ArraySplit(
+    both = ArraySplit(
         np.concatenate([held.train.images, held.val.images]),
         np.concatenate([held.train.labels, held.val.labels]),
     )
@@ -139,7 +141,7 @@ def test_argument_validation(fashion_dir: Path) -> None:
 SMALL = 300  # examples per split in the cache tests that need not read a whole split
 
 
-def _assert_same(got: data.Dataset, want: data.Dataset) -> None:
+def _assert_same(got: Dataset, want: Dataset) -> None:
     for name in ("train", "val", "test"):
         a, b = getattr(got, name), getattr(want, name)
         assert (a is None) == (b is None), name
@@ -156,13 +158,13 @@ def _assert_same(got: data.Dataset, want: data.Dataset) -> None:
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The splits decoded from the prepared files (not served by the cache), in order."""
     calls: list[str] = []
-    read = data._read_data_source
+    read = tfds_reader._read_data_source
 
     def counting(builder: tfds.core.DatasetBuilder, split: str, *args: object):
         calls.append(split)
         return read(builder, split, *args)
 
-    monkeypatch.setattr(data, "_read_data_source", counting)
+    monkeypatch.setattr(tfds_reader, "_read_data_source", counting)
     return calls
 
 
@@ -189,7 +191,7 @@ def test_cache_serves_a_whole_split_identical_and_ten_times_faster(
     held = data.load_dataset(
         "fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache), val_size=1000
     )
-    train, val = data._hold_out(fresh.train, 1000, 0)
+    train, val = subsets._hold_out(fresh.train, 1000, 0)
     for got, want in ((held.train, train), (held.val, val)):
         np.testing.assert_array_equal(got.images, want.images)
         np.testing.assert_array_equal(got.labels, want.labels)
@@ -286,7 +288,7 @@ def test_damaged_cache_entry_is_decoded_again_and_rewritten(
 def test_concurrent_jobs_fill_one_cache_entry(fashion_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     code = (
-        "import sys; from cnnlab import data; "
+        "import sys; from cnnlab.data import load as data; "
         "ds = data.load_dataset('fashion_mnist', data_dir=sys.argv[1], cache_dir=sys.argv[2], "
         f"max_examples={SMALL * 10}); print(len(ds.train), int(ds.train.images.sum()))"
     )
@@ -401,9 +403,9 @@ def test_unwritable_cache_dir_loads_without_cache(
 
 def test_tfrecord_folder_without_tensorflow_is_a_clear_error(tfrecord_dir: str) -> None:
     data_dir = tfrecord_dir
-    if data._tensorflow_available():
+    if tfds_reader._tensorflow_available():
         pytest.skip("TensorFlow is installed, so the tfrecord folder is readable")
-    with pytest.raises(data.DatasetUnavailableError) as info:
+    with pytest.raises(DatasetUnavailableError) as info:
         data.load_dataset("fashion_mnist", data_dir=data_dir)
     message = str(info.value)
     assert "\n" not in message
@@ -420,8 +422,8 @@ def test_not_prepared_and_download_fails(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError("[Errno -2] Name or service not known\nwhile fetching https://example")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    monkeypatch.setattr(data, "_unreachable_hosts", lambda builder: "")  # the hosts answered
-    with pytest.raises(data.DatasetUnavailableError) as info:
+    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda builder: "")  # the hosts answered
+    with pytest.raises(DatasetUnavailableError) as info:
         data.load_dataset("mnist", data_dir=str(tmp_path))
     message = str(info.value)
     assert "\n" not in message
@@ -444,7 +446,7 @@ def test_offline_download_fails_in_seconds_and_leaves_nothing(
     data_dir.mkdir()
     (data_dir / "other_dataset").mkdir()
     start = time.perf_counter()
-    with pytest.raises(data.DatasetUnavailableError, match="unreachable") as info:
+    with pytest.raises(DatasetUnavailableError, match="unreachable") as info:
         data.load_dataset(name, data_dir=str(data_dir))
     assert time.perf_counter() - start < 10
     message = str(info.value)
@@ -470,8 +472,8 @@ def test_failed_download_removes_only_what_it_created(
         raise OSError("Connection reset by peer")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", half_download)
-    monkeypatch.setattr(data, "_unreachable_hosts", lambda builder: "")
-    with pytest.raises(data.DatasetUnavailableError, match="Connection reset by peer"):
+    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda builder: "")
+    with pytest.raises(DatasetUnavailableError, match="Connection reset by peer"):
         data.load_dataset("mnist", data_dir=str(tmp_path))
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert left == [
@@ -493,7 +495,7 @@ def test_damaged_shard_is_one_line_naming_the_file(
     shard.chmod(0o644)
     with open(shard, "r+b") as f:
         f.truncate(size)
-    with pytest.raises(data.DatasetUnavailableError) as info:
+    with pytest.raises(DatasetUnavailableError) as info:
         data.load_dataset("fashion_mnist", data_dir=str(copy))
     message = str(info.value)
     assert "\n" not in message and message.startswith("fashion_mnist/test: cannot read")
@@ -501,13 +503,13 @@ def test_damaged_shard_is_one_line_naming_the_file(
 
 
 def test_not_prepared_and_download_disabled(tmp_path: Path) -> None:
-    with pytest.raises(data.DatasetUnavailableError, match="download=False") as info:
+    with pytest.raises(DatasetUnavailableError, match="download=False") as info:
         data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
     assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
 
 
 def test_unknown_dataset_name(tmp_path: Path) -> None:
-    with pytest.raises(data.DatasetUnavailableError, match="no_such_dataset_xyz") as info:
+    with pytest.raises(DatasetUnavailableError, match="no_such_dataset_xyz") as info:
         data.load_dataset("no_such_dataset_xyz", data_dir=str(tmp_path))
     assert "\n" not in str(info.value)
 
@@ -526,7 +528,7 @@ def test_tfrecord_folder_with_tensorflow_reads_whole_split(
         # Grayscale without the channel axis and int64 labels, to exercise the conversion.
         return {"image": rng.integers(0, 256, (n, 28, 28), np.uint8), "label": np.arange(n) % 10}
 
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
+    monkeypatch.setattr(tfds_reader, "_tensorflow_available", lambda: True)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", as_dataset)
     monkeypatch.setattr(tfds, "as_numpy", lambda tree: tree)
     ds = data.load_dataset("fashion_mnist", data_dir=data_dir, max_examples=10)

@@ -14,7 +14,8 @@ import pytest
 from flax import traverse_util
 
 from cnnlab.cli.preflight import validate
-from cnnlab.data.augment import make_augment
+from cnnlab.data.augment.pipeline import make_augment
+from cnnlab.data.device import batch_indices
 from cnnlab.data.preprocess import preprocess
 from cnnlab.errors import ConfigError
 from cnnlab.models.layers import Recorded
@@ -44,7 +45,7 @@ def per_layer_norms(tree: dict) -> dict[str, float]:
 def next_batch(s: TinyStep, state: steps.TrainState) -> tuple[jax.Array, jax.Array]:
     """The batch the next step trains on (augment=none), preprocessed."""
     data_key, _ = jax.random.split(state.rng)
-    idx = steps.batch_indices(data_key, state.step, s.data.labels.shape[0], BATCH)
+    idx = batch_indices(data_key, state.step, s.data.labels.shape[0], BATCH)
     return preprocess(s.data.images[idx], s.data.stats), s.data.labels[idx]
 
 

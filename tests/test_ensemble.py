@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.cli import main as cli
 from cnnlab.config import load as config_load
+from cnnlab.data.device import device_split
 from cnnlab.models import build_model
 from cnnlab.training import steps
 from tests.helpers import run_cli, train_tiny
@@ -97,7 +98,7 @@ def _hand_flip_probs(run_dir: Path, step: int) -> tuple[np.ndarray, np.ndarray]:
     dataset = _dataset(cfg)
     state = _restore(run_dir, step)
     model = build_model(cfg, dataset.num_classes)
-    split = steps.device_split(dataset.test, dataset.preprocess)
+    split = device_split(dataset.test, dataset.preprocess)
     images = dataset.test.images
     softmax = plain_softmax(model, state["params"], state["batch_stats"], split)
     probs = (softmax(images) + softmax(images[:, :, ::-1])) / 2

@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.cli.preflight import validate
+from cnnlab.data.device import DeviceSplit
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model
@@ -23,12 +24,12 @@ from tests.helpers import TINY, compose_config
 IMAGE = (12, 12, 1)
 
 
-def device_split(images: np.ndarray, labels: np.ndarray) -> steps.DeviceSplit:
+def device_split(images: np.ndarray, labels: np.ndarray) -> DeviceSplit:
     """A device split of raw uint8 images with fixed preprocessing statistics."""
     channels = images.shape[-1]
     stats = PreprocessStats(mean=np.full((channels,), 0.5, np.float32),
                             std=np.full((channels,), 0.25, np.float32))
-    return jax.device_put(steps.DeviceSplit(images=images, labels=labels,
+    return jax.device_put(DeviceSplit(images=images, labels=labels,
                                             mask=np.ones(len(labels), bool), stats=stats))
 
 
@@ -61,7 +62,7 @@ def test_ema_is_off_by_default_and_its_decay_is_checked():
 
 
 def plain_softmax(model: object, params: object, batch_stats: object,
-                  split: steps.DeviceSplit) -> Callable[[np.ndarray], np.ndarray]:
+                  split: DeviceSplit) -> Callable[[np.ndarray], np.ndarray]:
     """images -> the model's softmax, through the evaluation path without TTA (compiled once
     per image shape)."""
     log_probs = jax.jit(steps.make_log_probs(model))

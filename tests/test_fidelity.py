@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")  # installed with the dev extra (pyproject.
 
 from benchmarks import torch_reference  # noqa: E402
 from cnnlab.cli.preflight import compose  # noqa: E402
-from cnnlab.data import load as data  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
+from cnnlab.data.types import ArraySplit, Dataset  # noqa: E402
 from cnnlab.training import build as run  # noqa: E402
 
 BATCH = 32
@@ -30,17 +30,17 @@ TOLERANCE = 1e-4
 SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
-def _dataset(name: str, seed: int = 0) -> data.Dataset:
+def _dataset(name: str, seed: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     shape = SHAPES[name]
 
-    def split(n: int) -> data.ArraySplit:
-        return data.ArraySplit(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+    def split(n: int) -> ArraySplit:
+        return ArraySplit(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
                                rng.integers(0, 10, (n,), dtype=np.int32))
 
     train = split(BATCH)
     pixels = train.images.astype(np.float32) / 255
-    return data.Dataset(name, train, split(8), None, 10, shape,
+    return Dataset(name, train, split(8), None, 10, shape,
                         pixels.mean((0, 1, 2)), pixels.std((0, 1, 2)))
 
 

@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 from cnnlab.cli import preflight
 from cnnlab.data import folder as folder_data
 from cnnlab.data import load as data
+from cnnlab.data.types import Dataset
+from cnnlab.data.validate import resolve
 from cnnlab.errors import ConfigError
 from tests.helpers import TINY, compose_config, make_image_folder, run_cli
 
@@ -29,7 +31,7 @@ def spec(path: Path, **changes: object) -> folder_data.FolderSpec:
     return folder_data.FolderSpec(path=str(path), image_size=SIZE, **changes)
 
 
-def load(path: Path, **kwargs: object) -> data.Dataset:
+def load(path: Path, **kwargs: object) -> Dataset:
     folder = kwargs.pop("folder", None) or spec(path)
     return data.load_dataset("folder", folder=folder, **kwargs)
 
@@ -271,7 +273,7 @@ def test_classes_are_kept_and_relabelled_in_the_listed_order(fashion_dir: Path) 
     # The config's num_classes is the model's head: len(classes), also once resolved again.
     cfg = compose_config(["dataset.classes=[5,6,7,8,9]"])
     assert cfg.dataset.num_classes == 5
-    data.resolve(cfg.dataset)
+    resolve(cfg.dataset)
     assert cfg.dataset.num_classes == 5 and list(cfg.dataset.classes) == [5, 6, 7, 8, 9]
 
 

@@ -314,7 +314,7 @@ def _initial() -> tuple[object, object, object]:
 def _train(overrides: tuple[str, ...], steps: int = 2) -> tuple[list[float], list]:
     """Jitted train steps through make_train_step: the logged losses and the states (initial one
     first). Cached, so the regularization tests reuse the `sgd` run as their baseline."""
-    from cnnlab.data.augment import make_augment
+    from cnnlab.data.augment.pipeline import make_augment
     from cnnlab.training import steps as steps_lib
 
     cfg = compose_config([*MODEL, *overrides])

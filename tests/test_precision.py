@@ -9,7 +9,7 @@ import pytest
 
 from cnnlab.cli import preflight
 from cnnlab.config.schema import TrainConfig
-from cnnlab.data.augment import make_augment
+from cnnlab.data.augment.pipeline import make_augment
 from cnnlab.data.preprocess import preprocess
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype

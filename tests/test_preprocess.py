@@ -10,12 +10,14 @@ from omegaconf import OmegaConf
 
 from cnnlab.cli.preflight import validate
 from cnnlab.config.groups import group_options
-from cnnlab.data import load as data_lib
 from cnnlab.data import preprocess as pp
-from cnnlab.data.augment import make_augment
+from cnnlab.data.augment.pipeline import make_augment
+from cnnlab.data.device import DeviceSplit, device_split
+from cnnlab.data.load import channel_mean_std
+from cnnlab.data.types import ArraySplit, Dataset
 from cnnlab.errors import ConfigError
 from cnnlab.training import steps
-from tests.helpers import compose_config
+from tests.helpers import augment_config, compose_config
 
 
 def correlated_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -28,11 +30,11 @@ def correlated_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> np.
     return np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(n, *shape)
 
 
-def dataset_of(images: np.ndarray, num_classes: int = 10) -> data_lib.Dataset:
+def dataset_of(images: np.ndarray, num_classes: int = 10) -> Dataset:
     labels = (np.arange(len(images)) % num_classes).astype(np.int32)
-    split = data_lib.ArraySplit(images=images, labels=labels)
-    mean, std = data_lib.channel_mean_std(images)
-    return data_lib.Dataset(name="synthetic", train=split, test=split, val=None,
+    split = ArraySplit(images=images, labels=labels)
+    mean, std = channel_mean_std(images)
+    return Dataset(name="synthetic", train=split, test=split, val=None,
                             num_classes=num_classes, image_shape=images.shape[1:], mean=mean,
                             std=std)
 
@@ -120,8 +122,8 @@ def test_zca_statistics_travel_as_device_data_shared_by_every_split(fashion_dir)
                           f"dataset.data_dir={fashion_dir}"])
     dataset = load_data(cfg)
     assert isinstance(dataset.preprocess.whiten, jax.Array)
-    train = steps.device_split(dataset.train, dataset.preprocess)
-    test = steps.device_split(dataset.test, dataset.preprocess, 256)
+    train = device_split(dataset.train, dataset.preprocess)
+    test = device_split(dataset.test, dataset.preprocess, 256)
     for split in (train, test):
         assert split.stats.whiten.unsafe_buffer_pointer() == \
             dataset.preprocess.whiten.unsafe_buffer_pointer()  # one copy on the device
@@ -145,13 +147,13 @@ def test_each_method_trains_and_evaluates_with_the_same_statistics(name):
     dataset = dataset_of(images)
     stats = jax.device_put(pp.compute_stats(method(name, 0.01 if name == "zca" else None),
                                             dataset))
-    data = steps.DeviceSplit(images=jnp.asarray(images), labels=jnp.asarray(dataset.train.labels),
+    data = DeviceSplit(images=jnp.asarray(images), labels=jnp.asarray(dataset.train.labels),
                              mask=jnp.ones(64, bool), stats=stats)
     model, tx = Linear(), optax.sgd(0.01)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 3)))["params"]
     state = steps.TrainState(step=jnp.int32(0), params=params, batch_stats={},
                              opt_state=tx.init(params), rng=jax.random.PRNGKey(1))
-    augment = make_augment(OmegaConf.create({"crop_pad": 1, "flip": True, "cutout": 2}))
+    augment = make_augment(augment_config(crop_pad=1, flip=True, cutout=2))
     chunk = steps.make_train_chunk(steps.make_train_step(model, tx, augment, 16))
     state, sums = chunk(state, data, 2)
     assert int(sums["count"]) == 32 and np.isfinite(float(sums["loss_sum"]))

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from cnnlab.analysis import compare as cmp
 from cnnlab.analysis import load
 from cnnlab.config.presets import steps_from_epochs
-from cnnlab.data.load import ArraySplit, fold_split
+from cnnlab.data.subsets import fold_split
+from cnnlab.data.types import ArraySplit
 from cnnlab.errors import ConfigError
 from cnnlab.training import losses
 from cnnlab.training.lr_find import exponential_schedule, smooth, suggest

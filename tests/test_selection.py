@@ -84,12 +84,13 @@ def test_early_stopping_stops_after_patience_stalled_evaluations():
 def test_lr_scale_multiplies_the_step_like_a_smaller_lr():
     """A state's lr_scale of 1/2 gives the same parameters as the optimizer with lr / 2,
     momentum and weight decay included (lr is the last factor of every update)."""
-    from cnnlab.data.augment import make_augment
+    from cnnlab.data.augment.pipeline import make_augment
+    from cnnlab.data.device import DeviceSplit
     from cnnlab.data.preprocess import PreprocessStats
     from cnnlab.models import build_model
     from cnnlab.training.build import init_state
     from cnnlab.training.optim import make_optimizer, make_schedule
-    from cnnlab.training.steps import DeviceSplit, make_train_step
+    from cnnlab.training.steps import make_train_step
 
     cfg = compose_config(with_overrides(TINY, optimizer="momentum", augment="none"))
     rng = np.random.default_rng(0)

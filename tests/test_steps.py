@@ -7,9 +7,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.config.groups import option_values
-from cnnlab.data.augment import make_augment, normalize, random_crop, random_flip
+from cnnlab.data.augment.ops import random_crop, random_flip
+from cnnlab.data.augment.pipeline import make_augment
+from cnnlab.data.device import batch_indices
+from cnnlab.data.preprocess import normalize
 from cnnlab.training.optim import make_optimizer, make_schedule
-from cnnlab.training.steps import batch_indices
+from tests.helpers import augment_config
 
 
 def test_each_epoch_is_a_fresh_permutation_with_remainder_dropped():
@@ -50,7 +53,7 @@ def test_random_flip_mirrors_about_half_the_batch():
 
 def test_augment_none_is_identity_and_normalize_standardizes():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 5, 5, 3)), jnp.uint8)
-    none = make_augment(OmegaConf.create({"crop_pad": 0, "flip": False}))
+    none = make_augment(augment_config(crop_pad=0, flip=False))
     np.testing.assert_array_equal(none(jax.random.PRNGKey(0), images), images)
     mean, std = jnp.array([0.5, 0.4, 0.3]), jnp.array([0.2, 0.25, 0.3])
     expected = (np.asarray(images, np.float32) / 255 - np.asarray(mean)) / np.asarray(std)

@@ -51,12 +51,12 @@ def test_streamed_batches_train_as_the_device_resident_ones(fashion_dir):
 
 
 def test_the_stream_order_is_batch_indices_order():
-    from cnnlab.training import steps
+    from cnnlab.data.device import batch_indices
 
     key = jax.random.split(jax.random.PRNGKey(3))[0]
     order = stream.Order(np.asarray(key), 50, 8)  # 6 steps an epoch, 2 examples skipped
     for step in (0, 5, 6, 13):
-        expected = np.asarray(steps.batch_indices(key, step, 50, 8))
+        expected = np.asarray(batch_indices(key, step, 50, 8))
         np.testing.assert_array_equal([order(step * 8 + i) for i in range(8)], expected)
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from cnnlab.cli.preflight import validate
 from cnnlab.config.groups import group_options
-from cnnlab.data.augment import make_augment
+from cnnlab.data.augment.pipeline import make_augment
+from cnnlab.data.device import DeviceSplit
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, check_geometry, init_variables
@@ -392,7 +393,7 @@ def train_two_steps(model_name: str, *overrides: str) -> tuple[dict, dict, dict]
         batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
         rng=jax.random.PRNGKey(1))
     images = jax.random.randint(jax.random.PRNGKey(2), (4, *shape), 0, 256).astype(jnp.uint8)
-    data = steps.DeviceSplit(images=images, labels=jnp.arange(4) % 10, mask=jnp.ones(4, bool),
+    data = DeviceSplit(images=images, labels=jnp.arange(4) % 10, mask=jnp.ones(4, bool),
                              stats=PreprocessStats(mean=jnp.full(3, 0.5), std=jnp.full(3, 0.25)))
     step = jax.jit(steps.make_train_step(model, tx, make_augment(cfg.augment), 2))
     new_state, metrics = step(state, data)

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from cnnlab.cli.preflight import validate
-from cnnlab.data.augment import make_augment
+from cnnlab.data.augment.pipeline import make_augment
+from cnnlab.data.device import DeviceSplit
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.models import abstract_variables, build_model, check_geometry, init_variables
@@ -229,7 +230,7 @@ def two_steps(model_name: str, shape: tuple[int, int, int], *overrides: str) -> 
         rng=jax.random.PRNGKey(1))
     images = jax.random.randint(jax.random.PRNGKey(2), (4, *shape), 0, 256).astype(jnp.uint8)
     channels = shape[-1]
-    data = steps.DeviceSplit(images=images, labels=jnp.arange(4) % 10, mask=jnp.ones(4, bool),
+    data = DeviceSplit(images=images, labels=jnp.arange(4) % 10, mask=jnp.ones(4, bool),
                              stats=PreprocessStats(mean=jnp.full(channels, 0.5),
                                                    std=jnp.full(channels, 0.25)))
     step = jax.jit(steps.make_train_step(model, tx, make_augment(cfg.augment), 2))

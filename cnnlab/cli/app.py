@@ -19,7 +19,7 @@ from cnnlab import parallel
 from cnnlab.cli.preflight import validate_for_training
 from cnnlab.config.names import name_the_model
 from cnnlab.config.presets import resolve_presets
-from cnnlab.data.load import DatasetUnavailableError
+from cnnlab.data.types import DatasetUnavailableError
 from cnnlab.errors import ConfigError
 from cnnlab.runs.rundir import RunDir, RunDirBusy
 

@@ -38,7 +38,7 @@ def eval_command(args: list[str]) -> None:
         key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
         fail(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}")
     from cnnlab.cli.app import quiet_library_logs
-    from cnnlab.data.load import DatasetUnavailableError
+    from cnnlab.data.types import DatasetUnavailableError
     from cnnlab.progress import console_log
     from cnnlab.training.ensemble import evaluate_runs, format_report
 

@@ -29,7 +29,7 @@ def lr_find_command(args: list[str]) -> None:
     except ConfigError as e:
         fail(str(e))
     from cnnlab.cli.app import quiet_library_logs
-    from cnnlab.data.load import DatasetUnavailableError
+    from cnnlab.data.types import DatasetUnavailableError
     from cnnlab.progress import console_log
     from cnnlab.training.build import use_compile_cache
 

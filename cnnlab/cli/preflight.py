@@ -19,8 +19,9 @@ from cnnlab.cli import hydra_compat
 from cnnlab.cli.args import fail
 from cnnlab.config import load
 from cnnlab.config.schema import Config
-from cnnlab.data import augment, placement, preprocess
-from cnnlab.data import load as data
+from cnnlab.data import placement, preprocess
+from cnnlab.data import validate as dataset_checks
+from cnnlab.data.augment import pipeline as augment
 from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
 from cnnlab.models import summary as model_summary
@@ -134,7 +135,7 @@ CHECKS = (
     lambda cfg: preprocess.validate(cfg.preprocess, cfg.dataset.image_shape),
     _validate_loop,
     _validate_scale,
-    lambda cfg: data.validate(cfg.dataset),
+    lambda cfg: dataset_checks.validate(cfg.dataset),
     placement.validate,
     lambda cfg: optim.validate_optimizer(cfg.optimizer),
     lambda cfg: optim.validate_regularization(cfg.regularization),

@@ -27,7 +27,7 @@ def viz_command(args: list[str]) -> None:
              "[key=value ...]")
     from cnnlab import viz
     from cnnlab.cli.app import quiet_library_logs
-    from cnnlab.data.load import DatasetUnavailableError
+    from cnnlab.data.types import DatasetUnavailableError
 
     quiet_library_logs()
     try:

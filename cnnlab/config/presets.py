@@ -40,7 +40,8 @@ def steps_from_epochs(cfg: DictConfig) -> None:
             "set dataset.train_size=N, or train.steps instead")
     images = min(ds.train_size, ds.max_examples or ds.train_size)
     folds = ds.get("folds")
-    # A fold holds n // k images, one more for the first n % k folds (cnnlab.data.load.fold_split).
+    # A fold holds n // k images, one more for the first n % k folds
+    # (cnnlab.data.subsets.fold_split).
     images -= ds.val_size if not folds else images // folds + ((ds.fold or 0) < images % folds)
     if images < 1:
         return  # validation of dataset.val_size reports it
@@ -74,7 +75,7 @@ def fit_steps_per_call(cfg: DictConfig) -> None:
 
 
 def resolve_presets(cfg: DictConfig) -> None:
-    """Fill in the dataset's derived keys (cnnlab.data.load.resolve), set `train.steps` from
+    """Fill in the dataset's derived keys (cnnlab.data.validate.resolve), set `train.steps` from
     `train.epochs` (steps_from_epochs), fit `train.steps_per_call` (fit_steps_per_call), and
     replace `augment: default` by the preset the dataset names, so
     logs show what ran.
@@ -83,9 +84,9 @@ def resolve_presets(cfg: DictConfig) -> None:
     ones that differ from conf/augment/_base.yaml, which is all that `default.yaml` holds. (So
     `augment.flip=false`, the base's value, cannot undo a preset's flip: name the preset.)
     """
-    from cnnlab.data import load as data
+    from cnnlab.data.validate import resolve
 
-    data.resolve(cfg.dataset)  # a folder's shapes and sizes, classes' num_classes: used below
+    resolve(cfg.dataset)  # a folder's shapes and sizes, classes' num_classes: used below
     steps_from_epochs(cfg)
     fit_steps_per_call(cfg)
     if cfg.augment.name != "default":

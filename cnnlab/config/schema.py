@@ -46,12 +46,14 @@ class DatasetConfig:
     cache_dir: str | None = None
     cache_max_gb: float | None = None  # the cache's size; least recently used entries go
     default_augment: str = MISSING
-    # Subsets of any dataset (cnnlab.data.load); defaults, not MISSING, so older runs' configs load.
+    # Subsets of any dataset (cnnlab.data.subsets); defaults, not MISSING, so older runs' configs
+    # load.
     # classes: only these classes, relabelled 0..len-1 in this order; null: all.
     classes: list[int] | None = None
     # per_class: N training images per class (int), or that fraction of each (float in (0, 1)),
     # drawn by val_seed after the validation hold-out; null: all. Any: OmegaConf 2.3's Union
-    # nodes break Hydra's merge of conf/dataset; cnnlab.data.load.check_per_class checks the type.
+    # nodes break Hydra's merge of conf/dataset; cnnlab.data.subsets.check_per_class checks the
+    # type.
     per_class: Any = None
     # dataset=folder only (cnnlab.data.folder), null for the others: the folder, the size every
     # image is resized to, how (stretch | center_crop), channels (1 | 3), and the test split
@@ -130,7 +132,7 @@ class AffineConfig:
 
 @dataclasses.dataclass
 class AugmentConfig:
-    # Order and definitions: cnnlab/data/augment.py; conf/augment/_base.yaml turns each one off.
+    # Order and definitions: cnnlab/data/augment/; conf/augment/_base.yaml turns each one off.
     name: str = MISSING
     crop_pad: int = MISSING
     flip: bool = MISSING

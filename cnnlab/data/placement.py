@@ -18,8 +18,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from cnnlab.data import folder as folder_data
-from cnnlab.data import load as data_lib
+from cnnlab.data import tfds_reader
+from cnnlab.data.load import channel_mean_std
 from cnnlab.data.stream import Decode, StreamOptions, StreamSplit
+from cnnlab.data.types import Dataset, DatasetUnavailableError
 from cnnlab.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ def data_location(cfg: DictConfig) -> DataLocation:
         return DataLocation(True, "dataset=folder is decoded into memory")
     if choice is False:
         return DataLocation(False, "dataset.on_device=false")
-    builder = data_lib._builder(ds.name, ds.data_dir)
+    builder = tfds_reader.make_builder(ds.name, ds.data_dir)
     shape = tuple(builder.info.features[ds.image_key].shape)
     if None in shape:
         require(choice is not True, f"dataset.on_device=true but {ds.name}'s images have "
@@ -182,22 +184,22 @@ def _split(builder: Any, ds: Any, split: str, decode: Decode) -> StreamSplit:
         source = builder.as_data_source(
             split=split, decoders={ds.image_key: tfds.decode.SkipDecoding()})
     except ValueError as exc:
-        raise ConfigError(f"{ds.name}: bad split {split!r}: {data_lib._one_line(exc)}") from None
+        raise ConfigError(f"{ds.name}: bad split {split!r}: {tfds_reader.one_line(exc)}") from None
     size = len(source) if ds.max_examples is None else min(len(source), ds.max_examples)
     return StreamSplit(f"{ds.name}/{split}", source, decode, size)
 
 
-def load_streamed(cfg: DictConfig) -> data_lib.Dataset:
+def load_streamed(cfg: DictConfig) -> Dataset:
     """The dataset with its train and test splits left in their files (`StreamSplit`s); mean,
     std and the train split's `sample` from a bounded sample of the training images."""
     check_streamable(cfg)
     ds = cfg.dataset
-    builder = data_lib._builder(ds.name, ds.data_dir)
-    data_lib._choose_reader(builder, ds.download)  # prepared (or prepares it), or says why not
+    builder = tfds_reader.make_builder(ds.name, ds.data_dir)
+    tfds_reader.choose_reader(builder, ds.download)  # prepared (or prepares it), or says why not
     import tensorflow_datasets as tfds
 
     if tfds.core.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():
-        raise data_lib.DatasetUnavailableError(
+        raise DatasetUnavailableError(
             f"{ds.name} in {builder.data_dir} is not prepared as array_record, which streaming "
             f"reads by random access: `tfds build {ds.name} --file_format=array_record`")
     shape, num_classes, names = _image_spec(builder, ds)
@@ -209,10 +211,10 @@ def load_streamed(cfg: DictConfig) -> data_lib.Dataset:
     picked = np.sort(np.random.default_rng(_SAMPLE_SEED).choice(len(train), wanted,
                                                                 replace=False))
     train.sample = train.read(picked, opts)
-    mean, std = data_lib.channel_mean_std(train.sample.images)
+    mean, std = channel_mean_std(train.sample.images)
     log.info("streaming %s: train=%d test=%d images, %s on the host; preprocessing statistics "
              "from a sample of %d training images", ds.name, len(train), len(test),
              "x".join(map(str, shape)), wanted)
-    return data_lib.Dataset(name=ds.name, train=train, test=test, val=None,
+    return Dataset(name=ds.name, train=train, test=test, val=None,
                             num_classes=num_classes, image_shape=shape, mean=mean, std=std,
                             class_names=names)

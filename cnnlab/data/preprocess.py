@@ -2,13 +2,14 @@
 
 `preprocess(images, stats)` is the one function every path calls (train step, evaluation,
 test-time augmentation): a pure function of a pixel batch and of `PreprocessStats`, a pytree of
-training-set statistics that travels inside the data pytree (`steps.DeviceSplit.stats`), so that
-a 3072x3072 whitening matrix is a device buffer and not a constant baked into the compiled step.
+training-set statistics that travels inside the data pytree (`DeviceSplit.stats`,
+cnnlab/data/device.py), so that a 3072x3072 whitening matrix is a device buffer and not a
+constant baked into the compiled step.
 
 Pixels are on the [0, 1] scale: uint8 batches are divided by 255 first; float batches (made by
-the pixel-space augmentations of cnnlab/data/augment.py) are taken to be on that scale already.
-Statistics are computed once, on the host, in float64 over chunks of the uint8 training split
-after the validation hold-out (`compute_stats`), and stored as float32.
+the pixel-space augmentations of cnnlab/data/augment/ops.py) are taken to be on that scale
+already. Statistics are computed once, on the host, in float64 over chunks of the uint8 training
+split after the validation hold-out (`compute_stats`), and stored as float32.
 
 * `channel`: (x - mu_c) / sigma_c with the per-channel mean and std (the default; the same
   float32 operations as before this module existed, so default runs are unchanged bit for bit).
@@ -47,7 +48,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.registry import Registry
 
 if TYPE_CHECKING:
-    from cnnlab.data.load import Dataset
+    from cnnlab.data.types import Dataset
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,15 @@
 """Training sets larger than device memory: TFDS array_record files streamed through Grain.
 
-The on-device path (cnnlab/data/load.py, `steps.device_split`) decodes a whole split into host NumPy
-and puts it on the accelerator. A streamed split stays in its array_record files instead: a
-Grain pipeline reads the examples of each chunk of steps by random access, decodes them (and,
-for datasets of variable image sizes, resizes the shorter side and cuts out the centre at the
-dataset's image_shape) in host worker processes, batches them, and a background thread stacks
-`train.steps_per_call` batches into a `steps.StreamedChunk` and puts it on the device ahead of
-use. Random crops and flips still happen on the device, inside the compiled step.
+The on-device path (cnnlab/data/load.py, then cnnlab/data/device.py's `device_split`) decodes a
+whole split into host NumPy and puts it on the accelerator. A streamed split stays in its
+array_record files instead: a Grain pipeline reads the examples of each chunk of steps by random
+access, decodes them (and, for datasets of variable image sizes, resizes the shorter side and
+cuts out the centre at the dataset's image_shape) in host worker processes, batches them, and a
+background thread stacks `train.steps_per_call` batches into a `device.StreamedChunk` and puts
+it on the device ahead of use. Random crops and flips still happen on the device, inside the
+compiled step.
 
-Order: the example of slot k (step k // B, place k % B) is the one `steps.batch_indices` would
+Order: the example of slot k (step k // B, place k % B) is the one `device.batch_indices` would
 gather at that step: each epoch is jax.random.permutation(fold_in(data_key, epoch), n) computed
 on the CPU (threefry gives the same bits on every backend), the tail that does not fill a batch
 skipped. So a set that fits trains the same on both paths, and a resumed run starts reading at
@@ -32,9 +33,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnnlab.data.load import ArraySplit
+from cnnlab.data import device
 from cnnlab.data.preprocess import PreprocessStats
-from cnnlab.training import steps
+from cnnlab.data.types import ArraySplit
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def _cpu_only_if_fresh() -> None:
 
 
 def epoch_order(data_key: np.ndarray, epoch: int, num_examples: int) -> np.ndarray:
-    """`steps.batch_indices`' permutation of epoch `epoch`, computed on the CPU backend."""
+    """`device.batch_indices`' permutation of epoch `epoch`, computed on the CPU backend."""
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
         key = jax.device_put(np.asarray(data_key), cpu)
@@ -166,7 +167,7 @@ def epoch_order(data_key: np.ndarray, epoch: int, num_examples: int) -> np.ndarr
 
 class Order:
     """Slot k of the training stream (step k // B, place k % B) -> the example index that
-    `steps.batch_indices` gives at that step; the epoch orders are computed where it runs (each
+    `device.batch_indices` gives at that step; the epoch orders are computed where it runs (each
     Grain worker) and the last few kept."""
 
     def __init__(self, data_key: np.ndarray, num_examples: int, batch_size: int) -> None:
@@ -201,7 +202,7 @@ class Order:
 def train_batches(split: StreamSplit, data_key: np.ndarray, batch_size: int, start_step: int,
                   total_steps: int, options: StreamOptions) -> Iterator[tuple[Any, Any]]:
     """(images (B, H, W, C) uint8, labels (B,)) of steps start_step, start_step + 1, ... up to
-    total_steps, in `steps.batch_indices`' order. Random access: nothing before start_step is
+    total_steps, in `device.batch_indices`' order. Random access: nothing before start_step is
     read."""
     order = Order(data_key, len(split), batch_size)
     slots = _grain().MapDataset.range(start_step * batch_size, total_steps * batch_size)
@@ -210,7 +211,7 @@ def train_batches(split: StreamSplit, data_key: np.ndarray, batch_size: int, sta
 
 
 class ChunkFeeder:
-    """`feeder(step, num_steps) -> steps.StreamedChunk` on the device: the batches of those
+    """`feeder(step, num_steps) -> device.StreamedChunk` on the device: the batches of those
     steps. One background thread reads the chunks that follow (`train.steps_per_call` each, up
     to the last step) while the device trains, `prefetch_chunks` ahead; a request out of that
     sequence (a restart) reopens the stream at its step."""
@@ -228,7 +229,7 @@ class ChunkFeeder:
         self._pending: collections.deque = collections.deque()
         self._reader = futures.ThreadPoolExecutor(1, thread_name_prefix="cnnlab-stream")
 
-    def __call__(self, step: int, num_steps: int) -> steps.StreamedChunk:
+    def __call__(self, step: int, num_steps: int) -> device.StreamedChunk:
         if self._pending and self._pending[0][:2] != (step, num_steps):
             for *_, pending in self._pending:  # reads run in order: let them end, then reopen
                 pending.cancel() or pending.exception()
@@ -250,7 +251,7 @@ class ChunkFeeder:
                                   self._reader.submit(self._read, step, num_steps)))
             step += num_steps
 
-    def _read(self, step: int, num_steps: int) -> steps.StreamedChunk:
+    def _read(self, step: int, num_steps: int) -> device.StreamedChunk:
         if self._next_step != step:
             log.info("streaming %s from step %d (%d examples)", self.split.name, step,
                      len(self.split))
@@ -258,7 +259,7 @@ class ChunkFeeder:
                                           self.total_steps, self.options)
         batches = [next(self._batches) for _ in range(num_steps)]
         self._next_step = step + num_steps
-        chunk = steps.StreamedChunk(
+        chunk = device.StreamedChunk(
             images=np.stack([np.asarray(images) for images, _ in batches]),
             labels=np.stack([np.asarray(labels, np.int32) for _, labels in batches]),
             stats=self.stats)
@@ -273,7 +274,7 @@ class ChunkFeeder:
 @dataclasses.dataclass(eq=False)
 class EvalStream:
     """A held-out split evaluated from its files: whole batches, the tail padded and masked,
-    each handed to the compiled eval function as a one-batch `steps.DeviceSplit`."""
+    each handed to the compiled eval function as a one-batch `device.DeviceSplit`."""
 
     split: StreamSplit
     stats: PreprocessStats
@@ -284,10 +285,10 @@ class EvalStream:
     def __len__(self) -> int:
         return len(self.split)
 
-    def device_batches(self, batch_size: int) -> Iterator[tuple[steps.DeviceSplit, int]]:
+    def device_batches(self, batch_size: int) -> Iterator[tuple[device.DeviceSplit, int]]:
         """(one padded batch on the device, index 0) per batch of the split, in file order."""
         batches = _grain().MapDataset.source(np.arange(len(self.split))).map(
             self.split.example).batch(batch_size)
         for images, labels in _iterate(batches, self.options):
             part = ArraySplit(np.asarray(images), np.asarray(labels, np.int32))
-            yield self.put(steps.device_split(part, self.stats, batch_size)), 0
+            yield self.put(device.device_split(part, self.stats, batch_size)), 0

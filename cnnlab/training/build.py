@@ -23,7 +23,10 @@ from cnnlab import transfer as transfer_lib
 from cnnlab.data import load as data_lib
 from cnnlab.data import placement as stream_config
 from cnnlab.data import preprocess, stream
-from cnnlab.data.augment import Augment, make_augment
+from cnnlab.data.augment.pipeline import Augment, make_augment
+from cnnlab.data.device import DeviceSplit, StreamedChunk, device_split
+from cnnlab.data.types import Dataset
+from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype, count_params, init_variables
 from cnnlab.models.summary import summarize
@@ -35,7 +38,7 @@ from cnnlab.transfer import sources as transfer_sources
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: DictConfig) -> data_lib.Dataset:
+def load_data(cfg: DictConfig) -> Dataset:
     """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
     ds = cfg.dataset
     where = stream_config.data_location(cfg)
@@ -50,7 +53,7 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
             val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
             folds=ds.get("folds"), fold=ds.get("fold") or 0,
             classes=ds.get("classes"), per_class=ds.get("per_class"),
-            folder=data_lib.folder_spec(ds), cache_dir=ds.cache_dir,
+            folder=folder_spec(ds), cache_dir=ds.cache_dir,
             cache_max_bytes=None if ds.get("cache_max_gb") is None else int(ds.cache_max_gb * 1e9),
         )
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
@@ -58,7 +61,7 @@ def load_data(cfg: DictConfig) -> data_lib.Dataset:
     return _with_stats(cfg, dataset)
 
 
-def _with_stats(cfg: DictConfig, dataset: data_lib.Dataset) -> data_lib.Dataset:
+def _with_stats(cfg: DictConfig, dataset: Dataset) -> Dataset:
     """`dataset` with `cfg.preprocess`'s statistics (of a streamed set: of its sample)."""
     _check_declared_shapes(cfg, dataset)
     # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
@@ -74,7 +77,7 @@ def _with_stats(cfg: DictConfig, dataset: data_lib.Dataset) -> data_lib.Dataset:
     return dataclasses.replace(dataset, preprocess=stats)
 
 
-def _check_declared_shapes(cfg: DictConfig, dataset: data_lib.Dataset) -> None:
+def _check_declared_shapes(cfg: DictConfig, dataset: Dataset) -> None:
     """The dataset config's image_shape/num_classes (used before loading) must match the data."""
     declared = cfg.dataset.image_shape
     if declared is not None and tuple(declared) != tuple(dataset.image_shape):
@@ -105,7 +108,7 @@ class Run:
     """A ready run: its data on the device, model, optimizer, initial state and compiled steps."""
 
     cfg: DictConfig
-    dataset: data_lib.Dataset
+    dataset: Dataset
     model: nn.Module
     schedule: optax.Schedule
     tx: optax.GradientTransformation
@@ -139,15 +142,15 @@ class Run:
         return isinstance(self.dataset.train, stream.StreamSplit)
 
     @functools.cached_property
-    def train_data(self) -> steps.DeviceSplit:
+    def train_data(self) -> DeviceSplit:
         if self.streamed:
             raise ConfigError(f"{self.dataset.name}'s training set is streamed, and this needs "
                               "it on the device: set dataset.on_device=true if it fits")
-        return self.placement.put(steps.device_split(self.dataset.train, self.dataset.preprocess))
+        return self.placement.put(device_split(self.dataset.train, self.dataset.preprocess))
 
     @functools.cached_property
     def feeder(self) -> stream.ChunkFeeder:
-        """The streamed training set's chunks, read ahead (`steps.batch_indices`' order)."""
+        """The streamed training set's chunks, read ahead (`batch_indices`' order)."""
         cfg = self.cfg
         data_key = jax.device_get(jax.random.split(self.state.rng)[0])
         return stream.ChunkFeeder(self.dataset.train, data_key, self.dataset.preprocess,
@@ -160,7 +163,7 @@ class Run:
         if "feeder" in self.__dict__:
             self.feeder.close()
 
-    def chunk_data(self, step: int, num_steps: int) -> steps.DeviceSplit | steps.StreamedChunk:
+    def chunk_data(self, step: int, num_steps: int) -> DeviceSplit | StreamedChunk:
         """What `chunk_at(step)` trains the steps step..step + num_steps - 1 on."""
         return self.feeder(step, num_steps) if self.streamed else self.train_data
 
@@ -219,13 +222,13 @@ class Run:
                                              self.scale_lr, self.cfg.get("loss"))
         return lambda state: diagnose(state, self.train_data)
 
-    def eval_splits(self, batch_size: int) -> dict[str, steps.DeviceSplit]:
+    def eval_splits(self, batch_size: int) -> dict[str, DeviceSplit]:
         """The held-out splits on the device, padded to whole batches."""
         splits = {"test": self.dataset.test, "val": self.dataset.val}
         stats, options = self.dataset.preprocess, stream_config.options(self.cfg.dataset)
         return {name: stream.EvalStream(split, stats, options, self.placement.put)
                 if isinstance(split, stream.StreamSplit)
-                else self.placement.put(steps.device_split(split, stats, batch_size))
+                else self.placement.put(device_split(split, stats, batch_size))
                 for name, split in splits.items() if split is not None}
 
     @functools.cached_property
@@ -237,7 +240,7 @@ class Run:
                          batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size))
 
 
-def build(cfg: DictConfig, dataset: data_lib.Dataset | None = None,
+def build(cfg: DictConfig, dataset: Dataset | None = None,
           with_source: bool = False, schedule: optax.Schedule | None = None) -> Run:
     """The run `cfg` describes (validated by cnnlab.config.load); `dataset`: already loaded.
 

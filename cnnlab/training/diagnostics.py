@@ -28,7 +28,8 @@ import optax
 from flax import traverse_util
 from omegaconf import DictConfig
 
-from cnnlab.data.augment import Augment
+from cnnlab.data.augment.pipeline import Augment
+from cnnlab.data.device import DeviceSplit
 from cnnlab.errors import require
 from cnnlab.models.layers import recording_activations
 from cnnlab.models.scan import unrolled
@@ -106,7 +107,7 @@ def make_diagnose(model: nn.Module, tx: optax.GradientTransformation, augment: A
     model = unrolled(model)
 
     @jax.jit
-    def diagnose(state: steps.TrainState, data: steps.DeviceSplit) -> dict:
+    def diagnose(state: steps.TrainState, data: DeviceSplit) -> dict:
         recorder = ActivationRecorder()  # one per trace: names restart at each compile
         gradients = steps.make_gradients(model, augment, batch_size, regularization,
                                          activations=recorder.take, loss_config=loss_config)

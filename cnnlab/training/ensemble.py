@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.analysis.confusion import per_class_error, write_confusion
 from cnnlab.config.load import load_run_config
+from cnnlab.data.device import DeviceSplit, device_split
 from cnnlab.errors import ConfigError
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.runs.rundir import RunDir
@@ -66,7 +67,7 @@ def _steps_to_restore(run_dir: Path, cfg: DictConfig, weights: str) -> list[int]
     return found if source.every_step else found[-1:]
 
 
-def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: steps.DeviceSplit,
+def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: DeviceSplit,
              batch_size: int, count: int, compiles: CompileTimer) -> np.ndarray:
     # The first batch of a run compiles (timed apart: the call returns once it is queued).
     batches = [compiles.call("predict", predict_batch, params, batch_stats, split, index)[0]
@@ -82,7 +83,7 @@ def _members(run_dir: Path, run: Run, ev: DictConfig, label: str) -> list[Member
     batch_size = ev.batch_size or cfg.train.eval_batch_size
     views = make_eval_views(ev, cfg.augment, dataset.image_shape)
     predict_batch = steps.make_predict_batch(run.model, batch_size, views)
-    split = steps.device_split(dataset.test, dataset.preprocess, batch_size)
+    split = device_split(dataset.test, dataset.preprocess, batch_size)
     source = WEIGHTS.get(ev.weights)
     checkpoints = RunDir(run_dir).checkpointer(source.folder)
     compiles = CompileTimer()

@@ -38,6 +38,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from cnnlab import progress
+from cnnlab.data.device import DeviceSplit
 from cnnlab.errors import ConfigError, require
 from cnnlab.registry import Registry
 from cnnlab.runs.rundir import BEST, CHECKPOINTS, SNAPSHOTS
@@ -189,7 +190,7 @@ class Evaluator:
     (once per split shape and variant), which is timed and logged apart.
     """
 
-    def __init__(self, model: Any, splits: dict[str, steps.DeviceSplit], batch_size: int,
+    def __init__(self, model: Any, splits: dict[str, DeviceSplit], batch_size: int,
                  ema_decay: float | None = None, views: steps.Views | None = None,
                  top_k: int | None = None, clock: progress.Clock = time.perf_counter,
                  batch_sharding: Any = None) -> None:

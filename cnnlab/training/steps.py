@@ -17,8 +17,9 @@ import optax
 from flax import struct
 from omegaconf import DictConfig
 
-from cnnlab.data.augment import Augment, mixup_loss
-from cnnlab.data.preprocess import PreprocessStats, preprocess
+from cnnlab.data.augment.pipeline import Augment, mixup_loss
+from cnnlab.data.device import DeviceSplit, GivenBatch, StreamedChunk, select_batch
+from cnnlab.data.preprocess import preprocess
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
 from cnnlab.parallel import constrain
 from cnnlab.training.losses import make_objective
@@ -41,73 +42,9 @@ class TrainState(struct.PyTreeNode):
     ema: Any = None
 
 
-class DeviceSplit(struct.PyTreeNode):
-    """A split as device arrays; `mask` marks real examples in the padded tail of eval splits."""
-
-    images: jax.Array
-    labels: jax.Array
-    mask: jax.Array
-    # The training set's preprocessing statistics (the same buffers in every split): data, not
-    # constants of the compiled functions, since a ZCA matrix is 3072x3072 for CIFAR.
-    stats: PreprocessStats
-
-
-def device_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSplit:
-    """A host split (cnnlab.data.load.ArraySplit) on the default device, zero-padded to a multiple
-    of `pad_to` examples (whole eval batches); `mask` marks the real ones."""
-    n = len(split)
-    padded = -(-n // pad_to) * pad_to
-    images = np.zeros((padded, *split.images.shape[1:]), np.uint8)
-    images[:n] = split.images
-    labels = np.zeros((padded,), np.int32)
-    labels[:n] = split.labels
-    return jax.device_put(DeviceSplit(images=images, labels=labels,
-                                      mask=np.arange(padded) < n, stats=stats))
-
-
-class GivenBatch(struct.PyTreeNode):
-    """One training batch handed to the step (streamed data, cnnlab/data/stream.py) instead of one
-    gathered from a `DeviceSplit` by `batch_indices`."""
-
-    images: jax.Array  # (B, H, W, C) uint8
-    labels: jax.Array  # (B,) int32
-    stats: PreprocessStats
-
-
-class StreamedChunk(struct.PyTreeNode):
-    """The batches of a chunk of steps, stacked: the xs of the chunk's scan (cnnlab/data/stream.py
-    reads them, in `batch_indices`' order, from files on the host)."""
-
-    images: jax.Array  # (num_steps, B, H, W, C) uint8
-    labels: jax.Array  # (num_steps, B) int32
-    stats: PreprocessStats
-
-
-def select_batch(data: DeviceSplit | GivenBatch, data_key: jax.Array, step: jax.Array,
-                 batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """(images, labels) of the batch at `step`: gathered from a device-resident split, or the
-    streamed batch itself (already in the same order)."""
-    if isinstance(data, GivenBatch):
-        return data.images, data.labels
-    idx = batch_indices(data_key, step, data.labels.shape[0], batch_size)
-    return data.images[idx], data.labels[idx]
-
-
 def zero_metrics() -> dict[str, jax.Array]:
     return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
             "count": jnp.zeros((), jnp.int32)}
-
-
-def batch_indices(data_key: jax.Array, step: jax.Array, num_examples: int,
-                  batch_size: int) -> jax.Array:
-    """Indices of the batch at `step`: each epoch is a fresh permutation from fold_in(key, epoch).
-
-    The tail of each permutation that does not fill a batch is skipped (drop remainder).
-    """
-    steps_per_epoch = num_examples // batch_size
-    epoch, position = jnp.divmod(step, steps_per_epoch)
-    order = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
-    return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
 
 
 def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
@@ -322,8 +259,8 @@ def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
         images, labels = constrain(select_batch(data, data_key, state.step, batch_size),
                                    batch_sharding)
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
-        # cnnlab/data/augment.py's order: pixel-space augmentation, preprocessing, cutout, mixup.
-        # All of it on the whole batch, so any grad_accum trains on the same images.
+        # cnnlab/data/augment/pipeline.py's order: pixel-space augmentation, preprocessing,
+        # cutout, mixup. All of it on the whole batch, so any grad_accum trains on the same images.
         x = augment.cutout(aug_key, preprocess(augment(aug_key, images), data.stats))
         targets = Targets(labels)
         if augment.mixup_alpha > 0:

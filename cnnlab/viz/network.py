@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnlab.data import load as data_lib
 from cnnlab.data.preprocess import PreprocessStats, preprocess
+from cnnlab.data.types import Dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import FAMILIES, input_fit, model_options
 from cnnlab.models.layers import Activation, Identity, build_layers
@@ -168,7 +168,7 @@ class Restored:
 
     run_dir: Path
     cfg: DictConfig
-    dataset: data_lib.Dataset
+    dataset: Dataset
     network: Network
     step: int
     class_names: list[str]
@@ -200,7 +200,7 @@ def restore(run_dir: Path, weights: str = "final") -> Restored:
     return Restored(Path(run_dir), cfg, dataset, network, step, class_names(cfg, dataset))
 
 
-def class_names(cfg: DictConfig, dataset: data_lib.Dataset) -> list[str]:
+def class_names(cfg: DictConfig, dataset: Dataset) -> list[str]:
     """The label names TFDS declares (fashion_mnist: T-shirt/top, ...), else the numbers."""
     numbers = [str(i) for i in range(dataset.num_classes)]
     try:
