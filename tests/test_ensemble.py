@@ -18,6 +18,7 @@ from cnnlab.cli import main as cli
 from cnnlab.config import load as config_load
 from cnnlab.data.device import device_split
 from cnnlab.models import build_model
+from cnnlab.runs.weights import ema_variables
 from cnnlab.training import steps
 from tests.helpers import run_cli, train_tiny
 from tests.test_evaluate import plain_softmax
@@ -67,7 +68,7 @@ def test_ema_of_a_real_run_is_the_bias_corrected_recurrence_over_its_trajectory(
     ema = steps.ema_transform(d).init({"params": final["params"],
                                        "batch_stats": final["batch_stats"]})
     ema = ema._replace(count=jnp.asarray(final["ema"]["count"]), ema=final["ema"]["ema"])
-    params, batch_stats = steps.ema_variables(ema, d)
+    params, batch_stats = ema_variables(ema, d)
     got = jax.tree.leaves({"batch_stats": batch_stats, "params": params})
     assert len(got) == len(expected) == len(leaves[-1])
     for a, b in zip(got, expected, strict=True):

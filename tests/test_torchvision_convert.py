@@ -261,7 +261,7 @@ def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
     """`transfer.source=resnet18.pth`: the run starts from torchvision's weights (converted),
     with a new 5-class classifier, every other layer frozen by the linear probe."""
     from benchmarks.bench_cnnlab import synthetic_dataset
-    from cnnlab.training.build import build, load_data
+    from cnnlab.training.build import build
     from cnnlab.transfer.sources import source_preprocess
 
     net = torchvision.models.resnet18(weights=None).eval()
@@ -282,7 +282,7 @@ def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
         net.layer4[1].bn2.running_var.numpy())
     assert run.state.params["classifier"]["dense"]["kernel"].shape == (512, 5)
     # Its inputs are normalized as torchvision's were: ImageNet's mean and std.
-    stats = source_preprocess(cfg, load_data)
+    stats = source_preprocess(cfg)
     np.testing.assert_allclose(stats.mean, [0.485, 0.456, 0.406], rtol=1e-6)
     np.testing.assert_allclose(stats.std, [0.229, 0.224, 0.225], rtol=1e-6)
     # Greyscale images do not fit torchvision's RGB conv1: one line naming the layer.
@@ -293,4 +293,4 @@ def test_a_torchvision_file_is_a_transfer_source_with_a_new_head(tmp_path):
         build(cfg, synthetic_dataset(16, (28, 28, 1), 10), with_source=True)
     with pytest.raises(ConfigError, match="ImageNet's per-channel mean and std: it needs "
                                           "preprocess=channel and RGB images"):
-        source_preprocess(cfg, load_data)
+        source_preprocess(cfg)

@@ -294,7 +294,7 @@ def test_ema_weights_of_a_run_are_its_bias_corrected_average(source_run, fashion
     m_t / (1 - decay^t), not the raw ones; a run without an average is refused in one line."""
     import optax
 
-    from cnnlab.training.steps import ema_variables
+    from cnnlab.runs.weights import ema_variables
     from cnnlab.transfer.sources import _restore_raw, read_run
 
     path = tmp_path / "ema"

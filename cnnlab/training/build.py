@@ -33,6 +33,7 @@ from cnnlab.models.summary import summarize
 from cnnlab.training import diagnostics, steps
 from cnnlab.training.evaluate import Evaluator, make_eval_views
 from cnnlab.training.optim import make_optimizer, make_schedule
+from cnnlab.training.transfer_optimizer import phase_optimizers
 from cnnlab.transfer import sources as transfer_sources
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,30 @@ def load_data(cfg: DictConfig) -> Dataset:
 def _with_stats(cfg: DictConfig, dataset: Dataset) -> Dataset:
     """`dataset` with `cfg.preprocess`'s statistics (of a streamed set: of its sample)."""
     _check_declared_shapes(cfg, dataset)
-    # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
-    # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
     # A transfer run normalizes as its source was trained (transfer.preprocess=source).
-    stats = transfer_sources.source_preprocess(cfg, load_data)
+    stats = _source_stats(cfg)
     if stats is None:
         # A streamed set's statistics come from its training sample.
         sampled = (dataclasses.replace(dataset, train=dataset.train.sample)
                    if isinstance(dataset.train, stream.StreamSplit) else dataset)
         stats = preprocess.compute_stats(cfg.preprocess, sampled)
+    # On the device once: every split's DeviceSplit then shares these buffers (device_put of a
+    # device array is a no-op) instead of holding its own copy of, e.g., a ZCA matrix.
     stats = jax.device_put(stats)
     return dataclasses.replace(dataset, preprocess=stats)
+
+
+def _source_stats(cfg: DictConfig) -> preprocess.PreprocessStats | None:
+    """The statistics a transfer run normalizes with as its source was trained
+    (transfer.preprocess=source); None: the run's own data's.
+
+    Transfer names them (torchvision's fixed ones) or the source run whose training data holds
+    them; that data is loaded here, as the source run loaded it (its config, its data cache).
+    """
+    source = transfer_sources.source_preprocess(cfg)
+    if isinstance(source, DictConfig):
+        return load_data(source).preprocess
+    return source
 
 
 def _check_declared_shapes(cfg: DictConfig, dataset: Dataset) -> None:
@@ -265,8 +279,8 @@ def build(cfg: DictConfig, dataset: Dataset | None = None,
         tx = make_optimizer(cfg.optimizer, schedule)
         return Run(cfg, dataset, model, schedule, tx, init_state(cfg, model, tx, shape),
                    placement=placement)
-    model, setup = transfer_lib.setup(
-        cfg, plan, lambda frozen: build_model(cfg, dataset.num_classes, frozen), schedule)
+    model, setup = transfer_lib.setup(cfg, plan, dataset.num_classes,
+                                      *phase_optimizers(cfg, schedule, plan))
     state = init_state(cfg, model, setup.tx, shape)
     if with_source:
         setup.loaded = transfer_lib.load_source(

@@ -1,8 +1,7 @@
 """`cnnlab eval`: saved runs evaluated on their test split, alone and as an ensemble.
 
-Each run contributes the weights `eval.weights` selects (cnnlab/training/evaluate.py's `WEIGHTS`):
-its
-final, best or averaged (EMA) weights, or every snapshot of a snapshot ensemble. Members are
+Each run contributes the weights `eval.weights` selects (cnnlab/runs/weights.py's `WEIGHTS`):
+its final, best or averaged (EMA) weights, or every snapshot of a snapshot ensemble. Members are
 evaluated on the device in jitted batches; only their (N, K) log-probabilities come back to the
 host, once per member, where the ensemble is combined (cnnlab/training/evaluate.py's
 `ensemble_log_probs`).
@@ -27,10 +26,10 @@ from cnnlab.data.device import DeviceSplit, device_split
 from cnnlab.errors import ConfigError
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.runs.rundir import RunDir
+from cnnlab.runs.weights import WEIGHTS, ema_variables
 from cnnlab.training import steps
 from cnnlab.training.build import Run, build, load_data
 from cnnlab.training.evaluate import (
-    WEIGHTS,
     confusion_matrix,
     ensemble_log_probs,
     make_eval_views,
@@ -97,7 +96,7 @@ def _members(run_dir: Path, run: Run, ev: DictConfig, label: str) -> list[Member
             state, _ = checkpoints.restore(step, run.state)
             params, batch_stats = state.params, state.batch_stats
             if source.averaged:
-                params, batch_stats = steps.ema_variables(state.ema, cfg.eval.ema_decay)
+                params, batch_stats = ema_variables(state.ema, cfg.eval.ema_decay)
             log_probs = _predict(predict_batch, params, batch_stats, split, batch_size,
                                  len(dataset.test), compiles)
             members.append(Member(run_dir, ev.weights, step, log_probs))

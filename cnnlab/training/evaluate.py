@@ -41,7 +41,7 @@ from cnnlab import progress
 from cnnlab.data.device import DeviceSplit
 from cnnlab.errors import ConfigError, require
 from cnnlab.registry import Registry
-from cnnlab.runs.rundir import BEST, CHECKPOINTS, SNAPSHOTS
+from cnnlab.runs.weights import WEIGHTS, ema_variables
 from cnnlab.training import steps
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class Evaluator:
         variants = [("", self._eval_batch, state.params, state.batch_stats)]
         if self._ema_decay is not None:
             variants.append(("_ema", self._eval_batch,
-                             *steps.ema_variables(state.ema, self._ema_decay)))
+                             *ema_variables(state.ema, self._ema_decay)))
         if self._tta_batch is not None:
             variants.append(("_tta", self._tta_batch, state.params, state.batch_stats))
         prefix = f"{label}: " if label else ""
@@ -259,25 +259,6 @@ def _batches(split: Any, batch_size: int) -> Any:
     return ((split, index) for index in range(split.labels.shape[0] // batch_size))
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightSource:
-    """Which weights of a run `cnnlab eval` uses (cnnlab/training/ensemble.py): a checkpoint
-    folder, its
-    newest step or every step, raw or averaged (EMA) weights."""
-
-    folder: str
-    what: str  # for "RUN has no <what>"
-    every_step: bool = False
-    averaged: bool = False
-
-
-WEIGHTS: Registry[WeightSource] = Registry("eval.weights")
-WEIGHTS.register("final", WeightSource(CHECKPOINTS, "checkpoint"))
-WEIGHTS.register("best", WeightSource(BEST, "best checkpoint (kept with dataset.val_size > 0 and "
-                                      "early_stopping.keep_best=true)"))
-WEIGHTS.register("ema", WeightSource(CHECKPOINTS, "checkpoint", averaged=True))
-WEIGHTS.register("snapshots", WeightSource(SNAPSHOTS, "snapshots (schedule=cyclic_cosine)",
-                                           every_step=True))
 REPORT_FORMATS = ("table", "json")
 
 

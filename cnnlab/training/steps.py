@@ -55,8 +55,9 @@ def ema_transform(decay: float) -> optax.GradientTransformation:
     """The moving average of the weights: m_t = decay * m_{t-1} + (1 - decay) * w_t, m_0 = 0.
 
     Kingma & Ba 2015 (sec. 7.2, "temporal averaging") start the average at zero and divide by
-    1 - decay^t (`ema_variables`), so that the first steps are not pulled towards zero nor
-    towards the random initialization; Polyak & Juditsky 1992 average uniformly instead.
+    1 - decay^t (cnnlab/runs/weights.py's `ema_variables`), so that the first steps are not
+    pulled towards zero nor towards the random initialization; Polyak & Juditsky 1992 average
+    uniformly instead.
     """
     return optax.ema(decay, debias=True)
 
@@ -66,14 +67,6 @@ def init_ema(decay: float | None, params: Any, batch_stats: Any) -> Any:
     if decay is None:
         return None
     return ema_transform(decay).init({"params": params, "batch_stats": batch_stats})
-
-
-def ema_variables(ema: Any, decay: float) -> tuple[Any, Any]:
-    """(params, batch_stats) of the bias-corrected average m_t / (1 - decay^t)."""
-    # Before any step (t = 0) the average is empty; return the zeros rather than 0 / 0.
-    count = jnp.maximum(ema.count, 1)
-    averaged = optax.tree.bias_correction(ema.ema, decay, count)
-    return averaged["params"], averaged["batch_stats"]
 
 
 class Gradients(struct.PyTreeNode):
@@ -302,7 +295,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     term.
 
     `frozen` (see `make_gradients`) marks parameters that get no gradient; the optimizer must
-    give them no update either (cnnlab/transfer/optimizer.py).
+    give them no update either (cnnlab/training/transfer_optimizer.py).
 
     With mixup (`augment.mixup_alpha` > 0) the labels are the mixed targets: every loss term,
     logged or optimized, is lam * L(y) + (1 - lam) * L(y_partner) (Zhang et al. 2018), and the

@@ -8,14 +8,14 @@
 
 The source is an earlier cnnlab run or published PyTorch weights (cnnlab/transfer/sources.py);
 its layers are copied by path (load.py); each layer's role, frozen, backbone or head, is decided
-from the config and the model alone (plan.py) and given to the optimizer (optimizer.py), to the
-training step (no gradient for frozen layers: `steps.make_train_step(frozen=...)`) and to batch
-norm (frozen layers normalize with their running statistics unless `transfer.bn=train`).
+from the config and the model alone (plan.py) and given to the optimizer (built by training:
+cnnlab/training/transfer_optimizer.py), to the training step (no gradient for frozen layers:
+`steps.make_train_step(frozen=...)`) and to batch norm (frozen layers normalize with their
+running statistics unless `transfer.bn=train`).
 """
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -23,14 +23,14 @@ import jax
 import optax
 from omegaconf import DictConfig
 
-from cnnlab.models import abstract_variables
+from cnnlab.models import abstract_variables, build_model
 from cnnlab.models.summary import summarize
 from cnnlab.transfer.load import Loaded, load
-from cnnlab.transfer.optimizer import layer_labels, make_transfer_optimizer
 from cnnlab.transfer.plan import FROZEN, MODES, Plan, make_plan, validate
 from cnnlab.transfer.sources import read_source
 
-__all__ = ["MODES", "Plan", "Setup", "frozen_mask", "plan_for", "setup", "validate"]
+__all__ = ["MODES", "Plan", "Setup", "frozen_mask", "load_source", "plan_for", "setup",
+           "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,18 @@ class Setup:
         return self.plan.frozen_in(phase)
 
 
-def setup(cfg: DictConfig, plan: Plan, build: Callable[[tuple[str, ...]], nn.Module],
-          schedule: optax.Schedule) -> tuple[nn.Module, Setup]:
-    """The main phase's model (`build(frozen_norm_layers)`) and the transfer `Setup`."""
-    tr = cfg.transfer
+def setup(cfg: DictConfig, plan: Plan, num_classes: int, tx: optax.GradientTransformation,
+          probe_tx: optax.GradientTransformation | None = None) -> tuple[nn.Module, Setup]:
+    """The main phase's model and the transfer `Setup`; `tx`/`probe_tx`: the main and probe
+    phases' optimizers (cnnlab/training/transfer_optimizer.py), the probe's for two_phase."""
 
     def norms_frozen(phase: str) -> tuple[str, ...]:
-        return plan.frozen_in(phase) if tr.bn == "frozen" else ()
+        return plan.frozen_in(phase) if cfg.transfer.bn == "frozen" else ()
 
-    def tx(probing: bool) -> optax.GradientTransformation:
-        return make_transfer_optimizer(cfg.optimizer, schedule, plan, tr.backbone_lr_mult,
-                                       probing)
-
-    model = build(norms_frozen("main"))
+    model = build_model(cfg, num_classes, norms_frozen("main"))
     if not plan.probe_steps:
-        return model, Setup(plan, tx(False))
-    return model, Setup(plan, tx(False), build(norms_frozen("probe")), tx(True))
+        return model, Setup(plan, tx)
+    return model, Setup(plan, tx, build_model(cfg, num_classes, norms_frozen("probe")), probe_tx)
 
 
 def load_source(cfg: DictConfig, plan: Plan, variables: dict[str, Any]) -> Loaded:
@@ -98,5 +94,3 @@ def load_source(cfg: DictConfig, plan: Plan, variables: dict[str, Any]) -> Loade
         log.info("transfer: frozen %s", ", ".join(frozen))
     return loaded
 
-
-__all__ += ["layer_labels", "load_source"]

@@ -7,7 +7,6 @@ weights on disk (cnnlab/transfer/torchvision.py converts torchvision's names and
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,13 @@ import optax
 from flax.traverse_util import flatten_dict
 from omegaconf import DictConfig
 
+from cnnlab.config.load import load_run_config
+from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
 from cnnlab.runs.rundir import is_run_dir
+from cnnlab.runs.weights import WEIGHTS, check_weights, ema_variables
+from cnnlab.transfer import torchvision
+from cnnlab.transfer.plan import MODES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ def _flat(tree: Any) -> dict[str, np.ndarray]:
 def _restore_raw(folder: Path, step: int) -> dict[str, Any]:
     """A checkpoint's state as saved (nested dicts of arrays), without a template: the source's
     optimizer and model options need not be rebuilt to read its weights."""
+    # Imported here: Orbax is slow to import, and validating a config (cnnlab.config.load
+    # imports this package) should not pay for it.
     from cnnlab.runs.checkpoint import Checkpointer
 
     checkpoints = Checkpointer(folder, keep=None)
@@ -54,8 +60,6 @@ def _restore_raw(folder: Path, step: int) -> dict[str, Any]:
 def _run_variables(state: dict[str, Any], averaged: bool, decay: float | None) -> dict:
     if not averaged:
         return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    from cnnlab.training.steps import ema_variables
-
     ema = optax.EmaState(count=np.asarray(state["ema"]["count"]), ema=state["ema"]["ema"])
     params, batch_stats = ema_variables(ema, decay)
     return {"params": params, "batch_stats": batch_stats}
@@ -63,10 +67,8 @@ def _run_variables(state: dict[str, Any], averaged: bool, decay: float | None) -
 
 def read_run(run_dir: Path, weights: str) -> Source:
     """The `weights` (final, best, ema) of a cnnlab run, as `cnnlab eval` would pick them."""
-    from cnnlab.runs.weights import check_weights
-    from cnnlab.training.evaluate import WEIGHTS
-
-    cfg, step = check_weights(run_dir, weights)
+    cfg = load_run_config(run_dir)
+    step = check_weights(run_dir, cfg, weights)
     source = WEIGHTS.get(weights)
     try:
         state = _restore_raw(run_dir / source.folder, step)
@@ -81,8 +83,6 @@ def read_run(run_dir: Path, weights: str) -> Source:
 
 def read_file(path: Path, cfg: DictConfig) -> Source:
     """Published PyTorch weights, converted into `cfg`'s model (cnnlab/transfer/torchvision.py)."""
-    from cnnlab.transfer import torchvision
-
     state_dict = torchvision.read_weights_file(path)
     arrays = torchvision.convert(state_dict, cfg.model, cfg.norm.name)
     return Source(arrays, f"torchvision weights {path} as {cfg.model.name}")
@@ -94,18 +94,15 @@ def source_path(cfg: DictConfig) -> Path:
     return Path(cfg.transfer.source).expanduser().absolute()
 
 
-def source_preprocess(cfg: DictConfig, load_data: Callable[[DictConfig], Any]) -> Any:
-    """The preprocessing statistics the source was trained with (`transfer.preprocess=source`),
-    so its layers see inputs scaled as they learned them; None: the run's own data's.
+def source_preprocess(cfg: DictConfig) -> PreprocessStats | DictConfig | None:
+    """What fixes the preprocessing statistics a transfer run normalizes with
+    (`transfer.preprocess=source`), so the source's layers see inputs scaled as they learned
+    them; None: the run's own training data's.
 
-    A cnnlab run's are recomputed from its own training data, as it computed them (its config,
-    its data cache; `load_data` is cnnlab.training.build's); torchvision weights come with
-    ImageNet's
-    per-channel mean and std.
+    Torchvision weights come with ImageNet's per-channel mean and std (returned as they are); a
+    cnnlab run's statistics are its own training data's, so its config is returned and the
+    caller (cnnlab/training/build.py) loads that data as the source run did and computes them.
     """
-    from cnnlab.data.preprocess import PreprocessStats
-    from cnnlab.transfer.plan import MODES
-
     tr = cfg.transfer
     if not MODES.get(tr.mode).needs_source or tr.preprocess == "own":
         return None
@@ -117,13 +114,11 @@ def source_preprocess(cfg: DictConfig, load_data: Callable[[DictConfig], Any]) -
                               "and RGB images; or set transfer.preprocess=own")
         return PreprocessStats(mean=np.asarray(IMAGENET_MEAN, np.float32),
                                std=np.asarray(IMAGENET_STD, np.float32))
-    return _run_preprocess(cfg, path, load_data)
+    return _run_preprocess(cfg, path)
 
 
-def _run_preprocess(cfg: DictConfig, path: Path,
-                    load_data: Callable[[DictConfig], Any]) -> Any:
-    from cnnlab.config.load import load_run_config
-
+def _run_preprocess(cfg: DictConfig, path: Path) -> DictConfig | None:
+    """The source run's config, whose training data's statistics the run normalizes with."""
     if not is_run_dir(path):
         return None  # read_source says what is wrong with it
     source_cfg = load_run_config(path)
@@ -133,7 +128,7 @@ def _run_preprocess(cfg: DictConfig, path: Path,
                           f"{source_cfg.preprocess.name} or transfer.preprocess=own")
     log.info("transfer: preprocessing with the source's statistics (%s, of %s)",
              source_cfg.preprocess.name, source_cfg.dataset.name)
-    return load_data(source_cfg).preprocess
+    return source_cfg
 
 
 def check_exists(cfg: DictConfig) -> None:

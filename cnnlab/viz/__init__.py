@@ -10,7 +10,9 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from cnnlab.config.load import load_run_config
 from cnnlab.errors import require
+from cnnlab.runs.weights import check_weights
 from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_activations,
     draw_ascent,
@@ -22,7 +24,7 @@ from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_patches,
 )
 from cnnlab.viz.common import KINDS
-from cnnlab.viz.network import check_layers, check_weights, layer_names, model_factory, restore
+from cnnlab.viz.network import check_layers, layer_names, model_factory, restore
 from cnnlab.viz.options import VizOptions, parse
 from cnnlab.viz.output import Output, log_images, wandb_mode
 
@@ -37,7 +39,8 @@ def check(kind_name: str, run_dir: Path, overrides: Sequence[str]) -> VizOptions
     """Every check that needs no data and no compiling: kind, options, checkpoint, layers."""
     kind = KINDS.get(kind_name)
     options = parse(overrides)
-    cfg, _ = check_weights(run_dir, options.weights)
+    cfg = load_run_config(run_dir)
+    check_weights(run_dir, cfg, options.weights)
     for key in kind.requires:
         require(getattr(options, key) is not None, f"viz {kind_name} needs {key}=...")
     shape, classes = cfg.dataset.image_shape, cfg.dataset.num_classes

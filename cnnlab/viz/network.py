@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
+from cnnlab.config.load import load_run_config
 from cnnlab.data.preprocess import PreprocessStats, preprocess
 from cnnlab.data.types import Dataset
 from cnnlab.errors import ConfigError
@@ -30,9 +31,7 @@ from cnnlab.models import FAMILIES, input_fit, model_options
 from cnnlab.models.layers import Activation, Identity, build_layers
 from cnnlab.models.scan import unrolled
 from cnnlab.runs.rundir import RunDir
-from cnnlab.runs.weights import check_weights
-from cnnlab.training import steps
-from cnnlab.training.evaluate import WEIGHTS
+from cnnlab.runs.weights import WEIGHTS, check_weights, ema_variables
 
 ModelFactory = Callable[[Activation | None], nn.Module]
 
@@ -182,7 +181,8 @@ def restore(run_dir: Path, weights: str = "final") -> Restored:
     """Rebuild the run from its saved config and restore the newest checkpoint of `weights`."""
     from cnnlab.training.build import build, load_data
 
-    cfg, step = check_weights(run_dir, weights)
+    cfg = load_run_config(run_dir)
+    step = check_weights(run_dir, cfg, weights)
     source = WEIGHTS.get(weights)
     dataset = load_data(cfg)
     run = build(cfg, dataset)
@@ -193,7 +193,7 @@ def restore(run_dir: Path, weights: str = "final") -> Restored:
         checkpoints.close()
     params, batch_stats = state.params, state.batch_stats
     if source.averaged:
-        params, batch_stats = steps.ema_variables(state.ema, cfg.eval.ema_decay)
+        params, batch_stats = ema_variables(state.ema, cfg.eval.ema_decay)
     variables = {"params": params, "batch_stats": batch_stats}
     network = Network(model_factory(cfg, dataset.num_classes), variables, dataset.preprocess,
                       tuple(dataset.image_shape), dataset.num_classes)

@@ -1,6 +1,9 @@
-"""The optimizer of a transfer run: the run's own optimizer per role (cnnlab/transfer/plan.py)
-through `optax.multi_transform`, so frozen parameters get no update, no weight decay and no
-optimizer state at all (not a zeroed gradient that still costs an update)."""
+"""The optimizer of a transfer run: the run's own optimizer (cnnlab/training/optim.py) per role
+(cnnlab/transfer/plan.py) through `optax.multi_transform`, so frozen parameters get no update, no
+weight decay and no optimizer state at all (not a zeroed gradient that still costs an update).
+
+Here rather than in cnnlab/transfer/: building the optimizer is training's job; transfer decides
+each layer's role and is handed the optimizers built from it (cnnlab/training/build.py)."""
 
 from typing import Any
 
@@ -51,3 +54,14 @@ def make_transfer_optimizer(opt: DictConfig, schedule: optax.Schedule, plan: Pla
                   FROZEN: optax.set_to_zero()}
     return with_clipping(opt, optax.multi_transform(
         transforms, lambda params: layer_labels(params, plan)))
+
+
+def phase_optimizers(cfg: DictConfig, schedule: optax.Schedule, plan: Plan
+                     ) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
+    """The main phase's optimizer and, with probe steps (two_phase), the probe phase's."""
+
+    def tx(probing: bool) -> optax.GradientTransformation:
+        return make_transfer_optimizer(cfg.optimizer, schedule, plan,
+                                       cfg.transfer.backbone_lr_mult, probing)
+
+    return tx(False), tx(True) if plan.probe_steps else None
