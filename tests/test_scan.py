@@ -141,7 +141,7 @@ def test_the_scanned_program_does_not_grow_with_depth():
 
 def test_per_module_tools_see_every_block():
     _, scanned = _models(TINY_CIFAR)
-    assert unrolled(scanned).scan_blocks is False and scanned.scan_blocks is True
+    assert unrolled(scanned).options.scan_blocks is False and scanned.options.scan_blocks is True
     from cnnlab.models.summary import summarize
 
     rows = [row.name for row in summarize(scanned, (8, 8, 3)).rows]

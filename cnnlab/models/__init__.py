@@ -20,16 +20,29 @@ from cnnlab.registry import Registry
 
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
-    """A family's option schema (a dataclass with `validate()`) and its builder."""
+    """A family's options and its module.
+
+    `options` is a dataclass, the one place each of the family's options is declared:
+    it is the config schema (its defaults are MISSING: conf/model/ holds the values), its
+    `validate()` checks them, and the module holds it whole as its `options` field, so adding
+    an option means adding one field there and reading it where it is used.
+    """
 
     options: type
-    build: Callable[[Any, int, Layers, InputFit], nn.Module]
+    # (options=, num_classes=, layers=, fit=) -> the Flax module: its class, or a function.
+    module: Callable[..., nn.Module]
+
+    def build(self, options: Any, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
+        """The module of `options` (from `model_options`): the same call for every family, as
+        the module takes the options whole rather than a field-by-field copy of them."""
+        return self.module(options=options, num_classes=num_classes, layers=layers, fit=fit)
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model family")
-FAMILIES.register("cifar_resnet", ModelFamily(cifar_resnet.CifarResNetOptions, cifar_resnet.build))
-FAMILIES.register("stack", ModelFamily(stack.StackOptions, stack.build))
-FAMILIES.register("pattern", ModelFamily(pattern.PatternOptions, pattern.build))
+FAMILIES.register("cifar_resnet",
+                  ModelFamily(cifar_resnet.CifarResNetOptions, cifar_resnet.CifarResNet))
+FAMILIES.register("stack", ModelFamily(stack.StackOptions, stack.Stack))
+FAMILIES.register("pattern", ModelFamily(pattern.PatternOptions, pattern.as_stack))
 
 # Keys every model config has besides its family's own options.
 COMMON_KEYS = ("name", "family", "input_size", "input_fit")

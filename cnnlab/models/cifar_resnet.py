@@ -14,7 +14,6 @@ inside every block between its two convs (Zagoruyko & Komodakis 2016).
 """
 
 import dataclasses
-from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -27,7 +26,6 @@ from cnnlab.models.layers import InputFit, Layers, at_least_float32
 from cnnlab.models.regularization import DropoutPlaces, check_stochastic_depth, linear_decay
 from cnnlab.models.scan import scan_blocks
 
-Shortcut = Literal["A", "B", "C"]
 # The dropout places this family has: no hidden fc layers, no conv layers outside its blocks
 # but the stem.
 DROPOUT_PLACES = ("stage", "head", "block")
@@ -35,7 +33,11 @@ DROPOUT_PLACES = ("stage", "head", "block")
 
 @dataclasses.dataclass
 class CifarResNetOptions:
-    # Every value comes from conf/model/_cifar_resnet.yaml and the model file on top of it.
+    """The family's options, each declared once: the config schema, checked by `validate()`,
+    and the one field `CifarResNet` holds them in. Every value comes from
+    conf/model/_cifar_resnet.yaml and the model file on top of it, the only place a default is
+    written."""
+
     depth: int = MISSING
     width: int = MISSING
     residual: bool = MISSING
@@ -65,85 +67,59 @@ class CifarResNetOptions:
 
 
 class CifarResNet(nn.Module):
-    depth: int
+    """Built from `options` as they are (no copy of them field by field): `family.build`."""
+
+    options: CifarResNetOptions
     num_classes: int
     layers: Layers
-    width: int = 16
-    residual: bool = True
-    shortcut: Shortcut = "A"
     fit: InputFit = InputFit()
-    # p_L of stochastic depth (1 = off) and whether it draws per example.
-    stochastic_depth: float = 1.0
-    per_example: bool = False
-    # Dropout rates (0 = none) after each stage, before the classifier, inside each block.
-    dropout_stage: float = 0.0
-    dropout_head: float = 0.0
-    dropout_block: float = 0.0
-    # Each stage's blocks of one shape (all of stage 1, the others but their first) run as one
-    # scan over their variables (cnnlab.models.scan); initialization always unrolls.
-    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        lay = self.layers
-        x = lay.conv(self.fit(x), self.width, 3, name="stem")
+        lay, opts = self.layers, self.options
+        x = lay.conv(self.fit(x), opts.width, 3, name="stem")
         x = lay.act(lay.norm(name="stem_norm")(x, train))
         for stage in range(3):
             x = self._stage(stage, x, train)
-            if self.dropout_stage:
-                x = Dropout(self.dropout_stage, name=f"stage{stage + 1}_dropout")(x, train)
+            # Dropout rates (0 = none) after each stage, before the classifier, inside blocks.
+            if opts.dropout_at.stage:
+                x = Dropout(opts.dropout_at.stage, name=f"stage{stage + 1}_dropout")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        if self.dropout_head:
-            x = Dropout(self.dropout_head, name="head_dropout")(x, train)
+        if opts.dropout_at.head:
+            x = Dropout(opts.dropout_at.head, name="head_dropout")(x, train)
         # float32 logits under any train.precision: softmax and losses need its range.
         logits = lay.dense(self.num_classes, name="head")(x)
         return at_least_float32(logits)
 
     def _stage(self, stage: int, x: jax.Array, train: bool) -> jax.Array:
-        blocks_per_stage = (self.depth - 2) // 6
+        opts = self.options
+        blocks_per_stage = (opts.depth - 2) // 6
         # Blocks are numbered 1..L across the stages, as in the paper.
-        survival = linear_decay(3 * blocks_per_stage, self.stochastic_depth)
+        survival = linear_decay(3 * blocks_per_stage, opts.stochastic_depth)
         survival = survival[stage * blocks_per_stage:(stage + 1) * blocks_per_stage]
         names = [f"stage{stage + 1}_block{block + 1}" for block in range(blocks_per_stage)]
-        # Stride 2 starts every stage but the first: that block differs from the rest.
+        # Stride 2 starts every stage but the first: that block differs from the rest. Each
+        # stage's blocks of one shape run as one scan (cnnlab.models.scan); init always unrolls.
         first = 1 if stage > 0 else 0
-        scanned = self.scan_blocks and not self.is_initializing() and len(names) - first > 1
+        scanned = opts.scan_blocks and not self.is_initializing() and len(names) - first > 1
         for block, name in enumerate(names[:first] if scanned else names):
             x = self._block(stage, block, survival[block], name=name)(x, train)
         if scanned:
-            gated = self.residual and self.stochastic_depth < 1
+            gated = opts.residual and opts.stochastic_depth < 1
             x = scan_blocks(self, names[first:], self._block(stage, first, 1.0, parent=None),
                             x, train, survival[first:] if gated else None)
         return x
 
     def _block(self, stage: int, block: int, survival: float, **where: object) -> BasicBlock:
+        opts = self.options
         return BasicBlock(
-            features=self.width * 2**stage,
+            features=opts.width * 2**stage,
             layers=self.layers,
             stride=2 if stage > 0 and block == 0 else 1,
-            residual=self.residual,
-            shortcut=self.shortcut,
+            residual=opts.residual,
+            shortcut=opts.shortcut,
             survival=survival,
-            per_example=self.per_example,
-            dropout=self.dropout_block,
+            per_example=opts.stochastic_depth_mode == "example",
+            dropout=opts.dropout_at.block,
             **where,
         )
-
-
-def build(options: CifarResNetOptions, num_classes: int, layers: Layers,
-          fit: InputFit) -> nn.Module:
-    return CifarResNet(
-        depth=options.depth,
-        num_classes=num_classes,
-        layers=layers,
-        width=options.width,
-        residual=options.residual,
-        shortcut=options.shortcut,
-        fit=fit,
-        stochastic_depth=options.stochastic_depth,
-        per_example=options.stochastic_depth_mode == "example",
-        dropout_stage=options.dropout_at.stage,
-        dropout_head=options.dropout_at.head,
-        dropout_block=options.dropout_at.block,
-        scan_blocks=options.scan_blocks,
-    )

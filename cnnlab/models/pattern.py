@@ -17,7 +17,6 @@ from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import stack
-from cnnlab.models.layers import InputFit, Layers
 from cnnlab.models.regularization import DropoutPlaces
 
 POOLS = ("max", "avg", "none")
@@ -25,7 +24,10 @@ POOLS = ("max", "avg", "none")
 
 @dataclasses.dataclass
 class PatternOptions:
-    # Every value comes from conf/model/pattern.yaml.
+    """The family's options, each declared once (config schema, `validate()`); the model is
+    the `stack` model they describe (`as_stack`). Every value comes from
+    conf/model/pattern.yaml."""
+
     n: int = MISSING  # (CONV-ACT) per stage, >= 1
     m: int = MISSING  # stages, >= 1
     k: int = MISSING  # hidden (FC-ACT) layers, >= 0
@@ -72,5 +74,7 @@ class PatternOptions:
         self.stack_options().validate()
 
 
-def build(options: PatternOptions, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
-    return stack.build(options.stack_options(), num_classes, layers, fit)
+def as_stack(options: PatternOptions, **fields: Any) -> nn.Module:
+    """The pattern's net: the `stack` module of its generated lists (`fields`: the Stack's
+    other fields, as `ModelFamily.build` passes them)."""
+    return stack.Stack(options=options.stack_options(), **fields)

@@ -15,6 +15,7 @@ split from the parent's, not the unrolled model's per-module keys), and per-modu
 the scan; `unrolled()` gives the same model without it for those.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -62,9 +63,13 @@ def _stack(trees: list) -> dict:
 
 def unrolled(model: nn.Module) -> nn.Module:
     """`model` with its repeated blocks unrolled (same variables): for per-module hooks."""
-    return model.clone(scan_blocks=False) if scans_blocks(model) else model
+    if not scans_blocks(model):
+        return model
+    # The option lives in the model's one options field (cnnlab.models.ModelFamily); a copy,
+    # so the model's own options are left as they are.
+    return model.clone(options=dataclasses.replace(model.options, scan_blocks=False))
 
 
 def scans_blocks(model: nn.Module) -> bool:
     """Whether `model` runs its repeated blocks as scans (families without the option do not)."""
-    return bool(getattr(model, "scan_blocks", False))
+    return bool(getattr(getattr(model, "options", None), "scan_blocks", False))

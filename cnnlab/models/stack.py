@@ -40,7 +40,10 @@ PLACE_NAMES = {"conv": "conv layers", "stage": "pooling layers or residual stage
 
 @dataclasses.dataclass
 class StackOptions:
-    # Every value comes from conf/model/_stack.yaml and the model file on top of it.
+    """The family's options, each declared once: the config schema, checked by `validate()`,
+    and the one field `Stack` holds them in. Every value comes from conf/model/_stack.yaml and
+    the model file on top of it, the only place a default is written."""
+
     layers: list[Any] = MISSING
     # Layers between the feature stack and the classifier (VGG's FC-4096 pair, ...).
     head: list[Any] = MISSING
@@ -156,7 +159,8 @@ def _next_to_dropout(specs: tuple[LayerSpec, ...], i: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a layer needs beyond its own spec."""
+    """What a layer needs beyond its own spec: the Stack's fields, and what its options imply
+    for each layer, derived once per trace."""
 
     layers: Layers
     options: StackOptions
@@ -245,43 +249,42 @@ def repeats(specs: tuple[LayerSpec, ...], i: int, ends: set[str]) -> int:
 
 
 class Stack(nn.Module):
-    body: tuple[LayerSpec, ...]
-    head: tuple[LayerSpec, ...]
-    context: Context
+    """Built from `options` as they are (no copy of them field by field): `family.build`."""
+
+    options: StackOptions
+    num_classes: int
+    layers: Layers
     fit: InputFit = InputFit()
-    # Runs of repeated residual blocks run as one scan (cnnlab.models.scan); init unrolls.
-    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = self.fit(x)
-        dropout_after = dict(self.context.dropout_after)
-        specs, i = self.body + self.head, 0
-        scanning = self.scan_blocks and not self.is_initializing()
+        opts = self.options
+        body, head = opts.specs()
+        ctx = Context(self.layers, opts, self.num_classes, opts.survival(), opts.dropout_after())
+        dropout_after = dict(ctx.dropout_after)
+        specs, i = body + head, 0
+        # Runs of repeated residual blocks run as one scan (cnnlab.models.scan); init unrolls.
+        scanning = opts.scan_blocks and not self.is_initializing()
         while i < len(specs):
             count = repeats(specs, i, set(dropout_after)) if scanning else 0
             if count > 1:
-                x = self._scan(specs[i:i + count], x, train)
+                x = self._scan(specs[i:i + count], ctx, x, train)
             else:
                 count = 1
-                layer = BUILDERS[specs[i].kind](specs[i], self.context)
+                layer = BUILDERS[specs[i].kind](specs[i], ctx)
                 x = x if layer is None else layer(x, train)
             i += count
             if (last := specs[i - 1].name) in dropout_after:
                 x = blocks.Dropout(dropout_after[last], name=f"{last}_dropout")(x, train)
-        ctx = self.context
         # float32 logits under any train.precision: softmax and losses need its range.
-        logits = blocks.Dense(ctx.num_classes, ctx.layers, activate=False, name="classifier")(x)
+        logits = blocks.Dense(self.num_classes, self.layers, activate=False,
+                              name="classifier")(x)
         return at_least_float32(logits)
 
-    def _scan(self, run: tuple[LayerSpec, ...], x: jax.Array, train: bool) -> jax.Array:
-        survival = [dict(self.context.survival).get(spec.name, 1.0) for spec in run]
-        block = BUILDERS[run[0].kind](run[0], self.context, parent=None)
+    def _scan(self, run: tuple[LayerSpec, ...], ctx: Context, x: jax.Array,
+              train: bool) -> jax.Array:
+        survival = [dict(ctx.survival).get(spec.name, 1.0) for spec in run]
+        block = BUILDERS[run[0].kind](run[0], ctx, parent=None)
         return scan_blocks(self, [spec.name for spec in run], block, x, train,
                            survival if min(survival) < 1 else None)
-
-
-def build(options: StackOptions, num_classes: int, layers: Layers, fit: InputFit) -> nn.Module:
-    body, head = options.specs()
-    context = Context(layers, options, num_classes, options.survival(), options.dropout_after())
-    return Stack(body, head, context, fit, options.scan_blocks)
