@@ -162,7 +162,7 @@ def train_checked(cfg: DictConfig, check: bool = False) -> float | None:
     try:
         # A multi-host job's processes meet before anything touches a device (a no-op where the
         # preflight's check already did, in this process).
-        parallel.initialize_distributed(cfg.train.get("distributed"))
+        parallel.initialize_distributed(cfg.train.distributed)
         if check:
             validate_for_training(cfg)
         summary = train(cfg, run_dir.path, group=cfg.logger.group or sweep_group(),

@@ -55,10 +55,10 @@ def _validate_loop(cfg: DictConfig) -> None:
                 f"{key}={value} must be a multiple of train.steps_per_call={per_call}")
     # PRNGKey keeps the low 32 bits: seed 2**32 would silently be seed 0's run.
     require(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
-    devices = cfg.train.get("devices")
+    devices = cfg.train.devices
     require(devices is None or devices > 0,
             f"train.devices={devices} must be a positive integer or null (every device)")
-    parallel.check_distributed(cfg.train.get("distributed"))
+    parallel.check_distributed(cfg.train.distributed)
     threshold = cfg.train.divergence_threshold
     require(threshold is None or threshold > 0,
             f"train.divergence_threshold={threshold} must be positive or null (null: only "
@@ -68,7 +68,7 @@ def _validate_loop(cfg: DictConfig) -> None:
 def _validate_scale(cfg: DictConfig) -> None:
     """train.precision and train.grad_accum; null (configs saved before them) is fp32 and 1."""
     models.compute_dtype(cfg)
-    accum, batch = cfg.train.get("grad_accum"), cfg.train.batch_size
+    accum, batch = cfg.train.grad_accum, cfg.train.batch_size
     if accum is None:
         return
     require(accum >= 1, f"train.grad_accum={accum} must be a positive integer")
@@ -147,7 +147,7 @@ CHECKS = (
     lambda cfg: tracking.validate(cfg.logger),
     lambda cfg: model_summary.validate(cfg.summary),
     diagnostics.validate,
-    lambda cfg: actions.validate_profile(cfg.train.get("profile"), cfg.train),
+    lambda cfg: actions.validate_profile(cfg.train.profile, cfg.train),
 )
 
 
@@ -163,7 +163,7 @@ def validate(cfg: DictConfig) -> None:
 def validate_for_training(cfg: DictConfig) -> None:
     # A multi-host job's processes meet before anything touches a device (the geometry check
     # below does: layers choose their conv kernel by backend).
-    parallel.initialize_distributed(cfg.train.get("distributed"))
+    parallel.initialize_distributed(cfg.train.distributed)
     validate(cfg)
     require(not cfg.dataset.summary_only,
             f"dataset={cfg.dataset.name} describes shapes for `cnnlab summary` only; set "

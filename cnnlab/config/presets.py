@@ -39,7 +39,7 @@ def steps_from_epochs(cfg: DictConfig) -> None:
             f"train.epochs needs dataset.train_size, which dataset {ds.name} does not declare: "
             "set dataset.train_size=N, or train.steps instead")
     images = min(ds.train_size, ds.max_examples or ds.train_size)
-    folds = ds.get("folds")
+    folds = ds.folds
     # A fold holds n // k images, one more for the first n % k folds
     # (cnnlab.data.subsets.fold_split).
     images -= ds.val_size if not folds else images // folds + ((ds.fold or 0) < images % folds)

@@ -43,16 +43,16 @@ class DataLocation:
 
 def on_device_choice(ds: Any) -> Any:
     """dataset.on_device, a missing key (configs saved before it existed) read as auto."""
-    value = ds.get("on_device")
+    value = ds.on_device
     return "auto" if value is None else value
 
 
 # The dataset keys that need the whole training set in memory: (key, is it in use?, why).
 _NEEDS_MEMORY = (
     ("val_size", lambda ds: ds.val_size > 0, "holds examples out of the decoded train split"),
-    ("folds", lambda ds: ds.get("folds") is not None, "cuts the decoded train split"),
-    ("classes", lambda ds: ds.get("classes") is not None, "filters the decoded splits"),
-    ("per_class", lambda ds: ds.get("per_class") is not None, "draws from the decoded labels"),
+    ("folds", lambda ds: ds.folds is not None, "cuts the decoded train split"),
+    ("classes", lambda ds: ds.classes is not None, "filters the decoded splits"),
+    ("per_class", lambda ds: ds.per_class is not None, "draws from the decoded labels"),
 )
 
 
@@ -64,9 +64,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("stream_workers", "stream_threads", "stream_prefetch"):
         value = ds.get(key)
         require(value is None or value >= 0, f"dataset.{key}={value} must be >= 0")
-    require(ds.get("stats_sample") is None or ds.stats_sample > 0,
+    require(ds.stats_sample is None or ds.stats_sample > 0,
             f"dataset.stats_sample={ds.get('stats_sample')} must be positive")
-    require(ds.get("device_budget_gb") is None or ds.device_budget_gb > 0,
+    require(ds.device_budget_gb is None or ds.device_budget_gb > 0,
             f"dataset.device_budget_gb={ds.get('device_budget_gb')} must be positive or null")
     if choice is False:
         check_streamable(cfg)
@@ -98,7 +98,7 @@ def _device_memory() -> int | None:
 
 
 def _device_budget(ds: Any) -> tuple[float, str]:
-    if ds.get("device_budget_gb") is not None:
+    if ds.device_budget_gb is not None:
         return ds.device_budget_gb * 1e9, f"dataset.device_budget_gb={ds.device_budget_gb}"
     limit = _device_memory()
     if limit is not None:
@@ -207,7 +207,7 @@ def load_streamed(cfg: DictConfig) -> Dataset:
     train = _split(builder, ds, ds.train_split, decode)
     test = _split(builder, ds, ds.test_split, decode)
     opts = options(ds)
-    wanted = min(len(train), int(ds.get("stats_sample") or 10_000))
+    wanted = min(len(train), int(ds.stats_sample or 10_000))
     picked = np.sort(np.random.default_rng(_SAMPLE_SEED).choice(len(train), wanted,
                                                                 replace=False))
     train.sample = train.read(picked, opts)

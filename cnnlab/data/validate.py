@@ -19,7 +19,7 @@ def validate(ds: Any) -> None:
         f"dataset.max_examples={ds.max_examples} must be positive or null",
     )
     require(
-        ds.get("cache_max_gb") is None or ds.cache_max_gb > 0,
+        ds.cache_max_gb is None or ds.cache_max_gb > 0,
         f"dataset.cache_max_gb={ds.get('cache_max_gb')} must be positive or null (no limit)",
     )
     shape = ds.image_shape
@@ -32,7 +32,7 @@ def validate(ds: Any) -> None:
 
 
 def _validate_folds(ds: Any) -> None:
-    folds, fold = ds.get("folds"), ds.get("fold") or 0
+    folds, fold = ds.folds, ds.fold or 0
     if folds is None:
         require(fold == 0, f"dataset.fold={fold} needs dataset.folds=K (cross-validation)")
         return
@@ -47,8 +47,8 @@ def _validate_subsets(ds: Any) -> None:
     """per_class and classes; the classes' range is checked by resolve (against the declared
     num_classes) and again on the data."""
     try:
-        check_per_class(ds.get("per_class"))
-        if ds.get("classes") is not None:
+        check_per_class(ds.per_class)
+        if ds.classes is not None:
             check_classes(list(ds.classes), None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -97,14 +97,14 @@ def resolve(ds: Any) -> None:
     Idempotent (a saved run's config is resolved again when loaded): num_classes ==
     len(classes) counts as resolved.
     """
-    if ds.name == folder_data.NAME and ds.get("path") is not None and ds.image_size is not None:
+    if ds.name == folder_data.NAME and ds.path is not None and ds.image_size is not None:
         _validate_folder(ds)
         shape, num_classes, train_size = folder_data.describe(folder_spec(ds))
         for key, value in (("image_shape", shape), ("num_classes", num_classes),
                            ("train_size", train_size)):
             if ds[key] is None:
                 ds[key] = value
-    classes = ds.get("classes")
+    classes = ds.classes
     if classes is None or ds.num_classes == len(classes):
         return
     try:

@@ -52,10 +52,10 @@ def load_data(cfg: DictConfig) -> Dataset:
             ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
             image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
             val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
-            folds=ds.get("folds"), fold=ds.get("fold") or 0,
-            classes=ds.get("classes"), per_class=ds.get("per_class"),
+            folds=ds.folds, fold=ds.fold or 0,
+            classes=ds.classes, per_class=ds.per_class,
             folder=folder_spec(ds), cache_dir=ds.cache_dir,
-            cache_max_bytes=None if ds.get("cache_max_gb") is None else int(ds.cache_max_gb * 1e9),
+            cache_max_bytes=None if ds.cache_max_gb is None else int(ds.cache_max_gb * 1e9),
         )
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
         raise ConfigError(f"dataset {ds.name}: {e}") from None
@@ -202,8 +202,8 @@ class Run:
         batch = self.placement.batch
         return steps.make_train_chunk(steps.make_train_step(
             model, tx, self.augment, cfg.train.batch_size, cfg.regularization,
-            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.get("loss"),
-            frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.get("grad_accum") or 1,
+            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.loss,
+            frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
             compute_dtype=compute_dtype(cfg)),
             replicated=None if batch is None else self.placement.replicated)
 
@@ -233,7 +233,7 @@ class Run:
         pay."""
         diagnose = diagnostics.make_diagnose(self.model, self.tx, self.augment,
                                              self.cfg.train.batch_size, self.cfg.regularization,
-                                             self.scale_lr, self.cfg.get("loss"))
+                                             self.scale_lr, self.cfg.loss)
         return lambda state: diagnose(state, self.train_data)
 
     def eval_splits(self, batch_size: int) -> dict[str, DeviceSplit]:
@@ -264,7 +264,7 @@ def build(cfg: DictConfig, dataset: Dataset | None = None,
     """
     # A missing source, or devices this machine lacks, are said before the data is read.
     transfer_sources.check_exists(cfg)
-    placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.get("devices")))
+    placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.devices))
     placement.check_batch("train.batch_size", cfg.train.batch_size)
     dataset = load_data(cfg) if dataset is None else dataset
     if cfg.train.batch_size > len(dataset.train):

@@ -396,14 +396,14 @@ def make_eval_views(ev: DictConfig, augment: DictConfig,
                     image_shape: Sequence[int]) -> steps.Views | None:
     """The views `eval.tta` names, at each of `eval.scales` when set; None when neither is."""
     views = make_views(ev.tta, augment, ev.crop_size, image_shape)
-    if ev.get("scales") is None:
+    if ev.scales is None:
         return views
     return multi_scale_views(views, list(ev.scales), ev.scale_mode, image_shape)
 
 
 def validate_scales(ev: DictConfig, cfg: DictConfig) -> None:
     """`eval.scales` and `eval.scale_mode` for the run `cfg` (its model, data, preprocessing)."""
-    if ev.get("scales") is None:
+    if ev.scales is None:
         return
     scales = list(ev.scales)
     require(bool(scales) and all(isinstance(s, int) and s > 0 for s in scales),

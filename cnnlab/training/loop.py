@@ -43,7 +43,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
     `failure` says when), failed or interrupted (`signal`: the signal's number).
     """
     # Before anything touches a device: a multi-host job's processes must meet first.
-    parallel.initialize_distributed(cfg.train.get("distributed"))
+    parallel.initialize_distributed(cfg.train.distributed)
     run_dir = RunDir(run_dir) if parallel.is_primary() else FollowerRunDir(run_dir)
     with run_dir.lock():
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -85,7 +85,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         "status": "running", "model": cfg.model.name, "dataset": run.dataset.name,
         "params": run.num_params, "macs": run.macs, "steps": cfg.train.steps,
         "seed": cfg.seed, "resumed_from": resumed_from, **run.placement.describe(),
-        "precision": cfg.train.get("precision") or "fp32",
+        "precision": cfg.train.precision or "fp32",
     }
     if run.transfer is not None:
         summary["transfer"] = _transfer_summary(run, tracker)
@@ -118,7 +118,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
                 progress, checkpoint]
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
         periodic.append(actions.Snapshots(cfg, run_dir))
-    if (window := actions.profile_window(cfg.train.get("profile"))) is not None:
+    if (window := actions.profile_window(cfg.train.profile)) is not None:
         periodic.insert(0, actions.Profile(window, run_dir, int(state.step)))
     try:
         _, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale, compiles)

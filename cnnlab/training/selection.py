@@ -117,7 +117,7 @@ def validate(cfg: DictConfig) -> None:
                 f"{', '.join(MONITORED_METRICS)} (selecting on the test set would leak it)")
     if sched.name == "plateau" or stopping.patience > 0:
         what = "schedule=plateau" if sched.name == "plateau" else "early_stopping.patience > 0"
-        require(cfg.dataset.val_size > 0 or cfg.dataset.get("folds"),
+        require(cfg.dataset.val_size > 0 or cfg.dataset.folds,
                 f"{what} watches the validation split; set dataset.val_size > 0 (or "
                 "dataset.folds)")
         require(cfg.train.eval_every > 0,
