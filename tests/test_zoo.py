@@ -301,7 +301,7 @@ def test_lenet5_c3_follows_table_1():
     table = CONNECTION_TABLES.get("lenet5_c3")
     model = build_model(compose_config(["model=lenet5", "norm=none"]), 10)
     variables = init_variables(model, jax.random.PRNGKey(1), (32, 32, 1))
-    conv = TableConv(5, table, model.context.layers, padding=0)
+    conv = TableConv(5, table, model.layers, padding=0)
     params = {"params": variables["params"]["C3"]["conv"]}
     s2 = jax.random.normal(jax.random.PRNGKey(2), (1, 14, 14, 6))
     base = conv.apply(params, s2)

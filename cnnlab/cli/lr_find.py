@@ -21,7 +21,7 @@ def lr_find_command(args: list[str]) -> None:
 
     from cnnlab.training import lr_find
 
-    cfg, _ = check_config(args)
+    cfg = check_config(args).cfg
     with open_dict(cfg):
         del cfg["hydra"]  # what a run sees: resolvable outside a Hydra job
     try:

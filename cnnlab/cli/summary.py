@@ -9,7 +9,7 @@ def summary_command(args: list[str]) -> None:
     if any(arg.startswith("-") for arg in args):
         print(command_help("summary"))
         return
-    cfg, _ = check_config(args, for_training=False)
+    cfg = check_config(args, for_training=False).cfg
     if cfg.dataset.image_shape is None or cfg.dataset.num_classes is None:
         fail(f"dataset {cfg.dataset.name} does not declare image_shape and num_classes; "
              "set dataset.image_shape=[H,W,C] dataset.num_classes=N")
