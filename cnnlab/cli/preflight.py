@@ -177,11 +177,31 @@ def compose(overrides: list[str] | None = None, for_training: bool = True) -> Di
     return cfg
 
 
-def _check_group_choices(parsed: list) -> None:
-    """`model=resnt20` -> one line with the valid choices (and the closest one)."""
+def _searched_folders(parsed: list, config_dir: str | None) -> list[Path] | None:
+    """The config folders composition reads: CONF_DIR, a user's `--config-dir` and the file://
+    entries of a `hydra.searchpath` override; None when one is a package (pkg://), whose
+    options are not listed here."""
+    from cnnlab.config.groups import CONF_DIR
+
+    folders = [CONF_DIR] + ([Path(config_dir).absolute()] if config_dir is not None else [])
+    for override in parsed:
+        if override.get_key_element().lstrip("+") == "hydra.searchpath":
+            for entry in override.value() or []:
+                if not str(entry).startswith("file://"):
+                    return None
+                folders.append(Path(str(entry).removeprefix("file://")).absolute())
+    return folders
+
+
+def _check_group_choices(parsed: list, config_dir: str | None = None) -> None:
+    """`model=resnt20` -> one line with the valid choices (and the closest one), the options of
+    a user's config folders (`--config-dir`, `hydra.searchpath`) among them."""
     from cnnlab.config.groups import CONF_DIR, group_options
     from cnnlab.registry import unknown_choice
 
+    folders = _searched_folders(parsed, config_dir)
+    if folders is None:
+        return  # Hydra's own error names an unknown option
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}
     for override in parsed:
         key = override.get_key_element().lstrip("~+")
@@ -189,13 +209,13 @@ def _check_group_choices(parsed: list) -> None:
             continue
         values = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
                   else [override.get_value_element_as_str()])
-        valid = group_options(key)
+        valid = sorted({name for root in folders for name in group_options(key, root)})
         for value in values:
             if value not in valid and value != "null":
                 fail(unknown_choice(key, value, valid))
 
 
-def _expand(overrides: list[str]) -> list[list[str]]:
+def _expand(overrides: list[str], config_dir: str | None = None) -> list[list[str]]:
     """Every single-run override list a sweep describes, expanded by Hydra's basic sweeper (a
     later override of a key replaces an earlier one, so the command line wins over a config's
     `hydra.sweeper.params`). Ranges of a continuous search (Optuna's `interval(...)`) cannot be
@@ -207,7 +227,7 @@ def _expand(overrides: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(str(e).splitlines()[0] if str(e) else "could not parse the overrides")
-    _check_group_choices(parsed)
+    _check_group_choices(parsed, config_dir)
     listable = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
     return hydra_compat.expand_sweep(listable)
 
@@ -240,20 +260,20 @@ class CheckedRuns(NamedTuple):
 
 
 def check_config(overrides: list[str], for_training: bool = True,
-                 multirun: bool = False) -> CheckedRuns:
+                 multirun: bool = False, config_dir: str | None = None) -> CheckedRuns:
     """Compose and validate every run the command line describes; exit 2 on the first error.
 
     A multirun (`-m`) also expands the sweep that a config declares in `hydra.sweeper.params`
     (the experiments/ studies). A study started without -m is refused with its size: in Hydra
     projects `experiment=` usually means one run, and a study can be days of training.
+    `config_dir` (Hydra's `--config-dir`) adds a user's config folder to the search path.
     """
     import copy
 
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnnlab.config.groups import CONF_DIR
     from cnnlab.config.presets import resolve_presets
 
     check = validate_for_training if for_training else validate
@@ -266,16 +286,15 @@ def check_config(overrides: list[str], for_training: bool = True,
             fail(_one_line(e))
 
     steps, composed_runs, checked_runs = [], [], []
-    # job_name: Hydra names a run's log file after it (.hydra/../app.log), as in every release.
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="app"):
-        for combination in _expand(overrides):
+    with hydra_compat.initialize(config_dir):
+        for combination in _expand(overrides, config_dir):
             cfg = composed(combination)
             runs = [combination]
             declared = str(cfg.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
             sweeping = multirun or declared
             _check_no_sweep_without_multirun(overrides, sweeping)
             if sweeping:
-                runs = _expand(_config_sweep(cfg.hydra) + combination)
+                runs = _expand(_config_sweep(cfg.hydra) + combination, config_dir)
             if declared and not multirun and for_training:
                 _refuse_study_without_multirun(cfg, len(runs))
             for run in runs:

@@ -55,10 +55,12 @@ def train_command(args: list[str]) -> None:
     if info_only(parsed):
         hydra_compat.run_app(parsed, train_job)
         return
-    checked = check_config(parsed.overrides, multirun=parsed.multirun)
+    checked = check_config(parsed.overrides, multirun=parsed.multirun,
+                           config_dir=parsed.config_dir)
     if not parsed.multirun and len(checked.checked) == 1:
         run = _without_hydra(checked.checked[0])
-        hydra_compat.run_composed(checked.composed[0], lambda: train_checked(run))
+        hydra_compat.run_composed(checked.composed[0], lambda: train_checked(run),
+                                  parsed.config_dir)
         return
     print(_sweep_size(checked.cfg, checked.steps), file=sys.stderr)
     sweep_dir = _sweep_dir(checked.cfg)

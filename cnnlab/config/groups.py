@@ -1,23 +1,42 @@
 """The config groups as files: `conf/<group>/*.yaml` options, their values with their bases
 merged, and the sections of conf/config.yaml that no group chooses."""
 
+from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnlab.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def find_conf_dir() -> Path:
+    """Where the configs are: the repo's conf/ when cnnlab runs from a checkout (an editable
+    install included), else the copy an installed wheel carries in `cnnlab/conf/` (setup.py puts
+    conf/ there, with experiments/ as `experiment/`, without its results/)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return checkout / "conf"
+    packaged = Path(str(files("cnnlab") / "conf"))
+    if not (packaged / "config.yaml").is_file():
+        raise ConfigError(f"cnnlab's configs are missing: neither {checkout / 'conf'} (a "
+                          f"checkout) nor {packaged} (an installed wheel) has config.yaml")
+    return packaged
 
 
-def group_options(group: str) -> list[str]:
+# A real folder: Hydra's initialize_config_dir and group_options' file listing need one.
+CONF_DIR = find_conf_dir()
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """The option names of a config group, from the YAML files in `conf/<group>/`.
 
     Options in sub-folders are named by their path, as Hydra names them (`smoke/init_study`).
     Private bases (`_stack`), hidden folders and `results/` are not options: `experiment` is the
     experiments/ folder, whose results/ keeps finished runs' logs with their saved configs.
     """
-    root = CONF_DIR / group
+    root = conf_dir / group
+    if not root.is_dir():
+        return []
 
     def is_option(path: Path) -> bool:
         parts = path.relative_to(root).parts
