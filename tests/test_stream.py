@@ -181,3 +181,26 @@ def test_resuming_mid_stream_gives_the_uninterrupted_result(fashion_dir, tmp_pat
 
     assert losses(cut) == losses(tmp_path / "straight") and len(losses(cut)) == 6
     assert resumed["final/test/loss"] == straight["final/test/loss"]
+
+
+def test_grain_worker_processes_read_the_batches_the_main_process_reads(fashion_dir):
+    """The default reads with `dataset.stream_workers=4` worker processes (each a fresh Python
+    process that decodes its share): the batches must be the in-process reader's, in order."""
+    split = stream_config.load_streamed(compose_config(
+        [f"dataset.data_dir={fashion_dir}", "dataset.max_examples=256",
+         "dataset.stats_sample=64"])).train
+    key = np.asarray(jax.random.split(jax.random.PRNGKey(7))[0])
+
+    def batches(workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        options = stream.StreamOptions(workers=workers, threads=1)
+        # Steps 14-20 of batch 16 cross from epoch 0 (16 steps of 256 examples) into epoch 1.
+        return [(np.asarray(images), np.asarray(labels)) for images, labels
+                in stream.train_batches(split, key, 16, 14, 20, options)]
+
+    in_process, two_workers = batches(0), batches(2)
+    assert len(in_process) == 6 and len(two_workers) == 6
+    for (images, labels), (w_images, w_labels) in zip(in_process, two_workers, strict=True):
+        assert images.shape == (16, 28, 28, 1) and images.dtype == np.uint8
+        np.testing.assert_array_equal(w_images, images)
+        np.testing.assert_array_equal(w_labels, labels)
+    assert len({labels.tobytes() for _, labels in in_process}) == 6  # the batches differ
