@@ -176,3 +176,13 @@ def test_a_scanned_run_resumes_unrolled_from_its_checkpoint(fashion_dir, tmp_pat
     for key in final:
         np.testing.assert_allclose(final_resumed[key], final[key], rtol=1e-3, atol=1e-5,
                                    err_msg=key)
+
+
+def test_a_pattern_net_does_not_claim_scanned_blocks():
+    """The pattern family builds a stack with no residual blocks: its options must say
+    scan_blocks=false, not leave it MISSING ('???', which is truthy and sent its init down the
+    scanned models' path)."""
+    from cnnlab.models import build_model
+    from cnnlab.models.scan import scans_blocks
+
+    assert scans_blocks(build_model(compose_config(["model=pattern"]), 10)) is False

@@ -58,7 +58,7 @@ class PatternOptions:
         return stack.StackOptions(
             layers=self.layers(), head=self.head(), dropout=0.0, residual=False, shortcut="B",
             stride_at="1x1", aux_classifiers=False, width=1.0, stochastic_depth=1.0,
-            stochastic_depth_mode="batch",
+            stochastic_depth_mode="batch", scan_blocks=False,
             dropout_at=DropoutPlaces(conv=0.0, stage=0.0, fc=0.0, head=0.0, block=0.0))
 
     def validate(self) -> None:
