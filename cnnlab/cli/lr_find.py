@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from cnnlab.cli.args import fail
-from cnnlab.cli.preflight import check_config
+from cnnlab.cli.preflight import check_config, without_hydra
 from cnnlab.cli.usage import command_help
 from cnnlab.errors import ConfigError
 
@@ -17,13 +17,9 @@ def lr_find_command(args: list[str]) -> None:
     if any(arg.startswith("-") for arg in args):
         print(command_help("lr_find"))
         return
-    from omegaconf import open_dict
-
     from cnnlab.training import lr_find
 
-    cfg = check_config(args).cfg
-    with open_dict(cfg):
-        del cfg["hydra"]  # what a run sees: resolvable outside a Hydra job
+    cfg = without_hydra(check_config(args).cfg)
     try:
         lr_find.validate(cfg.lr_find)
     except ConfigError as e:

@@ -314,6 +314,19 @@ def check_config(overrides: list[str], for_training: bool = True,
     return CheckedRuns(cfg, steps, composed_runs, checked_runs)
 
 
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """What a run sees: a copy of a checked config without Hydra's own node (resolvable outside
+    a Hydra job)."""
+    import copy
+
+    from omegaconf import open_dict
+
+    run = copy.deepcopy(cfg)
+    with open_dict(run):
+        del run["hydra"]
+    return run
+
+
 def _refuse_study_without_multirun(cfg: DictConfig, jobs: int) -> None:
     from omegaconf import OmegaConf
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from cnnlab.cli import hydra_compat
 from cnnlab.cli.app import train_checked, train_job
 from cnnlab.cli.hydra_compat import info_only, parse_args
-from cnnlab.cli.preflight import check_config
+from cnnlab.cli.preflight import check_config, without_hydra
 from cnnlab.cli.sweep import job_count, report
 
 
@@ -58,7 +58,7 @@ def train_command(args: list[str]) -> None:
     checked = check_config(parsed.overrides, multirun=parsed.multirun,
                            config_dir=parsed.config_dir)
     if not parsed.multirun and len(checked.checked) == 1:
-        run = _without_hydra(checked.checked[0])
+        run = without_hydra(checked.checked[0])
         hydra_compat.run_composed(checked.composed[0], lambda: train_checked(run),
                                   parsed.config_dir)
         return
@@ -74,15 +74,3 @@ def train_command(args: list[str]) -> None:
         if Path(sweep_dir).is_dir():
             line, _ = report(Path(sweep_dir))
             print(f"cnnlab: {line}", file=sys.stderr)
-
-
-def _without_hydra(cfg: DictConfig) -> DictConfig:
-    """What a run sees: the config without Hydra's own node (resolvable outside a Hydra job)."""
-    import copy
-
-    from omegaconf import open_dict
-
-    run = copy.deepcopy(cfg)
-    with open_dict(run):
-        del run["hydra"]
-    return run
