@@ -1,8 +1,12 @@
-"""Name -> object registries, so that a YAML file name selects an implementation."""
+"""Name -> object registries, so that a YAML file name selects an implementation; and the
+one-line description each config key carries beside its schema field (`described`)."""
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 
@@ -50,3 +54,22 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+# The metadata key of a schema field's one-line description (`described`).
+HELP = "help"
+
+
+def described(text: str, default: Any = MISSING, *,
+              factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field of a config schema with its one-line description beside it: the
+    `help` that `cnnlab COMMAND --help` shows for the key (read back by `field_help`).
+    `default` is MISSING where conf/ gives the value; `factory` for a nested section."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={HELP: text})
+    return dataclasses.field(default=default, metadata={HELP: text})
+
+
+def field_help(schema: type) -> dict[str, str]:
+    """Each field of the dataclass `schema` -> its description ('' where it has none)."""
+    return {f.name: f.metadata.get(HELP, "") for f in dataclasses.fields(schema)}

@@ -286,23 +286,6 @@ def test_steps_per_call_is_fitted_to_every_boundary_the_host_acts_at(overrides, 
     assert cfg.train.steps_per_call == fitted
 
 
-def test_train_help_lists_the_options_users_can_choose_only(tmp_path):
-    from cnnlab.config.groups import group_options
-    from tests.helpers import run_cli
-
-    result = run_cli(["train", "--help"], cwd=tmp_path)
-    assert result.returncode == 0
-    listing = result.stdout.split("== Config ==")[0]
-    groups = dict(line.split(": ", 1) for line in listing.splitlines()
-                  if line.split(":")[0] in ("model", "augment", "schedule", "dataset"))
-    assert groups["model"].split(", ") == group_options("model")
-    assert "resnet56" in groups["model"]
-    assert not any(o.startswith("_") for g in groups.values() for o in g.split(", "))
-    assert "_base" not in groups["augment"] and "_base" not in groups["schedule"]
-    assert "_stack" not in result.stdout and "_cifar_resnet" not in result.stdout
-
-
-
 @pytest.mark.parametrize("command, schema", [("compare", "CompareConfig"), ("eval", "EvalConfig")])
 def test_command_help_lists_every_option_it_takes(tmp_path, command, schema):
     import dataclasses

@@ -226,15 +226,3 @@ def test_a_bad_kind_or_option_is_one_line_and_exit_2(tmp_path: Path, args: list[
     result = run_cli(["viz", *args], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-
-
-def test_viz_help_lists_every_option(tmp_path: Path):
-    import dataclasses
-
-    from cnnlab.viz.options import VizOptions
-
-    result = run_cli(["viz", "--help"], cwd=tmp_path)
-    assert result.returncode == 0
-    listed = {line.strip().split("=")[0] for line in result.stdout.split("options")[1]
-              .splitlines() if line.startswith("  ")}
-    assert listed == {f.name for f in dataclasses.fields(VizOptions)}

@@ -40,6 +40,7 @@ from cnnlab.analysis.tables import (
 )
 from cnnlab.analysis.versus import write_versus
 from cnnlab.errors import ConfigError
+from cnnlab.registry import described
 from cnnlab.runs.rundir import CURVES
 
 COMPARE_DIR = "compare"
@@ -50,40 +51,32 @@ TABLE_MD, TABLE_CSV, FAILED_CSV = "table.md", "table.csv", "failed.csv"
 class CompareConfig:
     """`compare.KEY=VALUE` options of `cnnlab compare`."""
 
-    # Where the files go; null: <PATH>/compare for a single directory PATH, else ./compare.
-    output: str | None = None
-    # What is printed: markdown (both tables) or csv (the configuration table; failed.csv is
-    # written beside it). The files are always written in both formats.
-    format: str = "markdown"
-    # Curves of train/test error (%) or train/test loss.
-    metric: str = "error"
-    # A flattened config key (e.g. model.residual): one panel per value, side by side, as
-    # He et al. 2016 Figure 6 has plain nets left and ResNets right. null: one panel.
-    panel_by: str | None = None
-    # y-axis range [lo, hi]; null: matplotlib's.
-    ylim: list[float] | None = None
-    # auto: logarithmic when the curves span more than two decades (losses), else linear.
-    yscale: str = "auto"
-    # Logged keys to draw instead of `metric`: exact keys or fnmatch globs of metrics.jsonl keys
-    # (e.g. diag/grad_norm/*). One key: one line per configuration, like `metric`; several: one
-    # panel per configuration, one line per key (see key_curves).
-    keys: list[str] | None = None
-    # Shade mean ± std over seeds around each curve.
-    shade_std: bool = False
-    dpi: int = 150
-    # all: every finished seed of a configuration is averaged; best: only the one with the
-    # lowest final validation error is reported ("random restarts": keep the best trial).
-    select: str = "all"
-    # Error against multiply-adds per image, one point per configuration (mean over seeds),
-    # the Pareto front marked: pareto.md and pareto.png, and the table printed after the others.
-    pareto: bool = False
-    # A config key (e.g. transfer.load_through): also versus.md and versus.png, the final test
-    # error against its values, a line per other differing setting (cnnlab/analysis/versus.py).
-    versus: str | None = None
-    # A config key (e.g. model.residual): also contrast.md, each of its values against the first
-    # within groups that differ in nothing else, Welch's t-test over seeds
-    # (cnnlab/analysis/contrast.py).
-    contrast: str | None = None
+    output: str | None = described(
+        "output folder (null: PATH/compare, or ./compare for several)", None)
+    # The files are always written in both formats; csv also writes failed.csv beside it.
+    format: str = described("printed: markdown (both tables) | csv (configurations)",
+                            "markdown")
+    metric: str = described("curves of train/test error (%) | loss", "error")
+    # As He et al. 2016 Figure 6 has plain nets left and ResNets right.
+    panel_by: str | None = described("a config key: one panel per value (null: one panel)",
+                                     None)
+    ylim: list[float] | None = described("y-axis range [lo,hi] (null: matplotlib's)", None)
+    yscale: str = described("auto (log when curves span > 2 decades), linear, log", "auto")
+    # One key: one line per configuration, like `metric`; several: one panel per
+    # configuration, one line per key (see key_curves).
+    keys: list[str] | None = described(
+        "logged keys or globs drawn, not metric (diag/grad_norm/*)", None)
+    shade_std: bool = described("shade mean ± std over seeds around each curve", False)
+    dpi: int = described("PNG resolution", 150)
+    # best: "random restarts", keep the best trial.
+    select: str = described("all seeds averaged | best (lowest final validation error)", "all")
+    pareto: bool = described("error against multiply-adds, Pareto front: pareto.md/.png",
+                             False)
+    # cnnlab/analysis/versus.py.
+    versus: str | None = described("a config key: final test error against its values", None)
+    # Within groups that differ in nothing else (cnnlab/analysis/contrast.py).
+    contrast: str | None = described(
+        "a config key: its values against the first, Welch's t-test", None)
 
 
 def parse_config(overrides: Sequence[str]) -> CompareConfig:

@@ -1,7 +1,10 @@
 """What `cnnlab --help` and `cnnlab COMMAND --help` print: each command's usage, and every
 `COMMAND.KEY` it takes with its default, read from the schema (so the list cannot fall behind)."""
 
+import dataclasses
+import textwrap
 from collections.abc import Callable
+from typing import Any
 
 USAGE = """usage: cnnlab COMMAND [HYDRA OVERRIDES...]
        cnnlab --version
@@ -62,24 +65,55 @@ def _viz_schema() -> type:
 OPTION_SCHEMAS: dict[str, Callable[[], type]] = {"compare": _compare_schema, "viz": _viz_schema}
 
 
-def command_help(command: str) -> str:
-    """`cnnlab COMMAND --help`: the command's usage and every `COMMAND.KEY` it takes, with its
-    default, read from the config schema and conf/config.yaml (so the list cannot fall behind)."""
-    import dataclasses
+def _option_rows(command: str) -> list[tuple[str, Any, str]]:
+    """(key, default, description) of every option `command` takes."""
+    import typing
 
     from omegaconf import OmegaConf
 
-    blocks = USAGE.split("\n\n")
-    usage = next(b for b in blocks if b.lstrip().startswith(command + " "))
+    from cnnlab.registry import field_help
+
     if command in OPTION_SCHEMAS:
-        defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SCHEMAS[command]())}
+        schema = OPTION_SCHEMAS[command]()
+        defaults = {f.name: f.default for f in dataclasses.fields(schema)}
     else:
         from cnnlab.config.groups import root_values
+        from cnnlab.config.schema import Config
 
+        schema = typing.get_type_hints(Config)[command]
         defaults = OmegaConf.to_container(root_values(command))
         defaults.pop("ema_decay", None)  # a training setting: eval reads each run's own
+    described = field_help(schema)
+    return [(key, value, described[key]) for key, value in defaults.items()]
+
+
+def _viz_kinds() -> list[str]:
+    """Each viz kind and the options it reads besides the common ones."""
+    from cnnlab.viz.options import COMMON, READS
+
+    return [f"kinds (each also reads {', '.join(COMMON)}):",
+            *(line for kind, reads in READS.items()
+              for line in textwrap.wrap(f"{kind:<16} {', '.join(reads)}", 100, initial_indent="  ",
+                                        subsequent_indent=" " * 19))]
+
+
+def command_help(command: str) -> str:
+    """`cnnlab COMMAND --help`: the command's usage and every `COMMAND.KEY` it takes, with its
+    default and description, read from the option schemas and conf/config.yaml (so the list
+    cannot fall behind); for viz, the kinds that read each option."""
+    from cnnlab.config.keys import COLUMN, format_value, key_lines
+
+    blocks = USAGE.split("\n\n")
+    usage = next(b for b in blocks if b.lstrip().startswith(command + " "))
     prefix = "" if command == "viz" else f"{command}."  # viz options are bare key=value
-    options = "\n".join(f"  {prefix}{key}="
-                         f"{OmegaConf.to_yaml({key: value}).split(': ', 1)[1].strip()}"
-                         for key, value in defaults.items())
-    return f"usage:\n{usage}\n\noptions (default values):\n{options}"
+    lines: list[str] = []
+    for key, value, text in _option_rows(command):
+        lines += key_lines([(f"{prefix}{key}={format_value(value)}", text)])
+        if command == "viz":
+            from cnnlab.viz.options import read_by
+
+            lines += textwrap.wrap(f"read by: {read_by(key)}", 100,
+                                   initial_indent=" " * (COLUMN + 4),
+                                   subsequent_indent=" " * (COLUMN + 13))
+    kinds = ["", *_viz_kinds()] if command == "viz" else []
+    return "\n".join([f"usage:\n{usage}", "", "options (default, meaning):", *lines, *kinds])

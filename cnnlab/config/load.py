@@ -9,9 +9,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# conf/ calls these modules' resolvers (${short_dirname:...}, ${cnnlab_help_groups:}): importing
-# them here registers both before anything composes.
-from cnnlab.config import groups, names  # noqa: F401
+# conf/ calls these modules' resolvers (${short_dirname:...}, ${cnnlab_help:}): importing
+# them here registers them before anything composes.
+from cnnlab.config import groups, keys, names  # noqa: F401
 from cnnlab.config.groups import CONF_DIR
 from cnnlab.config.presets import resolve_presets
 from cnnlab.config.schema import Config

@@ -15,7 +15,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.models import cifar_resnet, pattern, stack
 from cnnlab.models.layers import PRECISIONS, BatchNorm, InputFit, Layers, build_layers
 from cnnlab.models.scan import scans_blocks, unrolled
-from cnnlab.registry import Registry
+from cnnlab.registry import Registry, described
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +44,24 @@ FAMILIES.register("cifar_resnet",
 FAMILIES.register("stack", ModelFamily(stack.StackOptions, stack.Stack))
 FAMILIES.register("pattern", ModelFamily(pattern.PatternOptions, pattern.as_stack))
 
-# Keys every model config has besides its family's own options.
-COMMON_KEYS = ("name", "family", "input_size", "input_fit")
+@dataclasses.dataclass
+class ModelCommon:
+    """Keys every model config has besides its family's own options (checked by
+    `input_fit` and the family lookup; this declares them and their descriptions)."""
+
+    name: str = described("the model's name in run folders, tables and W&B")
+    family: str = described("the family that builds it: cifar_resnet, stack, pattern")
+    input_size: int | None = described("side the images are brought to (null: their own)")
+    input_fit: str = described("how: resize | pad (zero padding, e.g. LeNet-5's 28 -> 32)")
+
+
+COMMON_KEYS = tuple(f.name for f in dataclasses.fields(ModelCommon))
 INPUT_FITS = ("resize", "pad")
+
+
+def model_schemas(family: str) -> tuple[type, type]:
+    """The dataclasses a `family`'s model config is typed by: common keys, then its own."""
+    return ModelCommon, FAMILIES.get(family).options
 
 
 def input_fit(model_cfg: DictConfig) -> InputFit:

@@ -18,13 +18,13 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models.blocks import BasicBlock, Dropout
 from cnnlab.models.layers import InputFit, Layers, at_least_float32
 from cnnlab.models.regularization import DropoutPlaces, check_stochastic_depth, linear_decay
 from cnnlab.models.scan import scan_blocks
+from cnnlab.registry import described
 
 # The dropout places this family has: no hidden fc layers, no conv layers outside its blocks
 # but the stem.
@@ -38,19 +38,17 @@ class CifarResNetOptions:
     conf/model/_cifar_resnet.yaml and the model file on top of it, the only place a default is
     written."""
 
-    depth: int = MISSING
-    width: int = MISSING
-    residual: bool = MISSING
-    shortcut: str = MISSING
-    # Huang et al. 2016's p_L, the last block's survival probability (1 = off).
-    stochastic_depth: float = MISSING
-    # batch: one draw per block and mini-batch (the paper); example: per example (drop path).
-    stochastic_depth_mode: str = MISSING
-    # Dropout rates by place (0 = none): stage, head, block.
-    dropout_at: DropoutPlaces = MISSING
-    # Run each stage's repeated blocks as one scan (cnnlab.models.scan): compile time flat in
-    # depth, the same variables and numbers.
-    scan_blocks: bool = MISSING
+    depth: int = described("layers: 6n+2 (20, 32, 44, 56, 110, ...)")
+    width: int = described("filters of the first stage (16; doubled per stage)")
+    residual: bool = described("shortcuts; false: the paper's plain net")
+    shortcut: str = described("A: zero-padded identity, B: projection on change, C: all")
+    # Huang et al. 2016's p_L.
+    stochastic_depth: float = described("last block's survival probability (1: off)")
+    # batch: the paper; example: drop path.
+    stochastic_depth_mode: str = described("one draw per block and batch | per example")
+    dropout_at: DropoutPlaces = described("dropout rates by place (0: none): stage, head, block")
+    # cnnlab.models.scan: the same variables and numbers.
+    scan_blocks: bool = described("run each stage's blocks as one scan: compile time flat")
 
     def validate(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:

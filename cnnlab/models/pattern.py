@@ -13,11 +13,11 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import stack
 from cnnlab.models.regularization import DropoutPlaces
+from cnnlab.registry import described
 
 POOLS = ("max", "avg", "none")
 
@@ -28,15 +28,15 @@ class PatternOptions:
     the `stack` model they describe (`as_stack`). Every value comes from
     conf/model/pattern.yaml."""
 
-    n: int = MISSING  # (CONV-ACT) per stage, >= 1
-    m: int = MISSING  # stages, >= 1
-    k: int = MISSING  # hidden (FC-ACT) layers, >= 0
-    width: int = MISSING  # filters of the first stage's convs
-    growth: float = MISSING  # width multiplier from one stage to the next (VGG: 2)
-    fc_width: int = MISSING
-    kernel: int = MISSING
-    pool: str = MISSING  # max, avg or none
-    gap: bool = MISSING  # global average pooling before the fc layers
+    n: int = described("N: (CONV-ACT) per stage, >= 1")
+    m: int = described("M: stages, >= 1")
+    k: int = described("K: hidden (FC-ACT) layers, >= 0")
+    width: int = described("filters of the first stage's convs")
+    growth: float = described("width multiplier from one stage to the next (VGG: 2)")
+    fc_width: int = described("units of each hidden fc layer")
+    kernel: int = described("conv kernel side")
+    pool: str = described("pooling after each stage: max, avg or none")
+    gap: bool = described("global average pooling before the fc layers")
 
     def stage_widths(self) -> list[int]:
         return [max(1, round(self.width * self.growth ** stage)) for stage in range(self.m)]

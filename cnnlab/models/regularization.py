@@ -18,9 +18,9 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
+from cnnlab.registry import described
 
 # batch: the paper's rule, one draw per block and mini-batch (the whole batch skips the block);
 # example: one draw per block and example ("drop path", as in timm's DropPath).
@@ -102,11 +102,11 @@ class DropoutPlaces:
            basic block, as in Zagoruyko & Komodakis 2016's wide ResNets (rate 0.3 there).
     """
 
-    conv: float = MISSING
-    stage: float = MISSING
-    fc: float = MISSING
-    head: float = MISSING
-    block: float = MISSING
+    conv: float = described("after every conv layer")
+    stage: float = described("at the end of every conv stage")
+    fc: float = described("after every hidden fully connected layer")
+    head: float = described("once, right before the classifier")
+    block: float = described("inside every residual block, before its last conv")
 
     def validate(self, available: tuple[str, ...], family: str) -> None:
         for place in DROPOUT_PLACES:

@@ -17,7 +17,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from omegaconf import MISSING
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import blocks
@@ -30,6 +29,7 @@ from cnnlab.models.regularization import (
 )
 from cnnlab.models.scan import scan_blocks
 from cnnlab.models.spec import LayerSpec, parse_layers
+from cnnlab.registry import described
 
 RESIDUAL_KINDS = ("basic", "bottleneck")
 POOL_KINDS = ("maxpool", "avgpool", "subsample", "transition")
@@ -44,29 +44,23 @@ class StackOptions:
     and the one field `Stack` holds them in. Every value comes from conf/model/_stack.yaml and
     the model file on top of it, the only place a default is written."""
 
-    layers: list[Any] = MISSING
-    # Layers between the feature stack and the classifier (VGG's FC-4096 pair, ...).
-    head: list[Any] = MISSING
-    # Rate of `dropout` entries that do not give their own.
-    dropout: float = MISSING
-    # Residual blocks: false gives the paper's plain counterpart (same layers, no shortcuts).
-    residual: bool = MISSING
-    shortcut: str = MISSING
-    # Bottleneck downsampling in the first 1x1 (the paper) or in the 3x3 (torchvision, "v1.5").
-    stride_at: str = MISSING
-    # GoogLeNet's auxiliary classifiers (the `aux` entries); off drops them and their weights.
-    aux_classifiers: bool = MISSING
-    # Multiplies every layer's width (not the classifier's).
-    width: float = MISSING
-    # Huang et al. 2016's p_L, the last residual block's survival probability (1 = off).
-    stochastic_depth: float = MISSING
-    # batch: one draw per block and mini-batch (the paper); example: per example (drop path).
-    stochastic_depth_mode: str = MISSING
-    # Dropout added by kind of place, one rate each (0 = none): conv, stage, fc, head, block.
-    dropout_at: DropoutPlaces = MISSING
-    # Run each stage's repeated residual blocks as one scan (cnnlab.models.scan): compile time
-    # flat in depth, the same variables and numbers.
-    scan_blocks: bool = MISSING
+    layers: list[Any] = described("the layer list (syntax: cnnlab.models.spec)")
+    head: list[Any] = described("layers between the features and the classifier (VGG's FCs)")
+    dropout: float = described("rate of `dropout` entries that do not give their own")
+    residual: bool = described("residual blocks' shortcuts; false: the plain counterpart")
+    shortcut: str = described("A: zero-padded identity, B: projection on change, C: all")
+    # The paper: the first 1x1; torchvision ("v1.5"): the 3x3.
+    stride_at: str = described("bottleneck downsampling in the 1x1 | 3x3")
+    # Off drops them and their weights.
+    aux_classifiers: bool = described("GoogLeNet's auxiliary classifiers (`aux` entries)")
+    width: float = described("multiplies every layer's width (not the classifier's)")
+    # Huang et al. 2016's p_L.
+    stochastic_depth: float = described("last residual block's survival probability (1: off)")
+    # batch: the paper; example: drop path.
+    stochastic_depth_mode: str = described("one draw per block and batch | per example")
+    dropout_at: DropoutPlaces = described("dropout added by place (0: none)")
+    # cnnlab.models.scan: the same variables and numbers.
+    scan_blocks: bool = described("run repeated residual blocks as one scan: compile time flat")
 
     def validate(self) -> None:
         body, head = self.specs()

@@ -38,7 +38,7 @@ class Result:
 def check(kind_name: str, run_dir: Path, overrides: Sequence[str]) -> VizOptions:
     """Every check that needs no data and no compiling: kind, options, checkpoint, layers."""
     kind = KINDS.get(kind_name)
-    options = parse(overrides)
+    options = parse(overrides, kind_name)
     cfg = load_run_config(run_dir)
     check_weights(run_dir, cfg, options.weights)
     for key in kind.requires:

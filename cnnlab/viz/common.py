@@ -9,7 +9,7 @@ import numpy as np
 from cnnlab.errors import ConfigError, require
 from cnnlab.registry import Registry
 from cnnlab.viz.network import Network, Restored
-from cnnlab.viz.options import VizOptions
+from cnnlab.viz.options import READS, REQUIRES, VizOptions
 from cnnlab.viz.output import Output
 
 
@@ -18,18 +18,20 @@ class Kind:
     """A visualisation: `draw(restored, options, output)` writes its files through `output`."""
 
     draw: Callable[[Restored, VizOptions, Output], None]
-    # Options that must be set for this kind (checked before anything is loaded).
+    # Options that must be set for this kind (checked before anything is loaded): REQUIRES's.
     requires: tuple[str, ...] = ()
 
 
 KINDS: Registry[Kind] = Registry("viz kind")
 
 
-def kind(name: str, requires: tuple[str, ...] = ()) -> Callable:
-    """Register the decorated draw function as kind `name`."""
+def kind(name: str) -> Callable:
+    """Register the decorated draw function as kind `name`, which READS must list."""
+    if name not in READS:
+        raise KeyError(f"viz kind '{name}' has no entry in cnnlab.viz.options.READS")
 
     def register(draw: Callable[[Restored, VizOptions, Output], None]) -> Callable:
-        KINDS.register(name, Kind(draw, requires))
+        KINDS.register(name, Kind(draw, REQUIRES.get(name, ())))
         return draw
 
     return register

@@ -33,10 +33,12 @@ def _run(network: Network, mean: jax.Array, targets: jax.Array, layer: str | Non
 
 
 def _draw(restored: Restored, options: VizOptions, out: Output, targets: np.ndarray,
-          layer: str | None, titles: list[str], what: str) -> None:
+          neuron: tuple[str, str] | None, titles: list[str], what: str) -> None:
+    """`neuron`: (layer, neuron_at) of neuron_ascent; None: class scores (class_model)."""
     require(len(targets) <= MAX_IMAGES, f"at most {MAX_IMAGES} images per call")
+    layer, at = neuron if neuron is not None else (None, "center")
     compute = restored.network.jit(functools.partial(
-        _run, layer=layer, at=options.neuron_at, setup=settings(options)))
+        _run, layer=layer, at=at, setup=settings(options)))
     mean = jnp.asarray(restored.dataset.mean, jnp.float32)
     pixels, history = (np.asarray(a) for a in compute(mean, jnp.asarray(targets, jnp.int32)))
     # Contrast stretched per image, as the papers show them (the raw pixels are in the .npz).
@@ -64,7 +66,7 @@ def draw_class_model(restored: Restored, options: VizOptions, out: Output) -> No
           "class models (pre-softmax score)")
 
 
-@kind("neuron_ascent", requires=("layer",))
+@kind("neuron_ascent")
 def draw_neuron_ascent(restored: Restored, options: VizOptions, out: Output) -> None:
     layer = options.layer[0]
     channels = np.asarray(options.channels if options.channels else range(8))
@@ -73,5 +75,6 @@ def draw_neuron_ascent(restored: Restored, options: VizOptions, out: Output) -> 
         jax.ShapeDtypeStruct((1, *restored.network.image_shape), jnp.float32)).shape
     require(int(channels.max()) < shape[-1],
             f"channels: {layer} has {shape[-1]} channels (0..{shape[-1] - 1})")
-    _draw(restored, options, out, channels, layer, [f"ch {c}" for c in channels],
+    _draw(restored, options, out, channels, (layer, options.neuron_at),
+          [f"ch {c}" for c in channels],
           f"{layer} ({options.neuron_at} unit)")

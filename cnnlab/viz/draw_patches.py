@@ -50,7 +50,7 @@ def top_units(network: Network, images: np.ndarray, layer: str, channels: np.nda
     return np.asarray(values), np.asarray(where)
 
 
-@kind("patches", requires=("layer",))
+@kind("patches")
 def draw(restored: Restored, options: VizOptions, out: Output) -> None:
     network, test = restored.network, restored.dataset.test
     layer = options.layer[0]
