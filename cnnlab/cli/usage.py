@@ -46,7 +46,7 @@ commands:
            cnnlab viz neuron_ascent RUN_DIR layer=stage3_block3 channels=[0,1,2,3]
 
 Config groups and their options are the YAML files in conf/ (and experiments/ for
-`experiment=NAME`); `cnnlab train --help` lists them."""
+`experiment=NAME`); `cnnlab train --help` lists them and describes every key."""
 
 
 def _compare_schema() -> type:
