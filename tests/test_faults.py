@@ -339,6 +339,7 @@ def _fill_at(monkeypatch: pytest.MonkeyPatch, step: int, disk: Path) -> None:
     monkeypatch.setattr(actions.Record, "__call__", record_then_fill)
 
 
+@pytest.mark.can_skip  # mounting a tmpfs needs CAP_SYS_ADMIN
 def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
         small_disk, straight, tmp_path, fashion_dir, monkeypatch):
     run_dir = small_disk / "run"
@@ -371,6 +372,7 @@ def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
             == [(e["step"], e["train/loss"]) for e in _events(straight)])
 
 
+@pytest.mark.can_skip  # mounting a tmpfs needs CAP_SYS_ADMIN
 def test_a_read_only_run_directory_is_one_line_and_stays_as_it_was(
         small_disk, interrupted, tmp_path, fashion_dir):
     import subprocess
