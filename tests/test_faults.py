@@ -397,7 +397,6 @@ def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
 @pytest.mark.can_skip  # mounting a tmpfs needs CAP_SYS_ADMIN
 def test_a_read_only_run_directory_is_one_line_and_stays_as_it_was(
         small_disk, interrupted, tmp_path, fashion_dir):
-
     run_dir = small_disk / "run"
     shutil.copytree(interrupted, run_dir)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
