@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= $(abspath ../shared/data/tfds_array_record)
 export TFDS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: help setup run test test-full lint bench faults clean
+.PHONY: help setup run test test-full lint bench faults mutants clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ lint: setup ## ruff
 
 faults: setup ## the fault scenarios (kills, corruptions, full disk, bad values) through the CLI, counted
 	$(BIN)/python benchmarks/faults.py --out benchmarks/results/faults.md $(ARGS)
+
+mutants: setup ## break each technique in a copy of the repo, one at a time: a test must fail
+	$(BIN)/python tests/mutants.py --out benchmarks/results/mutants.md $(ARGS)
 
 bench: setup ## the benchmark suite: cnnlab vs PyTorch eager and torch.compile, 6 CNNs
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -588,13 +588,13 @@ def test_plot_run(tmp_path):
 def test_plot_run_does_not_import_jax(tmp_path):
     run_dir = finished_run(tmp_path / "run", "resnet20", 0)
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom cnnlab.analysis.plots import plot_run\n"
-        f"t = time.perf_counter(); plot_run(Path({str(run_dir)!r}), Path({str(tmp_path)!r}) / "
-        "'c.png'); print(time.perf_counter() - t)\nassert 'jax' not in sys.modules\n")
+        "import sys\nfrom pathlib import Path\nfrom cnnlab.analysis.plots import plot_run\n"
+        f"plot_run(Path({str(run_dir)!r}), Path({str(tmp_path)!r}) / 'c.png')\n"
+        "assert 'jax' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout) < 5  # well under 1 s on an idle core; shared CI is slower
+    assert (tmp_path / "c.png").exists()
 
 
 # --------------------------------------------------------------------------------- options

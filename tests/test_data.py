@@ -172,21 +172,17 @@ def _entries(cache: Path) -> list[Path]:
     return sorted(p for p in (cache / "fashion_mnist").iterdir())
 
 
-def test_cache_serves_a_whole_split_identical_and_ten_times_faster(
+def test_cache_serves_a_whole_split_identical_without_decoding_again(
     fashion_dir: Path, tmp_path: Path, decoded: list[str]
 ) -> None:
     cache = tmp_path / "cache"
-    start = time.perf_counter()
     fresh = data.load_dataset("fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache))
-    fresh_s = time.perf_counter() - start
     assert decoded == ["train", "test"] and len(_entries(cache)) == 2
-    start = time.perf_counter()
+    # How much faster the cache is: benchmarks/data_cache.py (a timing, not a test).
     cached = data.load_dataset("fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache))
-    cached_s = time.perf_counter() - start
     assert decoded == ["train", "test"]  # nothing decoded again
     assert len(cached.train) == 60000 and len(cached.test) == 10000
     _assert_same(cached, fresh)
-    assert cached_s < fresh_s / 10, (fresh_s, cached_s)
     # The hold-out is drawn from the cached split as from a decoded one.
     held = data.load_dataset(
         "fashion_mnist", data_dir=str(fashion_dir), cache_dir=str(cache), val_size=1000
@@ -401,10 +397,11 @@ def test_unwritable_cache_dir_loads_without_cache(
 # ------------------------------------------------------------------------------ error messages
 
 
-def test_tfrecord_folder_without_tensorflow_is_a_clear_error(tfrecord_dir: str) -> None:
+def test_tfrecord_folder_without_tensorflow_is_a_clear_error(
+        tfrecord_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data_dir = tfrecord_dir
-    if tfds_reader._tensorflow_available():
-        pytest.skip("TensorFlow is installed, so the tfrecord folder is readable")
+    # Where TensorFlow is installed the folder is readable; the message is for where it is not.
+    monkeypatch.setattr(tfds_reader, "_tensorflow_available", lambda: False)
     with pytest.raises(DatasetUnavailableError) as info:
         data.load_dataset("fashion_mnist", data_dir=data_dir)
     message = str(info.value)

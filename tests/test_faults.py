@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -130,10 +132,31 @@ def test_case4_a_second_process_gets_one_line_naming_the_holder(tmp_path, fashio
     assert not run_dir.checkpoint_steps()
 
 
-def test_case4_a_lock_left_by_a_dead_process_does_not_block(tmp_path, fashion_dir):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".lock").write_text("process 999999 on elsewhere")
-    assert train_tiny(tmp_path / "run", fashion_dir, FAULTS)["status"] == "finished"
+# Another process takes the run directory's lock the way a run does, says so, then sleeps.
+HOLD_LOCK = ("import fcntl, os, sys, time\n"
+             "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+             "os.pwrite(fd, f'process {os.getpid()} on elsewhere'.encode(), 0)\n"
+             "print('locked', flush=True)\n"
+             "time.sleep(600)\n")
+
+
+def test_case4_a_lock_left_by_a_killed_process_does_not_block(tmp_path, fashion_dir):
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir.path / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=f"in use by process {holder.pid} on elsewhere"):
+            with run_dir.lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed without a chance to clean up: its text is still in the file, its lock is gone.
+    assert str(holder.pid) in (run_dir.path / ".lock").read_text()
+    assert train_tiny(run_dir.path, fashion_dir, FAULTS)["status"] == "finished"
 
 
 def test_case5_a_changed_value_is_refused_then_recorded_when_allowed(interrupted, fashion_dir):
@@ -300,7 +323,6 @@ def small_disk(tmp_path):
 
     Real ENOSPC and EROFS errors come from the kernel, through every layer (Orbax, W&B, our own
     writes), which the write hook of the test above cannot show."""
-    import subprocess
 
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
@@ -339,6 +361,7 @@ def _fill_at(monkeypatch: pytest.MonkeyPatch, step: int, disk: Path) -> None:
     monkeypatch.setattr(actions.Record, "__call__", record_then_fill)
 
 
+@pytest.mark.can_skip  # mounting a tmpfs needs CAP_SYS_ADMIN
 def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
         small_disk, straight, tmp_path, fashion_dir, monkeypatch):
     run_dir = small_disk / "run"
@@ -371,10 +394,9 @@ def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
             == [(e["step"], e["train/loss"]) for e in _events(straight)])
 
 
+@pytest.mark.can_skip  # mounting a tmpfs needs CAP_SYS_ADMIN
 def test_a_read_only_run_directory_is_one_line_and_stays_as_it_was(
         small_disk, interrupted, tmp_path, fashion_dir):
-    import subprocess
-
     run_dir = small_disk / "run"
     shutil.copytree(interrupted, run_dir)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}

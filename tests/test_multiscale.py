@@ -128,7 +128,6 @@ def test_cnnlab_eval_with_scales_reports_the_multi_scale_error(fashion_dir, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert (report["scales"], report["scale_mode"], report["tta"]) == ([28, 36], "dense", "flip")
-    assert 0 <= report["members"][0]["error"] <= 100
     refused = run_cli(["eval", str(run), "eval.scales=[20]", "eval.scale_mode=crop"],
                       cwd=tmp_path, data_dir=fashion_dir)
     assert refused.returncode == 2 and "eval.scale_mode=crop" in refused.stderr

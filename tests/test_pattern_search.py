@@ -106,7 +106,6 @@ def test_smoke_search_of_3_trials_records_cost_and_draws_the_front(fashion_dir, 
     assert len(summaries) == 3
     for summary in summaries:
         assert summary["params"] > 0 and summary["macs"] > 0
-        assert 0 <= summary["final/val/error"] <= 100
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"model.n", "model.m", "model.k", "model.width",
                                         "model.fc_width"}

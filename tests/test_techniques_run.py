@@ -119,7 +119,6 @@ def run_tiny(overrides: list[str], run_dir: Path, data_dir: Path) -> dict:
     summary = train(cfg, run_dir)
     assert summary["status"] == "finished", summary
     assert math.isfinite(summary["final/train/loss"]), summary
-    assert 0 <= summary["final/test/error"] <= 100
     # Group choices are Hydra's to apply; plain keys must reach the run's config as given.
     for key, value in _keys(overrides).items():
         if "." in key:

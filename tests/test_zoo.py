@@ -461,4 +461,5 @@ def test_lenet5_trains_end_to_end_on_fashion_mnist(tmp_path, fashion_dir):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["params"] == 60_850
-    assert summary["final/test/error"] < 90
+    # Chance is 90%; 20 steps reach 50-56% (seeds 0, 1), so a net that barely learns fails.
+    assert summary["final/test/error"] < 75
