@@ -185,6 +185,8 @@ def test_tfds_builder_prepares_the_raw_files_and_cnnlab_trains_on_them(
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and np.isfinite(summary["final/test/loss"])
+    log = "".join(p.read_text() for p in (tmp_path / "run").glob("*.log"))
+    assert f"preparing it from the files in {data_dir / 'downloads'}" in log  # nothing fetched
 
     for split, (images, labels) in splits.items():
         assert written(data_dir, name, split) == examples(images, labels), split

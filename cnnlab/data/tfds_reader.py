@@ -116,13 +116,16 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
             f"(dataset.download=true), or {build_hint}"
         )
     _check_preparable(builder, build_hint)
-    unreachable = _unreachable_hosts(prepare.urls_to_fetch(builder))
+    fetched = prepare.urls_to_fetch(builder)
+    unreachable = _unreachable_hosts(fetched)
     if unreachable:
         raise DatasetUnavailableError(
             f"{name} is not prepared in {builder.data_dir} and cannot be downloaded: "
             f"{unreachable} (offline?): {build_hint}"
         )
-    log.info("%s not prepared in %s: downloading and preparing it", name, builder.data_dir)
+    log.info("%s not prepared in %s: %s with TFDS's builder", name, builder.data_dir,
+             f"downloading {len(fetched)} file(s) and preparing it" if fetched
+             else f"preparing it from the files in {Path(builder.data_dir_root) / 'downloads'}")
     try:
         with _removed_on_failure(builder):
             # array_record so the result is readable without TensorFlow, by random access.
