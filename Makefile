@@ -15,7 +15,7 @@ help: ## list the targets
 $(BIN)/cnnlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,prepare]'
 	@touch $@
 
 setup: $(BIN)/cnnlab ## create .venv and install cnnlab with its test tools

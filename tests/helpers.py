@@ -22,7 +22,7 @@ from cnnlab.cli import preflight
 from cnnlab.config import load as config_load
 from cnnlab.config.groups import AUGMENT_BASE, option_values
 from cnnlab.config.schema import AugmentConfig
-from cnnlab.data import tfds_reader
+from cnnlab.data import prepare, tfds_reader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,7 +256,9 @@ _ORIGINAL_GETITEMS = mocking._getitems
 def mock_tfds(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(mocking, "_getitems", _bound_or_unbound_getitems)
     # Mocked TFDS downloads nothing, so the offline probe of the real download hosts must not run.
-    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda builder: "")
+    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda urls: "")
+    # Nor does it read raw files, so it prepares without TensorFlow.
+    monkeypatch.setattr(prepare, "tensorflow_step", lambda builder: "")
     return functools.partial(tfds.testing.mock_data, policy=tfds.testing.MockPolicy.USE_CODE)
 
 

@@ -121,6 +121,21 @@ def test_per_class_error_is_one_minus_diagonal_over_row_sum(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
 
 
+def test_imagenets_1000_classes_draw_a_bounded_figure(tmp_path):
+    """At 0.55 inches per class 1000 classes made a 60,000-pixel square (27 GB to draw): only
+    annotated matrices (up to 30 classes) grow with the class count."""
+    from PIL import Image
+
+    counts = np.eye(1000, dtype=np.int64)
+    paths = confusion.write_confusion(tmp_path, "test", counts, [str(i) for i in range(1000)], "t")
+    with Image.open(paths["png"]) as image:
+        thousand = max(image.size)
+    thirty = confusion.write_confusion(tmp_path / "k30", "test", np.eye(30, dtype=np.int64),
+                                       [str(i) for i in range(30)], "t")
+    with Image.open(thirty["png"]) as image:
+        assert thousand <= max(image.size) * 1.1 and thousand < 3000
+
+
 def test_a_real_run_writes_its_confusion_matrix_and_logs_it_to_wandb(fashion_dir, tmp_path):
     summary = train_tiny(tmp_path, fashion_dir, ["logger.mode=offline", "train.eval_every=10"])
     assert summary["status"] == "finished"

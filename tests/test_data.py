@@ -26,7 +26,7 @@ from PIL import Image
 
 from cnnlab.data import cache as data_cache
 from cnnlab.data import load as data
-from cnnlab.data import subsets, tfds_reader
+from cnnlab.data import prepare, subsets, tfds_reader
 from cnnlab.data.types import ArraySplit, Dataset, DatasetUnavailableError
 from tests.helpers import REPO
 
@@ -401,12 +401,12 @@ def test_tfrecord_folder_without_tensorflow_is_a_clear_error(
         tfrecord_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data_dir = tfrecord_dir
     # Where TensorFlow is installed the folder is readable; the message is for where it is not.
-    monkeypatch.setattr(tfds_reader, "_tensorflow_available", lambda: False)
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: False)
     with pytest.raises(DatasetUnavailableError) as info:
         data.load_dataset("fashion_mnist", data_dir=data_dir)
     message = str(info.value)
     assert "\n" not in message
-    assert "tfrecord" in message and "pip install tensorflow" in message
+    assert "tfrecord" in message and "pip install 'cnnlab[prepare]'" in message
     assert "array_record" in message and data_dir in message
 
 
@@ -419,7 +419,8 @@ def test_not_prepared_and_download_fails(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError("[Errno -2] Name or service not known\nwhile fetching https://example")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda builder: "")  # the hosts answered
+    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda urls: "")  # the hosts answered
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)  # the download fails first
     with pytest.raises(DatasetUnavailableError) as info:
         data.load_dataset("mnist", data_dir=str(tmp_path))
     message = str(info.value)
@@ -439,6 +440,8 @@ def test_offline_download_fails_in_seconds_and_leaves_nothing(
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
     for variable in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(variable, raising=False)
+    # Whether TensorFlow is installed or not, the network is what this test takes away.
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
     (data_dir / "other_dataset").mkdir()
@@ -469,7 +472,8 @@ def test_failed_download_removes_only_what_it_created(
         raise OSError("Connection reset by peer")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", half_download)
-    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda builder: "")
+    monkeypatch.setattr(tfds_reader, "_unreachable_hosts", lambda urls: "")
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)
     with pytest.raises(DatasetUnavailableError, match="Connection reset by peer"):
         data.load_dataset("mnist", data_dir=str(tmp_path))
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
@@ -525,7 +529,7 @@ def test_tfrecord_folder_with_tensorflow_reads_whole_split(
         # Grayscale without the channel axis and int64 labels, to exercise the conversion.
         return {"image": rng.integers(0, 256, (n, 28, 28), np.uint8), "label": np.arange(n) % 10}
 
-    monkeypatch.setattr(tfds_reader, "_tensorflow_available", lambda: True)
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", as_dataset)
     monkeypatch.setattr(tfds, "as_numpy", lambda tree: tree)
     ds = data.load_dataset("fashion_mnist", data_dir=data_dir, max_examples=10)

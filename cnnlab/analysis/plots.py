@@ -263,7 +263,9 @@ def confusion_figure(counts: np.ndarray, class_names: Sequence[str],
     k = counts.shape[0]
     rows = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, rows, out=np.zeros(counts.shape, float), where=rows > 0)
-    side = max(CONFUSION_MIN_SIDE, CONFUSION_CELL * k + 2.5)
+    # Only annotated cells need their CONFUSION_CELL inches: ImageNet's 1000 classes at that
+    # size would be a 60,000-pixel square (27 GB to draw).
+    side = max(CONFUSION_MIN_SIDE, CONFUSION_CELL * min(k, CONFUSION_ANNOTATE_MAX) + 2.5)
     fig = Figure(figsize=(side + 1.0, side), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)

@@ -7,7 +7,6 @@ what to do. Named so as not to shadow `tensorflow_datasets as tfds`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnnlab.data import prepare
 from cnnlab.data.types import ArraySplit, DatasetUnavailableError
 
 if TYPE_CHECKING:
@@ -94,11 +94,11 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
         if array_record in formats:
             return _read_data_source
         if tfds.core.FileFormat.TFRECORD in formats:
-            if _tensorflow_available():
+            if prepare.tensorflow_available():
                 return _read_tensorflow
             raise DatasetUnavailableError(
                 f"{name} in {builder.data_dir} is prepared as tfrecord, which TFDS can only read "
-                "with TensorFlow: `pip install tensorflow`, or point data_dir at an array_record "
+                f"with TensorFlow: {prepare.INSTALL_HINT}, or point data_dir at an array_record "
                 f"copy (`tfds build {name} --file_format=array_record --data_dir DIR`)"
             )
         raise DatasetUnavailableError(
@@ -115,13 +115,17 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
             f"{name} is not prepared in {builder.data_dir} and download=False: allow the download "
             f"(dataset.download=true), or {build_hint}"
         )
-    unreachable = _unreachable_hosts(builder)
+    _check_preparable(builder, build_hint)
+    fetched = prepare.urls_to_fetch(builder)
+    unreachable = _unreachable_hosts(fetched)
     if unreachable:
         raise DatasetUnavailableError(
             f"{name} is not prepared in {builder.data_dir} and cannot be downloaded: "
             f"{unreachable} (offline?): {build_hint}"
         )
-    log.info("%s not prepared in %s: downloading and preparing it", name, builder.data_dir)
+    log.info("%s not prepared in %s: %s with TFDS's builder", name, builder.data_dir,
+             f"downloading {len(fetched)} file(s) and preparing it" if fetched
+             else f"preparing it from the files in {Path(builder.data_dir_root) / 'downloads'}")
     try:
         with _removed_on_failure(builder):
             # array_record so the result is readable without TensorFlow, by random access.
@@ -129,7 +133,7 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
     except Exception as exc:
         cause = one_line(exc)
         if isinstance(exc, ImportError) and "tensorflow" in cause.lower():
-            hint = f"preparing needs TensorFlow: `pip install tensorflow`, or {build_hint}"
+            hint = f"preparing needs TensorFlow: {prepare.INSTALL_HINT}, or {build_hint}"
         else:
             hint = f"rerun where there is internet, or {build_hint}"
         raise DatasetUnavailableError(
@@ -139,8 +143,19 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
     return _read_data_source
 
 
-def _unreachable_hosts(builder: tfds.core.DatasetBuilder) -> str:
-    """Why the first host the download needs cannot be reached, or "" if every one answers.
+def _check_preparable(builder: tfds.core.DatasetBuilder, build_hint: str) -> None:
+    """One line naming the missing piece when preparing cannot start: manually placed files
+    (ImageNet's tars), or TensorFlow for a builder that reads its raw files with it."""
+    step = prepare.manual_step(builder)
+    if step:
+        raise DatasetUnavailableError(step)
+    step = prepare.tensorflow_step(builder)
+    if step:
+        raise DatasetUnavailableError(f"{step}, or {build_hint}")
+
+
+def _unreachable_hosts(urls: list[str]) -> str:
+    """Why the first host of `urls` cannot be reached, or "" if every one answers.
 
     TFDS retries each URL ten times with exponential backoff, so an offline machine spends
     minutes in retry warnings before failing; one request per host, without retries, finds out
@@ -148,7 +163,6 @@ def _unreachable_hosts(builder: tfds.core.DatasetBuilder) -> str:
     """
     import requests
 
-    urls = list(builder.url_infos or {})  # the URLs of TFDS's registered checksums
     hosts = {urllib.parse.urlsplit(url)[:2]: url for url in urls}
     for (scheme, host), url in hosts.items():
         try:
@@ -188,10 +202,6 @@ def _removed_on_failure(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
                     else:
                         path.unlink(missing_ok=True)
         raise
-
-
-def _tensorflow_available() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
 
 
 def _read_data_source(
