@@ -228,6 +228,9 @@ class TransferConfig:
     bn: str = MISSING
     # source: normalize inputs with the source's statistics; own: with this run's data's.
     preprocess: str = MISSING
+    # strict or timm: a first conv trained on another channel count (RGB weights on greyscale
+    # data) refused, or adapted as timm's adapt_input_conv does (cnnlab/transfer/adapt.py).
+    adapt_input: str = MISSING
 
 
 @dataclasses.dataclass

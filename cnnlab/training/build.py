@@ -66,7 +66,7 @@ def _with_stats(cfg: DictConfig, dataset: Dataset) -> Dataset:
     """`dataset` with `cfg.preprocess`'s statistics (of a streamed set: of its sample)."""
     _check_declared_shapes(cfg, dataset)
     # A transfer run normalizes as its source was trained (transfer.preprocess=source).
-    stats = _source_stats(cfg)
+    stats = _source_stats(cfg, int(dataset.image_shape[-1]))
     if stats is None:
         # A streamed set's statistics come from its training sample.
         sampled = (dataclasses.replace(dataset, train=dataset.train.sample)
@@ -78,17 +78,17 @@ def _with_stats(cfg: DictConfig, dataset: Dataset) -> Dataset:
     return dataclasses.replace(dataset, preprocess=stats)
 
 
-def _source_stats(cfg: DictConfig) -> preprocess.PreprocessStats | None:
+def _source_stats(cfg: DictConfig, channels: int) -> preprocess.PreprocessStats | None:
     """The statistics a transfer run normalizes with as its source was trained
-    (transfer.preprocess=source); None: the run's own data's.
+    (transfer.preprocess=source), for this data's `channels`; None: the run's own data's.
 
     Transfer names them (torchvision's fixed ones) or the source run whose training data holds
     them; that data is loaded here, as the source run loaded it (its config, its data cache).
     """
     source = transfer_sources.source_preprocess(cfg)
     if isinstance(source, DictConfig):
-        return load_data(source).preprocess
-    return source
+        source = load_data(source).preprocess
+    return None if source is None else transfer_sources.fit_channels(cfg, source, channels)
 
 
 def _check_declared_shapes(cfg: DictConfig, dataset: Dataset) -> None:
