@@ -20,16 +20,19 @@ class Kind:
     draw: Callable[[Restored, VizOptions, Output], None]
     # Options that must be set for this kind (checked before anything is loaded).
     requires: tuple[str, ...] = ()
+    # The dataset's splits it looks at ("train", "test"): only these are read.
+    splits: tuple[str, ...] = ("test",)
 
 
 KINDS: Registry[Kind] = Registry("viz kind")
 
 
-def kind(name: str, requires: tuple[str, ...] = ()) -> Callable:
-    """Register the decorated draw function as kind `name`."""
+def kind(name: str, requires: tuple[str, ...] = (), splits: tuple[str, ...] = ("test",)
+         ) -> Callable:
+    """Register the decorated draw function as kind `name`, which reads `splits`."""
 
     def register(draw: Callable[[Restored, VizOptions, Output], None]) -> Callable:
-        KINDS.register(name, Kind(draw, requires))
+        KINDS.register(name, Kind(draw, requires, splits))
         return draw
 
     return register

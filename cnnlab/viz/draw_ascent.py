@@ -51,7 +51,7 @@ def _draw(restored: Restored, options: VizOptions, out: Output, targets: np.ndar
     out.arrays(targets=targets, pixels=pixels, history=history)
 
 
-@kind("class_model")
+@kind("class_model", splits=())
 def draw_class_model(restored: Restored, options: VizOptions, out: Output) -> None:
     classes = restored.network.num_classes
     if options.target.lstrip("-").isdigit():
@@ -64,7 +64,7 @@ def draw_class_model(restored: Restored, options: VizOptions, out: Output) -> No
           "class models (pre-softmax score)")
 
 
-@kind("neuron_ascent", requires=("layer",))
+@kind("neuron_ascent", requires=("layer",), splits=())
 def draw_neuron_ascent(restored: Restored, options: VizOptions, out: Output) -> None:
     layer = options.layer[0]
     channels = np.asarray(options.channels if options.channels else range(8))
