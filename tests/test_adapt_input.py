@@ -152,3 +152,21 @@ def test_cli_trains_torchvisions_rgb_weights_on_fashion_mnist(tmp_path, fashion_
     assert summary["transfer"]["loaded_layers"] == 9 and summary["transfer"]["head_reset"]
     assert "statistics adapted to 1 channel(s): mean [0.449], std [0.226]" in \
         (run_dir / "app.log").read_text()
+
+
+def test_a_greyscale_run_as_source_of_an_rgb_run_is_refused_before_the_data(tmp_path):
+    """A cnnlab run's channels are its dataset's: a fashion_mnist run as the source of a CIFAR-10
+    run is a mismatch, said in one line before any data is read; with timm it passes."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.transfer.sources import check_exists
+
+    source = tmp_path / "grey_run"
+    (source / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose(["dataset=fashion_mnist"], for_training=False),
+                   source / ".hydra" / "config.yaml")
+    overrides = ["dataset=cifar10", "transfer=finetune_all", f"transfer.source={source}"]
+    with pytest.raises(ConfigError, match=r"was trained on 1-channel images but this data has 3; "
+                                          r"set transfer.adapt_input=timm"):
+        check_exists(compose(overrides, for_training=False))
+    check_exists(compose([*overrides, "transfer.adapt_input=timm"], for_training=False))

@@ -88,11 +88,14 @@ def load_for_evaluation(cfg: DictConfig, run_dir: Path,
                         splits: tuple[str, ...] = ("test",)) -> Dataset:
     """A saved run's `splits` (`cnnlab eval`: the test split), normalized with the statistics
     it trained with (input_stats.npz): its training set is read only if `splits` names it. A
-    run saved before that file existed has its training set read for them, as before."""
+    run saved before that file existed has its training set read for them, as before; so does a
+    streamed set, whose splits stay in their files (`load_streamed`)."""
     saved = RunDir(run_dir).input_stats()
     if saved is None:
         log.info("%s has no %s (trained before it was saved): its training set is read for "
                  "the preprocessing statistics", run_dir, INPUT_STATS)
+        return load_data(cfg)
+    if not stream_config.data_location(cfg).on_device:
         return load_data(cfg)
     ds = cfg.dataset
     try:
