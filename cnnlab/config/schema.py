@@ -202,6 +202,8 @@ class TransferConfig:
     probe_steps: int = described("two_phase: steps of the linear probe before fine-tuning")
     bn: str = described("batch norm in frozen layers: frozen | train")
     preprocess: str = described("normalize inputs with the source's statistics | own")
+    adapt_input: str = described(
+        "RGB weights on grey data (or back): strict refuses, timm adapts")
 
 
 @dataclasses.dataclass

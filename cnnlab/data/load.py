@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Images per chunk when computing mean/std, bounding the float64 temporary to ~100 MB at 32x32x3.
 _STATS_CHUNK = 4096
+# The splits `load_dataset` reads unless told otherwise.
+SPLITS = ("train", "test")
 
 
 def load_dataset(
@@ -45,6 +47,7 @@ def load_dataset(
     classes: Sequence[int] | None = None,
     per_class: int | float | None = None,
     folder: folder_data.FolderSpec | None = None,
+    splits: Sequence[str] = SPLITS,
 ) -> Dataset:
     """Loads a TFDS classification dataset, or a folder of images, into memory as NumPy arrays.
 
@@ -72,6 +75,10 @@ def load_dataset(
         a smaller N keeps a subset of a larger N's images. ``None``: all.
       folder: read this folder of images (cnnlab.data.folder) instead of a TFDS dataset; then
         ``name`` only names the dataset in messages.
+      splits: the splits read, of ``"train"`` and ``"test"`` (``cnnlab eval`` reads the test
+        split alone); one left out is empty, and without the train split there is no
+        validation split and ``mean``/``std`` are None (the caller has them from the run). A
+        folder is read whole: its test images are drawn over all of its files.
 
     Raises:
       DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
@@ -91,12 +98,16 @@ def load_dataset(
     if folder is not None:
         source = _folder_source(folder, val_seed, max_examples, cache)
     else:
-        source = _tfds_source(name, data_dir, (train_split, test_split), (image_key, label_key),
-                              download, max_examples, cache)
+        source = _tfds_source(name, data_dir, {"train": train_split, "test": test_split},
+                              (image_key, label_key), download, max_examples, cache, splits)
     source = select_classes(source, classes)
-    train, val = _own_or_held_out_val(source, name, val_size, val_seed, folds, fold)
-    train = keep_per_class(train, per_class, val_seed, source.num_classes)
-    mean, std = channel_mean_std(train.images)
+    test = source.test if "test" in splits else empty_split(source.image_shape)
+    if "train" in splits:
+        train, val = _own_or_held_out_val(source, name, val_size, val_seed, folds, fold)
+        train = keep_per_class(train, per_class, val_seed, source.num_classes)
+        mean, std = channel_mean_std(train.images)
+    else:
+        train, val, mean, std = empty_split(source.image_shape), None, None, None
     log.info(
         "loaded %s in %.1f s%s: train=%d val=%d test=%d images of %s%s%s",
         name,
@@ -104,7 +115,7 @@ def load_dataset(
         _cache_note(cache),
         len(train),
         0 if val is None else len(val),
-        len(source.test),
+        len(test),
         "x".join(map(str, source.image_shape)),
         f", classes={list(classes)}" if classes is not None else "",
         # Test errors of a cut test split are not comparable with published ones: say so.
@@ -113,7 +124,7 @@ def load_dataset(
     return Dataset(
         name=name,
         train=train,
-        test=source.test,
+        test=test,
         val=val,
         num_classes=source.num_classes,
         image_shape=source.image_shape,
@@ -123,10 +134,16 @@ def load_dataset(
     )
 
 
-def _tfds_source(name: str, data_dir: str | None, splits: tuple[str, str],
+def empty_split(image_shape: Sequence[int]) -> ArraySplit:
+    """A split with no images (one `load_dataset` was not asked to read)."""
+    return ArraySplit(np.zeros((0, *image_shape), np.uint8), np.zeros((0,), np.int32))
+
+
+def _tfds_source(name: str, data_dir: str | None, names: dict[str, str],
                  keys: tuple[str, str], download: bool, max_examples: int | None,
-                 cache: data_cache.SplitCache | None) -> Source:
-    """The train and test splits of a TFDS dataset, through the cache."""
+                 cache: data_cache.SplitCache | None, splits: Sequence[str]) -> Source:
+    """The train and test splits of a TFDS dataset (`names`: role -> TFDS split) through the
+    cache; those not in `splits` are empty."""
     image_key, label_key = keys
     builder = tfds_reader.make_builder(name, data_dir)
     image_shape, num_classes, class_names = tfds_reader.feature_spec(builder, image_key, label_key)
@@ -148,11 +165,11 @@ def _tfds_source(name: str, data_dir: str | None, splits: tuple[str, str],
                 return ArraySplit(*cache.get(builder.name, key, lambda: decode(split)))
         return ArraySplit(*decode(split))
 
-    train_split, test_split = splits
-    train = read_split(train_split)
-    if not len(train):
-        raise ValueError(f"{name}/{train_split} is empty: no statistics or training possible")
-    return Source(train, read_split(test_split), None, num_classes, image_shape, class_names)
+    arrays = {role: read_split(split) if role in splits else empty_split(image_shape)
+              for role, split in names.items()}
+    if "train" in splits and not len(arrays["train"]):
+        raise ValueError(f"{name}/{names['train']} is empty: no statistics or training possible")
+    return Source(arrays["train"], arrays["test"], None, num_classes, image_shape, class_names)
 
 
 def _folder_source(spec: folder_data.FolderSpec, val_seed: int, max_examples: int | None,

@@ -44,8 +44,10 @@ class Dataset:
     val: ArraySplit | None
     num_classes: int
     image_shape: tuple[int, int, int]  # (H, W, C)
-    mean: np.ndarray  # (C,) float32, of the train images (after val hold-out), pixel scale [0, 1]
-    std: np.ndarray  # (C,) float32, same
+    # (C,) float32, of the train images (after val hold-out), pixel scale [0, 1]; None when the
+    # train split was not read (load_dataset's `splits`) and the caller has not filled them in.
+    mean: np.ndarray | None
+    std: np.ndarray | None  # (C,) float32, same
     # The run's preprocessing statistics (cnnlab.data.preprocess.PreprocessStats), set by
     # cnnlab.training.loop.load_data; None: per-channel standardization with mean and std.
     preprocess: Any = None

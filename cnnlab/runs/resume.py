@@ -67,7 +67,7 @@ def completed(run_dir: RunDir, summary: dict[str, Any], step: int) -> dict[str, 
 
 # Keys added to cnnlab after some runs started, and what their absence from such a run's first
 # config means (how it trained): resuming it with that value changes nothing.
-IMPLIED = {"train.precision": "fp32", "train.grad_accum": 1}
+IMPLIED = {"train.precision": "fp32", "train.grad_accum": 1, "transfer.adapt_input": "strict"}
 
 
 def config_changes(start: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:

@@ -8,6 +8,8 @@
   changes.jsonl          settings changed on resume (resume.allow_changes), with their step
   .lock                  held by the process training in this directory
   summary.json           how the run ended and its final numbers (replaced atomically)
+  input_stats.npz        the statistics its inputs are normalized with (of its training set, or
+                         its transfer source's), so `cnnlab eval`/`viz` need not read that set
   metrics.jsonl          one JSON event per logging step (appended)
   checkpoints/<step>/    Orbax: the train state and the loop's state (`LoopState`)
   best/<step>/           the selected model (early_stopping.metric's best evaluation)
@@ -22,6 +24,7 @@
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -31,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from cnnlab.config.load import SAVED_CONFIG
@@ -47,6 +51,7 @@ PROFILE = "profile"
 CONFUSION_CSV, CONFUSION_PNG = "confusion_{split}.csv", "confusion_{split}.png"
 PER_CLASS_CSV = "per_class_{split}.csv"
 WANDB_ID = "wandb_id.txt"
+INPUT_STATS = "input_stats.npz"
 START_CONFIG, CHANGES, LOCK = "config.yaml", "changes.jsonl", ".lock"
 # Checkpoint folders and how many of each are kept (None: all; checkpoint.keep: `latest`).
 CHECKPOINTS, BEST, SNAPSHOTS = "checkpoints", "best", "snapshots"
@@ -170,6 +175,23 @@ class RunDir:
             write_atomic(path, new_id)
         return path.read_text().strip()
 
+    # ------------------------------------------------------------------- input statistics
+
+    def save_input_stats(self, arrays: dict[str, Any]) -> None:
+        """The arrays the run normalizes its inputs with (name -> array), as they are used."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path / INPUT_STATS, buffer.getvalue())
+
+    def input_stats(self) -> dict[str, np.ndarray] | None:
+        """`save_input_stats`'s arrays; None for a run trained before they were saved."""
+        path = self.path / INPUT_STATS
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as saved:
+            return {name: saved[name] for name in saved.files}
+
     # ------------------------------------------------------------------------- resuming
 
     def start_config(self) -> dict[str, Any] | None:
@@ -252,6 +274,9 @@ class FollowerRunDir(RunDir):
         pass
 
     def record_changes(self, step: int, changes: dict[str, list[Any]]) -> None:
+        pass
+
+    def save_input_stats(self, arrays: dict[str, Any]) -> None:
         pass
 
     @contextlib.contextmanager

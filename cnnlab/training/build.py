@@ -15,6 +15,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from omegaconf import DictConfig
 
@@ -30,6 +31,7 @@ from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype, count_params, init_variables
 from cnnlab.models.summary import summarize
+from cnnlab.runs.rundir import INPUT_STATS, RunDir
 from cnnlab.training import diagnostics, steps
 from cnnlab.training.evaluate import Evaluator, make_eval_views
 from cnnlab.training.optim import make_optimizer, make_schedule
@@ -48,25 +50,70 @@ def load_data(cfg: DictConfig) -> Dataset:
     try:
         if not where.on_device:
             return _with_stats(cfg, stream_config.load_streamed(cfg))
-        dataset = data_lib.load_dataset(
-            ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
-            image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
-            val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
-            folds=ds.folds, fold=ds.fold or 0,
-            classes=ds.classes, per_class=ds.per_class,
-            folder=folder_spec(ds), cache_dir=ds.cache_dir,
-            cache_max_bytes=None if ds.cache_max_gb is None else int(ds.cache_max_gb * 1e9),
-        )
+        dataset = _load_arrays(ds, data_lib.SPLITS)
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
         raise ConfigError(f"dataset {ds.name}: {e}") from None
     return _with_stats(cfg, dataset)
+
+
+def _load_arrays(ds: DictConfig, splits: tuple[str, ...]) -> Dataset:
+    return data_lib.load_dataset(
+        ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
+        image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
+        val_seed=ds.val_seed, download=ds.download, max_examples=ds.max_examples,
+        folds=ds.folds, fold=ds.fold or 0,
+        classes=ds.classes, per_class=ds.per_class,
+        folder=folder_spec(ds), cache_dir=ds.cache_dir,
+        cache_max_bytes=None if ds.cache_max_gb is None else int(ds.cache_max_gb * 1e9),
+        splits=splits,
+    )
+
+
+# PreprocessStats' fields as the run directory's input_stats.npz names them.
+_PREPROCESS_FIELDS = ("mean", "std", "whiten")
+
+
+def input_stats(dataset: Dataset) -> dict[str, np.ndarray]:
+    """What a run normalizes its inputs with, for its run directory: the preprocessing's
+    statistics and the training images' channel mean and std (viz's ascent starts from it)."""
+    arrays = {"channel_mean": dataset.mean, "channel_std": dataset.std}
+    stats = dataset.preprocess
+    for field in _PREPROCESS_FIELDS:
+        if stats is not None and getattr(stats, field) is not None:
+            arrays[f"preprocess_{field}"] = getattr(stats, field)
+    return {name: np.asarray(value) for name, value in arrays.items() if value is not None}
+
+
+def load_for_evaluation(cfg: DictConfig, run_dir: Path,
+                        splits: tuple[str, ...] = ("test",)) -> Dataset:
+    """A saved run's `splits` (`cnnlab eval`: the test split), normalized with the statistics
+    it trained with (input_stats.npz): its training set is read only if `splits` names it. A
+    run saved before that file existed has its training set read for them, as before; so does a
+    streamed set, whose splits stay in their files (`load_streamed`)."""
+    saved = RunDir(run_dir).input_stats()
+    if saved is None:
+        log.info("%s has no %s (trained before it was saved): its training set is read for "
+                 "the preprocessing statistics", run_dir, INPUT_STATS)
+        return load_data(cfg)
+    if not stream_config.data_location(cfg).on_device:
+        return load_data(cfg)
+    ds = cfg.dataset
+    try:
+        dataset = _load_arrays(ds, splits)
+    except ValueError as e:
+        raise ConfigError(f"dataset {ds.name}: {e}") from None
+    _check_declared_shapes(cfg, dataset)
+    stats = preprocess.PreprocessStats(**{field: saved.get(f"preprocess_{field}")
+                                          for field in _PREPROCESS_FIELDS})
+    return dataclasses.replace(dataset, preprocess=jax.device_put(stats),
+                               mean=saved.get("channel_mean"), std=saved.get("channel_std"))
 
 
 def _with_stats(cfg: DictConfig, dataset: Dataset) -> Dataset:
     """`dataset` with `cfg.preprocess`'s statistics (of a streamed set: of its sample)."""
     _check_declared_shapes(cfg, dataset)
     # A transfer run normalizes as its source was trained (transfer.preprocess=source).
-    stats = _source_stats(cfg)
+    stats = _source_stats(cfg, int(dataset.image_shape[-1]))
     if stats is None:
         # A streamed set's statistics come from its training sample.
         sampled = (dataclasses.replace(dataset, train=dataset.train.sample)
@@ -78,17 +125,17 @@ def _with_stats(cfg: DictConfig, dataset: Dataset) -> Dataset:
     return dataclasses.replace(dataset, preprocess=stats)
 
 
-def _source_stats(cfg: DictConfig) -> preprocess.PreprocessStats | None:
+def _source_stats(cfg: DictConfig, channels: int) -> preprocess.PreprocessStats | None:
     """The statistics a transfer run normalizes with as its source was trained
-    (transfer.preprocess=source); None: the run's own data's.
+    (transfer.preprocess=source), for this data's `channels`; None: the run's own data's.
 
     Transfer names them (torchvision's fixed ones) or the source run whose training data holds
     them; that data is loaded here, as the source run loaded it (its config, its data cache).
     """
     source = transfer_sources.source_preprocess(cfg)
     if isinstance(source, DictConfig):
-        return load_data(source).preprocess
-    return source
+        source = load_data(source).preprocess
+    return None if source is None else transfer_sources.fit_channels(cfg, source, channels)
 
 
 def _check_declared_shapes(cfg: DictConfig, dataset: Dataset) -> None:
@@ -267,7 +314,8 @@ def build(cfg: DictConfig, dataset: Dataset | None = None,
     placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.devices))
     placement.check_batch("train.batch_size", cfg.train.batch_size)
     dataset = load_data(cfg) if dataset is None else dataset
-    if cfg.train.batch_size > len(dataset.train):
+    # A dataset loaded for evaluation has no training images (load_for_evaluation).
+    if len(dataset.train) and cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(dataset.train)} training examples of {dataset.name}")
     shape = tuple(dataset.image_shape)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnnlab.analysis.confusion import per_class_error, write_confusion
 from cnnlab.config.load import load_run_config
@@ -28,7 +28,7 @@ from cnnlab.progress import CompileTimer, duration
 from cnnlab.runs.rundir import RunDir
 from cnnlab.runs.weights import WEIGHTS, ema_variables
 from cnnlab.training import steps
-from cnnlab.training.build import Run, build, load_data
+from cnnlab.training.build import Run, build, load_for_evaluation
 from cnnlab.training.evaluate import (
     confusion_matrix,
     ensemble_log_probs,
@@ -124,15 +124,14 @@ def _check_same_test_set(first: tuple[Path, Any], other: tuple[Path, Any]) -> No
         "share a test set; an ensemble needs the same examples and classes")
 
 
-def _load_datasets(run_dirs: list[Path], configs: list[DictConfig]) -> dict[str, Any]:
-    """Each distinct dataset config's data, read once; all must share the first one's test set."""
-    datasets: dict[str, Any] = {}
+def _load_datasets(run_dirs: list[Path], configs: list[DictConfig]) -> list[Any]:
+    """Each run's test split, normalized with the statistics it trained with (its training set
+    is not read: cnnlab/training/build.py's `load_for_evaluation`); all must share the first
+    one's test set."""
+    datasets = []
     for run_dir, cfg in zip(run_dirs, configs, strict=True):
-        key = OmegaConf.to_yaml(cfg.dataset)
-        if key not in datasets:
-            datasets[key] = load_data(cfg)
-            _check_same_test_set((run_dirs[0], datasets[next(iter(datasets))]),
-                                 (run_dir, datasets[key]))
+        datasets.append(load_for_evaluation(cfg, run_dir))
+        _check_same_test_set((run_dirs[0], datasets[0]), (run_dir, datasets[-1]))
     return datasets
 
 
@@ -155,11 +154,11 @@ def evaluate_runs(run_dirs: Sequence[Path], ev: DictConfig) -> dict[str, Any]:
     # Every dataset is read (and the test sets compared) before anything is evaluated.
     datasets = _load_datasets(run_dirs, configs)
     members: list[Member] = []
-    for number, (run_dir, cfg) in enumerate(zip(run_dirs, configs, strict=True), 1):
-        members += _members(run_dir, build(cfg, datasets[OmegaConf.to_yaml(cfg.dataset)]), ev,
-                            f"run {number}/{len(run_dirs)}")
+    for number, (run_dir, cfg, dataset) in enumerate(
+            zip(run_dirs, configs, datasets, strict=True), 1):
+        members += _members(run_dir, build(cfg, dataset), ev, f"run {number}/{len(run_dirs)}")
 
-    reference = next(iter(datasets.values()))
+    reference = datasets[0]
     labels = reference.test.labels
     report: dict[str, Any] = {
         "dataset": reference.name, "split": configs[0].dataset.test_split,

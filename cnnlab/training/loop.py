@@ -28,7 +28,7 @@ from cnnlab.runs.resume import (
 from cnnlab.runs.rundir import CURVES, FollowerRunDir, RunDir
 from cnnlab.runs.tracking import RunTracker
 from cnnlab.training import actions, diagnostics
-from cnnlab.training.build import Run, build, use_compile_cache
+from cnnlab.training.build import Run, build, input_stats, use_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
             run_dir.save_start_config(config, replace=True)
         use_compile_cache(cfg.compile_cache_dir)
         run = build(cfg, with_source=not saved)
+        # What `cnnlab eval` and `viz` normalize with, so that they need not read the training set.
+        run_dir.save_input_stats(input_stats(run.dataset))
         checkpoint = actions.Checkpoint(cfg, run_dir)
         try:
             state, loop = checkpoint.restore(run.state)

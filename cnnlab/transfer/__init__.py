@@ -83,10 +83,12 @@ def setup(cfg: DictConfig, plan: Plan, num_classes: int, tx: optax.GradientTrans
 def load_source(cfg: DictConfig, plan: Plan, variables: dict[str, Any]) -> Loaded:
     """`variables` with the source's weights in `plan.loaded`'s layers; says what it did."""
     source = read_source(cfg)
-    loaded = load(variables, source, plan, cfg.transfer.reset_head)
-    log.info("transfer (%s): loaded %d layers (%d tensors) from %s%s%s", plan.mode,
+    loaded = load(variables, source, plan, cfg.transfer.reset_head, cfg.transfer.adapt_input)
+    log.info("transfer (%s): loaded %d layers (%d tensors) from %s%s%s%s", plan.mode,
              len(loaded.layers), loaded.tensors, source.description,
              "; new classifier" if loaded.head_reset else "",
+             f"; {', '.join(loaded.adapted)} adapted to the data's channels "
+             f"(transfer.adapt_input={cfg.transfer.adapt_input})" if loaded.adapted else "",
              f"; not in the source, left at their initialization: {', '.join(loaded.missing)}"
              if loaded.missing else "")
     frozen = plan.with_role(FROZEN)

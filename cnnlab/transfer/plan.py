@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from cnnlab.errors import ConfigError, require
 from cnnlab.registry import Registry
+from cnnlab.transfer.adapt import ADAPTERS
 
 FROZEN, BACKBONE, HEAD = "frozen", "backbone", "head"
 BN_MODES = ("frozen", "train")
@@ -81,6 +82,7 @@ def validate(cfg: DictConfig) -> None:
     require(tr.bn in BN_MODES, f"transfer.bn='{tr.bn}'; valid choices: {', '.join(BN_MODES)}")
     require(tr.preprocess in PREPROCESS_CHOICES, f"transfer.preprocess='{tr.preprocess}'; "
             f"valid choices: {', '.join(PREPROCESS_CHOICES)}")
+    ADAPTERS.get(tr.adapt_input)
     if mode.probes_first:
         steps, per_call = cfg.train.steps, cfg.train.steps_per_call
         require(0 < tr.probe_steps < steps, f"transfer.probe_steps={tr.probe_steps} must be "

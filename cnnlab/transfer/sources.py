@@ -21,6 +21,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.runs.rundir import is_run_dir
 from cnnlab.runs.weights import WEIGHTS, check_weights, ema_variables
 from cnnlab.transfer import torchvision
+from cnnlab.transfer.adapt import ADAPTERS, adapt_stats, refusal
 from cnnlab.transfer.plan import MODES
 
 log = logging.getLogger(__name__)
@@ -102,19 +103,33 @@ def source_preprocess(cfg: DictConfig) -> PreprocessStats | DictConfig | None:
     Torchvision weights come with ImageNet's per-channel mean and std (returned as they are); a
     cnnlab run's statistics are its own training data's, so its config is returned and the
     caller (cnnlab/training/build.py) loads that data as the source run did and computes them.
+    Either is for the source's channels: `fit_channels` makes them this data's.
     """
     tr = cfg.transfer
     if not MODES.get(tr.mode).needs_source or tr.preprocess == "own":
         return None
     path = source_path(cfg)
     if path.is_file():
-        if cfg.preprocess.name != "channel" or cfg.dataset.image_shape[-1] != 3:
-            raise ConfigError("transfer.preprocess=source with torchvision weights uses "
-                              "ImageNet's per-channel mean and std: it needs preprocess=channel "
-                              "and RGB images; or set transfer.preprocess=own")
+        if cfg.preprocess.name != "channel":
+            raise ConfigError(f"transfer.preprocess=source with torchvision weights uses "
+                              f"ImageNet's per-channel mean and std: it needs preprocess=channel, "
+                              f"not {cfg.preprocess.name}; or set transfer.preprocess=own")
         return PreprocessStats(mean=np.asarray(IMAGENET_MEAN, np.float32),
                                std=np.asarray(IMAGENET_STD, np.float32))
     return _run_preprocess(cfg, path)
+
+
+def fit_channels(cfg: DictConfig, stats: PreprocessStats, channels: int) -> PreprocessStats:
+    """The source's statistics for this data's `channels`: as they are when the counts agree,
+    else reduced or repeated by `transfer.adapt_input` as the first conv's kernels are
+    (cnnlab/transfer/adapt.py), or refused in one line naming that key."""
+    fitted = adapt_stats(cfg.transfer.adapt_input, stats, channels,
+                         f"transfer.source={cfg.transfer.source}")
+    if fitted is not stats:
+        log.info("transfer: the source's statistics adapted to %d channel(s): mean %s, std %s",
+                 channels, np.round(np.asarray(fitted.mean).reshape(-1)[:channels], 4),
+                 None if fitted.std is None else np.round(np.asarray(fitted.std), 4))
+    return fitted
 
 
 def _run_preprocess(cfg: DictConfig, path: Path) -> DictConfig | None:
@@ -143,6 +158,27 @@ def check_exists(cfg: DictConfig) -> None:
     if path.is_dir() and not is_run_dir(path):
         raise ConfigError(f"transfer.source={path} is a folder but not a cnnlab run "
                           "directory (no .hydra/config.yaml)")
+    _check_channels(cfg, path)
+
+
+def _source_channels(path: Path) -> int | None:
+    """The channels of the images the source was trained on: torchvision's are RGB (its
+    converter builds every model for 3); a run's are its dataset's (None: undeclared)."""
+    if path.is_file():
+        return 3
+    shape = load_run_config(path).dataset.image_shape
+    return None if shape is None else int(shape[-1])
+
+
+def _check_channels(cfg: DictConfig, path: Path) -> None:
+    """A channel mismatch under transfer.adapt_input=strict, said before the data is read
+    (datasets that do not declare their shape are caught when the weights load)."""
+    shape = cfg.dataset.image_shape
+    if ADAPTERS.get(cfg.transfer.adapt_input).kernel is not None or shape is None:
+        return
+    have = _source_channels(path)
+    if have is not None and have != shape[-1]:
+        raise refusal(f"transfer.source={cfg.transfer.source}", have, int(shape[-1]))
 
 
 def read_source(cfg: DictConfig) -> Source:

@@ -51,7 +51,7 @@ def check(kind_name: str, run_dir: Path, overrides: Sequence[str]) -> VizOptions
 
 def visualize(kind_name: str, run_dir: Path, overrides: Sequence[str]) -> Result:
     options = check(kind_name, Path(run_dir), overrides)
-    restored = restore(Path(run_dir), options.weights)
+    restored = restore(Path(run_dir), options.weights, KINDS.get(kind_name).splits)
     if options.layer:  # datasets that do not declare their shape are checked once loaded
         check_layers(options.layer, restored.network.layer_names())
     out = Output(Path(run_dir), kind_name, options.dpi)

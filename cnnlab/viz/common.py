@@ -20,18 +20,21 @@ class Kind:
     draw: Callable[[Restored, VizOptions, Output], None]
     # Options that must be set for this kind (checked before anything is loaded): REQUIRES's.
     requires: tuple[str, ...] = ()
+    # The dataset's splits it looks at ("train", "test"): only these are read.
+    splits: tuple[str, ...] = ("test",)
 
 
 KINDS: Registry[Kind] = Registry("viz kind")
 
 
-def kind(name: str) -> Callable:
-    """Register the decorated draw function as kind `name`, which READS must list."""
+def kind(name: str, splits: tuple[str, ...] = ("test",)) -> Callable:
+    """Register the decorated draw function as kind `name`, which READS must list and which
+    reads the dataset's `splits`."""
     if name not in READS:
         raise KeyError(f"viz kind '{name}' has no entry in cnnlab.viz.options.READS")
 
     def register(draw: Callable[[Restored, VizOptions, Output], None]) -> Callable:
-        KINDS.register(name, Kind(draw, REQUIRES.get(name, ())))
+        KINDS.register(name, Kind(draw, REQUIRES.get(name, ()), splits))
         return draw
 
     return register

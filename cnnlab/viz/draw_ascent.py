@@ -53,7 +53,7 @@ def _draw(restored: Restored, options: VizOptions, out: Output, targets: np.ndar
     out.arrays(targets=targets, pixels=pixels, history=history)
 
 
-@kind("class_model")
+@kind("class_model", splits=())
 def draw_class_model(restored: Restored, options: VizOptions, out: Output) -> None:
     classes = restored.network.num_classes
     if options.target.lstrip("-").isdigit():
@@ -66,7 +66,7 @@ def draw_class_model(restored: Restored, options: VizOptions, out: Output) -> No
           "class models (pre-softmax score)")
 
 
-@kind("neuron_ascent")
+@kind("neuron_ascent", splits=())
 def draw_neuron_ascent(restored: Restored, options: VizOptions, out: Output) -> None:
     layer = options.layer[0]
     channels = np.asarray(options.channels if options.channels else range(8))

@@ -32,7 +32,7 @@ def filter_images(kernel: np.ndarray) -> np.ndarray:
     return figures.unit_range(filters, axes=(1, 2, 3))
 
 
-@kind("filters")
+@kind("filters", splits=())
 def draw(restored: Restored, options: VizOptions, out: Output) -> None:
     # In the order of the forward pass: a checkpoint's tree is sorted by name (head before stem).
     order = {name: i for i, name in enumerate(restored.network.layer_names())}

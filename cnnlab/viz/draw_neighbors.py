@@ -13,7 +13,7 @@ from cnnlab.viz.options import VizOptions
 from cnnlab.viz.output import Output
 
 
-@kind("neighbors")
+@kind("neighbors", splits=("train", "test"))
 def draw(restored: Restored, options: VizOptions, out: Output) -> None:
     network, data = restored.network, restored.dataset
     indices = image_indices(options, len(data.test))

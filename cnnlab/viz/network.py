@@ -177,14 +177,16 @@ class Restored:
         return jnp.asarray(images, jnp.float32) / 255.0
 
 
-def restore(run_dir: Path, weights: str = "final") -> Restored:
-    """Rebuild the run from its saved config and restore the newest checkpoint of `weights`."""
-    from cnnlab.training.build import build, load_data
+def restore(run_dir: Path, weights: str = "final",
+            splits: tuple[str, ...] = ("test",)) -> Restored:
+    """Rebuild the run from its saved config and restore the newest checkpoint of `weights`;
+    of its data only `splits` are read (the statistics come from the run directory)."""
+    from cnnlab.training.build import build, load_for_evaluation
 
     cfg = load_run_config(run_dir)
     step = check_weights(run_dir, cfg, weights)
     source = WEIGHTS.get(weights)
-    dataset = load_data(cfg)
+    dataset = load_for_evaluation(cfg, Path(run_dir), splits)
     run = build(cfg, dataset)
     checkpoints = RunDir(run_dir).checkpointer(source.folder)
     try:
