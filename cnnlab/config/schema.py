@@ -203,7 +203,7 @@ class TransferConfig:
     bn: str = described("batch norm in frozen layers: frozen | train")
     preprocess: str = described("normalize inputs with the source's statistics | own")
     adapt_input: str = described(
-        "RGB weights on grey data (or back): strict refuses, timm adapts")
+        "other channel counts: strict refuses, timm adapts conv1")
 
 
 @dataclasses.dataclass
