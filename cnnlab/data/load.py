@@ -128,9 +128,10 @@ def _tfds_source(name: str, data_dir: str | None, splits: tuple[str, str],
                  cache: data_cache.SplitCache | None) -> Source:
     """The train and test splits of a TFDS dataset, through the cache."""
     image_key, label_key = keys
-    builder = tfds_reader.make_builder(name, data_dir)
+    # The features are checked before anything is downloaded.
+    tfds_reader.feature_spec(tfds_reader.make_builder(name, data_dir), image_key, label_key)
+    builder, read = tfds_reader.prepared(name, data_dir, download)
     image_shape, num_classes, class_names = tfds_reader.feature_spec(builder, image_key, label_key)
-    read = tfds_reader.choose_reader(builder, download)
 
     def decode(split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)

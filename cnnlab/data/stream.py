@@ -199,14 +199,31 @@ class Order:
         return int(self._order(epoch)[position * self.batch_size + place])
 
 
+@dataclasses.dataclass(frozen=True)
+class _LocalSlots:
+    """Position j of this process's stream -> its slot: the rows [start, start + rows) of every
+    batch (a multi-host job's process reads only what its devices hold)."""
+
+    batch_size: int
+    start: int
+    rows: int
+
+    def __call__(self, j: int) -> int:
+        step, place = divmod(int(j), self.rows)
+        return step * self.batch_size + self.start + place
+
+
 def train_batches(split: StreamSplit, data_key: np.ndarray, batch_size: int, start_step: int,
-                  total_steps: int, options: StreamOptions) -> Iterator[tuple[Any, Any]]:
+                  total_steps: int, options: StreamOptions,
+                  rows: tuple[int, int] | None = None) -> Iterator[tuple[Any, Any]]:
     """(images (B, H, W, C) uint8, labels (B,)) of steps start_step, start_step + 1, ... up to
     total_steps, in `device.batch_indices`' order. Random access: nothing before start_step is
-    read."""
+    read. `rows` = (start, stop): only those rows of each batch (this process's share)."""
     order = Order(data_key, len(split), batch_size)
-    slots = _grain().MapDataset.range(start_step * batch_size, total_steps * batch_size)
-    return _iterate(slots.map(order).map(split.example).batch(batch_size, drop_remainder=True),
+    start, stop = (0, batch_size) if rows is None else rows
+    slots = _grain().MapDataset.range(start_step * (stop - start), total_steps * (stop - start))
+    slots = slots.map(_LocalSlots(batch_size, start, stop - start))
+    return _iterate(slots.map(order).map(split.example).batch(stop - start, drop_remainder=True),
                     options)
 
 
@@ -218,9 +235,11 @@ class ChunkFeeder:
 
     def __init__(self, split: StreamSplit, data_key: np.ndarray, stats: PreprocessStats,
                  batch_size: int, total_steps: int, per_call: int,
-                 options: StreamOptions, put: Callable[[Any], Any] = jax.device_put) -> None:
-        # `put`: to the device, or split over the devices (cnnlab/parallel.py).
-        self.put = put
+                 options: StreamOptions, put: Callable[[Any], Any] = jax.device_put,
+                 rows: tuple[int, int] | None = None) -> None:
+        # `put`: to the device, or split over the devices (cnnlab/parallel.py); `rows`: the
+        # rows of each batch this process reads (its devices' share), None: all.
+        self.put, self.rows = put, rows
         self.split, self.data_key, self.stats = split, np.asarray(data_key), stats
         self.batch_size, self.total_steps, self.per_call = batch_size, total_steps, per_call
         self.options = options
@@ -256,7 +275,7 @@ class ChunkFeeder:
             log.info("streaming %s from step %d (%d examples)", self.split.name, step,
                      len(self.split))
             self._batches = train_batches(self.split, self.data_key, self.batch_size, step,
-                                          self.total_steps, self.options)
+                                          self.total_steps, self.options, self.rows)
         batches = [next(self._batches) for _ in range(num_steps)]
         self._next_step = step + num_steps
         chunk = device.StreamedChunk(

@@ -139,6 +139,20 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
     return _read_data_source
 
 
+def prepared(name: str, data_dir: str | None,
+             download: bool) -> tuple[tfds.core.DatasetBuilder, _Reader]:
+    """(builder, reader) of `name`, prepared (`choose_reader`) by process 0 of a multi-host job
+    while the others wait; they then open the prepared files with builders of their own (one
+    made before the files existed would not see them)."""
+    from cnnlab import parallel
+
+    def prepare() -> tuple[tfds.core.DatasetBuilder, _Reader]:
+        builder = make_builder(name, data_dir)
+        return builder, choose_reader(builder, download)
+
+    return parallel.primary_first(prepare, f"prepare {name}")
+
+
 def _unreachable_hosts(builder: tfds.core.DatasetBuilder) -> str:
     """Why the first host the download needs cannot be reached, or "" if every one answers.
 

@@ -425,14 +425,26 @@ class Profile:
 
 
 class StopOnSignal:
-    """SIGTERM (Slurm's time limit, `kill`) and SIGINT (Ctrl-C) stop the run at the next step
-    boundary, after a checkpoint; a second signal interrupts at once."""
+    """SIGTERM (Slurm's time limit, `kill`), SIGUSR2 (submitit's time-limit warning) and SIGINT
+    (Ctrl-C) stop the run at the next step boundary, after a checkpoint; a second signal
+    interrupts at once.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    In a multi-host job a signal may reach one process only (or each at another step): the
+    processes agree. Every chunk each process's signal (0: none) is reduced to the largest over
+    the processes on the devices, not waited for; the next tick reads it, so that every process
+    stops at the same step, with the same signal, and they save together. `forward` then hands
+    the signal to the handler it displaced (submitit's: it requeues the job), once the run has
+    saved and written its summary.
+    """
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+    def __init__(self, placement: Any = None) -> None:
         self.received: int | None = None
         self._previous = {}
+        # cnnlab/parallel.py's Placement of a run whose mesh spans processes; else None.
+        self.placement = placement if placement is not None and placement.spans_processes else None
+        self._agreed: jax.Array | None = None  # the reduction queued after the previous chunk
         if threading.current_thread() is threading.main_thread():  # handlers: main thread only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
@@ -442,9 +454,26 @@ class StopOnSignal:
         self.received = signum
 
     def __call__(self, tick: Tick) -> None:
-        if self.received is not None and tick.stop is None:
-            name = signal.Signals(self.received).name
+        signum = self.received if self.placement is None else self._agree(tick)
+        if signum and tick.stop is None:
+            self.received = signum
+            name = signal.Signals(signum).name
             tick.stop = ("interrupted", f"interrupted by {name} at step {tick.step}")
+
+    def _agree(self, tick: Tick) -> int:
+        """The largest signal any process had received by the previous tick (0: none)."""
+        from cnnlab import parallel
+
+        agreed, self._agreed = self._agreed, parallel.max_over_processes(
+            self.received or 0, self.placement, tick.state.step)
+        return int(agreed) if agreed is not None else 0
+
+    def forward(self) -> None:
+        """The received signal to the handler it displaced, where that is a Python function
+        (submitit's, say), not the default action or Ctrl-C's KeyboardInterrupt."""
+        previous = self._previous.get(self.received)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.received, None)
 
     def close(self) -> None:
         for signum, handler in self._previous.items():
