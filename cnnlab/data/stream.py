@@ -158,7 +158,8 @@ def _cpu_only_if_fresh() -> None:
 
 def epoch_order(data_key: np.ndarray, epoch: int, num_examples: int) -> np.ndarray:
     """`device.batch_indices`' permutation of epoch `epoch`, computed on the CPU backend."""
-    cpu = jax.devices("cpu")[0]
+    # This process's CPU: in a multi-host job jax.devices("cpu")[0] is process 0's.
+    cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
         key = jax.device_put(np.asarray(data_key), cpu)
         order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
