@@ -13,7 +13,9 @@ Order: the example of slot k (step k // B, place k % B) is the one `device.batch
 gather at that step: each epoch is jax.random.permutation(fold_in(data_key, epoch), n) computed
 on the CPU (threefry gives the same bits on every backend), the tail that does not fill a batch
 skipped. So a set that fits trains the same on both paths, and a resumed run starts reading at
-its step without replaying the ones before.
+its step without replaying the ones before. In a multi-host job each process reads only the rows
+of every batch that its devices hold (cnnlab/parallel.py's `local_rows`): the same global batches
+on any process count.
 
 Choosing the path (`dataset.on_device`, `placement`) and the checks live in
 cnnlab/data/placement.py.
