@@ -49,6 +49,7 @@ def test_a_streamed_job_reads_and_places_only_each_process_share(
     assert _close(losses(run_dir), reference)
 
 
+@pytest.mark.slow  # two two-process jobs: over a minute on 2 cores
 def test_a_signal_to_one_process_stops_both_at_one_step_and_the_job_resumes(
         tmp_path: Path, fashion_dir: Path, reference: dict) -> None:
     """SIGUSR2 (submitit's time-limit warning) to process 1 only, once it has trained to step
