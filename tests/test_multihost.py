@@ -113,3 +113,27 @@ def test_a_process_started_late_trains_in_the_same_run_directory(
     assert len(run_dirs) == 1, run_dirs
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["processes"] == 2
+
+
+def test_a_training_split_padded_to_split_over_the_devices_draws_the_same_batches() -> None:
+    """Split by rows over D devices, a training set is padded to a multiple of D: its steps
+    still draw from the real examples, in the unpadded set's order."""
+    import jax
+    import numpy as np
+
+    from cnnlab.data.device import host_split, select_batch
+    from cnnlab.data.preprocess import PreprocessStats
+    from cnnlab.data.types import ArraySplit
+
+    rng = np.random.default_rng(0)
+    split = ArraySplit(rng.integers(0, 256, (10, 2, 2, 1), dtype=np.uint8),
+                       np.arange(10, dtype=np.int32))
+    stats = PreprocessStats(mean=np.zeros(1, np.float32), std=np.ones(1, np.float32))
+    plain = host_split(split, stats)
+    padded = host_split(split, stats, pad_to=4).replace(examples=10)
+    assert len(padded.labels) == 12
+    key = jax.random.PRNGKey(3)
+    for step in range(7):  # across epochs (3 batches of 3 per epoch)
+        _, want = select_batch(plain, key, jnp.asarray(step), 3)
+        _, got = select_batch(padded, key, jnp.asarray(step), 3)
+        np.testing.assert_array_equal(got, want)
