@@ -11,16 +11,26 @@ The state's checkpoint holds whole (unsharded) arrays, so a run resumes on any d
 Sharded state (FSDP-style) would change only `Placement.state`: the mesh is the place for it.
 
 Multi-host (`train.distributed`): `jax.distributed.initialize()` reads a Slurm job's environment
-(or JAX's coordinator variables) itself; every process then sees every device of the job, each
-feeds the same replicated data, and the mesh spans the hosts.
+(or JAX's coordinator variables) itself; every process then sees every device of the job and the
+mesh spans the hosts. Global arrays are built from each process's local pieces
+(`jax.make_array_from_callback`, `make_array_from_process_local_data`), never by `device_put` of
+a host copy, which would check every process's copy against the others by all-gathering them
+(P copies through every device): a process transfers only what its own devices hold. When the
+mesh spans processes, the device-resident training set is split by rows over the devices
+(`put_rows`; each step's gather then all-reduces the batch, never the set) and each process reads
+only its slice of every streamed batch (`local_rows`). One-time work runs on process 0 first
+(`primary_first`), and values a run must agree on are broadcast or reduced (`broadcast_text`,
+`max_over_processes`).
 """
 
 import dataclasses
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -29,6 +39,7 @@ from cnnlab.errors import ConfigError
 log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "true", "false")
+T = TypeVar("T")
 
 
 def _slurm_multi_task() -> bool:
@@ -113,28 +124,71 @@ class Placement:
             return None
         return self.batch
 
+    @property
+    def spans_processes(self) -> bool:
+        """Whether the mesh has devices of several processes (a multi-host job)."""
+        return len({d.process_index for d in self.mesh.devices.flat}) > 1
+
+    @property
+    def row_multiple(self) -> int:
+        """What a device-resident training split's row count must be a multiple of: the device
+        count when `put_rows` splits it over the devices, else 1."""
+        return self.size if self.spans_processes else 1
+
     def put(self, tree: Any) -> Any:
-        """`tree` (device arrays) replicated on every device of the mesh; on one device left
-        where it is, so a single-device run's programs and shardings are what they always were."""
+        """`tree` (host or device arrays) replicated on every device of the mesh; on one device
+        left where it is, so a single-device run's programs and shardings are what they always
+        were. Across processes each process fills its own devices from its own copy."""
         if self.size == 1:
             return tree
-        if jax.process_count() > 1:
-            # Every process holds the same values; a global sharding is filled from the host.
-            tree = jax.device_get(tree)
-        return jax.device_put(tree, self.replicated)
+        if not self.spans_processes:
+            return jax.device_put(tree, self.replicated)
+        return jax.tree.map(lambda x: _from_local(x, self.replicated), jax.device_get(tree))
+
+    def put_rows(self, split: Any) -> Any:
+        """A device-resident split (cnnlab.data.device.DeviceSplit of host arrays, its rows a
+        multiple of `row_multiple`) onto the devices: across processes split by rows, each
+        process transferring only the rows its devices hold; otherwise replicated (`put`)."""
+        if not self.spans_processes:
+            return self.put(jax.device_put(split) if self.size == 1 else split)
+        rows = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        return split.replace(
+            images=_from_local(np.asarray(split.images), rows),
+            labels=_from_local(np.asarray(split.labels), rows),
+            mask=_from_local(np.asarray(split.mask), rows), stats=self.put(split.stats))
+
+    def local_rows(self, batch_size: int) -> tuple[int, int]:
+        """[start, stop) of the rows of a batch split over the mesh that this process's devices
+        hold (a contiguous range: the mesh lists each process's devices together); the whole
+        batch unless the mesh spans processes."""
+        if not self.spans_processes:
+            return 0, batch_size
+        split = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        held = sorted({(index[0].start or 0, index[0].stop or batch_size) for index in
+                       split.addressable_devices_indices_map((batch_size,)).values()})
+        start, stop = held[0][0], held[-1][1]
+        if sum(b - a for a, b in held) != stop - start:
+            raise ConfigError("this process's devices are not together in the device mesh: "
+                              "list each process's devices together")
+        return start, stop
 
     def put_batches(self, chunk: Any) -> Any:
         """A streamed chunk (cnnlab.data.device.StreamedChunk: images and labels stacked (steps,
         batch, ...)) onto the devices, each batch split along its second axis as the step wants
-        it."""
+        it. Across processes `chunk` holds this process's rows of each batch (`local_rows`) and
+        the global batches are assembled from every process's rows."""
         if self.size == 1:
             return jax.device_put(chunk)
         split = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))
-        if jax.process_count() > 1:
-            chunk = jax.device_get(chunk)
-        return chunk.replace(images=jax.device_put(chunk.images, split),
-                             labels=jax.device_put(chunk.labels, split),
-                             stats=jax.device_put(chunk.stats, self.replicated))
+        if not self.spans_processes:
+            return chunk.replace(images=jax.device_put(chunk.images, split),
+                                 labels=jax.device_put(chunk.labels, split),
+                                 stats=jax.device_put(chunk.stats, self.replicated))
+        local = jax.device_get(chunk)
+        return chunk.replace(
+            images=jax.make_array_from_process_local_data(split, local.images),
+            labels=jax.make_array_from_process_local_data(split, local.labels),
+            stats=self.put(local.stats))
 
     def check_batch(self, key: str, batch_size: int) -> None:
         """Each device must get an equal share of a batch."""
@@ -158,6 +212,86 @@ def constrain(tree: Any, sharding: NamedSharding | None) -> Any:
     return jax.lax.with_sharding_constraint(tree, sharding)
 
 
+def multi_process() -> bool:
+    """Whether this process is one of a multi-host job's."""
+    return jax.process_count() > 1
+
+
 def is_primary() -> bool:
     """The process that writes the run's files and logs (process 0 of a multi-host job)."""
     return jax.process_index() == 0
+
+
+def _from_local(value: Any, sharding: NamedSharding) -> jax.Array:
+    """A global array of `value`'s shape (every process holds all of `value`), each process
+    transferring only the parts its devices hold, with no cross-process comparison."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def primary_first(work: Callable[[], T], name: str) -> T:
+    """`work` (one-time work: a download, moving a file) on process 0, then on the others once
+    it is done, so that they find its result instead of doing it again. Every process of a
+    multi-host job must call this at the same point; a single process just runs `work`. A
+    failure on process 0 releases the others, which then fail the same way or succeed."""
+    if jax.process_count() == 1:
+        return work()
+    if is_primary():
+        try:
+            return work()
+        finally:
+            _barrier(f"cnnlab:{name}")
+    _barrier(f"cnnlab:{name}")
+    return work()
+
+
+def primary_only(work: Callable[[], Any], name: str) -> None:
+    """`work` on process 0 only (moving a bad checkpoint aside), which the others wait for;
+    called by every process at the same point."""
+    if is_primary():
+        try:
+            work()
+        finally:
+            if jax.process_count() > 1:
+                _barrier(f"cnnlab:{name}")
+    else:
+        _barrier(f"cnnlab:{name}")
+
+
+def broadcast_text(text: str, limit: int = 4096) -> str:
+    """Process 0's `text` on every process (a run directory named by the time each process
+    started, which differs); a single process's unchanged."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(limit, np.uint8)
+    encoded = text.encode()[:limit]
+    data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(agreed[agreed != 0]).decode()
+
+
+def max_over_processes(value: int, placement: Placement, after: Any) -> jax.Array:
+    """The largest of the processes' `value`s, as a replicated device array that is not waited
+    for: read it later, and every process reads the same number. `after` (a device array of the
+    run) orders the reduction after the work that made it, so that every process runs its
+    collectives in one order."""
+    mesh = placement.mesh
+    local = np.full((sum(d.process_index == jax.process_index() for d in mesh.devices.flat),),
+                    value, np.int32)
+    values = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec(DATA_AXIS)), local)
+    return _largest(values, after)
+
+
+@jax.jit
+def _largest(values: jax.Array, after: jax.Array) -> jax.Array:
+    # `after` is used (a comparison XLA cannot fold away) so that the call waits for it.
+    return jnp.where(after == after, jnp.max(values), 0)

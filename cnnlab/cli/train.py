@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cnnlab import parallel
 from cnnlab.cli import hydra_compat
 from cnnlab.cli.app import train_checked, train_job
 from cnnlab.cli.hydra_compat import info_only, parse_args
@@ -50,6 +51,20 @@ def _sweep_dir(cfg: DictConfig) -> str:
     return str(OmegaConf.select(cfg, "hydra.sweep.dir"))
 
 
+def _one_run_dir(composed: DictConfig) -> DictConfig:
+    """`composed` with its run directory resolved as process 0 of a multi-host job resolved it:
+    each process names the time it started (`${now:...}`), and one started a few seconds later
+    must train in the same folder (the preflight has joined the job by now)."""
+    from omegaconf import OmegaConf, open_dict
+
+    if not parallel.multi_process():
+        return composed
+    run_dir = parallel.broadcast_text(str(OmegaConf.select(composed, "hydra.run.dir")))
+    with open_dict(composed):
+        composed.hydra.run.dir = run_dir
+    return composed
+
+
 def train_command(args: list[str]) -> None:
     parsed = parse_args(args)
     if info_only(parsed):
@@ -59,11 +74,11 @@ def train_command(args: list[str]) -> None:
                            config_dir=parsed.config_dir)
     if not parsed.multirun and len(checked.checked) == 1:
         run = without_hydra(checked.checked[0])
-        hydra_compat.run_composed(checked.composed[0], lambda: train_checked(run),
-                                  parsed.config_dir)
+        composed = _one_run_dir(checked.composed[0])
+        hydra_compat.run_composed(composed, lambda: train_checked(run), parsed.config_dir)
         return
     print(_sweep_size(checked.cfg, checked.steps), file=sys.stderr)
-    sweep_dir = _sweep_dir(checked.cfg)
+    sweep_dir = parallel.broadcast_text(_sweep_dir(checked.cfg))
     # Hydra names a job's folder by its overrides; the naming override joins them.
     parsed.overrides = [*_name_jobs_by_swept_keys(parsed.overrides, checked.cfg),
                         *parsed.overrides, f"hydra.sweep.dir='{sweep_dir}'"]

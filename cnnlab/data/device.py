@@ -26,19 +26,27 @@ class DeviceSplit(struct.PyTreeNode):
     # The training set's preprocessing statistics (the same buffers in every split): data, not
     # constants of the compiled functions, since a ZCA matrix is 3072x3072 for CIFAR.
     stats: PreprocessStats
+    # The real examples a training step draws from (None: all rows): a training split padded
+    # to split evenly over the devices (cnnlab/parallel.py's put_rows) keeps its batch order.
+    examples: int | None = struct.field(pytree_node=False, default=None)
 
 
-def device_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSplit:
-    """A host split (cnnlab.data.types.ArraySplit) on the default device, zero-padded to a
-    multiple of `pad_to` examples (whole eval batches); `mask` marks the real ones."""
+def host_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSplit:
+    """A host split (cnnlab.data.types.ArraySplit) as a `DeviceSplit` of host arrays, zero-padded
+    to a multiple of `pad_to` examples (whole eval batches, or rows split over the devices);
+    `mask` marks the real ones."""
     n = len(split)
     padded = -(-n // pad_to) * pad_to
     images = np.zeros((padded, *split.images.shape[1:]), np.uint8)
     images[:n] = split.images
     labels = np.zeros((padded,), np.int32)
     labels[:n] = split.labels
-    return jax.device_put(DeviceSplit(images=images, labels=labels,
-                                      mask=np.arange(padded) < n, stats=stats))
+    return DeviceSplit(images=images, labels=labels, mask=np.arange(padded) < n, stats=stats)
+
+
+def device_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSplit:
+    """`host_split` on the default device."""
+    return jax.device_put(host_split(split, stats, pad_to))
 
 
 class GivenBatch(struct.PyTreeNode):
@@ -65,7 +73,8 @@ def select_batch(data: DeviceSplit | GivenBatch, data_key: jax.Array, step: jax.
     streamed batch itself (already in the same order)."""
     if isinstance(data, GivenBatch):
         return data.images, data.labels
-    idx = batch_indices(data_key, step, data.labels.shape[0], batch_size)
+    n = data.labels.shape[0] if data.examples is None else data.examples
+    idx = batch_indices(data_key, step, n, batch_size)
     return data.images[idx], data.labels[idx]
 
 

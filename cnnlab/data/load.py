@@ -145,9 +145,10 @@ def _tfds_source(name: str, data_dir: str | None, names: dict[str, str],
     """The train and test splits of a TFDS dataset (`names`: role -> TFDS split) through the
     cache; those not in `splits` are empty."""
     image_key, label_key = keys
-    builder = tfds_reader.make_builder(name, data_dir)
+    # The features are checked before anything is downloaded.
+    tfds_reader.feature_spec(tfds_reader.make_builder(name, data_dir), image_key, label_key)
+    builder, read = tfds_reader.prepared(name, data_dir, download)
     image_shape, num_classes, class_names = tfds_reader.feature_spec(builder, image_key, label_key)
-    read = tfds_reader.choose_reader(builder, download)
 
     def decode(split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = read(builder, split, image_key, label_key, image_shape, max_examples)

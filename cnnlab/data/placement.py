@@ -194,8 +194,8 @@ def load_streamed(cfg: DictConfig) -> Dataset:
     std and the train split's `sample` from a bounded sample of the training images."""
     check_streamable(cfg)
     ds = cfg.dataset
-    builder = tfds_reader.make_builder(ds.name, ds.data_dir)
-    tfds_reader.choose_reader(builder, ds.download)  # prepared (or prepares it), or says why not
+    # Prepared (process 0 prepares it for a multi-host job), or says why not.
+    builder, _ = tfds_reader.prepared(ds.name, ds.data_dir, ds.download)
     import tensorflow_datasets as tfds
 
     if tfds.core.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():

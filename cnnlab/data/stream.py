@@ -13,7 +13,9 @@ Order: the example of slot k (step k // B, place k % B) is the one `device.batch
 gather at that step: each epoch is jax.random.permutation(fold_in(data_key, epoch), n) computed
 on the CPU (threefry gives the same bits on every backend), the tail that does not fill a batch
 skipped. So a set that fits trains the same on both paths, and a resumed run starts reading at
-its step without replaying the ones before.
+its step without replaying the ones before. In a multi-host job each process reads only the rows
+of every batch that its devices hold (cnnlab/parallel.py's `local_rows`): the same global batches
+on any process count.
 
 Choosing the path (`dataset.on_device`, `placement`) and the checks live in
 cnnlab/data/placement.py.
@@ -158,7 +160,8 @@ def _cpu_only_if_fresh() -> None:
 
 def epoch_order(data_key: np.ndarray, epoch: int, num_examples: int) -> np.ndarray:
     """`device.batch_indices`' permutation of epoch `epoch`, computed on the CPU backend."""
-    cpu = jax.devices("cpu")[0]
+    # This process's CPU: in a multi-host job jax.devices("cpu")[0] is process 0's.
+    cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
         key = jax.device_put(np.asarray(data_key), cpu)
         order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
@@ -199,14 +202,31 @@ class Order:
         return int(self._order(epoch)[position * self.batch_size + place])
 
 
+@dataclasses.dataclass(frozen=True)
+class _LocalSlots:
+    """Position j of this process's stream -> its slot: the rows [start, start + rows) of every
+    batch (a multi-host job's process reads only what its devices hold)."""
+
+    batch_size: int
+    start: int
+    rows: int
+
+    def __call__(self, j: int) -> int:
+        step, place = divmod(int(j), self.rows)
+        return step * self.batch_size + self.start + place
+
+
 def train_batches(split: StreamSplit, data_key: np.ndarray, batch_size: int, start_step: int,
-                  total_steps: int, options: StreamOptions) -> Iterator[tuple[Any, Any]]:
+                  total_steps: int, options: StreamOptions,
+                  rows: tuple[int, int] | None = None) -> Iterator[tuple[Any, Any]]:
     """(images (B, H, W, C) uint8, labels (B,)) of steps start_step, start_step + 1, ... up to
     total_steps, in `device.batch_indices`' order. Random access: nothing before start_step is
-    read."""
+    read. `rows` = (start, stop): only those rows of each batch (this process's share)."""
     order = Order(data_key, len(split), batch_size)
-    slots = _grain().MapDataset.range(start_step * batch_size, total_steps * batch_size)
-    return _iterate(slots.map(order).map(split.example).batch(batch_size, drop_remainder=True),
+    start, stop = (0, batch_size) if rows is None else rows
+    slots = _grain().MapDataset.range(start_step * (stop - start), total_steps * (stop - start))
+    slots = slots.map(_LocalSlots(batch_size, start, stop - start))
+    return _iterate(slots.map(order).map(split.example).batch(stop - start, drop_remainder=True),
                     options)
 
 
@@ -218,9 +238,11 @@ class ChunkFeeder:
 
     def __init__(self, split: StreamSplit, data_key: np.ndarray, stats: PreprocessStats,
                  batch_size: int, total_steps: int, per_call: int,
-                 options: StreamOptions, put: Callable[[Any], Any] = jax.device_put) -> None:
-        # `put`: to the device, or split over the devices (cnnlab/parallel.py).
-        self.put = put
+                 options: StreamOptions, put: Callable[[Any], Any] = jax.device_put,
+                 rows: tuple[int, int] | None = None) -> None:
+        # `put`: to the device, or split over the devices (cnnlab/parallel.py); `rows`: the
+        # rows of each batch this process reads (its devices' share), None: all.
+        self.put, self.rows = put, rows
         self.split, self.data_key, self.stats = split, np.asarray(data_key), stats
         self.batch_size, self.total_steps, self.per_call = batch_size, total_steps, per_call
         self.options = options
@@ -256,7 +278,7 @@ class ChunkFeeder:
             log.info("streaming %s from step %d (%d examples)", self.split.name, step,
                      len(self.split))
             self._batches = train_batches(self.split, self.data_key, self.batch_size, step,
-                                          self.total_steps, self.options)
+                                          self.total_steps, self.options, self.rows)
         batches = [next(self._batches) for _ in range(num_steps)]
         self._next_step = step + num_steps
         chunk = device.StreamedChunk(

@@ -143,6 +143,20 @@ def choose_reader(builder: tfds.core.DatasetBuilder, download: bool) -> _Reader:
     return _read_data_source
 
 
+def prepared(name: str, data_dir: str | None,
+             download: bool) -> tuple[tfds.core.DatasetBuilder, _Reader]:
+    """(builder, reader) of `name`, prepared (`choose_reader`) by process 0 of a multi-host job
+    while the others wait; they then open the prepared files with builders of their own (one
+    made before the files existed would not see them)."""
+    from cnnlab import parallel
+
+    def open_prepared() -> tuple[tfds.core.DatasetBuilder, _Reader]:
+        builder = make_builder(name, data_dir)
+        return builder, choose_reader(builder, download)
+
+    return parallel.primary_first(open_prepared, f"prepare {name}")
+
+
 def _check_preparable(builder: tfds.core.DatasetBuilder, build_hint: str) -> None:
     """One line naming the missing piece when preparing cannot start: manually placed files
     (ImageNet's tars), or TensorFlow for a builder that reads its raw files with it."""

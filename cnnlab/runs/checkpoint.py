@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnnlab import parallel
 from cnnlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,11 @@ class Checkpointer:
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
+        if steps:  # by process 0 of a multi-host job, the others waiting to reload after it
+            parallel.primary_only(lambda: self._move_aside(steps), "set checkpoints aside")
+            self._manager.reload()
+
+    def _move_aside(self, steps: list[int]) -> None:
         for step in steps:
             log.warning("checkpoint %d in %s is unusable; resuming from an earlier one (it is "
                         "kept as %d.unusable)", step, self.directory, step)
@@ -172,8 +178,6 @@ class Checkpointer:
             while target.exists():
                 target = target.with_name(target.name + "_")
             (self.directory / str(step)).rename(target)
-        if steps:
-            self._manager.reload()
 
     def close(self) -> None:
         try:

@@ -25,7 +25,7 @@ from cnnlab.data import load as data_lib
 from cnnlab.data import placement as stream_config
 from cnnlab.data import preprocess, stream
 from cnnlab.data.augment.pipeline import Augment, make_augment
-from cnnlab.data.device import DeviceSplit, StreamedChunk, device_split
+from cnnlab.data.device import DeviceSplit, StreamedChunk, device_split, host_split
 from cnnlab.data.types import Dataset
 from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
@@ -207,7 +207,13 @@ class Run:
         if self.streamed:
             raise ConfigError(f"{self.dataset.name}'s training set is streamed, and this needs "
                               "it on the device: set dataset.on_device=true if it fits")
-        return self.placement.put(device_split(self.dataset.train, self.dataset.preprocess))
+        # Across processes split by rows over the devices (padded to split evenly; the steps
+        # draw from the real examples only, in the same order).
+        train = self.dataset.train
+        split = host_split(train, self.dataset.preprocess, self.placement.row_multiple)
+        if len(split.labels) != len(train):
+            split = split.replace(examples=len(train))
+        return self.placement.put_rows(split)
 
     @functools.cached_property
     def feeder(self) -> stream.ChunkFeeder:
@@ -217,7 +223,8 @@ class Run:
         return stream.ChunkFeeder(self.dataset.train, data_key, self.dataset.preprocess,
                                   cfg.train.batch_size, cfg.train.steps,
                                   cfg.train.steps_per_call, stream_config.options(cfg.dataset),
-                                  put=self.placement.put_batches)
+                                  put=self.placement.put_batches,
+                                  rows=self.placement.local_rows(cfg.train.batch_size))
 
     def close(self) -> None:
         """Stop reading ahead (a streamed run's feeder thread), whatever ended the run."""

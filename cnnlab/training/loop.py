@@ -115,7 +115,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         return saved
 
     checkpoint.loop_state = loop_state
-    signals = actions.StopOnSignal()
+    signals = actions.StopOnSignal(run.placement)
     periodic = [signals, metrics, evaluation, *([diagnosis] if diagnosis else []), record,
                 progress, checkpoint]
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
@@ -145,6 +145,8 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         )
         _close(tracker, run_dir, summary, lambda: _log_confusions(
             tracker, run_dir, run, evaluation.last_step, summary["final_step"]))
+    if summary["status"] == "interrupted":
+        signals.forward()  # saved and summarized: submitit's handler may requeue the job
     return summary
 
 
