@@ -323,6 +323,9 @@ class LoggerConfig:
     artifacts: bool = MISSING
     console: str = MISSING
     system_metrics: bool = MISSING
+    # TensorBoard event files in the run directory (cnnlab/runs/tensorboard.py). The default
+    # None (not MISSING) lets configs saved before the key existed load: those runs wrote none.
+    tensorboard: bool | None = None
 
 
 @dataclasses.dataclass
