@@ -75,7 +75,7 @@ def test_scalars_are_the_runs_metrics(tiny_run):
     events = read_events(tiny_run)
     logged = logged_series(tiny_run)
     assert {"train/loss", "test/error", "lr", "epoch"} <= set(logged)
-    assert any(key.startswith("diagnostics/") for key in logged), sorted(logged)
+    assert any(key.startswith("diag/") for key in logged), sorted(logged)
     # Every series of metrics.jsonl, point for point, and nothing else.
     assert sorted(events.Tags()["scalars"]) == sorted(logged)
     for key, points in logged.items():
@@ -106,8 +106,9 @@ def test_images_table_and_histograms_are_the_runs_files(tiny_run):
     assert histograms and all(events.Histograms(tag)[0].step == final for tag in histograms)
 
 
-def test_viz_images_join_the_runs_event_files(tiny_run):
-    result = run_cli(["viz", "filters", str(tiny_run), "wandb=disabled"], cwd=tiny_run.parent)
+def test_viz_images_join_the_runs_event_files(tiny_run, fashion_dir):
+    result = run_cli(["viz", "filters", str(tiny_run), "wandb=disabled"], cwd=tiny_run.parent,
+                     data_dir=fashion_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_events(tiny_run)
     final = json.loads((tiny_run / "summary.json").read_text())["final_step"]
@@ -209,3 +210,30 @@ def test_the_session_ends_only_when_the_run_has(tmp_path, status, ends):
     tracker.finish(status, step=1)
     end = hparams_records(read_events(tmp_path)).get("end")
     assert (api_pb2.Status.Name(end.status) if end else None) == ends, end
+
+
+def test_a_full_disk_ends_the_event_file_not_the_run(tmp_path, monkeypatch, caplog):
+    """A write that fails (ENOSPC) is said once; metrics.jsonl and the run go on."""
+    import errno
+
+    from tensorboardX.event_file_writer import EventsWriter
+
+    logger = OmegaConf.create({"mode": "disabled", "tags": [], "name": None,
+                               "tensorboard": True})
+    tracker = RunTracker(RunDir(tmp_path), {"seed": 0}, logger, None, None)
+    tracker.log(1, {"train/loss": 1.0})
+
+    def full(self, event):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(EventsWriter, "write_event", full)
+    for step in (2, 3):
+        tracker.log(step, {"train/loss": float(step)})
+    tracker.finish("finished", step=3)
+    monkeypatch.undo()
+    assert [json.loads(line)["step"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    events = read_events(tmp_path)
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0)]
