@@ -119,6 +119,13 @@ def logged_points(job_dir: Path, tag: str) -> int:
 
 
 @pytest.fixture(scope="module")
+def browser() -> str:
+    """Module-scoped and first in the page test's arguments: a missing Chromium skips before
+    the sweep trains."""
+    return chromium()
+
+
+@pytest.fixture(scope="module")
 def smoke_sweep(fashion_dir, tmp_path_factory) -> Path:
     sweep_dir = tmp_path_factory.mktemp("tensorboard_browser") / "sweep"
     result = run_cli(["train", "-m", "experiment=smoke/resnet_vs_plain", "logger.mode=disabled",
@@ -144,8 +151,7 @@ def board(smoke_sweep):
         server.wait(timeout=30)
 
 
-def test_every_run_and_its_curves_are_on_the_page(smoke_sweep, board, tmp_path):
-    browser = chromium()
+def test_every_run_and_its_curves_are_on_the_page(browser, smoke_sweep, board, tmp_path):
     # The cards of the train/ and test/ tags (their groups would start collapsed).
     page = f"{board}/?forceSVG=true&tagFilter=train%7Ctest"
     job_dirs = sorted(p.parent.parent for p in smoke_sweep.rglob(".hydra/config.yaml"))
