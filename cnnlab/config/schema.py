@@ -278,6 +278,8 @@ class LoggerConfig:
     artifacts: bool = described("log the config and final checkpoint as W&B artifacts")
     console: str = described("W&B console capture: wrap | off")
     system_metrics: bool = described("log W&B system metrics (CPU, memory, GPU)")
+    # None (not MISSING) lets configs saved before the key existed load: those runs wrote none.
+    tensorboard: bool | None = described("TensorBoard event files in the run directory", None)
 
 
 @dataclasses.dataclass

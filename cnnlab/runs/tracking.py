@@ -1,7 +1,10 @@
-"""Where metrics go: `metrics.jsonl` and `summary.json` in the run directory, and W&B.
+"""Where metrics go: `metrics.jsonl` and `summary.json` in the run directory, W&B and
+TensorBoard event files.
 
 The local files are the source of truth (offline tools such as `cnnlab compare` read them); W&B
-mirrors them. W&B defaults to offline mode, which needs neither an API key nor a network.
+and TensorBoard mirror them. W&B defaults to offline mode, which needs neither an API key nor a
+network; TensorBoard's event files (`logger.tensorboard`, cnnlab/runs/tensorboard.py) show in
+`tensorboard --logdir` without any account.
 """
 
 import logging
@@ -14,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cnnlab.errors import require
+from cnnlab.runs import tensorboard
 from cnnlab.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class RunTracker:
-    """Appends one JSON object per logging event and mirrors it to W&B."""
+    """Appends one JSON object per logging event and mirrors it to W&B and TensorBoard."""
 
     def __init__(self, run_dir: RunDir, config: dict, logger: DictConfig, group: str | None,
                  resume_step: int | None, tags: list[str] | None = None,
@@ -49,6 +53,12 @@ class RunTracker:
         self._wandb = (self._init_wandb(flatten(config), logger, group, tags,
                                         logger.name or name)
                        if logger.mode != "disabled" else None)
+        self._tb = None
+        if logger.get("tensorboard"):
+            # A resumed run logs the steps after its checkpoint again: hide the earlier start's.
+            self._tb = tensorboard.EventWriter(run_dir.path,
+                                               purge_step=resume_step + 1 if resume_step else None)
+            self._tb.hparams(flatten(config))
 
     def _init_wandb(self, config: dict, logger: DictConfig, group: str | None,
                     tags: list[str], name: str | None) -> Any:
@@ -80,6 +90,8 @@ class RunTracker:
         self.run_dir.append_metrics(step, metrics)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            self._tb.scalars(step, metrics)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         clean = self.run_dir.write_summary(summary)
@@ -87,7 +99,10 @@ class RunTracker:
             self._wandb.summary.update(clean)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
-        """An image file (e.g. the run's error curves) as a W&B media panel."""
+        """An image file (e.g. the run's error curves) as a W&B media panel and a TensorBoard
+        image."""
+        if self._tb is not None:
+            self._tb.image(step, key, path)
         if self._wandb is not None:
             import wandb
 
@@ -95,7 +110,9 @@ class RunTracker:
 
     def log_table(self, step: int, key: str, columns: Sequence[str],
                   rows: Sequence[Sequence[Any]]) -> None:
-        """A table (e.g. per-class errors) as a W&B Table panel."""
+        """A table (e.g. per-class errors) as a W&B Table panel and TensorBoard text."""
+        if self._tb is not None:
+            self._tb.table(step, key, columns, rows)
         if self._wandb is not None:
             import wandb
 
@@ -103,7 +120,10 @@ class RunTracker:
                             step=step)
 
     def log_histograms(self, step: int, values: dict[str, Any]) -> None:
-        """Arrays as W&B histograms (W&B only: metrics.jsonl holds the values themselves)."""
+        """Arrays as W&B and TensorBoard histograms (not in metrics.jsonl, which holds the
+        scalars)."""
+        if self._tb is not None:
+            self._tb.histograms(step, values)
         if self._wandb is not None and values:
             import wandb
 
@@ -126,7 +146,16 @@ class RunTracker:
             artifact.add_dir(str(checkpoint))
             self._wandb.log_artifact(artifact, aliases=["latest", f"step-{checkpoint.name}"])
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, status: str = "finished", step: int = 0) -> None:
+        """Close the W&B run (failed unless `status` is finished) and the event file, whose
+        HParams session ends only when the run has (finished or diverged): TensorBoard keeps a
+        run's first session end, and a failed or interrupted run may be resumed."""
+        failed = status != "finished"
+        if self._tb is not None:
+            if status in ("finished", "diverged"):
+                self._tb.end(step, failed)
+            self._tb.close()
+            self._tb = None
         if self._wandb is None:
             return
         offline = self._wandb.settings.mode == "offline" or self.logger.mode == "offline"
@@ -150,3 +179,4 @@ def validate(logger: DictConfig) -> None:
             f"logger.mode='{logger.mode}'; valid choices: {', '.join(LOGGER_MODES)}")
     require(logger.console in CONSOLE_MODES,
             f"logger.console='{logger.console}'; valid choices: {', '.join(CONSOLE_MODES)}")
+    tensorboard.require_available(bool(logger.get("tensorboard")), "logger.tensorboard=false")

@@ -68,9 +68,9 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
             if run_dir.start_config() != config:
                 raise ConfigError(unfit_state_message(run_dir, config)) from None
             raise
-        # One W&B run per run, from process 0.
+        # One W&B run and one event file per run, from process 0.
         logger = (cfg.logger if run_dir.writes
-                  else OmegaConf.merge(cfg.logger, {"mode": "disabled"}))
+                  else OmegaConf.merge(cfg.logger, {"mode": "disabled", "tensorboard": False}))
         tracker = RunTracker(run_dir, config, logger, group, int(state.step), tags, name)
         try:
             return _train(run, run_dir, state, loop, checkpoint, tracker)
@@ -167,8 +167,9 @@ def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any],
            figures: Callable[[], None] = lambda: None) -> None:
     """Write the final summary, curves, `figures` and W&B run; a full disk must not hide why
     it ended."""
+    status, step = summary.get("status", "failed"), summary["final_step"]
     if not run_dir.writes:
-        return tracker.finish(failed=summary.get("status") != "finished")
+        return tracker.finish(status, step)
     try:
         tracker.write_summary(summary)
         _log_curves(tracker, run_dir, summary["final_step"])
@@ -178,7 +179,7 @@ def _close(tracker: RunTracker, run_dir: RunDir, summary: dict[str, Any],
                               run_dir / "checkpoints" / str(saved[-1]) if saved else None)
     except OSError as error:
         log.error("could not write the summary of %s: %s", run_dir, error)
-    tracker.finish(failed=summary.get("status") != "finished")
+    tracker.finish(status, step)
 
 
 def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,

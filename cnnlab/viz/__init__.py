@@ -1,7 +1,8 @@
 """`cnnlab viz KIND RUN_DIR [key=value ...]`: pictures of what a trained run has learned.
 
 Each kind (cnnlab/viz/draw_*.py, registered in `KINDS`) writes PNGs and the numbers behind them
-(.npz, .json) into RUN_DIR/viz/ and logs the PNGs to the run's W&B run (cnnlab/viz/output.py).
+(.npz, .json) into RUN_DIR/viz/ and logs the PNGs to the run's W&B run and TensorBoard event
+files (cnnlab/viz/output.py).
 All computation is jitted JAX on batches, on the run's rebuilt model (cnnlab/viz/network.py).
 Options: cnnlab/viz/options.py and docs/viz.md.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from cnnlab.config.load import load_run_config
 from cnnlab.errors import require
+from cnnlab.runs import tensorboard
 from cnnlab.runs.weights import check_weights
 from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
     draw_activations,
@@ -26,7 +28,7 @@ from cnnlab.viz import (  # noqa: F401  (each module registers its kinds)
 from cnnlab.viz.common import KINDS
 from cnnlab.viz.network import check_layers, layer_names, model_factory, restore
 from cnnlab.viz.options import VizOptions, parse
-from cnnlab.viz.output import Output, log_images, wandb_mode
+from cnnlab.viz.output import Output, log_images, tensorboard_images, wandb_mode
 
 
 @dataclasses.dataclass
@@ -40,6 +42,8 @@ def check(kind_name: str, run_dir: Path, overrides: Sequence[str]) -> VizOptions
     kind = KINDS.get(kind_name)
     options = parse(overrides, kind_name)
     cfg = load_run_config(run_dir)
+    tensorboard.require_available(bool(cfg.logger.get("tensorboard")),
+                                  f"logger.tensorboard: false in {run_dir}/.hydra/config.yaml")
     check_weights(run_dir, cfg, options.weights)
     for key in kind.requires:
         require(getattr(options, key) is not None, f"viz {kind_name} needs {key}=...")
@@ -58,4 +62,5 @@ def visualize(kind_name: str, run_dir: Path, overrides: Sequence[str]) -> Result
     KINDS.get(kind_name).draw(restored, options, out)
     folder = log_images(Path(run_dir), restored.cfg.logger,
                         wandb_mode(options.wandb, restored.cfg.logger), kind_name, out.pngs)
+    tensorboard_images(Path(run_dir), restored.cfg.logger, kind_name, out.pngs)
     return Result(out.written, folder)

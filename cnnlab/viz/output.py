@@ -1,4 +1,5 @@
-"""Where a visualisation goes: PNGs and their numbers in RUN_DIR/viz/, and the run's W&B run.
+"""Where a visualisation goes: PNGs and their numbers in RUN_DIR/viz/, the run's W&B run and
+its TensorBoard event files.
 
 The PNGs are logged as images to the run's own W&B run, resumed by the id the run keeps in
 wandb_id.txt (offline by default: a new offline-run-* folder of the same id, which `wandb sync`
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from cnnlab.runs import tensorboard
 from cnnlab.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -82,3 +84,18 @@ def log_images(run_dir: Path, logger: DictConfig, mode: str, kind: str,
     folder = Path(run.dir).parent
     run.finish()
     return folder
+
+
+def tensorboard_images(run_dir: Path, logger: DictConfig, kind: str, pngs: list[Path]) -> None:
+    """The PNGs as TensorBoard images `viz/<kind>/<name>` at the run's last step, in an event
+    file of their own in the run directory, when the run writes event files
+    (`logger.tensorboard` of its config)."""
+    if not logger.get("tensorboard") or not pngs:
+        return
+    step = int((RunDir(run_dir).read_summary() or {}).get("final_step") or 0)
+    writer = tensorboard.EventWriter(Path(run_dir))
+    try:
+        for png in pngs:
+            writer.image(step, f"viz/{kind}/{png.stem}", png)
+    finally:
+        writer.close()
