@@ -339,7 +339,13 @@ class Progress:
 
 class Checkpoint:
     """Saves the state and `LoopState` every `checkpoint.every` steps, at the last step and
-    before any stop but divergence; `restore` resumes from the newest usable one."""
+    before any stop but divergence; `restore` resumes from the newest usable one.
+
+    Saves are asynchronous (cnnlab/runs/checkpoint.py): training goes on while a checkpoint is
+    written. `settle`, called first at every tick, waits for the previous save when the next
+    one is due, so a failed save stops the run before anything after it is logged; the last
+    save (the run's end, or a stop) is waited for before the loop ends.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: RunDir) -> None:
         self.enabled, self.every = cfg.checkpoint.enabled, cfg.checkpoint.every
@@ -353,11 +359,21 @@ class Checkpoint:
         _, state, meta = found
         return state, LoopState.from_json(meta)
 
+    def _due(self, tick: Tick) -> bool:
+        return self.enabled and not tick.diverged and (
+            due(tick.step, self.every, tick.last) or tick.stop is not None)
+
+    def settle(self, tick: Tick) -> None:
+        """At a tick where a save is due: the previous save must be complete (or fail) first."""
+        if self._due(tick):
+            self.checkpoints.wait()
+
     def __call__(self, tick: Tick) -> None:
-        if self.enabled and not tick.diverged and (
-                due(tick.step, self.every, tick.last) or tick.stop is not None):
+        if self._due(tick):
             # A failed save (disk full) raises CheckpointWriteError: training stops here.
             self.checkpoints.save(tick.step, tick.state, dataclasses.asdict(self.loop_state()))
+            if tick.last or tick.stop is not None:
+                self.checkpoints.wait()
 
     def close(self) -> None:
         self.checkpoints.close()
