@@ -351,6 +351,10 @@ class TrainConfig:
     # load: fp32 and 1, as those runs trained.
     precision: str | None = None
     grad_accum: int | None = None
+    # highest | high | default (cnnlab/training/numerics.py); deterministic: XLA's
+    # deterministic GPU ops. None (configs saved before them): highest and true.
+    matmul_precision: str | None = None
+    deterministic: bool | None = None
 
 
 @dataclasses.dataclass

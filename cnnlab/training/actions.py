@@ -202,8 +202,11 @@ class Evaluation:
             if key in event:
                 self.best[key] = min(self.best.get(key, math.inf), event[key])
         if self.plateau is not None and self.plateau.observe(event[self.plateau_metric]):
-            # From the next step; the state's shape is unchanged, so the compiled chunk is reused.
-            tick.state = tick.state.replace(lr_scale=jnp.asarray(self.plateau.scale, jnp.float32))
+            # From the next step. Placed as the value it replaces (replicated over the run's
+            # devices): a scalar on one device would be a new input sharding, and on several
+            # devices the chunk would compile again.
+            tick.state = tick.state.replace(lr_scale=jax.device_put(
+                np.float32(self.plateau.scale), tick.state.lr_scale.sharding))
             log.info("step %d: %s stalled; lr scaled by %g", tick.step, self.plateau_metric,
                      self.plateau.scale)
         if self.metric in event:

@@ -31,7 +31,7 @@ from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype, count_params, init_variables
 from cnnlab.models.summary import summarize
-from cnnlab.training import diagnostics, steps
+from cnnlab.training import diagnostics, numerics, steps
 from cnnlab.training.evaluate import Evaluator, make_eval_views
 from cnnlab.training.optim import make_optimizer, make_schedule
 from cnnlab.training.transfer_optimizer import phase_optimizers
@@ -216,7 +216,8 @@ class Run:
             frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
             compute_dtype=compute_dtype(cfg)),
             replicated=None if batch is None else self.placement.replicated,
-            platform=self.placement.mesh.devices.flat[0].platform)
+            platform=self.placement.mesh.devices.flat[0].platform,
+            compiler_options=numerics.compiler_options(cfg.train))
 
     @functools.cached_property
     def train_chunk(self) -> Callable:
@@ -273,6 +274,8 @@ def build(cfg: DictConfig, dataset: Dataset | None = None,
     otherwise from the initializer's, as a template that a checkpoint is restored into.
     `schedule`: the lr schedule instead of `cfg.schedule`'s (`cnnlab lr_find`'s ramp).
     """
+    # Before anything is traced (benchmarks and `cnnlab eval` start here, not in train).
+    numerics.configure(cfg.train)
     # A missing source, or devices this machine lacks, are said before the data is read.
     transfer_sources.check_exists(cfg)
     placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.devices))

@@ -342,7 +342,8 @@ def unroll_for(platform: str, num_steps: int) -> int:
 
 
 def make_train_chunk(train_step: Callable, replicated: Any = None,
-                     platform: str | None = None) -> Callable:
+                     platform: str | None = None,
+                     compiler_options: dict[str, Any] | None = None) -> Callable:
     """`train_chunk(state, data, num_steps) -> (state, summed metrics)`, compiled once per length.
 
     The steps are a `lax.scan`, unrolled as `unroll_for(platform)` says; `platform` is that of
@@ -356,8 +357,11 @@ def make_train_chunk(train_step: Callable, replicated: Any = None,
 
     `replicated`: on several devices, the sharding the state and metrics leave with (whole on
     every device, as they came), so that every chunk is called with the same shardings.
+    `compiler_options`: XLA's, e.g. deterministic GPU ops (cnnlab/training/numerics.py).
     """
     placed = {} if replicated is None else {"out_shardings": (replicated, replicated)}
+    if compiler_options:
+        placed["compiler_options"] = compiler_options
     platform = platform or jax.default_backend()
 
     @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state", **placed)
