@@ -330,34 +330,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
 
 
 def unroll_for(platform: str, num_steps: int) -> int:
-    """How much of a chunk's `lax.scan` is unrolled on `platform` (a device's `.platform`).
-
-    CPU: completely. A rolled scan over conv steps compiles slowly there and runs much slower,
-    while unrolling keeps per-step speed and removes the per-step dispatch. GPU and TPU: not at
-    all. Their compile time would grow with the chunk (an ImageNet ResNet-50 compiled ten
-    times over), and a rolled loop runs each step's kernels as fast, the loop's own overhead
-    being a few microseconds against milliseconds of convolutions.
-    """
+    """How much of a chunk's `lax.scan` is unrolled on `platform`: all of it on CPU, where a
+    rolled scan over conv steps compiles slowly and runs much slower; none on GPU/TPU, where
+    compile time would grow with the chunk and a rolled loop costs microseconds per step."""
     return num_steps if platform == "cpu" else 1
 
 
 def make_train_chunk(train_step: Callable, replicated: Any = None,
-                     platform: str | None = None,
-                     compiler_options: dict[str, Any] | None = None) -> Callable:
+                     platform: str | None = None, compiler_options: dict | None = None) -> Callable:
     """`train_chunk(state, data, num_steps) -> (state, summed metrics)`, compiled once per length.
 
-    The steps are a `lax.scan`, unrolled as `unroll_for(platform)` says; `platform` is that of
-    the devices the chunk runs on (the run's placement), not the default backend, so that a
-    chunk compiled for another target is built for it (None: the default backend's). The
-    state's buffers are donated, so parameters are updated in place.
-
-    `data` is the device-resident split with the epochs' orders (`data.order.OrderedSplit`;
-    a bare `DeviceSplit` draws each step's permutation), or a `StreamedChunk` of the chunk's
-    batches, which the scan hands to the steps one by one.
-
-    `replicated`: on several devices, the sharding the state and metrics leave with (whole on
-    every device, as they came), so that every chunk is called with the same shardings.
-    `compiler_options`: XLA's, e.g. deterministic GPU ops (cnnlab/training/numerics.py).
+    A `lax.scan` unrolled as `unroll_for(platform)` says (the run's devices' platform; None:
+    the default backend's); the state is donated. `data`: the split with the epochs' orders
+    (`data.order.OrderedSplit`; a bare `DeviceSplit` draws each step's permutation), or a
+    `StreamedChunk` of the chunk's batches. `replicated`: on several devices, the sharding the
+    state and metrics leave with, as they came. `compiler_options`: XLA's (training/numerics).
     """
     placed = {} if replicated is None else {"out_shardings": (replicated, replicated)}
     if compiler_options:
