@@ -131,7 +131,11 @@ def test_a_bad_config_found_at_run_time_fails_only_its_job(fashion_dir, tmp_path
     assert "sweep of 2 jobs: 1 failed, 1 finished" in result.stderr
 
 
-def test_joblib_launcher_runs_jobs_in_parallel_processes(fashion_dir, tmp_path):
+def test_joblib_launcher_runs_jobs_in_parallel_processes(fashion_dir, tmp_path, monkeypatch):
+    from tests.test_job_devices import assert_each_worker_took_its_own_gpu
+
+    # Two GPUs declared (the CPU backend ignores them): each worker process takes its own.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     result, sweep_dir = run_sweep(tmp_path, fashion_dir, "hydra/launcher=parallel", *SMALL,
                                   "seed=0,1", "logger.mode=disabled")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -141,6 +145,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(fashion_dir, tmp_path):
     assert all(s["status"] == "finished" for s in jobs.values())
     # Different seeds, different runs.
     assert jobs["0_seed=0"]["final/train/loss"] != jobs["1_seed=1"]["final/train/loss"]
+    assert_each_worker_took_its_own_gpu(sweep_dir, "5,7")
 
 
 def test_optuna_search_records_a_failed_trial_and_goes_on(fashion_dir, tmp_path):

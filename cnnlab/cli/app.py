@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cnnlab import parallel
+from cnnlab.cli import job_devices
 from cnnlab.cli.preflight import validate_for_training
 from cnnlab.config.names import name_the_model
 from cnnlab.config.presets import resolve_presets
@@ -147,6 +148,9 @@ def _preflighted() -> bool:
 def train_job(cfg: DictConfig) -> float | None:
     """A job of a sweep, as Hydra's launcher composed it where it runs; returns the objective
     (for sweepers that optimize it)."""
+    # Before JAX starts in this worker: several local jobs must not share every GPU.
+    hc = HydraConfig.get()
+    job_devices.assign(Path(hc.sweep.dir), job_devices.launcher_jobs(hc.launcher), hc.job.num)
     resolve_presets(cfg)
     return train_checked(cfg, check=not _preflighted())
 

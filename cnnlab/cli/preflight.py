@@ -26,7 +26,7 @@ from cnnlab.errors import ConfigError, require
 from cnnlab.models import layers
 from cnnlab.models import summary as model_summary
 from cnnlab.runs import tracking
-from cnnlab.training import actions, diagnostics, evaluate, losses, optim, selection
+from cnnlab.training import actions, diagnostics, evaluate, losses, numerics, optim, selection
 from cnnlab.transfer import plan as transfer_plan
 
 
@@ -66,8 +66,10 @@ def _validate_loop(cfg: DictConfig) -> None:
 
 
 def _validate_scale(cfg: DictConfig) -> None:
-    """train.precision and train.grad_accum; null (configs saved before them) is fp32 and 1."""
+    """train.precision, train.matmul_precision and train.grad_accum; null (configs saved
+    before them) is fp32, highest and 1."""
     models.compute_dtype(cfg)
+    numerics.validate(cfg.train)
     accum, batch = cfg.train.grad_accum, cfg.train.batch_size
     if accum is None:
         return

@@ -2,13 +2,14 @@
 (cnnlab/cli/preflight.py), then Hydra runs it (cnnlab/cli/app.py), or the sweep, and the sweep's
 tally is printed at the end."""
 
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from cnnlab import parallel
-from cnnlab.cli import hydra_compat
+from cnnlab.cli import hydra_compat, job_devices
 from cnnlab.cli.app import train_checked, train_job
 from cnnlab.cli.hydra_compat import info_only, parse_args
 from cnnlab.cli.preflight import check_config, without_hydra
@@ -70,6 +71,8 @@ def train_command(args: list[str]) -> None:
     if info_only(parsed):
         hydra_compat.run_app(parsed, train_job)
         return
+    if parsed.multirun:  # before checking the jobs' configs starts JAX in this process
+        job_devices.spare_the_sweep_process()
     checked = check_config(parsed.overrides, multirun=parsed.multirun,
                            config_dir=parsed.config_dir)
     if not parsed.multirun and len(checked.checked) == 1:
@@ -85,6 +88,7 @@ def train_command(args: list[str]) -> None:
     try:
         hydra_compat.run_app(parsed, train_job)
     finally:
+        job_devices.restore_preallocation(os.environ)
         # Hydra exits 1 after a sweep with failed jobs (the others have all run); say how many.
         if Path(sweep_dir).is_dir():
             line, _ = report(Path(sweep_dir))

@@ -305,6 +305,10 @@ class TrainConfig:
     # as those runs trained.
     precision: str | None = described("fp32 | bf16 (bfloat16 compute, float32 weights)", None)
     grad_accum: int | None = described("microbatches per step (gradient accumulation)", None)
+    # None (configs saved before them): highest and true (cnnlab/training/numerics.py).
+    matmul_precision: str | None = described(
+        "fp32 matmuls/convs: highest (no TF32) | high | default", None)
+    deterministic: bool | None = described("XLA's deterministic GPU ops (bit-exact reruns)", None)
 
 
 @dataclasses.dataclass

@@ -21,6 +21,8 @@ UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "da
              "dataset.cache_dir", "dataset.cache_max_gb", "resume.", "summary.", "eval.weights",
              "eval.format", "eval.output", "eval.batch_size", "checkpoint.keep", "diagnostics.",
              "train.profile",
+             # Deterministic GPU ops: the same numbers up to the order of float sums.
+             "train.deterministic",
              # Where it computes and how its data arrives (the same numbers up to the order of
              # float sums, the same batches): a run resumes on another device count or path.
              "train.devices", "train.distributed", "dataset.on_device", "dataset.stream_",
@@ -67,7 +69,8 @@ def completed(run_dir: RunDir, summary: dict[str, Any], step: int) -> dict[str, 
 
 # Keys added to cnnlab after some runs started, and what their absence from such a run's first
 # config means (how it trained): resuming it with that value changes nothing.
-IMPLIED = {"train.precision": "fp32", "train.grad_accum": 1, "transfer.adapt_input": "strict"}
+IMPLIED = {"train.precision": "fp32", "train.grad_accum": 1, "transfer.adapt_input": "strict",
+           "train.matmul_precision": "highest"}
 
 
 def config_changes(start: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:

@@ -10,9 +10,7 @@ and saved with each checkpoint, so a resumed run decides exactly as an uninterru
 import dataclasses
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnlab import parallel, progress
+from cnnlab import progress
 from cnnlab.errors import ConfigError, require
 from cnnlab.runs.rundir import BEST, PROFILE, SNAPSHOTS, RunDir
 from cnnlab.runs.tracking import RunTracker
@@ -202,8 +200,11 @@ class Evaluation:
             if key in event:
                 self.best[key] = min(self.best.get(key, math.inf), event[key])
         if self.plateau is not None and self.plateau.observe(event[self.plateau_metric]):
-            # From the next step; the state's shape is unchanged, so the compiled chunk is reused.
-            tick.state = tick.state.replace(lr_scale=jnp.asarray(self.plateau.scale, jnp.float32))
+            # From the next step. Placed as the value it replaces (replicated over the run's
+            # devices): a scalar on one device would be a new input sharding, and on several
+            # devices the chunk would compile again.
+            tick.state = tick.state.replace(lr_scale=jax.device_put(
+                np.float32(self.plateau.scale), tick.state.lr_scale.sharding))
             log.info("step %d: %s stalled; lr scaled by %g", tick.step, self.plateau_metric,
                      self.plateau.scale)
         if self.metric in event:
@@ -339,7 +340,13 @@ class Progress:
 
 class Checkpoint:
     """Saves the state and `LoopState` every `checkpoint.every` steps, at the last step and
-    before any stop but divergence; `restore` resumes from the newest usable one."""
+    before any stop but divergence; `restore` resumes from the newest usable one.
+
+    Saves are asynchronous (cnnlab/runs/checkpoint.py): training goes on while a checkpoint is
+    written. `settle`, called first at every tick, waits for the previous save when the next
+    one is due, so a failed save stops the run before anything after it is logged; the last
+    save (the run's end, or a stop) is waited for before the loop ends.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: RunDir) -> None:
         self.enabled, self.every = cfg.checkpoint.enabled, cfg.checkpoint.every
@@ -353,11 +360,21 @@ class Checkpoint:
         _, state, meta = found
         return state, LoopState.from_json(meta)
 
+    def _due(self, tick: Tick) -> bool:
+        return self.enabled and not tick.diverged and (
+            due(tick.step, self.every, tick.last) or tick.stop is not None)
+
+    def settle(self, tick: Tick) -> None:
+        """At a tick where a save is due: the previous save must be complete (or fail) first."""
+        if self._due(tick):
+            self.checkpoints.wait()
+
     def __call__(self, tick: Tick) -> None:
-        if self.enabled and not tick.diverged and (
-                due(tick.step, self.every, tick.last) or tick.stop is not None):
+        if self._due(tick):
             # A failed save (disk full) raises CheckpointWriteError: training stops here.
             self.checkpoints.save(tick.step, tick.state, dataclasses.asdict(self.loop_state()))
+            if tick.last or tick.stop is not None:
+                self.checkpoints.wait()
 
     def close(self) -> None:
         self.checkpoints.close()
@@ -422,54 +439,6 @@ class Profile:
             jax.profiler.stop_trace()
             self.active = False
             log.info("profile written to %s", self.folder)
-
-
-class StopOnSignal:
-    """SIGTERM (Slurm's time limit, `kill`), SIGUSR2 (submitit's warning) and SIGINT (Ctrl-C)
-    stop the run at the next step boundary, after a checkpoint; a second signal interrupts at
-    once. In a multi-host job (a signal may reach one process only) each process's signal is
-    reduced over the processes after every chunk, unwaited, and read at the next boundary: all
-    stop at one step and save together. `forward` then hands the signal to the handler it
-    displaced (submitit's requeues the job)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-
-    def __init__(self, placement: Any = None) -> None:
-        self.received: int | None = None
-        self._previous = {}
-        # cnnlab/parallel.py's Placement, where its mesh spans processes.
-        self.placement = placement if placement is not None and placement.spans_processes else None
-        self._agreed: jax.Array | None = None  # queued after the previous chunk
-        if threading.current_thread() is threading.main_thread():  # handlers: main thread only
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __call__(self, tick: Tick) -> None:
-        signum = self.received if self.placement is None else self._agree(tick)
-        if signum and tick.stop is None:
-            self.received = signum
-            name = signal.Signals(signum).name
-            tick.stop = ("interrupted", f"interrupted by {name} at step {tick.step}")
-
-    def _agree(self, tick: Tick) -> int:
-        """The largest signal any process had received by the previous tick (0: none)."""
-        agreed, self._agreed = self._agreed, parallel.max_over_processes(
-            self.received or 0, self.placement, tick.state.step)
-        return int(agreed) if agreed is not None else 0
-
-    def forward(self) -> None:
-        """The signal to the handler it displaced, if a Python function (submitit's)."""
-        previous = self._previous.get(self.received)
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(self.received, None)
-
-    def close(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 class Snapshots:

@@ -26,13 +26,14 @@ from cnnlab.data import placement as stream_config
 from cnnlab.data import preprocess, stream
 from cnnlab.data.augment.pipeline import Augment, make_augment
 from cnnlab.data.device import DeviceSplit, StreamedChunk, device_split, host_split
+from cnnlab.data.order import EpochOrders, OrderedSplit
 from cnnlab.data.types import Dataset
 from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype, count_params, init_variables
 from cnnlab.models.summary import summarize
 from cnnlab.runs.rundir import INPUT_STATS, RunDir
-from cnnlab.training import diagnostics, steps
+from cnnlab.training import diagnostics, numerics, steps
 from cnnlab.training.evaluate import Evaluator, make_eval_views
 from cnnlab.training.optim import make_optimizer, make_schedule
 from cnnlab.training.transfer_optimizer import phase_optimizers
@@ -231,9 +232,18 @@ class Run:
         if "feeder" in self.__dict__:
             self.feeder.close()
 
-    def chunk_data(self, step: int, num_steps: int) -> DeviceSplit | StreamedChunk:
+    @functools.cached_property
+    def epoch_orders(self) -> EpochOrders:
+        """Each epoch's order of the device-resident training set, drawn once (data/order.py).
+        Made before the first chunk runs, while `state` (donated to it) still holds the key."""
+        data_key = jax.random.split(self.state.rng)[0]
+        return EpochOrders(data_key, len(self.dataset.train), self.cfg.train.batch_size)
+
+    def chunk_data(self, step: int, num_steps: int) -> OrderedSplit | StreamedChunk:
         """What `chunk_at(step)` trains the steps step..step + num_steps - 1 on."""
-        return self.feeder(step, num_steps) if self.streamed else self.train_data
+        if self.streamed:
+            return self.feeder(step, num_steps)
+        return self.epoch_orders(self.train_data, step, num_steps)
 
     @functools.cached_property
     def augment(self) -> Augment:
@@ -259,7 +269,9 @@ class Run:
             cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.loss,
             frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
             compute_dtype=compute_dtype(cfg)),
-            replicated=None if batch is None else self.placement.replicated)
+            replicated=None if batch is None else self.placement.replicated,
+            platform=self.placement.mesh.devices.flat[0].platform,
+            compiler_options=numerics.compiler_options(cfg.train))
 
     @functools.cached_property
     def train_chunk(self) -> Callable:
@@ -316,6 +328,8 @@ def build(cfg: DictConfig, dataset: Dataset | None = None,
     otherwise from the initializer's, as a template that a checkpoint is restored into.
     `schedule`: the lr schedule instead of `cfg.schedule`'s (`cnnlab lr_find`'s ramp).
     """
+    # Before anything is traced (benchmarks and `cnnlab eval` start here, not in train).
+    numerics.configure(cfg.train)
     # A missing source, or devices this machine lacks, are said before the data is read.
     transfer_sources.check_exists(cfg)
     placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.devices))

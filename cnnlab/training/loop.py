@@ -29,6 +29,7 @@ from cnnlab.runs.rundir import CURVES, FollowerRunDir, RunDir
 from cnnlab.runs.tracking import RunTracker
 from cnnlab.training import actions, diagnostics
 from cnnlab.training.build import Run, build, input_stats, use_compile_cache
+from cnnlab.training.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,10 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         return saved
 
     checkpoint.loop_state = loop_state
-    signals = actions.StopOnSignal(run.placement)
-    periodic = [signals, metrics, evaluation, *([diagnosis] if diagnosis else []), record,
-                progress, checkpoint]
+    signals = StopOnSignal(run.placement)
+    # checkpoint.settle: the previous (background) save must be complete before the next.
+    periodic = [signals, checkpoint.settle, metrics, evaluation,
+                *([diagnosis] if diagnosis else []), record, progress, checkpoint]
     if cfg.schedule.name == "cyclic_cosine" and cfg.checkpoint.enabled:
         periodic.append(actions.Snapshots(cfg, run_dir))
     if (window := actions.profile_window(cfg.train.profile)) is not None:
@@ -186,10 +188,11 @@ def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,
           lr_scale: Callable[[], float], compiles: CompileTimer) -> tuple:
     """Chunks of steps until the last step or a stop; returns (state, stop)."""
     total, per_call = run.cfg.train.steps, run.cfg.train.steps_per_call
+    # Read once: the loop counts the steps itself, so no chunk waits for the previous one.
     step = int(state.step)
     while step < total:
         num_steps = min(per_call, total - step)
-        state, sums = _chunk(run, state, num_steps, compiles)
+        state, sums = _chunk(run, state, step, num_steps, compiles)
         step += num_steps
         tick = actions.Tick(step, num_steps, step == total, state, sums, lr_scale())
         for action in periodic:
@@ -202,11 +205,11 @@ def _loop(run: Run, state: Any, periodic: list, metrics: actions.TrainMetrics,
     return state, None
 
 
-def _chunk(run: Run, state: Any, num_steps: int, compiles: CompileTimer) -> tuple:
-    """One compiled chunk; the first of each length (and phase: two_phase transfer) compiles,
+def _chunk(run: Run, state: Any, step: int, num_steps: int, compiles: CompileTimer) -> tuple:
+    """One compiled chunk from `step` (the host's count: reading `state.step` would wait for
+    the previous chunk); the first of each length (and phase: two_phase transfer) compiles,
     which is said and timed (the call returns once the chunk is compiled and queued, before it
     runs)."""
-    step = int(state.step)
     phase, chunk = run.phase_at(step), run.chunk_at(step)
     data = run.chunk_data(step, num_steps)
     key = (phase, num_steps)

@@ -18,7 +18,8 @@ from flax import struct
 from omegaconf import DictConfig
 
 from cnnlab.data.augment.pipeline import Augment, mixup_loss
-from cnnlab.data.device import DeviceSplit, GivenBatch, StreamedChunk, select_batch
+from cnnlab.data.device import DeviceSplit, GivenBatch, StreamedChunk
+from cnnlab.data.order import OrderedSplit, select
 from cnnlab.data.preprocess import preprocess
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
 from cnnlab.parallel import constrain
@@ -247,9 +248,9 @@ def make_gradients(model: nn.Module, augment: Augment, batch_size: int,
         batch_gradients = _make_accumulate(
             _make_batch_gradients(model, penalty, objective, dict, frozen), grad_accum)
 
-    def gradients(state: TrainState, data: DeviceSplit | GivenBatch) -> Gradients:
+    def gradients(state: TrainState, data: DeviceSplit | OrderedSplit | GivenBatch) -> Gradients:
         data_key, step_key = jax.random.split(state.rng)
-        images, labels = constrain(select_batch(data, data_key, state.step, batch_size),
+        images, labels = constrain(select(data, data_key, state.step, batch_size),
                                    batch_sharding)
         aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
         # cnnlab/data/augment/pipeline.py's order: pixel-space augmentation, preprocessing,
@@ -328,24 +329,31 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     return train_step
 
 
-def make_train_chunk(train_step: Callable, replicated: Any = None) -> Callable:
+def unroll_for(platform: str, num_steps: int) -> int:
+    """How much of a chunk's `lax.scan` is unrolled on `platform`: all of it on CPU, where a
+    rolled scan over conv steps compiles slowly and runs much slower; none on GPU/TPU, where
+    compile time would grow with the chunk and a rolled loop costs microseconds per step."""
+    return num_steps if platform == "cpu" else 1
+
+
+def make_train_chunk(train_step: Callable, replicated: Any = None,
+                     platform: str | None = None, compiler_options: dict | None = None) -> Callable:
     """`train_chunk(state, data, num_steps) -> (state, summed metrics)`, compiled once per length.
 
-    The steps are a `lax.scan` unrolled completely: on CPU a rolled scan over conv steps compiles
-    slowly and runs much slower, while unrolling keeps per-step speed and removes the per-step
-    dispatch. The state's buffers are donated, so parameters are updated in place.
-
-    `data` is the device-resident `DeviceSplit` (each step gathers its batch), or a
-    `StreamedChunk` of the chunk's batches, which the scan hands to the steps one by one.
-
-    `replicated`: on several devices, the sharding the state and metrics leave with (whole on
-    every device, as they came), so that every chunk is called with the same shardings.
+    A `lax.scan` unrolled as `unroll_for(platform)` says (the run's devices' platform; None:
+    the default backend's); the state is donated. `data`: the split with the epochs' orders
+    (`data.order.OrderedSplit`; a bare `DeviceSplit` draws each step's permutation), or a
+    `StreamedChunk` of the chunk's batches. `replicated`: on several devices, the sharding the
+    state and metrics leave with, as they came. `compiler_options`: XLA's (training/numerics).
     """
     placed = {} if replicated is None else {"out_shardings": (replicated, replicated)}
+    if compiler_options:
+        placed["compiler_options"] = compiler_options
+    platform = platform or jax.default_backend()
 
     @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state", **placed)
     def train_chunk(
-        state: TrainState, data: DeviceSplit | StreamedChunk, num_steps: int
+        state: TrainState, data: DeviceSplit | OrderedSplit | StreamedChunk, num_steps: int
     ) -> tuple[TrainState, dict]:
         streamed = isinstance(data, StreamedChunk)
 
@@ -356,9 +364,8 @@ def make_train_chunk(train_step: Callable, replicated: Any = None) -> Callable:
             return (state, jax.tree.map(jnp.add, sums, metrics)), None
 
         xs = (data.images, data.labels) if streamed else None
-        (state, sums), _ = jax.lax.scan(
-            body, (state, zero_metrics()), xs, length=num_steps, unroll=num_steps
-        )
+        (state, sums), _ = jax.lax.scan(body, (state, zero_metrics()), xs, length=num_steps,
+                                        unroll=unroll_for(platform, num_steps))
         return state, sums
 
     return train_chunk

@@ -1,0 +1,52 @@
+"""How a run's arithmetic is done off CPU: matmul precision and deterministic GPU ops.
+
+`train.matmul_precision` (default `highest`): what float32 matrix products and convolutions
+compute in. `highest` is float32 everywhere, the numbers a CPU gives; `high` and `default`
+let a GPU use TF32 (10-bit mantissa inputs) on Ampere and later, and a TPU bfloat16 passes,
+faster and less exact. It sets `jax_default_matmul_precision`; bf16 runs
+(`train.precision=bf16`) compute in bfloat16 whatever it says.
+
+`train.deterministic` (default true): the training step is compiled with XLA's
+`xla_gpu_deterministic_ops` (`compiler_options`), so that a GPU run gives the same bits twice
+(no atomics in reductions, no autotuned nondeterministic convolution algorithms): what
+bit-exact resume needs there. A compiler option of the step rather than `XLA_FLAGS`, which XLA
+reads once when it starts (in `cnnlab train` that is while the config is checked, before the
+run's settings apply). CPU and TPU programs are deterministic either way.
+"""
+
+from typing import Any
+
+import jax
+from omegaconf import DictConfig
+
+from cnnlab.errors import require
+
+# train.matmul_precision -> jax_default_matmul_precision.
+MATMUL_PRECISIONS = {"highest": "highest", "high": "high", "default": "default"}
+
+
+def matmul_precision(train: DictConfig) -> str:
+    """The setting's value (configs saved before the key: `highest`, which CPU always did)."""
+    return train.get("matmul_precision") or "highest"
+
+
+def deterministic(train: DictConfig) -> bool:
+    value = train.get("deterministic")
+    return True if value is None else bool(value)
+
+
+def validate(train: DictConfig) -> None:
+    value = matmul_precision(train)
+    require(value in MATMUL_PRECISIONS,
+            f"train.matmul_precision={value} is not one of {', '.join(MATMUL_PRECISIONS)}")
+
+
+def configure(train: DictConfig) -> None:
+    """Apply `train.matmul_precision` to this process (before the steps are traced)."""
+    validate(train)
+    jax.config.update("jax_default_matmul_precision", MATMUL_PRECISIONS[matmul_precision(train)])
+
+
+def compiler_options(train: DictConfig) -> dict[str, Any]:
+    """XLA options the training step is compiled with (`jax.jit(compiler_options=...)`)."""
+    return {"xla_gpu_deterministic_ops": True} if deterministic(train) else {}

@@ -1,0 +1,59 @@
+"""Stopping a run on a signal, at the next step boundary, and in a multi-host job at the same
+step on every process (an action of the training loop, cnnlab/training/actions.py)."""
+
+import signal
+import threading
+from typing import Any
+
+import jax
+
+from cnnlab import parallel
+from cnnlab.training.actions import Tick
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm's time limit, `kill`), SIGUSR2 (submitit's warning) and SIGINT (Ctrl-C)
+    stop the run at the next step boundary, after a checkpoint; a second signal interrupts at
+    once. In a multi-host job (a signal may reach one process only) each process's signal is
+    reduced over the processes after every chunk, unwaited, and read at the next boundary: all
+    stop at one step and save together. `forward` then hands the signal to the handler it
+    displaced (submitit's requeues the job)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+    def __init__(self, placement: Any = None) -> None:
+        self.received: int | None = None
+        self._previous = {}
+        # cnnlab/parallel.py's Placement, where its mesh spans processes.
+        self.placement = placement if placement is not None and placement.spans_processes else None
+        self._agreed: jax.Array | None = None  # queued after the previous chunk
+        if threading.current_thread() is threading.main_thread():  # handlers: main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __call__(self, tick: Tick) -> None:
+        signum = self.received if self.placement is None else self._agree(tick)
+        if signum and tick.stop is None:
+            self.received = signum
+            name = signal.Signals(signum).name
+            tick.stop = ("interrupted", f"interrupted by {name} at step {tick.step}")
+
+    def _agree(self, tick: Tick) -> int:
+        """The largest signal any process had received by the previous tick (0: none)."""
+        agreed, self._agreed = self._agreed, parallel.max_over_processes(
+            self.received or 0, self.placement, tick.state.step)
+        return int(agreed) if agreed is not None else 0
+
+    def forward(self) -> None:
+        """The signal to the handler it displaced, if a Python function (submitit's)."""
+        previous = self._previous.get(self.received)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.received, None)
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

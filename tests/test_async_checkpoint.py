@@ -1,0 +1,106 @@
+"""Asynchronous checkpoints (cnnlab/runs/checkpoint.py): a save returns while Orbax writes, a
+kill during the write loses nothing, and the device-side checksum catches corruption."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cnnlab.runs import checkpoint
+from cnnlab.runs.rundir import RunDir
+from tests.helpers import REPO, train_tiny
+from tests.test_faults import FAULTS, _params
+
+
+def _state(seed: int = 0) -> dict:
+    key = jax.random.PRNGKey(seed)
+    return {"w": jax.random.normal(key, (64, 32)), "step": jnp.int32(7),
+            "half": jnp.arange(10, dtype=jnp.bfloat16), "flag": jnp.array([True, False]),
+            "rng": key}
+
+
+def test_a_save_returns_before_its_files_are_written_and_wait_ends_it(tmp_path, monkeypatch):
+    """The commit is held until the test releases it: `save` must return meanwhile (the
+    synchronous save never did), and `wait` must find the checkpoint complete."""
+    release, committing, committed = threading.Event(), threading.Event(), threading.Event()
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    commit = async_checkpointer._on_commit_callback
+
+    def held_commit(*args: object, **kwargs: object) -> None:
+        committing.set()
+        release.wait(20)
+        commit(*args, **kwargs)
+        committed.set()
+
+    monkeypatch.setattr(async_checkpointer, "_on_commit_callback", held_commit)
+    saver = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+    state = _state()
+    saver.save(1, state, {"note": "first"})
+    returned_before_commit = not committed.is_set()
+    assert committing.wait(20)
+    assert returned_before_commit and not (tmp_path / "ckpt" / "1").is_dir()
+    release.set()
+    saver.wait()
+    assert saver.all_steps() == [1]
+    restored, meta = saver.restore(1, state)
+    assert meta == {"note": "first"}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saver.close()
+
+
+def test_the_checksum_changes_with_any_flipped_bit_and_moved_words():
+    state = _state()
+    reference = checkpoint.state_checksum(state)
+    assert checkpoint.state_checksum(_state()) == reference  # a function of the contents
+    words = np.asarray(state["w"]).view(np.uint32).ravel().copy()
+    for index, bit in [(0, 0), (1000, 31), (2047, 17)]:
+        flipped = words.copy()
+        flipped[index] ^= np.uint32(1 << bit)
+        changed = {**state, "w": jnp.asarray(flipped.view(np.float32).reshape(64, 32))}
+        assert checkpoint.state_checksum(changed) != reference
+    swapped = words.copy()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    assert checkpoint.state_checksum(
+        {**state, "w": jnp.asarray(swapped.view(np.float32).reshape(64, 32))}) != reference
+    assert checkpoint.state_checksum({**state, "flag": jnp.array([True, True])}) != reference
+
+
+def test_verify_reads_the_new_checksum_and_the_sha256_of_older_checkpoints():
+    state, other = _state(0), _state(1)
+    assert checkpoint.verify(state, {checkpoint.CHECKSUM: checkpoint.state_checksum(state),
+                                     "x": 1}) == {"x": 1}
+    assert checkpoint.verify(state, {checkpoint.DIGEST: checkpoint.state_digest(state)}) == {}
+    for key, digest in ((checkpoint.CHECKSUM, checkpoint.state_checksum),
+                        (checkpoint.DIGEST, checkpoint.state_digest)):
+        with pytest.raises(ValueError, match="do not match the checksum"):
+            checkpoint.verify(state, {key: digest(other)})
+
+
+def test_a_kill_during_a_background_save_resumes_from_the_previous_checkpoint(
+        tmp_path, fashion_dir):
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "kill_during_save.py"),
+                           str(fashion_dir), str(run_dir)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    # Killed with checkpoint 15's files written but not committed: 5 and 10 are complete.
+    before = (run_dir / "killed_while_saving_15").read_text().split()
+    assert any(name.startswith("15.") for name in before), before
+    assert RunDir(run_dir).checkpoint_steps() == [5, 10]
+    summary = train_tiny(run_dir, fashion_dir, FAULTS)
+    assert summary["status"] == "finished" and summary["resumed_from"] == 10
+    straight = tmp_path / "straight"
+    assert train_tiny(straight, fashion_dir, FAULTS)["status"] == "finished"
+    for a, b in zip(_params(straight, 20), _params(run_dir, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert ocp.CheckpointManager(run_dir / "checkpoints").all_steps() == [5, 10, 15, 20]

@@ -1,0 +1,79 @@
+"""Numerics off CPU (cnnlab/training/numerics.py) and what must not recompile on several
+devices: settings validated and applied, the plateau's lr change reusing the compiled chunk,
+and the checkpoint checksum of sharded state."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cnnlab.cli.preflight import validate
+from cnnlab.errors import ConfigError
+from cnnlab.training import numerics, steps
+from tests.helpers import REPO, TINY, compose_config
+
+
+def test_a_bad_matmul_precision_is_one_line_naming_the_choices():
+    cfg = compose_config([*TINY, "train.matmul_precision=tf32"])
+    with pytest.raises(ConfigError, match="train.matmul_precision=tf32 is not one of highest, "
+                                          "high, default"):
+        validate(cfg)
+
+
+def test_defaults_are_highest_and_deterministic_and_saved_configs_read_so():
+    cfg = compose_config(TINY)
+    assert cfg.train.matmul_precision == "highest" and cfg.train.deterministic is True
+    old = compose_config(TINY)
+    old.train.matmul_precision, old.train.deterministic = None, None  # configs saved before
+    assert numerics.matmul_precision(old.train) == "highest"
+    assert numerics.compiler_options(old.train) == {"xla_gpu_deterministic_ops": True}
+    old.train.deterministic = False
+    assert numerics.compiler_options(old.train) == {}
+
+
+def test_configure_sets_jax_matmul_precision():
+    before = jax.config.jax_default_matmul_precision
+    try:
+        for value in ("default", "highest"):
+            numerics.configure(compose_config([*TINY, f"train.matmul_precision={value}"]).train)
+            assert jax.config.jax_default_matmul_precision == value
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
+def test_the_chunk_is_compiled_with_the_options_it_is_given():
+    """The deterministic-ops option reaches XLA (accepted on CPU, where it changes nothing);
+    an unknown one is refused by XLA, which shows the options are passed on."""
+    def step(state, data):  # noqa: ANN001, ANN202
+        return state.replace(step=state.step + 1), steps.zero_metrics()
+
+    state = steps.TrainState(step=jnp.int32(0), params={}, batch_stats={}, opt_state=(),
+                             rng=jax.random.PRNGKey(0))
+    chunk = steps.make_train_chunk(step, compiler_options={"xla_gpu_deterministic_ops": True})
+    assert int(chunk(state, {}, num_steps=2)[0].step) == 2
+    state = steps.TrainState(step=jnp.int32(0), params={}, batch_stats={}, opt_state=(),
+                             rng=jax.random.PRNGKey(0))
+    wrong = steps.make_train_chunk(step, compiler_options={"xla_no_such_option": True})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        wrong(state, {}, num_steps=2)
+
+
+def test_on_two_devices_the_plateau_does_not_recompile_and_sharded_state_checksums(
+        tmp_path, fashion_dir):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "two_device_checks.py"),
+                           str(fashion_dir), str(tmp_path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["device_count"] == 2 and result["devices"] == 2
+    assert result["status"] == "finished"
+    assert result["lrs"] == [0.1, 0.1, pytest.approx(0.01), pytest.approx(0.001)]
+    assert result["chunk_compiles"] == 1  # the lr changed twice, the program did not
+    assert result["shards"] == 2 and result["same_checksum"]
+    assert result["restored_equal"] and result["restored_sharded"]
