@@ -56,6 +56,9 @@ MUTANTS = (
            "norm = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,",
            "norm = nn.BatchNorm(use_running_average=not train, momentum=1.0,",
            ("tests/test_layers.py", "tests/test_models.py")),
+    Mutant("a resumed run's loop restarts its step count at 0", "cnnlab/training/loop.py",
+           "step = int(state.step)\n    while step < total:", "step = 0\n    while step < total:",
+           ("tests/test_train.py", "tests/test_faults.py", "tests/test_chunk_loop.py")),
     Mutant("EMA weights do not average (decay 0)", "cnnlab/training/steps.py",
            "return optax.ema(decay, debias=True)", "return optax.ema(0.0, debias=True)",
            ("tests/test_evaluate.py", "tests/test_steps.py")),
@@ -74,14 +77,15 @@ def copy_repo(into: Path) -> None:
             shutil.copy2(source, target)
 
 
-def apply(mutant: Mutant, root: Path) -> None:
+def apply(mutant: Mutant, root: Path, write: bool = True) -> None:
     path = root / mutant.path
     text = path.read_text()
     count = text.count(mutant.old)
     if count != 1:
         raise SystemExit(f"mutant {mutant.name!r}: {mutant.old!r} occurs {count} times in "
                          f"{mutant.path}; update tests/mutants.py")
-    path.write_text(text.replace(mutant.old, mutant.new))
+    if write:
+        path.write_text(text.replace(mutant.old, mutant.new))
 
 
 def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
@@ -100,8 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names (substrings) of the mutants to run")
     parser.add_argument("--out", type=Path, help="write the table here too (markdown)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every mutant still applies (no tests)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or any(o in m.name for o in args.only)]
+    if args.check:
+        for mutant in chosen:
+            apply(mutant, REPO, write=False)
+        print(f"{len(chosen)} mutants apply")
+        return 0
     rows = ["| mutant | killed | by | seconds |", "|---|---|---|---|"]
     killed = 0
     for mutant in chosen:
