@@ -114,7 +114,8 @@ class Counts:
 
 def _signal_at(step: int, signum: int) -> None:
     """Process 1 sends itself `signum` once it has trained to `step` (after the tick's
-    StopOnSignal (cnnlab/training/signals.py) has looked, as a signal arriving during the next chunk would)."""
+    StopOnSignal (training/signals.py) has looked, as a signal arriving during the next chunk
+    would)."""
     from cnnlab.training import actions
 
     progress = actions.Progress.__call__
