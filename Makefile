@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= $(abspath ../shared/data/tfds_array_record)
 export TFDS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: help setup run test test-full lint bench faults clean
+.PHONY: help setup setup-tpu run test test-full lint bench faults clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -19,6 +19,19 @@ $(BIN)/cnnlab: pyproject.toml
 	@touch $@
 
 setup: $(BIN)/cnnlab ## create .venv and install cnnlab with its test tools
+
+# `cnnlab compile tpu:...` and tests/test_compile.py: libtpu in an environment of its own that
+# sees .venv's packages, cnnlab included (a .pth file), so that .venv's JAX never loads it
+# (docs/scale.md).
+TPU_VENV ?= .venv-tpu
+$(TPU_VENV)/bin/python: pyproject.toml | $(BIN)/cnnlab
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(abspath $(BIN))/python -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' \
+	  > $$($(TPU_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/cnnlab-main.pth
+	$(TPU_VENV)/bin/pip install --quiet --no-deps 'libtpu==0.0.42.*'
+	@touch $@
+
+setup-tpu: setup $(TPU_VENV)/bin/python ## .venv-tpu: .venv plus libtpu, for `cnnlab compile tpu:...`
 
 run: setup ## train ResNet-20 on fashion_mnist (the default config) and report test error
 	$(BIN)/cnnlab train $(ARGS)

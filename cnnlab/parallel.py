@@ -15,9 +15,11 @@ Multi-host (`train.distributed`): `jax.distributed.initialize()` reads a Slurm j
 feeds the same replicated data, and the mesh spans the hosts.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -29,6 +31,29 @@ from cnnlab.errors import ConfigError
 log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "true", "false")
+
+
+# The platform programs are traced for when it is not this process's own (`cnnlab compile`
+# compiles for a TPU or GPU from a CPU host): the layers that pick a kernel by backend must pick
+# the target's. None: jax.default_backend().
+_target_platform: str | None = None
+
+
+def backend() -> str:
+    """The platform ("cpu", "gpu", "tpu") the traced programs will run on: this process's
+    default backend, or the target `compiling_for` names."""
+    return _target_platform or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Within: `backend()` is `platform`, for models and steps built and traced here."""
+    global _target_platform
+    previous, _target_platform = _target_platform, platform
+    try:
+        yield
+    finally:
+        _target_platform = previous
 
 
 def _slurm_multi_task() -> bool:
