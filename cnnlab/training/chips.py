@@ -127,7 +127,10 @@ def devices(target: Target) -> list[Any]:
     from jax.experimental import topologies
 
     if target.platform == "tpu":
-        description = topologies.get_topology_desc(f"{target.chip_name}:{target.topology}", "tpu")
+        # Two TensorCores per chip are one JAX device ("megacore"), as on a v4 or v5p VM.
+        megacore = {"chip_config_name": "megacore"} if target.chip.cores_per_chip == 2 else {}
+        description = topologies.get_topology_desc(f"{target.chip_name}:{target.topology}",
+                                                   "tpu", **megacore)
     else:
         spec = GPU_SPECS / target.chip.accelerator
         if not spec.exists():
