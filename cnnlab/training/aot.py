@@ -76,6 +76,9 @@ class Compiled:
                    self.bytes_accessed / chip.bandwidth) / self.steps_per_call
 
     def summary(self) -> dict[str, Any]:
+        # Per step: the chunk's totals over its steps. XLA's cost analysis counts a loop's body
+        # once, so this holds for an unrolled chunk (make_chunk's); a rolled one is costed
+        # right with train.steps_per_call=1.
         per_step = self.steps_per_call
         return {"target": self.target.name, "devices": self.devices,
                 "per_device_bytes": self.per_device_bytes,
