@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= $(abspath ../shared/data/tfds_array_record)
 export TFDS_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: help setup run test test-full lint bench faults mutants clean
+.PHONY: help setup setup-tpu run test test-full lint bench faults mutants clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -20,16 +20,29 @@ $(BIN)/cnnlab: pyproject.toml
 
 setup: $(BIN)/cnnlab ## create .venv and install cnnlab with its test tools
 
+# `cnnlab compile tpu:...` and tests/test_compile.py: libtpu in an environment of its own that
+# sees .venv's packages, cnnlab included (a .pth file), so that .venv's JAX never loads it
+# (docs/scale.md).
+TPU_VENV ?= .venv-tpu
+$(TPU_VENV)/bin/python: pyproject.toml | $(BIN)/cnnlab
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(abspath $(BIN))/python -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' \
+	  > $$($(TPU_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/cnnlab-main.pth
+	$(TPU_VENV)/bin/pip install --quiet --no-deps 'libtpu==0.0.42.*'
+	@touch $@
+
+setup-tpu: setup $(TPU_VENV)/bin/python ## .venv-tpu: .venv plus libtpu, for `cnnlab compile tpu:...`
+
 run: setup ## train ResNet-20 on fashion_mnist (the default config) and report test error
 	$(BIN)/cnnlab train $(ARGS)
 
 # Three test processes on 2 cores: tests wait on single-threaded XLA compiles, on the processes
 # they start and on files (529 tests: 6 min 38 s with three against 7 min 44 s with two).
 # --durations: the suite's time is a figure we keep under 20 min; CI's log then names its slowest tests.
-test: setup ## run the test suite (skips tests marked slow)
+test: setup setup-tpu ## run the test suite (skips tests marked slow)
 	$(BIN)/pytest -q -n 3 --dist worksteal -m "not slow" --durations=15 $(ARGS)
 
-test-full: setup ## run every test, slow ones included
+test-full: setup setup-tpu ## run every test, slow ones included
 	$(BIN)/pytest -q -n 3 --dist worksteal $(ARGS)
 
 lint: setup ## ruff

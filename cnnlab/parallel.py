@@ -23,10 +23,11 @@ only its slice of every streamed batch (`local_rows`). One-time work runs on pro
 `max_over_processes`).
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -40,6 +41,29 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "true", "false")
 T = TypeVar("T")
+
+
+# The platform programs are traced for when it is not this process's own (`cnnlab compile`
+# compiles for a TPU or GPU from a CPU host): the layers that pick a kernel by backend must pick
+# the target's. None: jax.default_backend().
+_target_platform: str | None = None
+
+
+def backend() -> str:
+    """The platform ("cpu", "gpu", "tpu") the traced programs will run on: this process's
+    default backend, or the target `compiling_for` names."""
+    return _target_platform or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Within: `backend()` is `platform`, for models and steps built and traced here."""
+    global _target_platform
+    previous, _target_platform = _target_platform, platform
+    try:
+        yield
+    finally:
+        _target_platform = previous
 
 
 def _slurm_multi_task() -> bool:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare_command"),
     "lr_find": ("lr_find", "lr_find_command"),
     "viz": ("viz", "viz_command"),
+    "compile": ("compile", "compile_command"),
 }
 
 

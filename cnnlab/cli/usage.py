@@ -45,6 +45,12 @@ commands:
            neuron_ascent, occlusion; e.g. cnnlab viz saliency RUN_DIR images=8 target=predicted
            cnnlab viz neuron_ascent RUN_DIR layer=stage3_block3 channels=[0,1,2,3]
 
+compile  the run the overrides describe compiled for an accelerator this host lacks (memory per
+           device, fits, compile time, FLOPs, collectives, roofline step time; last line JSON):
+           cnnlab compile tpu:v5e:2x2 model=resnet50 dataset=imagenet train.precision=bf16
+           targets: tpu:v4|v5e|v5p|v6e:TOPOLOGY, gpu:h100|a100:1x1xN; needs the tpu or gpu
+           extra (docs/scale.md)
+
 Config groups and their options are the YAML files in conf/ (and experiments/ for
 `experiment=NAME`); `cnnlab train --help` lists them and describes every key."""
 

@@ -97,10 +97,10 @@ def _device_memory() -> int | None:
     return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def _device_budget(ds: Any) -> tuple[float, str]:
+def _device_budget(ds: Any, limit: int | None) -> tuple[float, str]:
+    """The training set's budget on a device of `limit` bytes (None: unknown)."""
     if ds.device_budget_gb is not None:
         return ds.device_budget_gb * 1e9, f"dataset.device_budget_gb={ds.device_budget_gb}"
-    limit = _device_memory()
     if limit is not None:
         return _DEVICE_SHARE * limit, f"{_DEVICE_SHARE:.0%} of the device's {limit / 1e9:.1f} GB"
     return _CPU_BUDGET_BYTES, f"{_CPU_BUDGET_BYTES / 1e9:.0f} GB (no device memory statistics)"
@@ -143,13 +143,31 @@ def data_location(cfg: DictConfig) -> DataLocation:
                 f"{(size or 0) / 1e9:.1f} GB, over the device's {(limit or 0) / 1e9:.1f} GB: set "
                 "dataset.on_device=auto or false")
         return DataLocation(True, "dataset.on_device=true")
-    budget, why = _device_budget(ds)
+    return _auto_location(ds, size, _device_memory())
+
+
+def _auto_location(ds: Any, size: int | None, limit: int | None) -> DataLocation:
+    """dataset.on_device=auto for a training set of `size` bytes on a device of `limit`."""
+    budget, why = _device_budget(ds, limit)
     if size is not None and size > budget:
         return DataLocation(False, f"the decoded {ds.train_split} split takes {size / 1e9:.2f} GB, "
                          f"over the budget of {why}")
     held = "unknown size" if size is None else f"{size / 1e9:.2f} GB"
     return DataLocation(True,
                         f"the decoded {ds.train_split} split ({held}) fits the budget of {why}")
+
+
+def target_location(cfg: DictConfig, limit: int) -> DataLocation:
+    """`data_location` for a device of `limit` bytes that this host does not have (`cnnlab
+    compile`), from the config alone: dataset.train_size, image_shape, on_device."""
+    ds, choice = cfg.dataset, on_device_choice(cfg.dataset)
+    if choice is not True and ds.name != folder_data.NAME:
+        if choice is False:
+            return DataLocation(False, "dataset.on_device=false")
+        n = ds.train_size if ds.max_examples is None else min(ds.train_size, ds.max_examples)
+        size = None if n is None else int(n) * int(np.prod(ds.image_shape))
+        return _auto_location(ds, size, limit)
+    return DataLocation(True, "dataset.on_device=true")
 
 
 def _image_spec(builder: Any, ds: Any) -> tuple[tuple[int, int, int], int, tuple | None]:

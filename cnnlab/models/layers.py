@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnlab import parallel
 from cnnlab.errors import ConfigError
 from cnnlab.models import conv, geometry
 from cnnlab.registry import Registry
@@ -396,6 +397,6 @@ def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = None) -> La
         act=Recorded(ACTIVATIONS.get(activation.name)(activation)),
         norm=functools.partial(norm_factory(**norm_options), dtype=dtype),
         conv_bias=norm.name in NORMS_WITHOUT_SHIFT,
-        conv_impl=conv.conv_general_dilated if jax.default_backend() == "cpu" else None,
+        conv_impl=conv.conv_general_dilated if parallel.backend() == "cpu" else None,
         dtype=dtype,
     )

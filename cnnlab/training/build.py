@@ -11,6 +11,7 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -156,7 +157,12 @@ def init_state(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformati
                image_shape: tuple[int, ...]) -> steps.TrainState:
     """The state at step 0: weights from fold 0 of `seed`, the run's root key from fold 1."""
     init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    variables = init_variables(model, init_key, image_shape)
+    return state_of(cfg, tx, init_variables(model, init_key, image_shape), run_key)
+
+
+def state_of(cfg: DictConfig, tx: optax.GradientTransformation, variables: Any,
+             run_key: jax.Array) -> steps.TrainState:
+    """The state at step 0 of the model's `variables` (abstract ones give its shapes)."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     return steps.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -255,23 +261,13 @@ class Run:
 
     @property
     def scale_lr(self) -> bool:
-        # Only under reduce-on-plateau: other runs skip a product per parameter per step.
-        return self.cfg.schedule.name == "plateau"
+        return scales_lr(self.cfg)
 
     def _chunk(self, model: nn.Module, tx: optax.GradientTransformation,
                phase: str) -> Callable:
-        cfg = self.cfg
         frozen = (transfer_lib.frozen_mask(self.state.params, self.transfer.frozen(phase))
                   if self.transfer is not None else None)
-        batch = self.placement.batch
-        return steps.make_train_chunk(steps.make_train_step(
-            model, tx, self.augment, cfg.train.batch_size, cfg.regularization,
-            cfg.eval.ema_decay, scale_lr=self.scale_lr, loss_config=cfg.loss,
-            frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
-            compute_dtype=compute_dtype(cfg)),
-            replicated=None if batch is None else self.placement.replicated,
-            platform=self.placement.mesh.devices.flat[0].platform,
-            compiler_options=numerics.compiler_options(cfg.train))
+        return make_chunk(self.cfg, model, tx, self.augment, self.placement, frozen)
 
     @functools.cached_property
     def train_chunk(self) -> Callable:
@@ -318,6 +314,28 @@ class Run:
         return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
                          cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k,
                          batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size))
+
+
+def scales_lr(cfg: DictConfig) -> bool:
+    # Only under reduce-on-plateau: other runs skip a product per parameter per step.
+    return cfg.schedule.name == "plateau"
+
+
+def make_chunk(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformation,
+               augment: Augment, placement: parallel.Placement, frozen: Any = None) -> Callable:
+    """`train_chunk(state, data, num_steps)` (cnnlab/training/steps.py) of the run `cfg`
+    describes over `placement`'s devices: what `cnnlab train` runs and `cnnlab compile`
+    (cnnlab/training/aot.py) compiles for a target it does not have."""
+    batch = placement.batch
+    return steps.make_train_chunk(steps.make_train_step(
+        model, tx, augment, cfg.train.batch_size, cfg.regularization,
+        cfg.eval.ema_decay, scale_lr=scales_lr(cfg), loss_config=cfg.loss,
+        frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
+        compute_dtype=compute_dtype(cfg)),
+        replicated=None if batch is None else placement.replicated,
+        # The target's platform (`cnnlab compile` traces for devices this host lacks).
+        platform=placement.mesh.devices.flat[0].platform,
+        compiler_options=numerics.compiler_options(cfg.train))
 
 
 def build(cfg: DictConfig, dataset: Dataset | None = None,

@@ -17,6 +17,7 @@ import optax
 from flax import struct
 from omegaconf import DictConfig
 
+from cnnlab import parallel
 from cnnlab.data.augment.pipeline import Augment, mixup_loss
 from cnnlab.data.device import DeviceSplit, GivenBatch, StreamedChunk
 from cnnlab.data.order import OrderedSplit, select
@@ -187,7 +188,7 @@ def _make_accumulate(batch_gradients: Callable, grad_accum: int) -> Callable:
     none, group, layer, lrn) compute exactly the whole batch's gradient. Dropout and
     stochastic depth draw per microbatch (the dropout key folded with its index).
     """
-    loop = ACCUMULATE_LOOPS.get(jax.default_backend(), _scan)
+    loop = ACCUMULATE_LOOPS.get(parallel.backend(), _scan)
 
     def split(a: jax.Array) -> jax.Array:
         return jnp.moveaxis(a.reshape(a.shape[0] // grad_accum, grad_accum, *a.shape[1:]), 1, 0)
