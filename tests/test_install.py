@@ -30,8 +30,9 @@ def _user_conf(root: Path) -> Path:
 def _build_wheel(tmp: Path) -> Path:
     """The wheel of a copy of the repo (the build writes build/ and *.egg-info beside its
     sources), built with the installed setuptools: nothing is downloaded."""
-    ignored = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "results",
-                                     "multirun", "outputs", "wandb", "__pycache__", ".*_cache")
+    ignored = shutil.ignore_patterns(".git", ".venv", ".venv-*", "build", "dist", "*.egg-info",
+                                     "results", "multirun", "outputs", "wandb", "__pycache__",
+                                     ".*_cache")
     src = tmp / "src"
     shutil.copytree(REPO, src, symlinks=True, ignore=ignored)  # conf/experiment stays a link
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -123,3 +124,16 @@ def test_config_dir_adds_a_users_options_to_the_preflight(tmp_path, capsys):
     with pytest.raises(SystemExit):
         preflight.check_config(["model=my_net"], for_training=False)  # not without the folder
     assert "unknown model 'my_net'" in capsys.readouterr().err
+
+
+def test_a_package_without_its_configs_says_so_in_one_line(tmp_path):
+    """An install that lost conf/ (a broken packaging): one line naming both places looked in."""
+    shutil.copytree(REPO / "cnnlab", tmp_path / "pkg" / "cnnlab",
+                    ignore=shutil.ignore_patterns("__pycache__", "conf"))
+    result = subprocess.run([sys.executable, "-m", "cnnlab.cli", "train"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg")},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("cnnlab: error: cnnlab's configs are missing")
+    assert str(tmp_path / "pkg" / "conf") in line and "config.yaml" in line

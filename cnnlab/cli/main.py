@@ -10,6 +10,7 @@ import sys
 
 from cnnlab.cli.args import fail
 from cnnlab.cli.usage import USAGE
+from cnnlab.errors import ConfigError
 
 # Each command's module (cnnlab/cli/<module>.py) and function, imported only when it runs, so that
 # `cnnlab --version` and `--help` start without JAX.
@@ -56,7 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; valid choices: {', '.join(COMMANDS)}")
     module, function = COMMANDS[command]
-    getattr(importlib.import_module(f"cnnlab.cli.{module}"), function)(rest)
+    try:
+        # Importing a command finds the configs (cnnlab/config/groups.py): an install without
+        # them is one line too.
+        run = getattr(importlib.import_module(f"cnnlab.cli.{module}"), function)
+    except ConfigError as error:
+        fail(str(error))
+    run(rest)
 
 
 if __name__ == "__main__":
