@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import parallel
 from cnnlab import transfer as transfer_lib
@@ -86,12 +86,13 @@ def input_stats(dataset: Dataset) -> dict[str, np.ndarray]:
     return {name: np.asarray(value) for name, value in arrays.items() if value is not None}
 
 
-def load_for_evaluation(cfg: DictConfig, run_dir: Path,
-                        splits: tuple[str, ...] = ("test",)) -> Dataset:
+def load_for_evaluation(cfg: DictConfig, run_dir: Path, splits: tuple[str, ...] = ("test",),
+                        loaded: dict[str, Dataset] | None = None) -> Dataset:
     """A saved run's `splits` (`cnnlab eval`: the test split), normalized with the statistics
     it trained with (input_stats.npz): its training set is read only if `splits` names it. A
     run saved before that file existed has its training set read for them, as before; so does a
-    streamed set, whose splits stay in their files (`load_streamed`)."""
+    streamed set, whose splits stay in their files (`load_streamed`). `loaded`: splits already
+    read for other runs (an ensemble's members), by dataset config, read once."""
     saved = RunDir(run_dir).input_stats()
     if saved is None:
         log.info("%s has no %s (trained before it was saved): its training set is read for "
@@ -100,10 +101,13 @@ def load_for_evaluation(cfg: DictConfig, run_dir: Path,
     if not stream_config.data_location(cfg).on_device:
         return load_data(cfg)
     ds = cfg.dataset
+    key = f"{OmegaConf.to_yaml(ds)}{splits}"
     try:
-        dataset = _load_arrays(ds, splits)
+        dataset = loaded[key] if loaded and key in loaded else _load_arrays(ds, splits)
     except ValueError as e:
         raise ConfigError(f"dataset {ds.name}: {e}") from None
+    if loaded is not None:
+        loaded[key] = dataset
     _check_declared_shapes(cfg, dataset)
     stats = preprocess.PreprocessStats(**{field: saved.get(f"preprocess_{field}")
                                           for field in _PREPROCESS_FIELDS})

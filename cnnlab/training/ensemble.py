@@ -128,9 +128,9 @@ def _load_datasets(run_dirs: list[Path], configs: list[DictConfig]) -> list[Any]
     """Each run's test split, normalized with the statistics it trained with (its training set
     is not read: cnnlab/training/build.py's `load_for_evaluation`); all must share the first
     one's test set."""
-    datasets = []
+    datasets, loaded = [], {}
     for run_dir, cfg in zip(run_dirs, configs, strict=True):
-        datasets.append(load_for_evaluation(cfg, run_dir))
+        datasets.append(load_for_evaluation(cfg, run_dir, loaded=loaded))
         _check_same_test_set((run_dirs[0], datasets[0]), (run_dir, datasets[-1]))
     return datasets
 
