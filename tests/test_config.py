@@ -146,7 +146,7 @@ def test_cli_unknown_command(tmp_path):
     result = run_cli(["trian"], cwd=tmp_path, fresh_process=True)
     assert result.returncode == 2
     assert result.stderr.strip() == ("cnnlab: error: unknown command 'trian'; valid choices: "
-                                     "train, summary, eval, compare, lr_find, viz")
+                                     "train, summary, eval, compare, lr_find, viz, compile")
 
 
 # ------------------------------------------------------------ every value lives in conf/
