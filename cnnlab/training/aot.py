@@ -229,7 +229,7 @@ def compile_for(cfg: DictConfig, target: chips.Target,
         seconds = (time.perf_counter() - start, time.process_time() - start_cpu)
     flops, accessed, source = _cost(lowered, compiled, placement.size)
     per_call = cfg.train.steps_per_call
-    costed = steps.unroll_for(target.platform, per_call) if per_call > 1 else 1
+    costed = steps.unroll_for(target.platform, per_call)
     return Compiled(target, placement.size, per_call, costed, data, _memory(compiled), seconds,
                     flops, accessed, source, collectives(compiled.as_text()),
                     cfg.train.precision or "fp32")
