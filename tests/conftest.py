@@ -43,3 +43,59 @@ def _data_cache_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> Non
     shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     os.environ["CNNLAB_DATA_CACHE"] = str(shared / "data-cache")
     os.environ["CNNLAB_COMPILE_CACHE"] = str(shared / "xla-cache")
+
+
+# The suite's longest tests, seconds each in CI's log (`make test --durations=25`, idle 2 cores),
+# by test function (every parametrized case). They start first, spread over the test processes,
+# so that none starts near the end and holds the suite up while the other processes idle.
+LONGEST = {
+    "test_parallel.py::test_the_same_run_on_one_to_four_devices_and_two_processes": 156,
+    "test_train.py::test_sigkill_and_resume_ends_with_identical_parameters": 81,
+    "test_zoo_recipes.py::test_densenet_trains_at_32_and_28": 68,
+    "test_install.py::test_the_installed_package_runs_on_its_own_configs": 64,
+    "test_multihost.py::test_a_streamed_job_reads_and_places_only_each_process_share": 62,
+    "test_chunk_loop.py::test_a_run_resumed_mid_epoch_equals_the_straight_one_and_the_per_step"
+    "_order": 49,
+    "test_multihost.py::test_a_process_started_late_trains_in_the_same_run_directory": 49,
+    "test_scan.py::test_a_scanned_run_resumes_unrolled_from_its_checkpoint": 48,
+    "test_sweep.py::test_sweep_with_a_diverging_job_then_compare": 48,
+    "test_async_checkpoint.py::test_a_kill_during_a_background_save_resumes_from_the_previous"
+    "_checkpoint": 46,
+    "test_selection.py::test_plateau_run_logs_the_reduced_lr_and_resumes_identically": 42,
+    "test_precision.py::test_bf16_with_grad_accum_and_batch_norm_learns": 41,
+    "test_transfer.py::test_two_phase_switches_at_probe_steps_and_resumes_across_the_switch": 40,
+}
+
+
+def _seconds(item: pytest.Item) -> float:
+    return LONGEST.get(f"{item.path.name}::{item.originalname}", 0)
+
+
+def longest_first(items: list, processes: int) -> list:
+    """The tests in the order to hand out: pytest-xdist's worksteal gives each process a
+    contiguous share of the list (the first `n // processes` tests, then the next share of what
+    is left, ...) and later moves the ends of shares to idle processes; so each share starts
+    with its part of the longest tests (longest first, each to the share with the least so far)
+    and goes on in the collection's order (a file's tests together, sharing its fixtures)."""
+    longest = sorted((i for i in items if _seconds(i)), key=_seconds, reverse=True)
+    rest = [i for i in items if not _seconds(i)]
+    heads: list[list] = [[] for _ in range(processes)]
+    load = [0.0] * processes
+    for item in longest:
+        k = load.index(min(load))
+        heads[k].append(item)
+        load[k] += _seconds(item)
+    ordered, left = [], len(items)
+    for k, head in enumerate(heads):
+        share = left // (processes - k)
+        take = max(share - len(head), 0)
+        ordered += head + rest[:take]
+        rest, left = rest[take:], left - share
+    return ordered + rest
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k deselect: the shares are of what runs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every process collects and must order alike: the order depends only on the tests and on
+    # how many processes there are.
+    items[:] = longest_first(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
