@@ -36,6 +36,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.models.cifar_resnet import CifarResNetOptions
 from cnnlab.models.pattern import PatternOptions
 from cnnlab.models.stack import StackOptions
+from cnnlab.runs.tracking import flatten
 from cnnlab.training.optim import make_schedule
 from tests.helpers import compose_config, make_image_folder, run_cli
 
@@ -74,16 +75,38 @@ def test_saved_runs_under_experiments_results_are_not_experiments():
     assert not [o for o in options if o.startswith("results/") or "/." in o]
 
 
+def own_values(group: str, option: str) -> dict[str, object]:
+    """The values an option's own YAML file sets, read with OmegaConf alone (its defaults list
+    and interpolations left out), as {dotted key: value}."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"),
+                                 resolve=False)
+    raw.pop("defaults", None)
+    return {k: v for k, v in flatten(raw).items() if not (isinstance(v, str) and "${" in v)}
+
+
 # One test per option, so that the test processes share the model group's traces (each
 # model's geometry is traced: a second for most, ~14 s for the 600 blocks of resnet1202).
 @pytest.mark.parametrize("choice", [f"{group}={option}" for group in GROUPS
                                     for option in group_options(group)])
-def test_every_group_option_composes_and_validates(choice, tmp_path):
+def test_every_group_option_composes_to_its_files_values_and_validates(choice, tmp_path):
+    """Each option's own values reach the composed config (no base file or `_self_` order
+    overrides them; `augment=default`: the values of the preset the dataset names), and the
+    composed config passes the training checks."""
     needs = dict(NEEDS)
+    group, option = choice.split("=")
     if choice == "dataset=folder":  # it reads the folder it names (its classes) while composing
         folder = make_image_folder(tmp_path / "images", {"a": 2, "b": 2})
         needs[choice] = [f"dataset.path={folder}", "dataset.image_size=[8,8]"]
-    validate(compose_config([choice, *needs.get(choice, [])]))
+    cfg = compose_config([choice, *needs.get(choice, [])])
+    composed = flatten(OmegaConf.to_container(cfg[group], resolve=False))
+    if choice == "augment=default":
+        option = cfg.dataset.default_augment
+    want = own_values(group, option)
+    if choice == "dataset=folder":  # the command line and the folder's 2 classes fill its nulls
+        want.update(path=str(folder), image_size=[8, 8], image_shape=[8, 8, 3], num_classes=2,
+                    train_size=4)
+    assert want and {k: composed.get(k) for k in want} == want
+    validate(cfg)
 
 
 def test_plain_and_resnet_differ_only_in_shortcuts():
