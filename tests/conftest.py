@@ -46,8 +46,9 @@ def _data_cache_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> Non
 
 
 # The suite's longest tests, seconds each in CI's log (`make test --durations=25`, idle 2 cores),
-# by test function (every parametrized case). They start first, spread over the test processes,
-# so that none starts near the end and holds the suite up while the other processes idle.
+# by test function (every parametrized case) or by test (`name[parameters]`). They start first,
+# spread over the test processes, so that none starts near the end and holds the suite up while
+# the other processes idle.
 LONGEST = {
     "test_parallel.py::test_the_same_run_on_one_to_four_devices_and_two_processes": 156,
     "test_train.py::test_sigkill_and_resume_ends_with_identical_parameters": 81,
@@ -68,7 +69,9 @@ LONGEST = {
 
 
 def _seconds(item: pytest.Item) -> float:
-    return LONGEST.get(f"{item.path.name}::{item.originalname}", 0)
+    """Its entry in LONGEST: its own (with its parameters) or its test function's."""
+    own = LONGEST.get(f"{item.path.name}::{item.name}")
+    return own if own is not None else LONGEST.get(f"{item.path.name}::{item.originalname}", 0)
 
 
 def longest_first(items: list, processes: int) -> list:

@@ -10,8 +10,9 @@ from tests.conftest import LONGEST, longest_first
 
 
 def item(name: str) -> types.SimpleNamespace:
-    file, function = name.split("::")
-    return types.SimpleNamespace(path=Path("tests") / file, originalname=function, name=name)
+    file, test = name.split("::")
+    return types.SimpleNamespace(path=Path("tests") / file, originalname=test.split("[")[0],
+                                 name=test, full=name)
 
 
 def worksteal_shares(items: list, processes: int) -> list[list]:
@@ -30,8 +31,8 @@ def test_each_share_starts_with_its_part_of_the_longest_tests(processes):
     short = [item(f"test_f{i // 7}.py::test_{i}") for i in range(200)]
     items = short[:50] + longest[::-1] + short[50:]
     ordered = longest_first(items, processes)
-    assert sorted(i.name for i in ordered) == sorted(i.name for i in items)
-    seconds = [[LONGEST.get(i.name, 0) for i in share]
+    assert sorted(i.full for i in ordered) == sorted(i.full for i in items)
+    seconds = [[LONGEST.get(i.full, 0) for i in share]
                for share in worksteal_shares(ordered, processes)]
     for share in seconds:  # the long ones first, longest first, then the short ones
         long = [s for s in share if s]
@@ -46,4 +47,12 @@ def test_each_share_starts_with_its_part_of_the_longest_tests(processes):
 
 def test_the_longest_is_first_without_xdist():
     items = [item("test_a.py::test_x"), item(next(iter(LONGEST)))]
-    assert longest_first(items, 1)[0].name == next(iter(LONGEST))
+    assert longest_first(items, 1)[0].full == next(iter(LONGEST))
+
+
+def test_a_parametrized_case_has_its_own_entry_or_its_functions(monkeypatch):
+    monkeypatch.setitem(LONGEST, "test_a.py::test_x", 10)
+    monkeypatch.setitem(LONGEST, "test_a.py::test_x[big]", 50)
+    items = [item(f"test_a.py::test_x[{p}]") for p in ("small", "big")] + [item("test_b.py::t")]
+    assert [i.full for i in longest_first(items, 1)] == [
+        "test_a.py::test_x[big]", "test_a.py::test_x[small]", "test_b.py::t"]
