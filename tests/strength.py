@@ -4,10 +4,11 @@
     python tests/strength.py --explain tests/test_zoo.py::test_zoo_model_trains
 
 Read from the tests' source (Python's ast), no test is run. A test's checks are its `assert`
-statements (each operand of a top-level `and` on its own), its `pytest.raises`/`pytest.warns`
-and its calls of numpy.testing's and torch.testing's assertions, together with those of the
-functions and fixtures it uses that are defined in its own file or in tests/helpers.py (followed
-three calls deep). Each check is
+statements (each operand of a top-level `and` on its own), its `pytest.raises`/`pytest.warns`,
+its calls of numpy.testing's and torch.testing's assertions and its `if ...: raise` (an assertion
+by hand), together with those of the functions and fixtures it uses that are defined in its own
+file or in tests/helpers.py or that it imports from another tests/ module (followed three calls
+deep). Each check is
 
 - strong: a comparison with an answer, within a tolerance or bit for bit: numpy.testing's
   `assert_allclose`/`assert_array_equal`/..., `np.allclose`/`np.array_equal` (not negated),
@@ -19,7 +20,7 @@ three calls deep). Each check is
   equality), `isinstance`, an output's shape or dtype, or the truth of a bare value
   (`assert metrics`; a name bound to a filtered list is judged by its filter);
 - medium: anything else: equality with a value written in the test, a message that contains a
-  text, a bound, an ordering of two values, a refusal (`pytest.raises`).
+  text, a bound, an ordering of two values, a refusal (`pytest.raises`), `if ...: raise`.
 
 A test is strong with at least one strong check, smoke when every check is smoke (or it has
 none: it passes unless something raises), medium otherwise. Each collected test counts
@@ -28,7 +29,7 @@ none: it passes unless something raises), medium otherwise. Each collected test 
 Limits: it reads syntax, not meaning. An `==` between two runs' results is medium unless it goes
 through one of the comparisons above; an `==` against a constant copied from a paper is medium;
 a tolerance comparison against a number the code under test produced earlier counts as strong;
-checks inside helpers defined in other files (other than tests/helpers.py) are not seen.
+checks inside cnnlab's or benchmarks/' code (a function that raises on bad input) are not seen.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def own_checks(body: ast.AST) -> Iterator[tuple[str, ast.AST]]:
             yield from ((check_kind(part, scope), part) for part in _conjuncts(node.test))
         elif isinstance(node, ast.Call) and _name(node) in {"raises", "warns"}:
             yield "medium", node
+        elif isinstance(node, ast.If) and any(isinstance(n, ast.Raise) for n in node.body):
+            yield "medium", node.test  # `if count != 1: raise ...`: an assertion by hand
         elif isinstance(node, ast.Call) and _name(node).startswith("assert_") and (
                 _name(node) in TOLERANT or _roots(node.func) & {"np", "numpy", "torch"}):
             yield ("strong" if _name(node) in TOLERANT else "medium"), node
@@ -191,6 +194,18 @@ def own_checks(body: ast.AST) -> Iterator[tuple[str, ast.AST]]:
 
 def _definitions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
     return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def _imported(tree: ast.Module) -> dict[str, ast.FunctionDef]:
+    """The functions a test module imports from the tests' own modules (`from tests.mutants
+    import apply`)."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests."):
+            path = REPO / (node.module.replace(".", "/") + ".py")
+            defined = _definitions(ast.parse(path.read_text())) if path.is_file() else {}
+            found.update({a.name: defined[a.name] for a in node.names if a.name in defined})
+    return found
 
 
 def _used(function: ast.FunctionDef, known: dict[str, ast.FunctionDef]) -> Iterator[str]:
@@ -228,7 +243,7 @@ def classify(checks: Iterable[tuple[str, str, ast.AST]]) -> str:
 def classify_source(source: str, helpers: str = "") -> dict[str, str]:
     """{test name: kind} for every test function of a module's source."""
     tree = ast.parse(source)
-    known = {**_definitions(ast.parse(helpers)), **_definitions(tree)}
+    known = {**_definitions(ast.parse(helpers)), **_imported(tree), **_definitions(tree)}
     tests = [n for n in ast.walk(tree)
              if isinstance(n, ast.FunctionDef) and n.name.startswith("test")]
     return {t.name: classify(checks_of(t, known)) for t in tests}
@@ -243,7 +258,8 @@ def classify_files(files: list[Path]) -> dict[tuple[str, str], str]:
 def explain(path: Path, test_name: str) -> str:
     """Each check a test is judged by, with its kind: what to read when a count surprises."""
     tree = ast.parse(path.read_text())
-    known = {**_definitions(ast.parse((TESTS / "helpers.py").read_text())), **_definitions(tree)}
+    known = {**_definitions(ast.parse((TESTS / "helpers.py").read_text())), **_imported(tree),
+             **_definitions(tree)}
     test = next(n for n in ast.walk(tree)
                 if isinstance(n, ast.FunctionDef) and n.name == test_name)
     checks = checks_of(test, known)

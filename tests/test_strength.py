@@ -42,6 +42,10 @@ SOURCE = textwrap.dedent('''
         with pytest.raises(ValueError, match="lr=-1"):
             validate(["lr=-1"])
 
+    def test_medium_by_hand():
+        if summary(run([]))["count"] != 1:
+            raise SystemExit("the snippet must occur once")
+
     def test_medium_bound():
         assert run([])["error"] < 50
 
@@ -72,7 +76,7 @@ SOURCE = textwrap.dedent('''
 def test_each_rule_gives_its_kind():
     kinds = classify_source(SOURCE)
     assert kinds == {name: name.split("_")[1] for name in kinds}
-    assert len(kinds) == 13
+    assert len(kinds) == 14
 
 
 def test_a_helper_in_tests_helpers_is_followed():
