@@ -133,14 +133,15 @@ def test_grad_accum_traced_for_a_gpu_trains_as_the_cpu_loop(fashion_dir, tmp_pat
     statistics included."""
     from cnnlab import parallel
 
-    overrides = ["train.grad_accum=4", "train.steps=10", "checkpoint.every=10",
-                 "train.log_every=5"]
+    # One step per call: the CPU's unrolled program holds 4 passes, not 5 steps x 4.
+    overrides = ["train.grad_accum=4", "train.steps=4", "train.steps_per_call=1",
+                 "checkpoint.every=4", "train.log_every=2"]
     cpu = train_tiny(tmp_path / "cpu", fashion_dir, overrides)
     with parallel.compiling_for("gpu"):
         gpu = train_tiny(tmp_path / "gpu", fashion_dir, overrides)
     assert cpu["status"] == gpu["status"] == "finished"
     np.testing.assert_allclose(gpu["final/train/loss"], cpu["final/train/loss"], rtol=1e-4)
-    for a, b in zip(_params(tmp_path / "cpu", 10), _params(tmp_path / "gpu", 10), strict=True):
+    for a, b in zip(_params(tmp_path / "cpu", 4), _params(tmp_path / "gpu", 4), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
