@@ -89,6 +89,20 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_the_straight_one(
             == [(e["step"], e["train/loss"]) for e in _events(straight)])
 
 
+def test_a_signal_read_at_the_last_step_stops_nothing(straight, tmp_path, fashion_dir,
+                                                     monkeypatch):
+    """Sent after step 15 is logged, SIGTERM is read at the next boundary, the last step: the
+    run has finished there, so it is reported finished, exit 0 (it was reported interrupted at
+    its last step, exit 143, and the signal handed on: submitit requeued a finished job)."""
+    _signal_at(monkeypatch, 15, signal.SIGTERM)
+    summary = train_tiny(tmp_path / "run", fashion_dir, FAULTS)
+    finished = json.loads((straight / "summary.json").read_text())
+    assert (summary["status"], summary["final_step"]) == ("finished", 20)
+    assert "signal" not in summary and "failure" not in summary
+    assert summary["final/test/error"] == finished["final/test/error"]
+    assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 20
+
+
 def test_case1_killed_after_the_final_checkpoint_is_completed_from_its_files(
         straight, tmp_path, fashion_dir):
     """Case 1: the summary still says `running` (a kill right after the last checkpoint)."""
@@ -372,8 +386,11 @@ def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("cnnlab: error: could not save checkpoint 10") and "No space" in last
-    # What was logged before the disk filled is whole; the checkpoint before it is usable.
-    assert [e["step"] for e in _events(run_dir)] == [5, 10]
+    # What was logged before the disk filled is whole, and what the uninterrupted run logged;
+    # the checkpoint before it is usable.
+    logged = (run_dir / "metrics.jsonl").read_text()
+    assert ([(e["step"], e["train/loss"]) for e in _events(run_dir)]
+            == [(e["step"], e["train/loss"]) for e in _events(straight)][:2])
     assert RunDir(run_dir).checkpoint_steps() == [5]
 
     # Still full: the next start says so before Hydra or training write anything.
@@ -384,6 +401,7 @@ def test_case7_a_really_full_disk_ends_in_one_line_and_resumes_once_freed(
     assert again.stderr.strip().splitlines()[-1] == (
         f"cnnlab: error: hydra.run.dir={run_dir} cannot be written: No space left on device "
         f"({run_dir})")
+    assert (run_dir / "metrics.jsonl").read_text() == logged
 
     (small_disk / "filler").unlink()
     summary = train_tiny(run_dir, fashion_dir, FAULTS)

@@ -16,6 +16,7 @@ from cnnlab.models import build_model, compute_dtype
 from cnnlab.runs import resume
 from cnnlab.training import steps
 from tests.helpers import TINY, compose_config, tiny_step, train_tiny
+from tests.test_faults import _params
 
 
 def _float_dtypes(tree: object) -> set:
@@ -96,6 +97,52 @@ def test_grad_accum_as_a_rolled_scan_equals_the_whole_batch(monkeypatch):
     for a, b in zip(jax.tree.leaves(whole.grads), jax.tree.leaves(parts.grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert int(parts.metrics["correct"]) == int(whole.metrics["correct"])
+
+
+def _lowered(platform: str, grad_accum: int) -> object:
+    """The run's training chunk as traced for `platform` (one step per call: the chunk's own
+    loop is then a single step)."""
+    from cnnlab import parallel
+    from cnnlab.training import aot
+
+    cfg = preflight.compose([*TINY, f"train.grad_accum={grad_accum}", "train.steps_per_call=1"])
+    with parallel.compiling_for(platform):
+        lowered, _ = aot.lower(cfg, parallel.Placement.over(jax.devices()[:1]), 1 << 30)
+    return lowered
+
+
+def test_grad_accum_traced_for_a_gpu_is_one_rolled_loop_costed_k_times():
+    """The GPU branch without a monkeypatch: the program `cnnlab compile gpu:...` and a GPU run
+    trace (parallel.backend() "gpu") holds one more rolled loop with microbatches than without,
+    the CPU one none (its loop unrolled); and `cnnlab compile` costs a step of it as K times
+    the loop's body (XLA costs a body once), as the unrolled CPU program's every copy."""
+    from cnnlab.training import aot
+
+    loops = {(p, k): _lowered(p, k) for p in ("gpu", "cpu") for k in (1, 4)}
+    whiles = {key: lowered.as_text().count("stablehlo.while") for key, lowered in loops.items()}
+    assert whiles["gpu", 4] == whiles["gpu", 1] + 1 and whiles["cpu", 4] == whiles["cpu", 1]
+    for platform in ("gpu", "cpu"):
+        flops = {k: aot._hlo_cost(loops[platform, k].compiler_ir("hlo").get_hlo_module())["flops"]
+                 * aot._costed_microbatches(platform, k) for k in (1, 4)}
+        assert flops[4] == pytest.approx(flops[1], rel=0.02), platform
+
+
+def test_grad_accum_traced_for_a_gpu_trains_as_the_cpu_loop(fashion_dir, tmp_path):
+    """A run whose steps are traced for a GPU (its rolled microbatch loop and its convolutions,
+    run here on the CPU) trains to the CPU run's parameters, batch norm's per-microbatch
+    statistics included."""
+    from cnnlab import parallel
+
+    # One step per call: the CPU's unrolled program holds 4 passes, not 5 steps x 4.
+    overrides = ["train.grad_accum=4", "train.steps=4", "train.steps_per_call=1",
+                 "checkpoint.every=4", "train.log_every=2"]
+    cpu = train_tiny(tmp_path / "cpu", fashion_dir, overrides)
+    with parallel.compiling_for("gpu"):
+        gpu = train_tiny(tmp_path / "gpu", fashion_dir, overrides)
+    assert cpu["status"] == gpu["status"] == "finished"
+    np.testing.assert_allclose(gpu["final/train/loss"], cpu["final/train/loss"], rtol=1e-4)
+    for a, b in zip(_params(tmp_path / "cpu", 4), _params(tmp_path / "gpu", 4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_grad_accum_with_batch_norm_normalizes_per_microbatch():

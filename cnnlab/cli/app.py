@@ -106,21 +106,30 @@ OUTCOMES = (
     Outcome((RunDirBusy,), "", 2, record=False),
     Outcome((ConfigError, DatasetUnavailableError), "config: ", 2),
     Outcome((OSError,), "", 1),
-    Outcome((KeyboardInterrupt,), "interrupted by SIGINT", 130),
+    # The signal's exit status (128 + its number): cnnlab/training/signals.py's Interrupted
+    # carries it; a bare KeyboardInterrupt is Ctrl-C's.
+    Outcome((KeyboardInterrupt,), "", 128 + signal.SIGINT),
 )
+
+
+def _reason_and_code(outcome: Outcome, error: BaseException) -> tuple[str, int]:
+    if isinstance(error, KeyboardInterrupt):
+        signum = getattr(error, "signum", signal.SIGINT)
+        return (str(error) or f"interrupted by {signal.Signals(signum).name}", 128 + signum)
+    return outcome.prefix + (str(error).splitlines()[0] if str(error) else ""), outcome.exit_code
 
 
 def _fail(run_dir: RunDir, cfg: DictConfig, error: BaseException, multirun: bool) -> None:
     """A known way for a run to end early: one line and an exit code (a sweep records it)."""
     outcome = next(o for o in OUTCOMES if isinstance(error, o.errors))
-    reason = outcome.prefix + (str(error).splitlines()[0] if str(error) else "")
+    reason, exit_code = _reason_and_code(outcome, error)
     if outcome.record:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         record_failure(run_dir, cfg, reason, status)
     if multirun and not isinstance(error, KeyboardInterrupt):
         raise error  # Hydra records the failed job and the sweep goes on
     print(f"cnnlab: error: {reason.removeprefix('config: ')}", file=sys.stderr)
-    raise SystemExit(outcome.exit_code) from None
+    raise SystemExit(exit_code) from None
 
 
 def _report_end(summary: dict, run_dir: RunDir, multirun: bool) -> None:

@@ -51,8 +51,11 @@ class Compiled:
     devices: int
     steps_per_call: int
     # Steps the cost analysis counts: XLA costs a loop's body once, so a chunk rolled into a
-    # loop (off CPU, steps.unroll_for) is costed as one step, an unrolled one as all of them.
-    costed_steps: int
+    # loop (off CPU, steps.unroll_for) is costed as one step, an unrolled one as all of them;
+    # and a step whose train.grad_accum microbatches are a rolled loop (off CPU) as one of them:
+    # 1/K of a step (the optimizer's update, outside the loop, then counts K times: a few
+    # tenths of a percent of a ResNet's step).
+    costed_steps: float
     data: str  # where the training set is: on the device, or streamed chunk by chunk
     memory: dict[str, int]  # memory_analysis(), per device
     compile_s: tuple[float, float]  # wall and CPU seconds
@@ -201,6 +204,13 @@ def _cost(lowered: Any, compiled: Any, devices: int) -> tuple[float, float, str]
             "HLO cost analysis (FLOPs before partitioning / devices)")
 
 
+def _costed_microbatches(platform: str, grad_accum: int) -> int:
+    """Of a step's `grad_accum` microbatches, how many XLA's cost analysis counts as one: all of
+    them where they are a rolled loop (steps.py's default, off CPU: a loop's body is costed
+    once), 1 where they are unrolled (steps.ACCUMULATE_LOOPS: CPU; every copy is counted)."""
+    return 1 if platform in steps.ACCUMULATE_LOOPS else grad_accum
+
+
 def _one_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(error).__name__
@@ -229,7 +239,8 @@ def compile_for(cfg: DictConfig, target: chips.Target,
         seconds = (time.perf_counter() - start, time.process_time() - start_cpu)
     flops, accessed, source = _cost(lowered, compiled, placement.size)
     per_call = cfg.train.steps_per_call
-    costed = steps.unroll_for(target.platform, per_call)
+    costed = (steps.unroll_for(target.platform, per_call)
+              / _costed_microbatches(target.platform, cfg.train.grad_accum or 1))
     return Compiled(target, placement.size, per_call, costed, data, _memory(compiled), seconds,
                     flops, accessed, source, collectives(compiled.as_text()),
                     cfg.train.precision or "fp32")

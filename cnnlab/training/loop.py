@@ -29,7 +29,7 @@ from cnnlab.runs.rundir import CURVES, FollowerRunDir, RunDir
 from cnnlab.runs.tracking import RunTracker
 from cnnlab.training import actions, diagnostics
 from cnnlab.training.build import Run, build, input_stats, use_compile_cache
-from cnnlab.training.signals import StopOnSignal
+from cnnlab.training.signals import Interrupted, StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +58,44 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None,
         else:  # nothing trained yet: this start is the first
             run_dir.save_start_config(config, replace=True)
         use_compile_cache(cfg.compile_cache_dir)
-        run = build(cfg, with_source=not saved)
-        # What `cnnlab eval` and `viz` normalize with, so that they need not read the training set.
-        run_dir.save_input_stats(input_stats(run.dataset))
-        checkpoint = actions.Checkpoint(cfg, run_dir)
+        # From here a signal ends the run in one line (Interrupted): loading the data and
+        # restoring come before any step that could be saved; the loop then stops at a boundary.
+        signals = StopOnSignal()
         try:
-            state, loop = checkpoint.restore(run.state)
-        except NoUsableCheckpoint:
-            checkpoint.close()
-            if run_dir.start_config() != config:
-                raise ConfigError(unfit_state_message(run_dir, config)) from None
-            raise
-        # One W&B run and one event file per run, from process 0.
-        logger = (cfg.logger if run_dir.writes
-                  else OmegaConf.merge(cfg.logger, {"mode": "disabled", "tensorboard": False}))
-        tracker = RunTracker(run_dir, config, logger, group, int(state.step), tags, name)
-        try:
-            return _train(run, run_dir, state, loop, checkpoint, tracker)
+            return _build_and_train(cfg, run_dir, saved, config, signals, (group, tags, name))
         finally:
-            run.close()
+            signals.close()
+
+
+def _build_and_train(cfg: DictConfig, run_dir: RunDir, saved: list[int], config: dict,
+                     signals: StopOnSignal, labels: tuple) -> dict[str, Any]:
+    """The run built (data, model, restored state) and trained; `labels`: the W&B run's group,
+    tags and name."""
+    run = build(cfg, with_source=not saved)
+    # What `cnnlab eval` and `viz` normalize with, so that they need not read the training set.
+    run_dir.save_input_stats(input_stats(run.dataset))
+    checkpoint = actions.Checkpoint(cfg, run_dir)
+    try:
+        state, loop = checkpoint.restore(run.state)
+    except NoUsableCheckpoint:
+        checkpoint.close()
+        if run_dir.start_config() != config:
+            raise ConfigError(unfit_state_message(run_dir, config)) from None
+        raise
+    # One W&B run and one event file per run, from process 0.
+    logger = (cfg.logger if run_dir.writes
+              else OmegaConf.merge(cfg.logger, {"mode": "disabled", "tensorboard": False}))
+    group, tags, name = labels
+    tracker = RunTracker(run_dir, config, logger, group, int(state.step), tags, name)
+    try:
+        return _train(run, run_dir, state, loop, checkpoint, tracker, signals)
+    finally:
+        run.close()
 
 
 def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
-           checkpoint: actions.Checkpoint, tracker: RunTracker) -> dict[str, Any]:
+           checkpoint: actions.Checkpoint, tracker: RunTracker,
+           signals: StopOnSignal) -> dict[str, Any]:
     """The periodic actions around `_loop`, and the summary however the loop ends."""
     cfg = run.cfg
     resumed_from = int(state.step) or None
@@ -116,7 +131,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         return saved
 
     checkpoint.loop_state = loop_state
-    signals = StopOnSignal(run.placement)
+    signals.start(run.placement)
     # checkpoint.settle: the previous (background) save must be complete before the next.
     periodic = [signals, checkpoint.settle, metrics, evaluation,
                 *([diagnosis] if diagnosis else []), record, progress, checkpoint]
@@ -127,10 +142,10 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
     try:
         _, stop = _loop(run, state, periodic, metrics, lambda: evaluation.lr_scale, compiles)
         summary.update(_ending(stop, progress.step, signals.received))
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", signal=int(signal.SIGINT),
-                       failure=f"interrupted by SIGINT at step {progress.step}")
-        raise
+    except KeyboardInterrupt as error:  # a second signal (Interrupted), or Ctrl-C elsewhere
+        interrupted = Interrupted(getattr(error, "signum", signal.SIGINT), progress.step)
+        summary.update(status="interrupted", signal=interrupted.signum, failure=str(interrupted))
+        raise interrupted from None
     except BaseException as error:
         summary.update(status="failed", failure=failure_reason(error))
         raise

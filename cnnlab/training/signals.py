@@ -11,33 +11,55 @@ from cnnlab import parallel
 from cnnlab.training.actions import Tick
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run ends at once on signal `signum`: a second signal, or one before training started
+    (nothing to save yet). `step`: the last step the loop had finished (None: before the
+    first)."""
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        self.signum, self.step = int(signum), step
+        where = "before the first step" if step is None else f"at step {step}"
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {where}")
+
+
 class StopOnSignal:
     """SIGTERM (Slurm's time limit, `kill`), SIGUSR2 (submitit's warning) and SIGINT (Ctrl-C)
     stop the run at the next step boundary, after a checkpoint; a second signal interrupts at
-    once. In a multi-host job (a signal may reach one process only) each process's signal is
-    reduced over the processes after every chunk, unwaited, and read at the next boundary: all
-    stop at one step and save together. `forward` then hands the signal to the handler it
-    displaced (submitit's requeues the job)."""
+    once (`Interrupted`), as does one before `start` (loading the data: nothing is trained yet),
+    unless a Python handler was there before (submitit's), which then gets it as it would have.
+    A signal at the last step stops nothing: the run has finished. In a multi-host job (a signal
+    may reach one process only) each process's signal is reduced over the processes after every
+    chunk, unwaited, and read at the next boundary: all stop at one step and save together.
+    `forward` then hands the signal to the handler it displaced (submitit's requeues the job)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
-    def __init__(self, placement: Any = None) -> None:
+    def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {}
-        # cnnlab/parallel.py's Placement, where its mesh spans processes.
-        self.placement = placement if placement is not None and placement.spans_processes else None
+        self.started = False
+        # cnnlab/parallel.py's Placement, where its mesh spans processes (set by `start`).
+        self.placement: Any = None
         self._agreed: jax.Array | None = None  # queued after the previous chunk
         if threading.current_thread() is threading.main_thread():  # handlers: main thread only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
+    def start(self, placement: Any = None) -> None:
+        """From now on a signal stops the run at the next step boundary (the training loop is
+        about to run: its first chunk compiles, then runs and is saved)."""
+        self.placement = placement if placement is not None and placement.spans_processes else None
+        self.started = True
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
+        if not self.started and self._forward(signum, frame):
+            return
+        if self.received is not None or not self.started:
+            raise Interrupted(signum)
         self.received = signum
 
     def __call__(self, tick: Tick) -> None:
         signum = self.received if self.placement is None else self._agree(tick)
-        if signum and tick.stop is None:
+        if signum and tick.stop is None and not tick.last:
             self.received = signum
             name = signal.Signals(signum).name
             tick.stop = ("interrupted", f"interrupted by {name} at step {tick.step}")
@@ -50,9 +72,14 @@ class StopOnSignal:
 
     def forward(self) -> None:
         """The signal to the handler it displaced, if a Python function (submitit's)."""
-        previous = self._previous.get(self.received)
+        self._forward(self.received, None)
+
+    def _forward(self, signum: int | None, frame: Any) -> bool:
+        previous = self._previous.get(signum)
         if callable(previous) and previous is not signal.default_int_handler:
-            previous(self.received, None)
+            previous(signum, frame)
+            return True
+        return False
 
     def close(self) -> None:
         for signum, handler in self._previous.items():
