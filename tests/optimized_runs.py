@@ -9,6 +9,7 @@ claims, written under OUT, their summaries printed as one JSON line, and `xla_pr
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -26,15 +27,21 @@ STREAMED = ["dataset.on_device=false", "dataset.stream_workers=0", "dataset.stre
 
 def main(data_dir: Path, out: Path) -> None:
     results: dict = {"disable_most_optimizations": jax.config.read(
-        "jax_disable_most_optimizations"), "device_count": jax.device_count()}
-    results["straight"] = train_tiny(out / "straight", data_dir, ONE)
+        "jax_disable_most_optimizations"), "device_count": jax.device_count(), "seconds": {}}
+
+    def run(name: str, folder: str, overrides: list[str]) -> None:
+        start = time.perf_counter()  # for docs/development.md; never asserted
+        results[name] = train_tiny(out / folder, data_dir, overrides)
+        results["seconds"][name] = round(time.perf_counter() - start, 1)
+
+    run("straight", "straight", ONE)
     # Stopped by SIGTERM after step 10 (it checkpoints at 15), then resumed.
     with pytest.MonkeyPatch.context() as patch:
         _signal_at(patch, 10, signal.SIGTERM)
-        results["interrupted"] = train_tiny(out / "resumed", data_dir, ONE)
-    results["resumed"] = train_tiny(out / "resumed", data_dir, ONE)
-    results["streamed"] = train_tiny(out / "streamed", data_dir, [*ONE, *STREAMED])
-    results["four"] = train_tiny(out / "four", data_dir, [*FAULTS, "train.devices=4"])
+        run("interrupted", "resumed", ONE)
+    run("resumed", "resumed", ONE)
+    run("streamed", "streamed", [*ONE, *STREAMED])
+    run("four", "four", [*FAULTS, "train.devices=4"])
     np.save(out / "probe.npy", xla_probe())
     print(json.dumps(results, default=str))
 
