@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from omegaconf import DictConfig
@@ -285,3 +286,46 @@ def make_image_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path
             suffix = ".jpg" if mode in ("L", "RGB") and i % 2 else ".png"
             img.save(root / name / f"{i}{suffix}")
     return root
+
+
+@contextlib.contextmanager
+def xla_optimizations(on: bool):
+    """Programs first compiled inside compile with XLA's default optimizations (`on`) or with
+    most of them off, as tests/conftest.py sets them for the suite. The switch is read when a
+    program compiles, and jit's caches do not key on it: a function this process compiled
+    before keeps its executable, so only programs traced inside (a freshly built run's) take it.
+    tests/test_optimized_xla.py checks that this gives a fresh optimized process's bits."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", not on)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def optimized_xla():
+    """The test's programs compile as users' runs do (`xla_optimizations(True)`)."""
+    with xla_optimizations(True):
+        yield
+
+
+def xla_probe() -> np.ndarray:
+    """A conv + batch-norm gradient in float32, jitted afresh: its bits depend on how XLA
+    optimized it (vectorized reductions sum in another order), so they tell a program compiled
+    with the default optimizations from one compiled with most of them off."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(w: jax.Array, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = (y - y.mean((0, 1, 2))) / jnp.sqrt(y.var((0, 1, 2)) + 1e-5)
+        return jnp.sum(jax.nn.relu(y) ** 2)
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 3, 3, 16)).astype(np.float32)
+    x = rng.normal(size=(32, 12, 12, 3)).astype(np.float32)
+    return np.asarray(jax.jit(lambda w, x: jax.grad(loss)(w, x))(w, x))

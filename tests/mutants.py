@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The copy lives in a temporary folder, so tests/helpers.py's default (../shared next to the
+# repo) would not find the offline data there and every test that reads it would skip: a mutant
+# would survive unseen. The copy reads this repo's data instead.
+SHARED_DATA = Path(os.environ.get("CNNLAB_SHARED_DATA",
+                                  REPO.parent / "shared" / "data" / "tfds_array_record"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +66,7 @@ MUTANTS = (
            ("tests/test_train.py", "tests/test_faults.py", "tests/test_chunk_loop.py")),
     Mutant("EMA weights do not average (decay 0)", "cnnlab/training/steps.py",
            "return optax.ema(decay, debias=True)", "return optax.ema(0.0, debias=True)",
-           ("tests/test_evaluate.py", "tests/test_steps.py")),
+           ("tests/test_steps.py", "tests/test_evaluate.py")),
 )
 
 
@@ -88,16 +93,20 @@ def apply(mutant: Mutant, root: Path, write: bool = True) -> None:
         path.write_text(text.replace(mutant.old, mutant.new))
 
 
-def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
-    """(passed, the first failing test's id)."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[bool, str, int]:
+    """(passed, the first failing test's id, how many tests skipped)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "CNNLAB_SHARED_DATA": str(SHARED_DATA)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
-         "-n", "2", "--dist", "worksteal", *tests],
+         "-n", "2", "--dist", "worksteal", "-rfEs", *tests],
         cwd=root, env=env, capture_output=True, text=True)
-    failed = [line.split(" ")[1] for line in result.stdout.splitlines()
-              if line.startswith("FAILED ")]
-    return result.returncode == 0, (failed[0] if failed else result.stdout.strip()[-200:])
+    lines = result.stdout.splitlines()
+    failed = [line.split(" ")[1] for line in lines if line.startswith("FAILED ")]
+    # A skipped test claims nothing: the table shows how many did, so a survivor (or a kill)
+    # that rests on a missing piece is visible.
+    skipped = sum(int(line.split()[1].strip("[]")) for line in lines
+                  if line.startswith("SKIPPED ["))
+    return result.returncode == 0, (failed[0] if failed else lines[-1] if lines else ""), skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             apply(mutant, REPO, write=False)
         print(f"{len(chosen)} mutants apply")
         return 0
-    rows = ["| mutant | killed | by | seconds |", "|---|---|---|---|"]
+    rows = ["| mutant | killed | by | skipped | seconds |", "|---|---|---|---|---|"]
     killed = 0
     for mutant in chosen:
         with tempfile.TemporaryDirectory(prefix="cnnlab-mutant-") as tmp:
@@ -121,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             copy_repo(root)
             apply(mutant, root)
             start = time.perf_counter()
-            passed, by = run_tests(root, mutant.tests)
+            passed, by, skipped = run_tests(root, mutant.tests)
             seconds = time.perf_counter() - start
         killed += not passed
         rows.append(f"| {mutant.name} | {'no' if passed else 'yes'} | "
-                    f"{'' if passed else f'`{by}`'} | {seconds:.0f} |")
+                    f"{'' if passed else f'`{by}`'} | {skipped} | {seconds:.0f} |")
         print(rows[-1], flush=True)
     table = "\n".join([*rows, "", f"{killed} of {len(chosen)} mutants killed"])
     print(table)

@@ -34,17 +34,28 @@ def keys(n: int, seed: int = 0) -> jax.Array:
 
 # ------------------------------------------------------------------ pipeline and defaults
 
+def crop_flip_by_hand(key: jax.Array, images: np.ndarray, pad: int) -> np.ndarray:
+    """He et al.'s crop and flip in NumPy, from the step key's two streams (split: crop, flip):
+    offsets ~ U{0..2 pad} per image and axis, then a mirror with probability 1/2 per image."""
+    crop_key, flip_key = jax.random.split(key)
+    n, h, w, _ = images.shape
+    offsets = np.asarray(jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1))
+    flips = np.asarray(jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))).reshape(n)
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.stack([padded[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    out[flips] = out[flips][:, :, ::-1]
+    return out
+
+
 def test_default_pipeline_is_bit_identical_to_crop_flip_then_normalize():
-    """crop_flip + channel: the same keys and float32 operations as before
-    cnnlab.data.preprocess."""
+    """crop_flip + channel: the crop and flip He et al. define, drawn from the step's key as
+    before cnnlab.data.preprocess, then the step's float32 normalization."""
     images = pixels((32, 8, 8, 3))
     mean, std = jnp.array([0.49, 0.48, 0.45]), jnp.array([0.25, 0.24, 0.26])
     key = jax.random.PRNGKey(7)
 
-    @jax.jit  # the old step's code, compiled as the step compiles it
-    def old(key: jax.Array, images: jax.Array) -> jax.Array:
-        crop_key, flip_key = jax.random.split(key)
-        images = aug.random_flip(flip_key, aug.random_crop(crop_key, images, 4))
+    @jax.jit  # the old step's normalization, compiled as the step compiles it
+    def normalize(images: jax.Array) -> jax.Array:
         return (images.astype(jnp.float32) / 255.0 - mean) / std
 
     augment = make_augment(compose_config(["augment=crop_flip"]).augment)
@@ -55,7 +66,26 @@ def test_default_pipeline_is_bit_identical_to_crop_flip_then_normalize():
         assert pixels.dtype == jnp.uint8  # crop/flip only: no float conversion before
         return augment.cutout(key, preprocess(pixels, PreprocessStats(mean=mean, std=std)))
 
-    np.testing.assert_array_equal(new(key, images), old(key, images))
+    expected = normalize(crop_flip_by_hand(key, np.asarray(images), 4))
+    np.testing.assert_array_equal(new(key, images), expected)
+
+
+def test_flip_mirrors_about_half_the_batch_in_place_and_keeps_the_rest():
+    """augment.flip: each image is mirrored left-right (NumPy's [:, ::-1]) or left as it is,
+    at its own index (its label's), about half of them mirrored, a different half per key."""
+    images = pixels((1000, 5, 7, 3))  # random pixels: no image is its own mirror
+    mirrored = np.asarray(images)[:, :, ::-1]
+    augment = jax.jit(make_augment(augment_config(flip=True)))
+    masks = []
+    for seed in (1, 2):
+        out = np.asarray(augment(jax.random.PRNGKey(seed), images))
+        flipped = np.array([np.array_equal(o, m) for o, m in zip(out, mirrored, strict=True)])
+        kept = np.array([np.array_equal(o, i) for o, i in zip(out, np.asarray(images),
+                                                               strict=True)])
+        assert np.all(flipped != kept), "an image neither kept nor mirrored in place"
+        assert 430 < flipped.sum() < 570  # Binomial(1000, 1/2): mean 500, sd 16
+        masks.append(flipped)
+    assert 0.4 < np.mean(masks[0] == masks[1]) < 0.6  # independent draws per key
 
 
 def test_every_operation_is_deterministic_per_key_and_differs_across_keys():

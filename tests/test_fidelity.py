@@ -22,6 +22,7 @@ from cnnlab.cli.preflight import compose  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
 from cnnlab.data.types import ArraySplit, Dataset  # noqa: E402
 from cnnlab.training import build as run  # noqa: E402
+from tests.helpers import optimized_xla  # noqa: E402, F401  (fixture)
 
 BATCH = 32
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -153,17 +154,10 @@ def test_loss_gradients_and_bn_statistics_equal_pytorch_in_float64(
     _assert_close(new_stats, stats64, "float64 BN running statistics", 1e-9)
 
 
-@pytest.fixture
-def optimized_xla():
-    """XLA as users run it: the suite compiles without most optimizations (tests/conftest.py),
-    whose float32 summation order rounds deep nets' gradients visibly differently."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
-def test_one_float32_training_step_equals_the_float64_reference_step(optimized_xla):
+# XLA as users run it: the suite compiles without most optimizations (tests/conftest.py),
+# whose float32 summation order rounds deep nets' gradients visibly differently.
+@pytest.mark.usefixtures("optimized_xla")
+def test_one_float32_training_step_equals_the_float64_reference_step():
     """cnnlab's compiled float32 training step (preprocessed batch, loss, gradient, SGD with
     momentum and coupled weight decay, unbiased BN statistics) against the same step of
     `torch.optim.SGD` in float64, the exact answer for these weights, on ResNet-20 and
