@@ -17,8 +17,9 @@ mesh spans the hosts. Global arrays are built from each process's local pieces
 a host copy, which would check every process's copy against the others by all-gathering them
 (P copies through every device): a process transfers only what its own devices hold. When the
 mesh spans processes, the device-resident training set is split by rows over the devices
-(`put_rows`; each step's gather then all-reduces the batch, never the set) and each process reads
-only its slice of every streamed batch (`local_rows`). One-time work runs on process 0 first
+(`put_local_rows`: each process decodes and places only its rows, cnnlab/data/share.py; each
+step's gather then all-reduces the batch, never the set) and each process reads only its slice
+of every streamed batch (`local_rows`). One-time work runs on process 0 first
 (`primary_first`), and values a run must agree on are broadcast or reduced (`broadcast_text`,
 `max_over_processes`).
 """

@@ -120,10 +120,10 @@ def test_a_streamed_job_reads_and_places_only_each_process_share(
     assert _close(losses(run_dir), reference)
 
 
-# The signal test's runs, small so that its two two-process jobs stay in `make test`: chunks
-# of 2 steps, no evaluation, 256 images.
+# The signal test's runs, small so that its two two-process jobs stay in `make test`: 12 steps
+# in chunks of 2, no evaluation.
 SHORT = ["train.steps=12", "train.steps_per_call=2", "checkpoint.every=4", "train.log_every=2",
-         "train.eval_every=0", "dataset.max_examples=256"]
+         "train.eval_every=0"]
 
 
 def test_a_signal_to_one_process_stops_both_at_one_step_and_the_job_resumes(
@@ -152,7 +152,9 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_the_job_resumes(
     resumed = [report(r) for r in launch(args, env=ENV)]
     assert [(r["status"], r["final_step"]) for r in resumed] == [("finished", 12)] * 2
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 8
-    assert _close(losses(run_dir), losses(one))
+    # 4 devices sum in another order than one, and the difference grows with the steps (4.5e-4
+    # relative at step 8 seen on 256 images; step 2 equal): 1e-3, not the 1e-4 of 20 steps of 5.
+    assert _close(losses(run_dir), losses(one), rtol=1e-3)
 
 
 def test_one_time_work_is_done_by_process_0_while_the_other_waits(tmp_path: Path) -> None:
