@@ -4,15 +4,18 @@ The run's own pieces (`build`, the loop's `_chunk`, the `Checkpoint` action) on 
 of the dataset's shape: chunks of `--steps-per-call` steps, timed per step, in four modes:
 
 - `none`: no checkpoints;
-- `async`: a checkpoint every `--every` steps as cnnlab saves now (Orbax writes in the
-  background, the checksum computed on the device; the previous save waited for first);
+- `async`: a checkpoint every `--every` steps as cnnlab saves now (a copy of the state and its
+  checksum queued on the device, handed to Orbax at the next tick once the next chunk is
+  queued; Orbax writes in the background; the previous save waited for first);
 - `sync`: the same saves made synchronous as before 2026-12-05 (a host copy and SHA-256 of
   the state, then waiting for Orbax to finish writing);
 - `sync-step`: no saves, but the host reading `state.step` before each chunk, as the loop did.
 
 The modes alternate for `--rounds` rounds (a shared machine's noise falls on all of them);
 each figure is the median over rounds of the mean step time. "dispatch ms" is the host's time
-inside `_chunk` per chunk after the first: what the device waits for when the host is late.
+inside `_chunk` per chunk after the first: what the device waits for when the host is late;
+"checkpoint ms" the host's time in the checkpoint action per chunk (median over the chunks
+that save or hand a save to Orbax). `--modes none async` times only those two.
 
     python benchmarks/checkpoint_cost.py                 # ResNet-20 on fashion_mnist's shape
     python benchmarks/checkpoint_cost.py --quick         # a tiny net, a few seconds
@@ -56,7 +59,7 @@ def _one_mode(mode: str, run, checkpoint, chunks: int, start_step: int, state) -
     per_call = run.cfg.train.steps_per_call
     compiles = CompileTimer()
     compiles.is_new(("main", per_call))  # compiled already: no compile message
-    step, dispatch = start_step, []
+    step, dispatch, saving = start_step, [], []
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(chunks):
@@ -67,21 +70,27 @@ def _one_mode(mode: str, run, checkpoint, chunks: int, start_step: int, state) -
         dispatch.append(time.perf_counter() - began)
         step += per_call
         if mode in ("async", "sync"):
+            began = time.perf_counter()
             tick = actions.Tick(step, per_call, False, state, sums)
             checkpoint.settle(tick)
-            checkpoint(tick)
-            if mode == "sync":  # as before: a host SHA-256 of the state, and Orbax waited for
+            if mode == "sync":  # as before: a host SHA-256 of the state, a synchronous save
                 state_digest(tick.state)
+                checkpoint.checkpoints.save(step, tick.state, {})
                 checkpoint.checkpoints.wait()
+            else:
+                checkpoint(tick)
+            saving.append(time.perf_counter() - began)
     jax.block_until_ready(state)
     checkpoint.checkpoints.wait()
     seconds = time.perf_counter() - start
-    return seconds / (chunks * per_call), 1000 * statistics.median(dispatch[1:]), state, step
+    saves = [t for t in saving if t > 1e-3] or [0.0]
+    return (seconds / (chunks * per_call), 1000 * statistics.median(dispatch[1:]),
+            1000 * statistics.median(saves), state, step)
 
 
 def measure(quick: bool = False, model: str = "resnet20", batch: int = 128, per_call: int = 10,
             every: int = 10, chunks: int = 6, rounds: int = 3, extra: list[str] | None = None,
-            shape: tuple[int, int, int] = (28, 28, 1)) -> dict:
+            shape: tuple[int, int, int] = (28, 28, 1), modes: tuple[str, ...] = MODES) -> dict:
     """Step time per mode (median over rounds), in this process."""
     import jax
 
@@ -104,13 +113,19 @@ def measure(quick: bool = False, model: str = "resnet20", batch: int = 128, per_
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - start
         step = per_call
-        times: dict[str, list[float]] = {m: [] for m in MODES}
-        dispatch: dict[str, list[float]] = {m: [] for m in MODES}
+        # The snapshot's function compiled, and Orbax's first save made, before the timing.
+        checkpoint.checkpoints.snapshot(0, state, {})
+        checkpoint.checkpoints.wait()
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        dispatch: dict[str, list[float]] = {m: [] for m in modes}
+        saving: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(rounds):
-            for mode in MODES:
-                per_step, ms, state, step = _one_mode(mode, run, checkpoint, chunks, step, state)
+            for mode in modes:
+                per_step, ms, save_ms, state, step = _one_mode(mode, run, checkpoint, chunks,
+                                                               step, state)
                 times[mode].append(per_step)
                 dispatch[mode].append(ms)
+                saving[mode].append(save_ms)
         checkpoint.close()
         state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
     steps = {m: statistics.median(v) for m, v in times.items()}
@@ -119,17 +134,22 @@ def measure(quick: bool = False, model: str = "resnet20", batch: int = 128, per_
             "compile_s": round(compile_s, 1), "backend": jax.default_backend(),
             "step_ms": {m: round(1000 * s, 2) for m, s in steps.items()},
             "dispatch_ms": {m: round(statistics.median(v), 3) for m, v in dispatch.items()},
+            "checkpoint_ms": {m: round(statistics.median(v), 1) for m, v in saving.items()},
             "all_step_ms": {m: [round(1000 * s, 2) for s in v] for m, v in times.items()},
             "overhead_pct": {m: round(100 * (steps[m] / steps["none"] - 1), 1)
-                             for m in MODES if m != "none"}}
+                             for m in modes if m != "none"},
+            "rounds": rounds, "chunks": chunks}
 
 
 def table(result: dict) -> str:
-    rows = ["| mode | step ms | vs none | dispatch ms per chunk |", "|---|---|---|---|"]
-    for mode in MODES:
+    rows = ["| mode | step ms (median) | vs none | dispatch ms per chunk | checkpoint ms per save |"
+            " rounds' step ms |", "|---|---|---|---|---|---|"]
+    for mode in result["step_ms"]:
         over = result["overhead_pct"].get(mode)
         rows.append(f"| {mode} | {result['step_ms'][mode]} | "
-                    f"{'' if over is None else f'{over:+.1f}%'} | {result['dispatch_ms'][mode]} |")
+                    f"{'' if over is None else f'{over:+.1f}%'} | {result['dispatch_ms'][mode]} | "
+                    f"{result['checkpoint_ms'][mode]} | "
+                    f"{', '.join(map(str, result['all_step_ms'][mode]))} |")
     head = (f"{result['model']}, batch {result['batch']}, {result['steps_per_call']} steps per "
             f"call, a checkpoint every {result['every']} steps ({result['state_mib']} MiB of "
             f"state), {result['backend']}")
@@ -145,11 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--chunks", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     result = measure(args.quick, args.model, 32 if args.quick else args.batch,
                      args.steps_per_call, args.every, 3 if args.quick else args.chunks,
-                     2 if args.quick else args.rounds)
+                     2 if args.quick else args.rounds, modes=tuple(args.modes))
     print(json.dumps(result))
     print(table(result))
     if args.out is not None:

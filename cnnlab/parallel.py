@@ -17,8 +17,9 @@ mesh spans the hosts. Global arrays are built from each process's local pieces
 a host copy, which would check every process's copy against the others by all-gathering them
 (P copies through every device): a process transfers only what its own devices hold. When the
 mesh spans processes, the device-resident training set is split by rows over the devices
-(`put_rows`; each step's gather then all-reduces the batch, never the set) and each process reads
-only its slice of every streamed batch (`local_rows`). One-time work runs on process 0 first
+(`put_local_rows`: each process decodes and places only its rows, cnnlab/data/share.py; each
+step's gather then all-reduces the batch, never the set) and each process reads only its slice
+of every streamed batch (`local_rows`). One-time work runs on process 0 first
 (`primary_first`), and values a run must agree on are broadcast or reduced (`broadcast_text`,
 `max_over_processes`).
 """
@@ -27,7 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -43,27 +44,37 @@ DISTRIBUTED_MODES = ("auto", "true", "false")
 T = TypeVar("T")
 
 
-# The platform programs are traced for when it is not this process's own (`cnnlab compile`
-# compiles for a TPU or GPU from a CPU host): the layers that pick a kernel by backend must pick
-# the target's. None: jax.default_backend().
-_target_platform: str | None = None
+# The devices programs are built and traced for when they are not this process's own
+# (`cnnlab compile` compiles for a TPU or GPU slice from a CPU host). None: this process's.
+_target_devices: Sequence[Any] | None = None
+# Device platforms by the name the layers choose by (a CUDA or ROCm compile target is a "gpu").
+_PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
 
 
-def backend() -> str:
-    """The platform ("cpu", "gpu", "tpu") the traced programs will run on: this process's
-    default backend, or the target `compiling_for` names."""
-    return _target_platform or jax.default_backend()
+def platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the devices the programs built and traced now will
+    run on: the target's devices within `compiling_for`, else this process's devices (those
+    `train.devices` picks from). Everything that chooses by platform (the CPU convolution,
+    max-pool's gradient, the chunk's and gradient accumulation's loops) asks this, so that a
+    run and its compile for another platform decide alike; never the default backend's name."""
+    return _platform_of(_target_devices if _target_devices is not None else jax.devices())
+
+
+def _platform_of(devices: Sequence[Any]) -> str:
+    name = next(iter(devices)).platform
+    return _PLATFORMS.get(name, name)
 
 
 @contextlib.contextmanager
-def compiling_for(platform: str) -> Iterator[None]:
-    """Within: `backend()` is `platform`, for models and steps built and traced here."""
-    global _target_platform
-    previous, _target_platform = _target_platform, platform
+def compiling_for(devices: Sequence[Any]) -> Iterator[None]:
+    """Within: `platform()` is `devices`' platform, for models and steps built and traced
+    here (`cnnlab compile`: a topology's devices, which this host lacks)."""
+    global _target_devices
+    previous, _target_devices = _target_devices, list(devices)
     try:
         yield
     finally:
-        _target_platform = previous
+        _target_devices = previous
 
 
 def _slurm_multi_task() -> bool:
@@ -149,6 +160,11 @@ class Placement:
         return self.batch
 
     @property
+    def platform(self) -> str:
+        """The platform of the mesh's devices (as `platform()` names it)."""
+        return _platform_of(list(self.mesh.devices.flat))
+
+    @property
     def spans_processes(self) -> bool:
         """Whether the mesh has devices of several processes (a multi-host job)."""
         return len({d.process_index for d in self.mesh.devices.flat}) > 1
@@ -180,6 +196,19 @@ class Placement:
             images=_from_local(np.asarray(split.images), rows),
             labels=_from_local(np.asarray(split.labels), rows),
             mask=_from_local(np.asarray(split.mask), rows), stats=self.put(split.stats))
+
+    def put_local_rows(self, split: Any, rows: int) -> Any:
+        """A device-resident split of this process's rows only (`local_rows(rows)` of a split
+        of `rows` rows, cnnlab/data/share.py) onto the devices, split by rows as `put_rows`
+        splits a whole one: no process holds, decodes or transfers the others' rows."""
+        sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+        def put(local: np.ndarray) -> jax.Array:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(local),
+                                                         (rows, *np.shape(local)[1:]))
+
+        return split.replace(images=put(split.images), labels=put(split.labels),
+                             mask=put(split.mask), stats=self.put(split.stats))
 
     def local_rows(self, batch_size: int) -> tuple[int, int]:
         """[start, stop) of the rows of a batch split over the mesh that this process's devices
@@ -244,6 +273,23 @@ def multi_process() -> bool:
 def is_primary() -> bool:
     """The process that writes the run's files and logs (process 0 of a multi-host job)."""
     return jax.process_index() == 0
+
+
+def sum_over_processes(value: np.ndarray) -> np.ndarray:
+    """float64 `value` summed over the processes, in process order: the same bits on every
+    process. (Sent as its bytes: without jax_enable_x64 the devices would round it to
+    float32.)"""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    value = np.asarray(value, np.float64)
+    words = np.ascontiguousarray(value).reshape(-1).view(np.uint32)
+    parts = np.asarray(multihost_utils.process_allgather(words)).view(np.float64)
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total.reshape(value.shape)
 
 
 def _from_local(value: Any, sharding: NamedSharding) -> jax.Array:

@@ -75,19 +75,25 @@ class Counts:
         from jax.experimental import multihost_utils
 
         from cnnlab import parallel
-        from cnnlab.data import stream
+        from cnnlab.data import stream, tfds_reader
 
         self.decoded_rows = 0
+        self.decoded = {}  # TFDS split -> images decoded from it (the on-device path's reads)
         self.placed_rows = 0
         self.placed_bytes = 0
         self.equality_checks = 0
-        put_rows, put_batches = parallel.Placement.put_rows, parallel.Placement.put_batches
         batches, check = stream.train_batches, multihost_utils.assert_equal
+        read = tfds_reader._read_data_source
 
         def counted_batches(*args: object, **kwargs: object) -> object:
             for images, labels in batches(*args, **kwargs):
                 self.decoded_rows += len(labels)
                 yield images, labels
+
+        def counted_read(builder: object, split: str, *args: object, **kwargs: object) -> tuple:
+            images, labels = read(builder, split, *args, **kwargs)
+            self.decoded[split] = self.decoded.get(split, 0) + len(images)
+            return images, labels
 
         def counted_check(*args: object, **kwargs: object) -> object:
             # device_put's check of a host value put with a global sharding (barriers such as
@@ -96,20 +102,22 @@ class Counts:
             self.equality_checks += caller.endswith(os.path.join("_src", "dispatch.py"))
             return check(*args, **kwargs)
 
-        def counted_put(placement: object, data: object, put: object = put_rows) -> object:
-            placed = put(placement, data)
-            shards = placed.images.addressable_shards
-            # Images, whatever the leading axes: (rows, ...) of a split, (steps, rows, ...) of
-            # a streamed chunk.
-            self.placed_rows += sum(math.prod(s.data.shape[:-3]) for s in shards)
-            self.placed_bytes += sum(s.data.nbytes for s in shards)
-            return placed
+        def counted(put: object) -> object:
+            def counted_put(placement: object, data: object, *args: object) -> object:
+                placed = put(placement, data, *args)
+                shards = placed.images.addressable_shards
+                # Images, whatever the leading axes: (rows, ...) of a split, (steps, rows, ...)
+                # of a streamed chunk.
+                self.placed_rows += sum(math.prod(s.data.shape[:-3]) for s in shards)
+                self.placed_bytes += sum(s.data.nbytes for s in shards)
+                return placed
+            return counted_put
 
         stream.train_batches = counted_batches
+        tfds_reader._read_data_source = counted_read
         multihost_utils.assert_equal = counted_check
-        parallel.Placement.put_rows = counted_put
-        parallel.Placement.put_batches = (
-            lambda placement, chunk: counted_put(placement, chunk, put_batches))
+        for name in ("put_rows", "put_local_rows", "put_batches"):
+            setattr(parallel.Placement, name, counted(getattr(parallel.Placement, name)))
 
 
 def _signal_at(step: int, signum: int) -> None:
@@ -153,7 +161,8 @@ def main(data_dir: Path, run_dir: Path, overrides: list[str]) -> None:
                       "devices": jax.device_count(), "status": summary["status"],
                       "final_step": summary.get("final_step"), "signal": summary.get("signal"),
                       "summary_devices": summary.get("devices"),
-                      "decoded_rows": counts.decoded_rows, "placed_rows": counts.placed_rows,
+                      "decoded_rows": counts.decoded_rows, "decoded": counts.decoded,
+                      "placed_rows": counts.placed_rows,
                       "placed_bytes": counts.placed_bytes,
                       "equality_checks": counts.equality_checks}))
 

@@ -57,6 +57,51 @@ def test_a_save_returns_before_its_files_are_written_and_wait_ends_it(tmp_path, 
     saver.close()
 
 
+def test_a_snapshot_waits_for_nothing_and_saves_the_state_as_it_was(tmp_path):
+    """The loop's checkpoint (`snapshot`) moves nothing to the host and survives the state's
+    buffers being donated to the next chunk; `flush` (at the next tick) saves it, verified."""
+    saver = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+    state = jax.tree.map(lambda x: x + 0 if x.dtype != jnp.bool_ else ~x, _state())
+    expected = jax.device_get(state)
+    with jax.transfer_guard_device_to_host("disallow"):
+        saver.snapshot(3, state, {"note": "queued"})
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()  # what donating them to the next chunk does
+    assert saver.all_steps() == []  # nothing handed to Orbax yet
+    saver.flush()
+    saver.wait()
+    restored, meta = saver.restore(3, _state())
+    assert meta == {"note": "queued"}  # and its checksum verified
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saver.close()
+
+
+def test_the_loop_queues_its_checkpoint_and_saves_it_at_the_next_tick(tmp_path):
+    """The checkpoint action at a due step reads nothing back from the device (it would wait
+    for the chunk that computes the state); the next tick hands it to Orbax, and the last one
+    is saved and waited for at once."""
+    from cnnlab.training import actions
+    from tests.helpers import compose_config
+
+    action = actions.Checkpoint(compose_config(["checkpoint.every=10"]), RunDir(tmp_path))
+    first = actions.Tick(10, 10, False, _state(), {})
+    with jax.transfer_guard_device_to_host("disallow"):
+        action.settle(first)
+        action(first)
+    assert action.checkpoints.all_steps() == []
+    action.settle(actions.Tick(15, 5, False, _state(1), {}))  # not due: only the hand-over
+    action.checkpoints.wait()
+    assert action.checkpoints.all_steps() == [10]
+    last = actions.Tick(20, 5, True, _state(2), {})
+    action.settle(last)
+    action(last)
+    assert action.checkpoints.all_steps() == [10, 20]
+    restored, _ = action.checkpoints.restore(10, _state(5))
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(_state()["w"]))
+    action.close()
+
+
 def test_the_checksum_changes_with_any_flipped_bit_and_moved_words():
     state = _state()
     reference = checkpoint.state_checksum(state)

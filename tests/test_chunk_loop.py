@@ -58,11 +58,21 @@ def _tiny_state() -> steps.TrainState:
                             rng=jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize(("platform", "rolled"), [("cpu", False), ("gpu", True), ("tpu", True)])
+@pytest.mark.parametrize(("platform", "rolled"),
+                         [("cpu", False), ("gpu", True), ("cuda", True), ("tpu", True)])
 def test_the_chunk_is_unrolled_on_cpu_only_as_its_devices_say(platform, rolled):
-    chunk = steps.make_train_chunk(_tiny_step, platform=platform)
-    text = chunk.lower(_tiny_state(), {"x": jnp.ones(3)}, num_steps=4).as_text()
+    """Traced for devices of `platform` (`cnnlab compile`'s targets: only their platform is
+    asked), the chunk is a rolled loop off CPU; outside, this process's CPU devices decide."""
+    from types import SimpleNamespace
+
+    from cnnlab import parallel
+
+    chunk = steps.make_train_chunk(_tiny_step)
+    with parallel.compiling_for([SimpleNamespace(platform=platform)]):
+        assert parallel.platform() == ("gpu" if platform == "cuda" else platform)
+        text = chunk.lower(_tiny_state(), {"x": jnp.ones(3)}, num_steps=4).as_text()
     assert ("stablehlo.while" in text) == rolled
+    assert parallel.platform() == "cpu"
 
 
 def test_dispatching_a_chunk_reads_nothing_back_from_the_device(fashion_dir):

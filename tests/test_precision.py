@@ -1,6 +1,7 @@
 """train.precision (bfloat16 compute, float32 state) and train.grad_accum (microbatches)."""
 
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -106,14 +107,14 @@ def _lowered(platform: str, grad_accum: int) -> object:
     from cnnlab.training import aot
 
     cfg = preflight.compose([*TINY, f"train.grad_accum={grad_accum}", "train.steps_per_call=1"])
-    with parallel.compiling_for(platform):
+    with parallel.compiling_for([SimpleNamespace(platform=platform)]):
         lowered, _ = aot.lower(cfg, parallel.Placement.over(jax.devices()[:1]), 1 << 30)
     return lowered
 
 
 def test_grad_accum_traced_for_a_gpu_is_one_rolled_loop_costed_k_times():
     """The GPU branch without a monkeypatch: the program `cnnlab compile gpu:...` and a GPU run
-    trace (parallel.backend() "gpu") holds one more rolled loop with microbatches than without,
+    trace (parallel.platform() "gpu") holds one more rolled loop with microbatches than without,
     the CPU one none (its loop unrolled); and `cnnlab compile` costs a step of it as K times
     the loop's body (XLA costs a body once), as the unrolled CPU program's every copy."""
     from cnnlab.training import aot
@@ -137,7 +138,7 @@ def test_grad_accum_traced_for_a_gpu_trains_as_the_cpu_loop(fashion_dir, tmp_pat
     overrides = ["train.grad_accum=4", "train.steps=4", "train.steps_per_call=1",
                  "checkpoint.every=4", "train.log_every=2"]
     cpu = train_tiny(tmp_path / "cpu", fashion_dir, overrides)
-    with parallel.compiling_for("gpu"):
+    with parallel.compiling_for([SimpleNamespace(platform="gpu")]):
         gpu = train_tiny(tmp_path / "gpu", fashion_dir, overrides)
     assert cpu["status"] == gpu["status"] == "finished"
     np.testing.assert_allclose(gpu["final/train/loss"], cpu["final/train/loss"], rtol=1e-4)

@@ -44,6 +44,20 @@ def host_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSpl
     return DeviceSplit(images=images, labels=labels, mask=np.arange(padded) < n, stats=stats)
 
 
+def local_split(rows: Any, stats: PreprocessStats) -> DeviceSplit:
+    """A process's share of a training split (cnnlab.data.share.LocalRows) as its part of the
+    `host_split` padded to `rows.padded` examples: rows rows.start..rows.stop, zero past the
+    real ones. `examples` is the whole split's real count."""
+    count = rows.stop - rows.start
+    images = np.zeros((count, *rows.images.shape[1:]), np.uint8)
+    images[:len(rows.labels)] = rows.images
+    labels = np.zeros((count,), np.int32)
+    labels[:len(rows.labels)] = rows.labels
+    return DeviceSplit(images=images, labels=labels, mask=np.arange(rows.start, rows.stop) <
+                       rows.size, stats=stats,
+                       examples=rows.size if rows.padded != rows.size else None)
+
+
 def device_split(split: Any, stats: PreprocessStats, pad_to: int = 1) -> DeviceSplit:
     """`host_split` on the default device."""
     return jax.device_put(host_split(split, stats, pad_to))

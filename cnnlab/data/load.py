@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from cnnlab.data import cache as data_cache
 from cnnlab.data import folder as folder_data
+from cnnlab.data import share as shares
 from cnnlab.data import tfds_reader
 from cnnlab.data.subsets import check_per_class, keep_per_class, select_classes, validation_split
 from cnnlab.data.types import ArraySplit, Dataset, Source
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Images per chunk when computing mean/std, bounding the float64 temporary to ~100 MB at 32x32x3.
 _STATS_CHUNK = 4096
+# Source row ids -> their decoded images (a multi-host process's share, cnnlab.data.share).
+Decode = Callable[[np.ndarray], np.ndarray]
 # The splits `load_dataset` reads unless told otherwise.
 SPLITS = ("train", "test")
 
@@ -48,6 +51,7 @@ def load_dataset(
     per_class: int | float | None = None,
     folder: folder_data.FolderSpec | None = None,
     splits: Sequence[str] = SPLITS,
+    share: shares.Share | None = None,
 ) -> Dataset:
     """Loads a TFDS classification dataset, or a folder of images, into memory as NumPy arrays.
 
@@ -79,6 +83,10 @@ def load_dataset(
         split alone); one left out is empty, and without the train split there is no
         validation split and ``mean``/``std`` are None (the caller has them from the run). A
         folder is read whole: its test images are drawn over all of its files.
+      share: a multi-host process's share of the training split (cnnlab.data.share): the train
+        split is then a ``LocalRows`` of this process's rows only, and of an array_record TFDS
+        dataset only those rows are decoded (bypassing the data cache, which holds whole
+        splits); the statistics are summed over the processes. ``None``: the whole split.
 
     Raises:
       DatasetUnavailableError: the dataset cannot be read from ``data_dir`` nor prepared.
@@ -95,17 +103,23 @@ def load_dataset(
     start = time.perf_counter()
     log.info("loading %s", name if folder is None else f"{name} {folder.path}")
     cache = None if cache_dir is None else data_cache.SplitCache(cache_dir, cache_max_bytes)
+    decode = None  # source row ids -> decoded images, when the train split is planned
     if folder is not None:
         source = _folder_source(folder, val_seed, max_examples, cache)
     else:
-        source = _tfds_source(name, data_dir, {"train": train_split, "test": test_split},
-                              (image_key, label_key), download, max_examples, cache, splits)
+        source, decode = _tfds_source(
+            name, data_dir, {"train": train_split, "test": test_split}, (image_key, label_key),
+            download, max_examples, cache, splits, planned=share is not None)
     source = select_classes(source, classes)
     test = source.test if "test" in splits else empty_split(source.image_shape)
     if "train" in splits:
         train, val = _own_or_held_out_val(source, name, val_size, val_seed, folds, fold)
         train = keep_per_class(train, per_class, val_seed, source.num_classes)
-        mean, std = channel_mean_std(train.images)
+        if decode is not None and val is not None:  # held out: every process holds all of it
+            val = ArraySplit(decode(shares.ids_of(val)), val.labels)
+        if share is not None:
+            train = shares.local_rows(train, share, decode)
+        mean, std = channel_mean_std(train.images, shares.total_of(train))
     else:
         train, val, mean, std = empty_split(source.image_shape), None, None, None
     log.info(
@@ -141,9 +155,12 @@ def empty_split(image_shape: Sequence[int]) -> ArraySplit:
 
 def _tfds_source(name: str, data_dir: str | None, names: dict[str, str],
                  keys: tuple[str, str], download: bool, max_examples: int | None,
-                 cache: data_cache.SplitCache | None, splits: Sequence[str]) -> Source:
+                 cache: data_cache.SplitCache | None, splits: Sequence[str],
+                 planned: bool = False) -> tuple[Source, Decode | None]:
     """The train and test splits of a TFDS dataset (`names`: role -> TFDS split) through the
-    cache; those not in `splits` are empty."""
+    cache; those not in `splits` are empty. `planned` (a multi-host process's share): the train
+    split of an array_record dataset as row ids (cnnlab.data.share.row_ids), with the function
+    that decodes the rows it names; else (source, None)."""
     image_key, label_key = keys
     # The features are checked before anything is downloaded.
     tfds_reader.feature_spec(tfds_reader.make_builder(name, data_dir), image_key, label_key)
@@ -166,11 +183,26 @@ def _tfds_source(name: str, data_dir: str | None, names: dict[str, str],
                 return ArraySplit(*cache.get(builder.name, key, lambda: decode(split)))
         return ArraySplit(*decode(split))
 
-    arrays = {role: read_split(split) if role in splits else empty_split(image_shape)
-              for role, split in names.items()}
+    # Planned: only the labels are read now; the share's rows are decoded later (`rows`).
+    plan = (planned and "train" in splits and read is tfds_reader._read_data_source)
+    arrays = {role: read_split(split) if role in splits and not (plan and role == "train")
+              else empty_split(image_shape) for role, split in names.items()}
+    rows = None
+    if plan:
+        labels = tfds_reader.read_labels(builder, names["train"], image_key, label_key,
+                                         max_examples)
+        tfds_reader.check_labels(labels, num_classes, f"{name}/{names['train']}")
+        arrays["train"] = shares.row_ids(labels)
+
+        def rows(ids: np.ndarray) -> np.ndarray:
+            images, _ = read(builder, names["train"], image_key, label_key, image_shape,
+                             max_examples, rows=ids)
+            return images
+
     if "train" in splits and not len(arrays["train"]):
         raise ValueError(f"{name}/{names['train']} is empty: no statistics or training possible")
-    return Source(arrays["train"], arrays["test"], None, num_classes, image_shape, class_names)
+    return (Source(arrays["train"], arrays["test"], None, num_classes, image_shape, class_names),
+            rows)
 
 
 def _folder_source(spec: folder_data.FolderSpec, val_seed: int, max_examples: int | None,
@@ -202,20 +234,22 @@ def _cache_note(cache: data_cache.SplitCache | None) -> str:
     return " (decoded: not in the data cache yet)" if not cache.hits else " (partly decoded)"
 
 
-def channel_mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and (population) std of uint8 NHWC images, on the [0, 1] pixel scale."""
+def channel_mean_std(images: np.ndarray,
+                     total: shares.Total = shares.unchanged) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of uint8 NHWC images, on the [0, 1] pixel scale;
+    `total`: the sums over the processes' images when `images` is one process's share."""
     num_channels = images.shape[-1]
-    count = images.size // num_channels
+    count = total(np.float64(images.size // num_channels))
     # Two passes over uint8 chunks: a float64 copy of the whole train set would be 8x its size,
     # and E[x^2] - E[x]^2 in one pass loses precision that the second pass keeps.
-    total = np.zeros(num_channels, np.float64)
+    sums = np.zeros(num_channels, np.float64)
     for chunk in _chunks(images, _STATS_CHUNK):
-        total += chunk.sum(axis=(0, 1, 2), dtype=np.float64)
-    mean = total / count
+        sums += chunk.sum(axis=(0, 1, 2), dtype=np.float64)
+    mean = total(sums) / count
     sq_dev = np.zeros(num_channels, np.float64)
     for chunk in _chunks(images, _STATS_CHUNK):
         sq_dev += np.square(chunk - mean).sum(axis=(0, 1, 2))
-    std = np.sqrt(sq_dev / count)
+    std = np.sqrt(total(sq_dev) / count)
     return (mean / 255.0).astype(np.float32), (std / 255.0).astype(np.float32)
 
 

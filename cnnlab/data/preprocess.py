@@ -44,6 +44,7 @@ import numpy as np
 from flax import struct
 from omegaconf import DictConfig
 
+from cnnlab.data.share import Total, total_of, unchanged
 from cnnlab.errors import ConfigError
 from cnnlab.registry import Registry
 
@@ -112,16 +113,19 @@ def _chunks(images: np.ndarray) -> Iterator[np.ndarray]:
         yield images[start:start + rows]
 
 
-def pixel_mean(images: np.ndarray) -> np.ndarray:
-    """Mean image (H, W, C) of uint8 NHWC images, float64 on the [0, 1] scale."""
-    total = np.zeros(images.shape[1:], np.float64)
+def pixel_mean(images: np.ndarray, total: Total = unchanged) -> np.ndarray:
+    """Mean image (H, W, C) of uint8 NHWC images, float64 on the [0, 1] scale. `total`: the
+    sums over the processes' images (`images` one process's share, cnnlab/data/share.py)."""
+    sums = np.zeros(images.shape[1:], np.float64)
     for chunk in _chunks(images):
-        total += chunk.sum(axis=0, dtype=np.float64)
-    return total / (255.0 * len(images))
+        sums += chunk.sum(axis=0, dtype=np.float64)
+    return total(sums) / (255.0 * total(np.float64(len(images))))
 
 
-def pixel_covariance(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """(D, D) population covariance of the flattened images (float64, [0, 1] scale).
+def pixel_covariance(images: np.ndarray, mean: np.ndarray,
+                     total: Total = unchanged) -> np.ndarray:
+    """(D, D) population covariance of the flattened images (float64, [0, 1] scale); `total`
+    as `pixel_mean`'s.
 
     Centred chunk by chunk with the exact mean (a second pass): E[xx^T] - mm^T in one pass
     would cancel catastrophically for pixels whose variance is small next to their mean.
@@ -131,7 +135,7 @@ def pixel_covariance(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     for chunk in _chunks(images):
         centred = chunk.reshape(len(chunk), -1) / 255.0 - flat_mean
         cov += centred.T @ centred
-    return cov / len(images)
+    return total(cov) / total(np.float64(len(images)))
 
 
 def zca_matrix(cov: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,15 +148,15 @@ def zca_matrix(cov: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray,
     return (whiten + whiten.T) / 2, eigvals, eigvecs
 
 
-def channel_pca(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def channel_pca(images: np.ndarray, total: Total = unchanged) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending) and eigenvectors (columns) of the C x C covariance of the pixel
     values of uint8 NHWC images on the [0, 1] scale: AlexNet's PCA over "the set of RGB pixel
     values throughout the training set" (Krizhevsky et al. 2012, sec. 4.1), for the lighting
-    augmentation. float32."""
+    augmentation. float32. `total` as `pixel_mean`'s."""
     channels = images.shape[-1]
     pixels = images.reshape(-1, 1, 1, channels)  # every pixel an "image" of C values
-    mean = pixel_mean(pixels)
-    eigvals, eigvecs = np.linalg.eigh(pixel_covariance(pixels, mean))
+    mean = pixel_mean(pixels, total)
+    eigvals, eigvecs = np.linalg.eigh(pixel_covariance(pixels, mean, total))
     order = np.argsort(eigvals)[::-1]
     return (np.maximum(eigvals[order], 0.0).astype(np.float32),
             eigvecs[:, order].astype(np.float32))
@@ -171,16 +175,17 @@ def _channel(cfg: DictConfig, dataset: Dataset) -> PreprocessStats:
 
 @PREPROCESSORS.register("mean_image")
 def _mean_image(cfg: DictConfig, dataset: Dataset) -> PreprocessStats:
-    return PreprocessStats(mean=pixel_mean(dataset.train.images).astype(np.float32))
+    return PreprocessStats(mean=pixel_mean(dataset.train.images, total_of(dataset.train))
+                           .astype(np.float32))
 
 
 @PREPROCESSORS.register("zca")
 def _zca(cfg: DictConfig, dataset: Dataset) -> PreprocessStats:
     check_zca_shape(dataset.image_shape)
     start = time.perf_counter()
-    images = dataset.train.images
-    mean = pixel_mean(images)
-    whiten, _, _ = zca_matrix(pixel_covariance(images, mean), cfg.epsilon)
+    images, total = dataset.train.images, total_of(dataset.train)
+    mean = pixel_mean(images, total)
+    whiten, _, _ = zca_matrix(pixel_covariance(images, mean, total), cfg.epsilon)
     # Tens of seconds on two CPU cores for 50,000 CIFAR images (mostly the 3072^2 eigh).
     log.info("ZCA statistics of %d images, %d dims, in %.1fs", len(images), whiten.shape[0],
              time.perf_counter() - start)

@@ -13,7 +13,7 @@ import shutil
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -225,20 +225,20 @@ def _read_data_source(
     label_key: str,
     image_shape: tuple[int, int, int],
     max_examples: int | None,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        source = builder.as_data_source(split=split)
-    except ValueError as exc:  # unknown split or bad slice; TFDS's message spans lines
-        raise ValueError(f"{builder.info.name}: bad split {split!r}: {one_line(exc)}") from exc
+    """The split's first `max_examples` examples decoded, or only those at `rows` (indices
+    into them: a multi-host process's share, cnnlab/data/share.py)."""
+    source = _data_source(builder, split)
     n = len(source) if max_examples is None else min(len(source), max_examples)
-    images = np.empty((n, *image_shape), np.uint8)
-    labels = np.empty((n,), np.int64)
+    wanted = np.arange(n) if rows is None else np.asarray(rows)
+    images = np.empty((len(wanted), *image_shape), np.uint8)
+    labels = np.empty((len(wanted),), np.int64)
     try:
-        for start in range(0, n, _READ_CHUNK):
-            stop = min(n, start + _READ_CHUNK)
+        for start in range(0, len(wanted), _READ_CHUNK):
             # One batched read per chunk: array_record serves a list of keys with one call,
             # whereas per-index access pays Python and file-seek overhead for every example.
-            examples = source.__getitems__(range(start, stop))
+            examples = source.__getitems__([int(i) for i in wanted[start:start + _READ_CHUNK]])
             for i, example in enumerate(examples, start):
                 # reshape: grayscale decoders may drop the trailing channel axis.
                 images[i] = np.reshape(example[image_key], image_shape)
@@ -246,6 +246,31 @@ def _read_data_source(
     except (RuntimeError, OSError) as exc:  # what array_record raises for cut or corrupt shards
         raise DatasetUnavailableError(_damaged_message(builder, split, exc)) from exc
     return images, labels
+
+
+def read_labels(builder: tfds.core.DatasetBuilder, split: str, image_key: str, label_key: str,
+                max_examples: int | None) -> np.ndarray:
+    """The labels of the split's first `max_examples` examples, its images left undecoded (the
+    plan of a multi-host process's share, cnnlab/data/share.py)."""
+    import tensorflow_datasets as tfds
+
+    source = _data_source(builder, split, {image_key: tfds.decode.SkipDecoding()})
+    n = len(source) if max_examples is None else min(len(source), max_examples)
+    labels = np.empty((n,), np.int64)
+    try:
+        for start in range(0, n, _READ_CHUNK):
+            examples = source.__getitems__(range(start, min(n, start + _READ_CHUNK)))
+            labels[start:start + len(examples)] = [e[label_key] for e in examples]
+    except (RuntimeError, OSError) as exc:
+        raise DatasetUnavailableError(_damaged_message(builder, split, exc)) from exc
+    return labels
+
+
+def _data_source(builder: tfds.core.DatasetBuilder, split: str, decoders: Any = None) -> Any:
+    try:
+        return builder.as_data_source(split=split, decoders=decoders)
+    except ValueError as exc:  # unknown split or bad slice; TFDS's message spans lines
+        raise ValueError(f"{builder.info.name}: bad split {split!r}: {one_line(exc)}") from exc
 
 
 def _damaged_message(builder: tfds.core.DatasetBuilder, split: str, exc: BaseException) -> str:
@@ -292,14 +317,19 @@ def to_array_split(
     where: str,
 ) -> ArraySplit:
     """The decoded arrays as an ArraySplit; a ValueError names `where` for labels out of range."""
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"{where} has labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes})"
-        )
+    check_labels(labels, num_classes, where)
     return ArraySplit(
         images=np.asarray(images, np.uint8).reshape((len(images), *image_shape)),
         labels=labels.astype(np.int32),
     )
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """A ValueError naming `where` for labels outside [0, num_classes)."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{where} has labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes})"
+        )
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

@@ -397,6 +397,6 @@ def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = None) -> La
         act=Recorded(ACTIVATIONS.get(activation.name)(activation)),
         norm=functools.partial(norm_factory(**norm_options), dtype=dtype),
         conv_bias=norm.name in NORMS_WITHOUT_SHIFT,
-        conv_impl=conv.conv_general_dilated if parallel.backend() == "cpu" else None,
+        conv_impl=conv.conv_general_dilated if parallel.platform() == "cpu" else None,
         dtype=dtype,
     )

@@ -57,6 +57,6 @@ _max_pool.defvjp(_fwd, _bwd)
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """`nn.max_pool` on NHWC input with explicit padding; on CPU with the gradient above."""
-    if parallel.backend() != "cpu" or x.ndim != 4:
+    if parallel.platform() != "cpu" or x.ndim != 4:
         return nn.max_pool(x, window, strides, padding)
     return _max_pool(x, tuple(window), tuple(strides), tuple(tuple(p) for p in padding))

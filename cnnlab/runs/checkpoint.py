@@ -2,7 +2,11 @@
 
 Saves are asynchronous: `save` returns once Orbax has copied the state off the device, and the
 files are written by Orbax's background thread while training goes on; a save waits only for
-the one before it (`wait`), and `close` for the last. Orbax writes into a temporary folder and
+the one before it (`wait`), and `close` for the last. The training loop goes one step further
+(`snapshot`, then `flush`): a checkpoint is first a copy of the state queued on the device behind
+the chunk that computes it, with its checksum, which the host does not wait for; it is handed to
+Orbax at the next tick, once the next chunk is queued, so the device is never idle while Orbax
+copies the state to the host. Orbax writes into a temporary folder and
 renames it when complete, so a run killed mid-save (or during the write in the background)
 leaves the previous checkpoint as the latest.
 
@@ -112,13 +116,24 @@ def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
 
 
+@jax.jit
+def _snapshot(leaves: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+    """Copies of the leaves (the next chunk may donate theirs) and their `_leaf_sums`: one
+    dispatch, queued behind the work that computes the leaves."""
+    return [jnp.copy(leaf) for leaf in leaves], _leaf_sums(leaves)
+
+
 def state_checksum(state: Any) -> str:
     """The checksum of checkpoints: computed on the device where the state lives (`_leaf_sums`),
     so neither a host copy of the state nor a whole shard on one host is needed; the host
     hashes the leaves' dtypes and shapes with those sums. Not a defence against tampering:
     against disk and transfer corruption."""
     leaves = jax.tree.leaves(state)
-    sums = np.asarray(jax.device_get(_leaf_sums(leaves)))
+    return _checksum_text(leaves, _leaf_sums(leaves))
+
+
+def _checksum_text(leaves: list[Any], device_sums: jax.Array) -> str:
+    sums = np.asarray(jax.device_get(device_sums))
     digest = hashlib.sha256()
     for leaf, (plain, weighted) in zip(leaves, sums, strict=True):
         digest.update(f"{leaf.dtype}{tuple(leaf.shape)}:{int(plain)}:{int(weighted)};".encode())
@@ -186,6 +201,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self._failed_save = False
         self._pending: int | None = None  # the step being written in the background
+        # (step, state, its leaves' sums on the device, meta) not yet handed to Orbax.
+        self._queued: tuple[int, Any, jax.Array, dict] | None = None
         _ignore_orbax_teardown_errors()
         _quiet_background_errors()
         self._manager = ocp.CheckpointManager(
@@ -199,8 +216,30 @@ class Checkpointer:
         """Start saving checkpoint `step`: returns once the state is off the device (its buffers
         may then be donated to the next step), while Orbax writes the files in the background.
         The previous save is waited for first, so a failed one is reported with its step."""
-        self.wait()
-        meta = {**meta, CHECKSUM: state_checksum(state)}
+        self.flush()
+        leaves = jax.tree.leaves(state)
+        self._queued = (step, state, _leaf_sums(leaves), meta)
+        self.flush()
+
+    def snapshot(self, step: int, state: Any, meta: dict) -> None:
+        """Queue checkpoint `step` without waiting for `state` to be computed: a copy of it on
+        the device (so its buffers may be donated to the next chunk) and its checksum, both
+        queued behind the work that computes it. `flush` (or `wait`, `close`) saves it: call it
+        once the next chunk is queued, and the device does not idle while Orbax copies the
+        state to the host. Costs one copy of the state in device memory until then."""
+        self.flush()
+        leaves, tree = jax.tree.flatten(state)
+        copies, sums = _snapshot(leaves)
+        self._queued = (step, jax.tree.unflatten(tree, copies), sums, meta)
+
+    def flush(self) -> None:
+        """Hand the queued checkpoint (`snapshot`) to Orbax, after the save before it is on disk;
+        returns once the state is off the device."""
+        if self._queued is None:
+            return
+        (step, state, sums, meta), self._queued = self._queued, None
+        self._wait_pending()
+        meta = {**meta, CHECKSUM: _checksum_text(jax.tree.leaves(state), sums)}
         try:
             with _orbax_errors_quiet(restore=False):
                 self._manager.save(step, args=ocp.args.Composite(
@@ -210,8 +249,12 @@ class Checkpointer:
         self._pending = step
 
     def wait(self) -> None:
-        """Until the save in the background (if any) is on disk; CheckpointWriteError if it
-        failed."""
+        """Until the queued and background saves (if any) are on disk; CheckpointWriteError if
+        one failed."""
+        self.flush()
+        self._wait_pending()
+
+    def _wait_pending(self) -> None:
         if self._pending is None:
             return
         step, self._pending = self._pending, None

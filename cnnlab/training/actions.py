@@ -365,16 +365,23 @@ class Checkpoint:
             due(tick.step, self.every, tick.last) or tick.stop is not None)
 
     def settle(self, tick: Tick) -> None:
-        """At a tick where a save is due: the previous save must be complete (or fail) first."""
+        """Every tick: the checkpoint queued at the tick before goes to Orbax (this tick's chunk
+        is queued behind it, so the device does not wait while Orbax copies the state); where a
+        save is due, the previous save must be complete (or fail) first."""
+        self.checkpoints.flush()
         if self._due(tick):
             self.checkpoints.wait()
 
     def __call__(self, tick: Tick) -> None:
         if self._due(tick):
-            # A failed save (disk full) raises CheckpointWriteError: training stops here.
-            self.checkpoints.save(tick.step, tick.state, dataclasses.asdict(self.loop_state()))
+            # A failed save (disk full) raises CheckpointWriteError: training stops here (or,
+            # for a queued checkpoint, at the next tick).
+            meta = dataclasses.asdict(self.loop_state())
             if tick.last or tick.stop is not None:
+                self.checkpoints.save(tick.step, tick.state, meta)
                 self.checkpoints.wait()
+            else:
+                self.checkpoints.snapshot(tick.step, tick.state, meta)
 
     def close(self) -> None:
         self.checkpoints.close()

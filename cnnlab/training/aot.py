@@ -225,7 +225,7 @@ def compile_for(cfg: DictConfig, target: chips.Target,
     require(wanted is None or 1 <= wanted <= len(devices), f"train.devices={wanted}: "
             f"{target.name} has {len(devices)} devices; choose 1..{len(devices)} or null (all)")
     placement = parallel.Placement.over(devices[:wanted])
-    with parallel.compiling_for(target.platform):
+    with parallel.compiling_for(devices):
         lowered, data = lower(cfg, placement, target.chip.memory_bytes, chunk_maker)
         start, start_cpu = time.perf_counter(), time.process_time()
         try:
@@ -239,8 +239,8 @@ def compile_for(cfg: DictConfig, target: chips.Target,
         seconds = (time.perf_counter() - start, time.process_time() - start_cpu)
     flops, accessed, source = _cost(lowered, compiled, placement.size)
     per_call = cfg.train.steps_per_call
-    costed = (steps.unroll_for(target.platform, per_call)
-              / _costed_microbatches(target.platform, cfg.train.grad_accum or 1))
+    costed = (steps.unroll_for(placement.platform, per_call)
+              / _costed_microbatches(placement.platform, cfg.train.grad_accum or 1))
     return Compiled(target, placement.size, per_call, costed, data, _memory(compiled), seconds,
                     flops, accessed, source, collectives(compiled.as_text()),
                     cfg.train.precision or "fp32")

@@ -26,8 +26,9 @@ from cnnlab.data import load as data_lib
 from cnnlab.data import placement as stream_config
 from cnnlab.data import preprocess, stream
 from cnnlab.data.augment.pipeline import Augment, make_augment
-from cnnlab.data.device import DeviceSplit, StreamedChunk, device_split, host_split
+from cnnlab.data.device import DeviceSplit, StreamedChunk, device_split, host_split, local_split
 from cnnlab.data.order import EpochOrders, OrderedSplit
+from cnnlab.data.share import LocalRows, Share, total_of
 from cnnlab.data.types import Dataset
 from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
@@ -43,8 +44,10 @@ from cnnlab.transfer import sources as transfer_sources
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: DictConfig) -> Dataset:
-    """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`."""
+def load_data(cfg: DictConfig, share: Share | None = None) -> Dataset:
+    """The dataset, with `cfg.preprocess`'s training-set statistics in `dataset.preprocess`;
+    `share`: of a device-resident training set only a multi-host process's share
+    (cnnlab/data/share.py)."""
     ds = cfg.dataset
     where = stream_config.data_location(cfg)
     log.info("training set %s: %s", "on the device" if where.on_device else "streamed",
@@ -52,13 +55,13 @@ def load_data(cfg: DictConfig) -> Dataset:
     try:
         if not where.on_device:
             return _with_stats(cfg, stream_config.load_streamed(cfg))
-        dataset = _load_arrays(ds, data_lib.SPLITS)
+        dataset = _load_arrays(ds, data_lib.SPLITS, share)
     except ValueError as e:  # a request the data cannot satisfy, e.g. val_size >= train size
         raise ConfigError(f"dataset {ds.name}: {e}") from None
     return _with_stats(cfg, dataset)
 
 
-def _load_arrays(ds: DictConfig, splits: tuple[str, ...]) -> Dataset:
+def _load_arrays(ds: DictConfig, splits: tuple[str, ...], share: Share | None = None) -> Dataset:
     return data_lib.load_dataset(
         ds.name, data_dir=ds.data_dir, train_split=ds.train_split, test_split=ds.test_split,
         image_key=ds.image_key, label_key=ds.label_key, val_size=ds.val_size,
@@ -67,7 +70,7 @@ def _load_arrays(ds: DictConfig, splits: tuple[str, ...]) -> Dataset:
         classes=ds.classes, per_class=ds.per_class,
         folder=folder_spec(ds), cache_dir=ds.cache_dir,
         cache_max_bytes=None if ds.cache_max_gb is None else int(ds.cache_max_gb * 1e9),
-        splits=splits,
+        splits=splits, share=share,
     )
 
 
@@ -219,8 +222,12 @@ class Run:
             raise ConfigError(f"{self.dataset.name}'s training set is streamed, and this needs "
                               "it on the device: set dataset.on_device=true if it fits")
         # Across processes split by rows over the devices (padded to split evenly; the steps
-        # draw from the real examples only, in the same order).
+        # draw from the real examples only, in the same order), each process holding only its
+        # rows (cnnlab/data/share.py).
         train = self.dataset.train
+        if isinstance(train, LocalRows):
+            split = local_split(train, self.dataset.preprocess)
+            return self.placement.put_local_rows(split, train.padded)
         split = host_split(train, self.dataset.preprocess, self.placement.row_multiple)
         if len(split.labels) != len(train):
             split = split.replace(examples=len(train))
@@ -259,7 +266,8 @@ class Run:
     def augment(self) -> Augment:
         cfg = self.cfg
         # AlexNet's lighting noise follows the training set's RGB principal components.
-        lighting_pca = (preprocess.channel_pca(stream.stats_images(self.dataset.train))
+        train = self.dataset.train
+        lighting_pca = (preprocess.channel_pca(stream.stats_images(train), total_of(train))
                         if cfg.augment.lighting else None)
         return make_augment(cfg.augment, lighting_pca)
 
@@ -320,6 +328,15 @@ class Run:
                          batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size))
 
 
+def share_of(placement: parallel.Placement) -> Share | None:
+    """What of a device-resident training set this process holds: its rows when the mesh
+    spans processes (None: all of it)."""
+    if not placement.spans_processes:
+        return None
+    return Share(rows=placement.local_rows, multiple=placement.row_multiple,
+                 total=parallel.sum_over_processes)
+
+
 def scales_lr(cfg: DictConfig) -> bool:
     # Only under reduce-on-plateau: other runs skip a product per parameter per step.
     return cfg.schedule.name == "plateau"
@@ -337,8 +354,6 @@ def make_chunk(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformati
         frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
         compute_dtype=compute_dtype(cfg)),
         replicated=None if batch is None else placement.replicated,
-        # The target's platform (`cnnlab compile` traces for devices this host lacks).
-        platform=placement.mesh.devices.flat[0].platform,
         compiler_options=numerics.compiler_options(cfg.train))
 
 
@@ -356,7 +371,7 @@ def build(cfg: DictConfig, dataset: Dataset | None = None,
     transfer_sources.check_exists(cfg)
     placement = parallel.Placement.over(parallel.resolve_devices(cfg.train.devices))
     placement.check_batch("train.batch_size", cfg.train.batch_size)
-    dataset = load_data(cfg) if dataset is None else dataset
+    dataset = load_data(cfg, share_of(placement)) if dataset is None else dataset
     # A dataset loaded for evaluation has no training images (load_for_evaluation).
     if len(dataset.train) and cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "

@@ -65,7 +65,20 @@ class StopOnSignal:
             tick.stop = ("interrupted", f"interrupted by {name} at step {tick.step}")
 
     def _agree(self, tick: Tick) -> int:
-        """The largest signal any process had received by the previous tick (0: none)."""
+        """The largest signal any process had received by the previous tick (0: none).
+
+        Why a chunk late, by design: the reduction is a collective on the devices, queued
+        behind the chunk that ends at this tick. Reading it now would wait for that chunk to
+        finish before the next one is queued, every chunk: the device would idle while the host
+        dispatches (the per-chunk sync the loop no longer has). Read at the next tick it costs
+        nothing: by then the loop waits for that chunk anyway (the progress display and the
+        divergence check read each chunk's metrics one chunk late). The price is
+        `train.steps_per_call` more steps before the stop, all processes at the same step,
+        well inside the grace a preemption gives (Slurm's KillWait, 30 s by default;
+        submitit's SIGUSR2 comes minutes before the limit). A host-side agreement would avoid
+        the device but not the wait: JAX's preemption sync point (what Orbax uses) handles
+        SIGTERM only, and a key-value barrier through the coordinator each chunk puts a round
+        trip to process 0 on every chunk of every process."""
         agreed, self._agreed = self._agreed, parallel.max_over_processes(
             self.received or 0, self.placement, tick.state.step)
         return int(agreed) if agreed is not None else 0

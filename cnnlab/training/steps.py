@@ -188,7 +188,7 @@ def _make_accumulate(batch_gradients: Callable, grad_accum: int) -> Callable:
     none, group, layer, lrn) compute exactly the whole batch's gradient. Dropout and
     stochastic depth draw per microbatch (the dropout key folded with its index).
     """
-    loop = ACCUMULATE_LOOPS.get(parallel.backend(), _scan)
+    loop = ACCUMULATE_LOOPS.get(parallel.platform(), _scan)
 
     def split(a: jax.Array) -> jax.Array:
         return jnp.moveaxis(a.reshape(a.shape[0] // grad_accum, grad_accum, *a.shape[1:]), 1, 0)
@@ -338,11 +338,12 @@ def unroll_for(platform: str, num_steps: int) -> int:
 
 
 def make_train_chunk(train_step: Callable, replicated: Any = None,
-                     platform: str | None = None, compiler_options: dict | None = None) -> Callable:
+                     compiler_options: dict | None = None) -> Callable:
     """`train_chunk(state, data, num_steps) -> (state, summed metrics)`, compiled once per length.
 
-    A `lax.scan` unrolled as `unroll_for(platform)` says (the run's devices' platform; None:
-    the default backend's); the state is donated. `data`: the split with the epochs' orders
+    A `lax.scan` unrolled as `unroll_for` says for the platform it is traced for
+    (`parallel.platform()`: the run's devices', or `cnnlab compile`'s target's); the state is
+    donated. `data`: the split with the epochs' orders
     (`data.order.OrderedSplit`; a bare `DeviceSplit` draws each step's permutation), or a
     `StreamedChunk` of the chunk's batches. `replicated`: on several devices, the sharding the
     state and metrics leave with, as they came. `compiler_options`: XLA's (training/numerics).
@@ -350,7 +351,6 @@ def make_train_chunk(train_step: Callable, replicated: Any = None,
     placed = {} if replicated is None else {"out_shardings": (replicated, replicated)}
     if compiler_options:
         placed["compiler_options"] = compiler_options
-    platform = platform or jax.default_backend()
 
     @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state", **placed)
     def train_chunk(
@@ -366,7 +366,7 @@ def make_train_chunk(train_step: Callable, replicated: Any = None,
 
         xs = (data.images, data.labels) if streamed else None
         (state, sums), _ = jax.lax.scan(body, (state, zero_metrics()), xs, length=num_steps,
-                                        unroll=unroll_for(platform, num_steps))
+                                        unroll=unroll_for(parallel.platform(), num_steps))
         return state, sums
 
     return train_chunk
