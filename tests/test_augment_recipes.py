@@ -1,6 +1,8 @@
 """Scale jittering, random affine distortions, hue rotation and colour casting
 (cnnlab/data/augment/), each against its definition written out in NumPy."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,55 @@ def warp(images: np.ndarray, angle: float = 0.0, zoom: float = 1.0, shear: float
 
 def augment_with(**options: object) -> Augment:
     return make_augment(augment_config(**options))
+
+
+# ------------------------------------------------------------- the default pipeline in NumPy
+
+
+def test_crop_flip_pipeline_is_numpys_pad_crop_flip_then_normalize():
+    """The default runs' augmentation (augment=default: crop_flip) as the train step applies it
+    (`make_gradients`, preprocessing included): every input the network sees is a NumPy
+    pad-by-4, crop, maybe-mirror of its own image, standardized by (x/255 - mean)/std; and over
+    the batch the draws cover every one of the 81 windows and mirror about half the images."""
+    import flax.linen as nn
+
+    from cnnlab.data.device import GivenBatch
+    from cnnlab.data.preprocess import PreprocessStats
+    from cnnlab.training import steps
+
+    cfg = compose_config([]).augment
+    assert (cfg.name, cfg.crop_pad, cfg.flip) == ("crop_flip", 4, True)
+    n, pad = 1024, 4
+    images = np.random.default_rng(7).integers(0, 256, (n, 6, 5, 2), dtype=np.uint8)
+    mean, std = np.array([0.45, 0.55]), np.array([0.2, 0.3])
+    seen: list = []
+
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+            seen.append(np.asarray(x, np.float64))
+            return jnp.zeros((x.shape[0], 10)) + self.param("b", nn.initializers.zeros, (10,))
+
+    gradients = steps.make_gradients(Probe(), make_augment(cfg), n)
+    state = steps.TrainState(step=jnp.asarray(11), params={"b": jnp.zeros(10)}, batch_stats={},
+                             opt_state=None, rng=jax.random.PRNGKey(3))
+    gradients(state, GivenBatch(images=jnp.asarray(images), labels=jnp.zeros(n, jnp.int32),
+                                stats=PreprocessStats(mean=jnp.asarray(mean, jnp.float32),
+                                                      std=jnp.asarray(std, jnp.float32))))
+    # Every window of every zero-padded image, mirrored or not, standardized in NumPy:
+    # (n, top, left, flip, h, w, c); each input must be one of its own image's.
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) / 255.0
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+    windows = np.moveaxis(windows, 3, -1)  # (n, top, left, h, w, c)
+    candidates = (np.stack([windows, windows[..., ::-1, :]], axis=3) - mean) / std
+    distance = np.abs(candidates - seen[0][:, None, None, None]).max(axis=(-3, -2, -1))
+    assert np.all(distance.min(axis=(1, 2, 3)) < 1e-5), "not a pad-crop-flip of its own image"
+    n_idx, top, left, flip = np.nonzero(distance < 1e-5)
+    first = np.unique(n_idx, return_index=True)[1]  # one draw per image
+    assert len({(t, u) for t, u in zip(top[first], left[first], strict=True)}) == (
+        2 * pad + 1) ** 2
+    assert abs(flip[first].sum() - n / 2) < 4 * math.sqrt(n) / 2  # 4 sigma of Binomial(n, 1/2)
 
 
 # --------------------------------------------------------------------------------- affine

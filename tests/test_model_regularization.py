@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from cnnlab.errors import ConfigError
-from cnnlab.models import blocks, build_model, count_params, init_variables, model_options
+from cnnlab.models import blocks, build_model, init_variables, model_options
 from cnnlab.models.layers import build_layers
 from cnnlab.models.regularization import GATES_COLLECTION, StochasticDepth, linear_decay
 from cnnlab.models.summary import summarize
@@ -486,43 +486,3 @@ def test_summary_counts_are_unchanged_and_shows_the_gates(model_name, extra, dat
     table = regularized.to_table(depth=2)
     assert "stochastic depth 0.5" in table and "dropout" in table
     assert "stochastic depth" not in base.to_table(depth=2)
-
-
-@pytest.mark.slow  # tests/test_techniques_run.py trains with these options in `make test`
-def test_training_steps_with_every_option():
-    """SGD steps as the train step runs them: inside a jitted, fully unrolled lax.scan, with a
-    `dropout` key folded from the step number."""
-    cfg = compose_config(["model=resnet20", "model.depth=8", "model.width=4",
-                          "model.stochastic_depth=0.5", "model.stochastic_depth_mode=example",
-                          "model.dropout_at.block=0.3", "model.dropout_at.stage=0.1",
-                          "model.dropout_at.head=0.2"])
-    model = build_model(cfg, 10)
-    shape = (16, 16, 3)
-    variables = init_variables(model, jax.random.PRNGKey(0), shape)
-    x = jax.random.normal(jax.random.PRNGKey(1), (8, *shape))
-    labels = jnp.arange(8)
-
-    def step(carry, index):
-        params, batch_stats = carry
-        key = jax.random.fold_in(jax.random.PRNGKey(2), index)
-
-        def loss(params):
-            logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                        train=True, mutable=["batch_stats"],
-                                        rngs={"dropout": key})
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return ce, state["batch_stats"]
-
-        (value, batch_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-        return (params, batch_stats), value
-
-    @jax.jit
-    def chunk(params, batch_stats):
-        return jax.lax.scan(step, (params, batch_stats), jnp.arange(2), unroll=2)
-
-    (params, _), losses = chunk(variables["params"], variables["batch_stats"])
-    assert np.isfinite(np.asarray(losses)).all()
-    assert count_params(params) == count_params(variables["params"])
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["params"], params)
-    assert any(jax.tree.leaves(changed))

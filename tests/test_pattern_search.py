@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from cnnlab.analysis.pareto import pareto_front, pareto_markdown, pareto_points
 from cnnlab.analysis.tables import Row, Stat
@@ -102,10 +103,14 @@ def test_smoke_search_of_3_trials_records_cost_and_draws_the_front(fashion_dir, 
                       f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, data_dir=fashion_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sweep of 3 jobs: 3 finished" in result.stderr
-    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
+    summaries = [json.loads((job / "summary.json").read_text()) for job in jobs]
     assert len(summaries) == 3
-    for summary in summaries:
-        assert summary["params"] > 0 and summary["macs"] > 0
+    for job, summary in zip(jobs, summaries, strict=True):
+        # The cost recorded is that trial's own model's, as `cnnlab summary` counts it.
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        counted = summarize(build_model(cfg, 10), (28, 28, 1))
+        assert (summary["params"], summary["macs"]) == (counted.params, counted.macs), job
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"model.n", "model.m", "model.k", "model.width",
                                         "model.fc_width"}
