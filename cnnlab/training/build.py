@@ -32,6 +32,7 @@ from cnnlab.data.types import Dataset
 from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype, count_params, init_variables
+from cnnlab.models.scan import scans_blocks
 from cnnlab.models.summary import summarize
 from cnnlab.runs.rundir import INPUT_STATS, RunDir
 from cnnlab.training import diagnostics, numerics, steps
@@ -339,7 +340,9 @@ def make_chunk(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformati
         replicated=None if batch is None else placement.replicated,
         # The target's platform (`cnnlab compile` traces for devices this host lacks).
         platform=placement.mesh.devices.flat[0].platform,
-        compiler_options=numerics.compiler_options(cfg.train))
+        compiler_options=numerics.compiler_options(cfg.train),
+        # Transfer runs' optimizers and frozen masks name each block's parameters.
+        stack_blocks=scans_blocks(model) and cfg.transfer.mode == "scratch")
 
 
 def build(cfg: DictConfig, dataset: Dataset | None = None,
