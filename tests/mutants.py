@@ -67,6 +67,9 @@ MUTANTS = (
     Mutant("EMA weights do not average (decay 0)", "cnnlab/training/steps.py",
            "return optax.ema(decay, debias=True)", "return optax.ema(0.0, debias=True)",
            ("tests/test_steps.py", "tests/test_evaluate.py")),
+    Mutant("a chunk's stacked blocks drop their batch statistics", "cnnlab/models/scan.py",
+           "parent.put_variable(col, key, values)", "del values",
+           ("tests/test_scan.py",)),
 )
 
 

@@ -186,3 +186,71 @@ def test_a_pattern_net_does_not_claim_scanned_blocks():
     from cnnlab.models.scan import scans_blocks
 
     assert scans_blocks(build_model(compose_config(["model=pattern"]), 10)) is False
+
+
+def test_stacking_a_state_for_a_chunk_round_trips_it_exactly():
+    """A chunk stacks the runs' variables wherever the state holds them (params, optimizer
+    state, moving averages) and gives them back under their own names, unchanged."""
+    import optax
+
+    from cnnlab.models.scan import stack_runs, stacked_name, unstack_runs
+
+    run = ("b2", "b3", "b4")
+    params = {name: {"kernel": np.full((2, 3), float(i)), "bias": np.arange(3.0) + i}
+              for i, name in enumerate(("b1", *run))}
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.trace(0.9))
+    state = {"params": params, "opt": tx.init(params),
+             "ema": optax.ema(0.9).init({"params": params}),
+             # Not the whole run: left as it is.
+             "partial": {"b2": np.ones(1), "b3": np.ones(1)}}
+    stacked = stack_runs(state, [run])
+    key = stacked_name(run)
+    assert set(stacked["params"]) == {"b1", key} and set(stacked["partial"]) == {"b2", "b3"}
+    np.testing.assert_array_equal(stacked["params"][key]["kernel"][:, 0, 0], [1.0, 2.0, 3.0])
+    assert set(stacked["opt"][1].trace) == {"b1", key}
+    assert set(stacked["ema"].ema["params"]) == {"b1", key}
+    back = unstack_runs(stacked, [run])
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _chunks(depth: int) -> tuple:
+    """A tiny scanned CIFAR ResNet's training chunk with the runs stacked through its steps and
+    without, its first state and data."""
+    from benchmarks.bench_cnnlab import synthetic_dataset
+    from cnnlab.training import build, steps
+
+    cfg = compose_config([*TINY_CIFAR, f"model.depth={depth}", "model.scan_blocks=true",
+                          "dataset=cifar10", "train.batch_size=4", "eval.ema_decay=0.9",
+                          "regularization.l2=1e-3", "optimizer.weight_decay=1e-4"])
+    run = build.build(cfg, synthetic_dataset(16, (8, 8, 3), 10))
+    step = steps.make_train_step(run.model, run.tx, run.augment, 4, cfg.regularization,
+                                 cfg.eval.ema_decay)
+    return (steps.make_train_chunk(step, stack_blocks=True), steps.make_train_chunk(step),
+            run.state, run.chunk_data(0, 2))
+
+
+def _step_size(chunk, state, data) -> int:
+    """Operations in one training step of the chunk (the body of its loop over steps)."""
+    closed = jax.make_jaxpr(chunk, static_argnums=2)(state, data, 2)
+    inner = closed.jaxpr.eqns[0].params["jaxpr"].jaxpr
+    (loop,) = [eqn for eqn in inner.eqns if eqn.primitive.name == "scan"]
+    return len(loop.params["jaxpr"].jaxpr.eqns)
+
+
+def test_a_chunk_keeps_scanned_blocks_stacked_through_its_steps():
+    """With the runs stacked for the whole chunk the steps do what they did with the stacking
+    inside each step (up to float32 rounding: the weight penalty sums in another order), and a
+    step's program no longer grows with depth (no stacking, write-back or per-block update in
+    it)."""
+    sizes = {}
+    for depth in (56, 20):
+        chunk, plain, state, data = _chunks(depth)
+        sizes[depth] = _step_size(chunk, state, data), _step_size(plain, state, data)
+    assert sizes[56][0] == sizes[20][0] < sizes[20][1] < sizes[56][1]
+    copy = jax.tree.map(jnp.copy, state)
+    stacked, sums = chunk(state, data, 2)
+    unstacked, plain_sums = plain(copy, data, 2)
+    _assert_trees_close(stacked, unstacked, "state after 2 steps", rtol=1e-5)
+    _assert_trees_close(sums, plain_sums, "metrics", rtol=1e-5)

@@ -33,6 +33,7 @@ from cnnlab.data.types import Dataset
 from cnnlab.data.validate import folder_spec
 from cnnlab.errors import ConfigError
 from cnnlab.models import build_model, compute_dtype, count_params, init_variables
+from cnnlab.models.scan import scans_blocks
 from cnnlab.models.summary import summarize
 from cnnlab.runs.rundir import INPUT_STATS, RunDir
 from cnnlab.training import diagnostics, numerics, steps
@@ -354,7 +355,9 @@ def make_chunk(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformati
         frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
         compute_dtype=compute_dtype(cfg)),
         replicated=None if batch is None else placement.replicated,
-        compiler_options=numerics.compiler_options(cfg.train))
+        compiler_options=numerics.compiler_options(cfg.train),
+        # Transfer runs' optimizers and frozen masks name each block's parameters.
+        stack_blocks=scans_blocks(model) and cfg.transfer.mode == "scratch")
 
 
 def build(cfg: DictConfig, dataset: Dataset | None = None,

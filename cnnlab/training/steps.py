@@ -23,6 +23,7 @@ from cnnlab.data.device import DeviceSplit, GivenBatch, StreamedChunk
 from cnnlab.data.order import OrderedSplit, select
 from cnnlab.data.preprocess import preprocess
 from cnnlab.models.blocks import AUX_COLLECTION, aux_loss
+from cnnlab.models.scan import stacked_scan
 from cnnlab.parallel import constrain
 from cnnlab.training.losses import make_objective
 from cnnlab.training.optim import make_penalty
@@ -338,7 +339,8 @@ def unroll_for(platform: str, num_steps: int) -> int:
 
 
 def make_train_chunk(train_step: Callable, replicated: Any = None,
-                     compiler_options: dict | None = None) -> Callable:
+                     compiler_options: dict | None = None,
+                     stack_blocks: bool = False) -> Callable:
     """`train_chunk(state, data, num_steps) -> (state, summed metrics)`, compiled once per length.
 
     A `lax.scan` unrolled as `unroll_for` says for the platform it is traced for
@@ -346,27 +348,25 @@ def make_train_chunk(train_step: Callable, replicated: Any = None,
     donated. `data`: the split with the epochs' orders
     (`data.order.OrderedSplit`; a bare `DeviceSplit` draws each step's permutation), or a
     `StreamedChunk` of the chunk's batches. `replicated`: on several devices, the sharding the
-    state and metrics leave with, as they came. `compiler_options`: XLA's (training/numerics).
+    state and metrics leave with. `compiler_options`: XLA's (training/numerics). `stack_blocks`:
+    scanned blocks' variables stay stacked through the steps (cnnlab/models/scan.py).
     """
     placed = {} if replicated is None else {"out_shardings": (replicated, replicated)}
     if compiler_options:
         placed["compiler_options"] = compiler_options
 
     @functools.partial(jax.jit, static_argnames="num_steps", donate_argnames="state", **placed)
-    def train_chunk(
-        state: TrainState, data: DeviceSplit | OrderedSplit | StreamedChunk, num_steps: int
-    ) -> tuple[TrainState, dict]:
-        streamed = isinstance(data, StreamedChunk)
-
+    def train_chunk(state: TrainState, data: DeviceSplit | OrderedSplit | StreamedChunk,
+                    num_steps: int) -> tuple[TrainState, dict]:
         def body(carry: tuple, batch: tuple | None) -> tuple[tuple, None]:
-            state, sums = carry
-            given = GivenBatch(*batch, stats=data.stats) if streamed else data
-            state, metrics = train_step(state, given)
-            return (state, jax.tree.map(jnp.add, sums, metrics)), None
+            given = data if batch is None else GivenBatch(*batch, stats=data.stats)
+            state, metrics = train_step(carry[0], given)
+            return (state, jax.tree.map(jnp.add, carry[1], metrics)), None
 
-        xs = (data.images, data.labels) if streamed else None
-        (state, sums), _ = jax.lax.scan(body, (state, zero_metrics()), xs, length=num_steps,
-                                        unroll=unroll_for(parallel.platform(), num_steps))
+        xs = (data.images, data.labels) if isinstance(data, StreamedChunk) else None
+        scan = stacked_scan if stack_blocks else jax.lax.scan
+        (state, sums), _ = scan(body, (state, zero_metrics()), xs, length=num_steps,
+                                unroll=unroll_for(parallel.platform(), num_steps))
         return state, sums
 
     return train_chunk
