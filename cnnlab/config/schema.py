@@ -311,7 +311,7 @@ class TrainConfig:
     deterministic: bool | None = described("XLA's deterministic GPU ops (bit-exact reruns)", None)
     # None (configs saved before it): xla, as they were trained.
     conv_impl: str | None = described(
-        "CPU convolutions: xla | im2col | winograd2 | winograd4 | auto (fastest per shape)", None)
+        "CPU convs: xla | im2col | winograd2 | winograd4 | auto", None)
 
 
 @dataclasses.dataclass
