@@ -220,3 +220,12 @@ def test_an_unknown_conv_impl_names_the_choices():
     assert "train.conv_impl='winograd3'" in message and "auto" in message
     assert "winograd2" in message and "\n" not in message
     assert conv_choice.check_mode(None) == "xla"
+
+
+def test_auto_does_not_time_the_one_image_initialization(tmp_path, fresh_choices, monkeypatch):
+    monkeypatch.setattr(conv_choice, "time_candidate", lambda *a: pytest.fail("timed"))
+    x, w, _ = random_layer((1, 6, 6, 4), 3, 4, 1, SAME3, jnp.float32)
+    y = ConvChoice("auto", str(tmp_path))(x, w, (1, 1), SAME3, dimension_numbers=DN)
+    np.testing.assert_array_equal(y, ConvChoice("xla")(x, w, (1, 1), SAME3,
+                                                       dimension_numbers=DN))
+    assert not (tmp_path / conv_choice.CACHE_FILE).exists()
