@@ -152,6 +152,7 @@ def test_semantic_validation_names_the_value(override, message):
     (["-m", "model=resnet20,resnet99", "seed=0,1"], ["resnet99", "valid choices"]),
     (["dataset=imagenet42"], ["imagenet42", "fashion_mnist", "cifar10"]),
     (["optimizer.lr=fast"], ["optimizer.lr", "fast"]),
+    (["train.conv_impl=winograd3"], ["train.conv_impl='winograd3'", "auto", "im2col"]),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     result = run_cli(["train", *args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)

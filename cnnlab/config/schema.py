@@ -309,6 +309,9 @@ class TrainConfig:
     matmul_precision: str | None = described(
         "fp32 matmuls/convs: highest (no TF32) | high | default", None)
     deterministic: bool | None = described("XLA's deterministic GPU ops (bit-exact reruns)", None)
+    # None (configs saved before it): xla, as they were trained.
+    conv_impl: str | None = described(
+        "CPU convs: xla | im2col | winograd2 | winograd4 | auto", None)
 
 
 @dataclasses.dataclass

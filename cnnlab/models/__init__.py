@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import ConfigError
 from cnnlab.models import cifar_resnet, pattern, stack
+from cnnlab.models.conv_choice import ConvChoice, check_mode
 from cnnlab.models.layers import PRECISIONS, BatchNorm, InputFit, Layers, build_layers
 from cnnlab.models.scan import scans_blocks, unrolled
 from cnnlab.registry import Registry, described
@@ -99,12 +100,20 @@ def compute_dtype(cfg: DictConfig) -> Any:
     return None if dtype == jnp.float32 else dtype
 
 
+def conv_impl_choice(cfg: DictConfig) -> ConvChoice:
+    """`train.conv_impl` (ConfigError names the choices; null, from configs saved before the
+    key: xla), its choices cached beside the compiled programs (`compile_cache_dir`)."""
+    mode = check_mode(OmegaConf.select(cfg, "train.conv_impl"))
+    return ConvChoice(mode, OmegaConf.select(cfg, "compile_cache_dir"))
+
+
 def build_model(cfg: DictConfig, num_classes: int,
                 frozen_norms: tuple[str, ...] = ()) -> nn.Module:
     """The Flax module a full run config describes; batch norms in the top-level layers
     `frozen_norms` normalize with their running statistics in training too (cnnlab/transfer).
     Its layers compute in `train.precision`'s dtype; its logits are float32 whatever it is."""
-    layers = build_layers(cfg.init, cfg.activation, cfg.norm, compute_dtype(cfg))
+    layers = build_layers(cfg.init, cfg.activation, cfg.norm, compute_dtype(cfg),
+                          conv_impl_choice(cfg))
     if frozen_norms and getattr(layers.norm, "func", None) is BatchNorm:
         layers = dataclasses.replace(
             layers, norm=functools.partial(layers.norm, frozen_layers=tuple(frozen_norms)))

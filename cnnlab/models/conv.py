@@ -95,7 +95,7 @@ def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tup
 conv_nhwc.defvjp(_fwd, _bwd)
 
 
-def _im2col(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple,
+def im2col(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple,
             out: tuple[int, int]) -> jax.Array:
     """The convolution as one matmul: the input windows of every kernel offset side by side
     (kh*kw*C features per output pixel) times the kernel reshaped to (kh*kw*C, O). Its
@@ -108,20 +108,28 @@ def _im2col(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple,
     return (patches @ w.reshape(kh * kw * c, o)).reshape(n, ho, wo, o)
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding: str | Sequence[tuple[int, int]], lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                         precision=None, preferred_element_type=None) -> jax.Array:
-    """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)` calls it);
-    plain NHWC convolutions take the matmul-gradient path, anything else goes to lax."""
-    plain = (
+def is_plain(lhs: jax.Array, rhs: jax.Array, padding: str | Sequence[tuple[int, int]],
+             lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+             feature_group_count: int = 1, **_: object) -> bool:
+    """An ungrouped, undilated NHWC/HWIO convolution with explicit padding (the arguments of
+    `lax.conv_general_dilated` from `padding` on)."""
+    return (
         lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
         and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     )
-    if not plain:
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]], lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None, preferred_element_type=None) -> jax.Array:
+    """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)` calls it);
+    plain NHWC convolutions take the matmul-gradient path, anything else goes to lax."""
+    if not is_plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count):
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, precision=precision,
@@ -130,5 +138,5 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     out = tuple(output_size(size, k, s, p)
                 for size, k, s, p in zip(lhs.shape[1:3], rhs.shape[:2], strides, pads, strict=True))
     if out[0] * out[1] <= SMALL_MAP:
-        return _im2col(lhs, rhs, strides, pads, out)
+        return im2col(lhs, rhs, strides, pads, out)
     return conv_nhwc(lhs, rhs, strides, pads)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from cnnlab import parallel
 from cnnlab.errors import ConfigError
-from cnnlab.models import conv, geometry
+from cnnlab.models import geometry
+from cnnlab.models.conv_choice import XLA_CONV, ConvChoice
 from cnnlab.registry import Registry
 
 Initializer = Callable[..., jax.Array]
@@ -340,7 +341,8 @@ class Layers:
     # A convolution followed by a norm with a learned shift needs no bias (it would be
     # subtracted away); LRN has no shift, so convolutions before it keep theirs.
     conv_bias: bool
-    # None: lax.conv_general_dilated. On CPU, a version with a fast kernel gradient (conv.py).
+    # None: lax.conv_general_dilated. On CPU, `train.conv_impl`'s choice (conv_choice.py);
+    # its default is a version with a fast kernel gradient (conv.py).
     conv_impl: Callable | None = None
     # The compute dtype (PRECISIONS); parameters are created in float32 whatever it is and
     # cast to it where used, so their gradients and the optimizer stay float32.
@@ -376,9 +378,11 @@ class Layers:
         )
 
 
-def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = None) -> Layers:
+def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = None,
+                 conv_impl: ConvChoice = XLA_CONV) -> Layers:
     """Build the `Layers` bundle from the `init`, `activation` and `norm` config nodes; its
-    layers compute in `dtype` (`train.precision`, cnnlab.models.compute_dtype)."""
+    layers compute in `dtype` (`train.precision`, cnnlab.models.compute_dtype) and, on CPU,
+    convolve with `conv_impl` (`train.conv_impl`, cnnlab.models.conv_choice)."""
     norm_options = {k: v for k, v in dict(norm).items() if k != "name" and v is not None}
     norm_factory = NORMS.get(norm.name)
     accepted = inspect.signature(norm_factory).parameters
@@ -397,6 +401,6 @@ def build_layers(init: Any, activation: Any, norm: Any, dtype: Any = None) -> La
         act=Recorded(ACTIVATIONS.get(activation.name)(activation)),
         norm=functools.partial(norm_factory(**norm_options), dtype=dtype),
         conv_bias=norm.name in NORMS_WITHOUT_SHIFT,
-        conv_impl=conv.conv_general_dilated if parallel.platform() == "cpu" else None,
+        conv_impl=conv_impl if parallel.platform() == "cpu" else None,
         dtype=dtype,
     )

@@ -23,6 +23,8 @@ UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "da
              "train.profile",
              # Deterministic GPU ops: the same numbers up to the order of float sums.
              "train.deterministic",
+             # The convolution's implementation on CPU: the same numbers up to float rounding.
+             "train.conv_impl",
              # Where it computes and how its data arrives (the same numbers up to the order of
              # float sums, the same batches): a run resumes on another device count or path.
              "train.devices", "train.distributed", "dataset.on_device", "dataset.stream_",
