@@ -57,6 +57,22 @@ def test_a_save_returns_before_its_files_are_written_and_wait_ends_it(tmp_path, 
     saver.close()
 
 
+def test_a_restored_state_runs_the_fresh_states_compiled_program(tmp_path):
+    """Orbax restores arrays committed to their device; a one-device run's fresh state is not,
+    and jit compiled a second program for the restored one (every resume compiled again)."""
+    state = _state()
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1 if x.dtype != jnp.bool_ else ~x, s))
+    step(state)
+    saver = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+    saver.save(1, state, {})
+    saver.wait()
+    restored, _ = saver.restore(1, state)
+    saver.close()
+    for a, b in zip(jax.tree.leaves(step(state)), jax.tree.leaves(step(restored)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert step._cache_size() == 1
+
+
 def test_a_snapshot_waits_for_nothing_and_saves_the_state_as_it_was(tmp_path):
     """The loop's checkpoint (`snapshot`) moves nothing to the host and survives the state's
     buffers being donated to the next chunk; `flush` (at the next tick) saves it, verified."""

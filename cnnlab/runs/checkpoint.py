@@ -192,6 +192,16 @@ def _ignore_orbax_teardown_errors() -> None:
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
+def _committed_as(like: Any, restored: Any) -> Any:
+    """`restored` uncommitted where `like` is: Orbax hands back arrays committed to a device,
+    and a one-device run's fresh state is not, which jit treats as another program; without
+    this every resumed run compiled its chunk again (a host round trip, once per resume)."""
+    if (isinstance(like, jax.Array) and not like.committed and restored.committed
+            and not jax.dtypes.issubdtype(restored.dtype, jax.dtypes.prng_key)):
+        return jnp.asarray(np.asarray(restored))
+    return restored
+
+
 class Checkpointer:
     """Saves `(state, meta)` under `directory/<step>` in the background; the newest usable one is
     resumed."""
@@ -279,7 +289,8 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return restored.state, verify(restored.state, dict(restored.meta))
+        meta = verify(restored.state, dict(restored.meta))
+        return jax.tree.map(_committed_as, like, restored.state), meta
 
     def restore_as_saved(self, step: int) -> Any:
         """The state of checkpoint `step` as saved, nested dicts of arrays, without a template
