@@ -406,41 +406,40 @@ def dependence_case(model_name: str, *overrides: str) -> tuple:
     return cfg, (side, side, 3)
 
 
-def listed_layers(cfg) -> dict[str, str]:
-    """The layers with weights that the model's config lists: {top-level name: kind}."""
+def listed_layers(cfg) -> set[str]:
+    """The top-level names of the layers with weights that the model's config lists."""
     if cfg.model.family == "cifar_resnet":
         # He et al.'s 6n+2: a stem, three stages of n two-conv blocks, the classifier.
         blocks_per_stage = (cfg.model.depth - 2) // 6
-        return {"stem": "conv", "stem_norm": "norm", "head": "fc"} | {
-            f"stage{s}_block{b}": "basic" for s in (1, 2, 3)
-            for b in range(1, blocks_per_stage + 1)}
+        return {"stem", "stem_norm", "head"} | {
+            f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(1, blocks_per_stage + 1)}
     options = model_options(cfg.model)
     options = options.stack_options() if cfg.model.family == "pattern" else options
     body, head = options.specs()
-    return {"classifier": "fc"} | {s.name: s.kind for s in body + head if s.kind in WEIGHTED_KINDS
-                                   and (s.kind != "aux" or options.aux_classifiers)}
+    return {"classifier"} | {s.name for s in body + head if s.kind in WEIGHTED_KINDS
+                             and (s.kind != "aux" or options.aux_classifiers)}
 
 
-def output_gradient(model, variables: dict, x: jax.Array, aux_heads: bool) -> dict:
-    """The gradient of a fixed random projection of the logits with respect to every variable.
+def output_gradient(model, variables: dict, x: jax.Array) -> dict:
+    """The gradient of a fixed random projection of the logits with respect to every weight.
 
-    In eval mode, so the batch norms' running statistics count too. A model with auxiliary
-    classifiers, which only training uses, is differentiated in training mode (batch
-    statistics, dropout with a fixed key) with its auxiliary logits added, weights only."""
+    In training mode (batch statistics, dropout with a fixed key), auxiliary classifiers' logits
+    included. Not in eval mode: with the running statistics of a fresh net (mean 0, variance 1)
+    every block of a residual net about doubles its input's variance, and ResNet-1202's 600
+    blocks overflow float32, zeroing every gradient; a width-1/16 net's one-map ReLUs can also
+    be all zero on a small input, which batch statistics rule out."""
+    key = jax.random.PRNGKey(5)
 
-    def projected(v):
-        if not aux_heads:
-            logits = model.apply(v, x)
-        else:
-            logits, state = model.apply({**variables, "params": v}, x, train=True,
-                                        mutable=["batch_stats", AUX_COLLECTION],
-                                        rngs={"dropout": jax.random.PRNGKey(6)})
-            heads = jax.tree.leaves(state[AUX_COLLECTION],
-                                    is_leaf=lambda t: isinstance(t, dict) and "logits" in t)
-            logits = jnp.concatenate([logits, *(h["logits"] for h in heads)], axis=-1)
-        return jnp.sum(logits * jax.random.normal(jax.random.PRNGKey(5), logits.shape))
+    def projected(params):
+        logits, state = model.apply({**variables, "params": params}, x, train=True,
+                                    mutable=["batch_stats", AUX_COLLECTION],
+                                    rngs={"dropout": jax.random.PRNGKey(6)})
+        heads = jax.tree.leaves(state.get(AUX_COLLECTION, {}),
+                                is_leaf=lambda t: isinstance(t, dict) and "logits" in t)
+        logits = jnp.concatenate([logits, *(h["logits"] for h in heads)], axis=-1)
+        return jnp.sum(logits * jax.random.normal(key, logits.shape))
 
-    return jax.jit(jax.grad(projected))(variables["params"] if aux_heads else variables)
+    return jax.jit(jax.grad(projected))(variables["params"])
 
 
 def check_every_layer_counts(model_name: str, *overrides: str) -> None:
@@ -449,12 +448,11 @@ def check_every_layer_counts(model_name: str, *overrides: str) -> None:
     model = build_model(cfg, 10)
     variables = init_variables(model, jax.random.PRNGKey(0), shape)
     # A layer the forward pass skips has no weights (Flax creates them on the first call) ...
-    listed = listed_layers(cfg)
-    assert set(variables["params"]) == set(listed)
+    assert set(variables["params"]) == listed_layers(cfg)
     # ... or weights the output does not depend on: a zero gradient. (No zoo model starts a layer
     # at zero, e.g. a zero-init last BN scale, which would zero the layers before it too.)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, *shape))
-    gradient = output_gradient(model, variables, x, "aux" in listed.values())
+    gradient = output_gradient(model, variables, x)
     leaves = jax.tree_util.tree_leaves_with_path(gradient)
     dead = [jax.tree_util.keystr(path) for path, g in leaves if not np.any(np.asarray(g))]
     assert not dead, f"{model_name}: the output does not depend on {dead}"
