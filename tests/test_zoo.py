@@ -499,14 +499,16 @@ def test_googlenet_aux_heads_are_trained_only_through_their_loss():
 # The few models a small fixed batch is fitted with through the CLI: one of each family of
 # block a run uses on small images (table conv and subsampling, plain conv stack with dropout,
 # residual), at a width that keeps a step cheap.
-FITTED = {"lenet5": [], "vgg_a_cifar": ["model.width=0.25"], "resnet20": []}
+# Steps each needs: LeNet-5 is at 20.6% after 30 (61, 30, 21% over each 10).
+FITTED = {"lenet5": ([], 60), "vgg_a_cifar": (["model.width=0.25"], 30), "resnet20": ([], 30)}
 
 
-def fit_64_images(tmp_path, data_dir, *overrides: str) -> tuple[list[float], dict]:
-    """Train on one full batch of the same 64 images, no augmentation, for 30 steps through the
-    CLI: the training error logged over steps 1-10, 11-20, 21-30, and the run's summary."""
+def fit_64_images(tmp_path, data_dir, *overrides: str,
+                  steps: int = 30) -> tuple[list[float], dict]:
+    """Train on one full batch of the same 64 images, no augmentation, for `steps` steps through
+    the CLI: the training error logged over every 10 steps, and the run's summary."""
     result = run_cli(["train", *overrides, "dataset.max_examples=64", "train.batch_size=64",
-                      "train.steps=30", "train.steps_per_call=10", "train.log_every=10",
+                      f"train.steps={steps}", "train.steps_per_call=10", "train.log_every=10",
                       "train.eval_every=0", "augment=none", "checkpoint.enabled=false",
                       "logger.mode=disabled", "progress=false", f"dataset.data_dir={data_dir}",
                       f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
@@ -519,10 +521,12 @@ def fit_64_images(tmp_path, data_dir, *overrides: str) -> tuple[list[float], dic
 @pytest.mark.parametrize("model_name", sorted(FITTED))
 def test_small_model_fits_64_images(model_name, tmp_path, fashion_dir):
     # A net that trains drives its training error on the batch from about chance (90%) to near
-    # zero within 30 steps (ResNet-20: 0.5% over steps 11-20, 0% after); one whose layers or
-    # updates are miswired does not.
-    errors, _ = fit_64_images(tmp_path, fashion_dir, f"model={model_name}", *FITTED[model_name])
-    assert len(errors) == 3 and errors[-1] < 10, errors
+    # zero within a few dozen steps (ResNet-20: 0.5% over steps 11-20, 0% after); one whose
+    # layers or updates are miswired does not.
+    overrides, steps = FITTED[model_name]
+    errors, _ = fit_64_images(tmp_path, fashion_dir, f"model={model_name}", *overrides,
+                              steps=steps)
+    assert len(errors) == steps // 10 and errors[-1] < 10, errors
 
 
 def test_lenet5_trains_end_to_end_on_fashion_mnist(tmp_path, fashion_dir):
