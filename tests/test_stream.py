@@ -6,6 +6,7 @@ import io
 import json
 import logging
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -113,13 +114,32 @@ def test_an_imagenet_style_set_streams_resized_and_trains_at_224(tiny_net_dir, t
     from cnnlab.cli import preflight
     from cnnlab.training.loop import train
 
-    cfg = preflight.compose([*IMAGENET_STYLE, f"dataset.data_dir={tiny_net_dir}"])
+    cfg = preflight.compose([*IMAGENET_STYLE, "model.input_size=null",
+                             f"dataset.data_dir={tiny_net_dir}"])
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
-    with caplog.at_level(logging.INFO):
+    # What the network is traced with (training step, evaluation, init): the batches the
+    # stream feeds it, and what its first conv sees. The photos are 150-330 pixels a side, so
+    # only the stream's resize and centre crop make them 224x224; the model's own input_size
+    # (a resize to 224) is turned off, so it cannot make up for a stream that does not.
+    seen = {"net": set(), "conv1": set()}
+
+    def record(call, args, kwargs, context):
+        path = context.module.scope.path if context.module.scope else None
+        if context.method_name == "__call__" and path == ():
+            seen["net"].add((args[0].shape, bool(kwargs.get("train", False))))
+        elif context.method_name == "__call__" and path == ("conv1",):
+            seen["conv1"].add(args[0].shape[1:])
+        return call(*args, **kwargs)
+
+    with caplog.at_level(logging.INFO), nn.intercept_methods(record):
         summary = train(cfg, tmp_path)
     assert summary["status"] == "finished", summary
     assert np.isfinite(summary["final/test/loss"]) and "final/test/error" in summary
+    # Batches of 2 in training, the 8 validation images in batches of 4 at the evaluation.
+    assert {((2, 224, 224, 3), True), ((4, 224, 224, 3), False)} <= seen["net"]
+    assert {shape[1:] for shape, _ in seen["net"]} == {(224, 224, 3)}
+    assert seen["conv1"] == {(224, 224, 3)}
     assert "streamed: stream_tiny_net's images have variable sizes" in caplog.text
     assert "test (8 images)" in caplog.text
 

@@ -11,19 +11,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from cnnlab.cli.preflight import validate
 from cnnlab.config.groups import group_options
-from cnnlab.data.augment.pipeline import make_augment
-from cnnlab.data.device import DeviceSplit
-from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.errors import ConfigError
-from cnnlab.models import build_model, check_geometry, init_variables
+from cnnlab.models import build_model, check_geometry, init_variables, model_options
 from cnnlab.models.blocks import AUX_COLLECTION, CONNECTION_TABLES, TableConv
 from cnnlab.models.summary import Summary, summarize
-from cnnlab.training import steps
 from tests.helpers import compose_config, run_cli
 
 IMAGENET = ["dataset=imagenet"]
@@ -379,56 +374,105 @@ def test_summary_needs_no_data(tmp_path):
     assert "269,722 parameters" in result.stdout
 
 
-# --------------------------------------------------------------------------------- training
-def train_two_steps(model_name: str, *overrides: str) -> tuple[dict, dict, dict]:
-    """Two SGD steps on random images at the model's own input size; returns params, metrics."""
-    cfg = compose_config([f"model={model_name}", *overrides])
+# ------------------------------------------------------------------ every layer is wired in
+# The smallest square input each ImageNet net's geometry allows (worked out from its layer list),
+# with its own input_size (a resize up to 224) switched off: the dependence check below compiles
+# a backward pass, and this keeps it cheap. Every other model runs at its own input size.
+# AlexNet: conv1 11x11/4 needs 11 + 4k pixels and each 3x3/2 pool an odd side: 67 -> 15, 7, 3, 1
+# (torchvision's pads 2 + 1: 64 -> 15). ZFNet: 55 -> 25, 13, 5, 3, 1. GoogLeNet: five
+# 'same' halvings must leave the 7x7 of its last average pool, and four a side its auxiliary
+# heads' 5x5/3 pool tiles: 209 -> 14, 7. VGG: five 2x2/2 pools,
+# 32 -> 1. ResNets: 32 -> 16, 8, 4, 2, 1 before the global pool.
+SMALL_INPUT = {"alexnet": 67, "alexnet_2gpu": 67, "alexnet_torchvision": 64, "zfnet": 55,
+               "googlenet": 209,
+               **{f"vgg_{c}": 32 for c in ("a", "a_lrn", "b", "c", "d", "e")},
+               **{f"{kind}{depth}": 32 for kind in ("resnet", "plain")
+                  for depth in (18, 34, 50, 101, 152)}}
+# The CIFAR ResNets, DenseNet and the pattern take any size their strides divide.
+SIDE_WITHOUT_INPUT_SIZE = 8
+# Layer kinds that hold weights (cnnlab.models.spec), each a top-level entry of the parameters.
+WEIGHTED_KINDS = {"conv", "fc", "subsample", "inception", "aux", "basic", "bottleneck", "dense",
+                  "transition", "preact"}
+
+
+def dependence_case(model_name: str, *overrides: str) -> tuple:
+    """(config, input shape) of a model's dependence check: width 1/16 for the stack nets (every
+    layer kept, LeNet-5's connection table only exists at width 1), the input above."""
+    extra = _reduced(model_name)
+    if model_name in SMALL_INPUT:
+        extra.append("model.input_size=null")
+    cfg = compose_config([f"model={model_name}", *extra, *overrides])
+    side = SMALL_INPUT.get(model_name) or cfg.model.input_size or SIDE_WITHOUT_INPUT_SIZE
+    return cfg, (side, side, 3)
+
+
+def listed_layers(cfg) -> set[str]:
+    """The top-level names of the layers with weights that the model's config lists."""
+    if cfg.model.family == "cifar_resnet":
+        # He et al.'s 6n+2: a stem, three stages of n two-conv blocks, the classifier.
+        blocks_per_stage = (cfg.model.depth - 2) // 6
+        return {"stem", "stem_norm", "head"} | {
+            f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(1, blocks_per_stage + 1)}
+    options = model_options(cfg.model)
+    options = options.stack_options() if cfg.model.family == "pattern" else options
+    body, head = options.specs()
+    return {"classifier"} | {s.name for s in body + head if s.kind in WEIGHTED_KINDS
+                             and (s.kind != "aux" or options.aux_classifiers)}
+
+
+def output_gradient(model, variables: dict, x: jax.Array) -> dict:
+    """The gradient of a fixed random projection of the logits with respect to every weight.
+
+    In training mode (batch statistics, dropout with a fixed key), auxiliary classifiers' logits
+    included. Not in eval mode: with the running statistics of a fresh net (mean 0, variance 1)
+    every block of a residual net about doubles its input's variance, and ResNet-1202's 600
+    blocks overflow float32, zeroing every gradient; a width-1/16 net's one-map ReLUs can also
+    be all zero on a small input, which batch statistics rule out."""
+    key = jax.random.PRNGKey(5)
+
+    def projected(params):
+        logits, state = model.apply({**variables, "params": params}, x, train=True,
+                                    mutable=["batch_stats", AUX_COLLECTION],
+                                    rngs={"dropout": jax.random.PRNGKey(6)})
+        heads = jax.tree.leaves(state.get(AUX_COLLECTION, {}),
+                                is_leaf=lambda t: isinstance(t, dict) and "logits" in t)
+        logits = jnp.concatenate([logits, *(h["logits"] for h in heads)], axis=-1)
+        return jnp.sum(logits * jax.random.normal(key, logits.shape))
+
+    return jax.jit(jax.grad(projected))(variables["params"])
+
+
+def check_every_layer_counts(model_name: str, *overrides: str) -> None:
+    cfg, shape = dependence_case(model_name, *overrides)
+    check_geometry(cfg, shape)
     model = build_model(cfg, 10)
-    size = cfg.model.input_size or cfg.dataset.image_shape[0]
-    shape = (size, size, 3)
     variables = init_variables(model, jax.random.PRNGKey(0), shape)
-    tx = optax.sgd(0.01)
-    state = steps.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
-        rng=jax.random.PRNGKey(1))
-    images = jax.random.randint(jax.random.PRNGKey(2), (4, *shape), 0, 256).astype(jnp.uint8)
-    data = DeviceSplit(images=images, labels=jnp.arange(4) % 10, mask=jnp.ones(4, bool),
-                             stats=PreprocessStats(mean=jnp.full(3, 0.5), std=jnp.full(3, 0.25)))
-    step = jax.jit(steps.make_train_step(model, tx, make_augment(cfg.augment), 2))
-    new_state, metrics = step(state, data)
-    new_state, metrics = step(new_state, data)
-    return variables["params"], new_state.params, jax.device_get(metrics)
+    # A layer the forward pass skips has no weights (Flax creates them on the first call) ...
+    assert set(variables["params"]) == listed_layers(cfg)
+    # ... or weights the output does not depend on: a zero gradient. (No zoo model starts a layer
+    # at zero, e.g. a zero-init last BN scale, which would zero the layers before it too.)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, *shape))
+    gradient = output_gradient(model, variables, x)
+    leaves = jax.tree_util.tree_leaves_with_path(gradient)
+    dead = [jax.tree_util.keystr(path) for path, g in leaves if not np.any(np.asarray(g))]
+    assert not dead, f"{model_name}: the output does not depend on {dead}"
+
+
+@pytest.mark.parametrize("model_name", group_options("model"))
+def test_zoo_model_output_depends_on_every_layer(model_name):
+    check_every_layer_counts(model_name)
+
+
+def test_scanned_residual_blocks_each_count():
+    # The CIFAR ResNets from 56 layers on scan their blocks by default (checked above), the stack
+    # nets only when asked: ResNet-50's runs of 2, 3, 5 and 2 identical bottlenecks are scans.
+    check_every_layer_counts("resnet50", "model.scan_blocks=true")
 
 
 def _reduced(model_name: str) -> list[str]:
     """Width 1/16 keeps the full depth and geometry at a fraction of the compute."""
     family = compose_config([f"model={model_name}"]).model.family
     return ["model.width=0.0625"] if family == "stack" and model_name != "lenet5" else []
-
-
-# One model per kind of layer and block; the slow test below trains every model.
-REPRESENTATIVE = ["lenet5", "alexnet_2gpu", "alexnet_cifar", "vgg_a_lrn", "vgg_c_cifar",
-                  "googlenet", "resnet18", "plain50"]
-
-
-def _check_trains(model_name: str) -> None:
-    before, after, metrics = train_two_steps(model_name, *_reduced(model_name))
-    assert np.isfinite(metrics["loss_sum"])
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
-    assert all(jax.tree.leaves(changed)), f"{model_name}: some parameters got no update"
-
-
-@pytest.mark.parametrize("model_name", REPRESENTATIVE)
-def test_zoo_model_trains(model_name):
-    _check_trains(model_name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model_name", [m for m in group_options("model")
-                                        if m not in REPRESENTATIVE])
-def test_every_zoo_model_trains(model_name):
-    _check_trains(model_name)
 
 
 def test_googlenet_aux_heads_are_trained_only_through_their_loss():
@@ -452,6 +496,39 @@ def test_googlenet_aux_heads_are_trained_only_through_their_loss():
     np.testing.assert_array_equal(logits, apply({**variables, "params": zeroed}, x))
 
 
+# The few models a small fixed batch is fitted with through the CLI: one of each family of
+# block a run uses on small images (table conv and subsampling, plain conv stack with dropout,
+# residual), at a width that keeps a step cheap.
+# Steps each needs: LeNet-5 is at 20.6% after 30 (61, 30, 21% over each 10).
+FITTED = {"lenet5": ([], 60), "vgg_a_cifar": (["model.width=0.25"], 30), "resnet20": ([], 30)}
+
+
+def fit_64_images(tmp_path, data_dir, *overrides: str,
+                  steps: int = 30) -> tuple[list[float], dict]:
+    """Train on one full batch of the same 64 images, no augmentation, for `steps` steps through
+    the CLI: the training error logged over every 10 steps, and the run's summary."""
+    result = run_cli(["train", *overrides, "dataset.max_examples=64", "train.batch_size=64",
+                      f"train.steps={steps}", "train.steps_per_call=10", "train.log_every=10",
+                      "train.eval_every=0", "augment=none", "checkpoint.enabled=false",
+                      "logger.mode=disabled", "progress=false", f"dataset.data_dir={data_dir}",
+                      f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    return [e["train/error"] for e in events if "train/error" in e], summary
+
+
+@pytest.mark.parametrize("model_name", sorted(FITTED))
+def test_small_model_fits_64_images(model_name, tmp_path, fashion_dir):
+    # A net that trains drives its training error on the batch from about chance (90%) to near
+    # zero within a few dozen steps (ResNet-20: 0.5% over steps 11-20, 0% after); one whose
+    # layers or updates are miswired does not.
+    overrides, steps = FITTED[model_name]
+    errors, _ = fit_64_images(tmp_path, fashion_dir, f"model={model_name}", *overrides,
+                              steps=steps)
+    assert len(errors) == steps // 10 and errors[-1] < 10, errors
+
+
 def test_lenet5_trains_end_to_end_on_fashion_mnist(tmp_path, fashion_dir):
     result = run_cli(["train", "model=lenet5", "activation=scaled_tanh", "norm=none",
                       "dataset.max_examples=512", "train.batch_size=32", "train.steps=20",
@@ -461,5 +538,6 @@ def test_lenet5_trains_end_to_end_on_fashion_mnist(tmp_path, fashion_dir):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["params"] == 60_850
-    # Chance is 90%; 20 steps reach 50-56% (seeds 0, 1), so a net that barely learns fails.
-    assert summary["final/test/error"] < 75
+    # Chance is 90%; 20 steps reach 56.1% with this seed (0) and 49.6, 56.1, 62.3% with seeds
+    # 1-3 (test error on the 512 test images), so a net that only starts to learn fails.
+    assert summary["final/test/error"] < 65
