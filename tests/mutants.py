@@ -70,6 +70,15 @@ MUTANTS = (
     Mutant("a chunk's stacked blocks drop their batch statistics", "cnnlab/models/scan.py",
            "parent.put_variable(col, key, values)", "del values",
            ("tests/test_scan.py",)),
+    # The scanned paths: initialization always unrolls, so the weights and counts stay right
+    # and only a dependence check (gradients of the logits reach every weight) sees these.
+    Mutant("a CIFAR ResNet's scanned blocks are skipped", "cnnlab/models/cifar_resnet.py",
+           "x = scan_blocks(self, names[first:],", "x = x + 0 * scan_blocks(self, names[first:],",
+           ("tests/test_zoo.py::test_zoo_model_output_depends_on_every_layer[resnet56]",)),
+    Mutant("a stack net's scanned blocks are skipped", "cnnlab/models/stack.py",
+           "return scan_blocks(self, [spec.name for spec in run], block, x, train,",
+           "return x + 0 * scan_blocks(self, [spec.name for spec in run], block, x, train,",
+           ("tests/test_zoo.py::test_scanned_residual_blocks_each_count",)),
 )
 
 
