@@ -31,7 +31,7 @@ from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.models import build_model, init_variables
 from cnnlab.models import layers as layers_lib
 from tests.helpers import REPO, augment_config, compose_config, random_device_split, run_cli
-from tests.test_layers import lrn_by_hand
+from tests.test_layers import VARIANCE, fans, lrn_by_hand
 
 # ------------------------------------------------------------------------------ the table
 
@@ -259,18 +259,7 @@ PATTERN = ["model=pattern", "model.n=1", "model.m=2", "model.k=1", "model.width=
            "model.fc_width=64"]
 SHAPE = (12, 12, 3)
 
-# (n_in, n_out) -> the variance the initializer claims (He, Glorot, LeCun, PyTorch's default).
-VARIANCE = {
-    "lecun_normal": lambda n_in, n_out: 1 / n_in,
-    "lecun_uniform": lambda n_in, n_out: 1 / n_in,
-    "glorot_normal": lambda n_in, n_out: 2 / (n_in + n_out),
-    "glorot_uniform": lambda n_in, n_out: 2 / (n_in + n_out),
-    "he_normal": lambda n_in, n_out: 2 / n_in,
-    "he_uniform": lambda n_in, n_out: 2 / n_in,
-    "he_normal_fan_out": lambda n_in, n_out: 2 / n_out,
-    "he_uniform_fan_out": lambda n_in, n_out: 2 / n_out,
-    "torch_uniform": lambda n_in, n_out: 1 / (3 * n_in),
-}
+# The variance each initializer claims: test_layers.VARIANCE (He, Glorot, LeCun, PyTorch's).
 GAIN = {"orthogonal": 1.0, "orthogonal_relu": 2.0**0.5}
 
 
@@ -325,8 +314,7 @@ def _check_init(init: str, params: dict) -> None:
     # the ~90,000 weights: 1 within a few percent (He vs LeCun is 2, fan_in vs fan_out 2-9).
     ratios, counts = [], []
     for w in kernels:
-        receptive = math.prod(w.shape[:-2])
-        n_in, n_out = receptive * w.shape[-2], receptive * w.shape[-1]
+        n_in, n_out = fans(w.shape)
         ratios.append(np.mean(w**2) / VARIANCE[init](n_in, n_out))
         counts.append(w.size)
     pooled = np.average(ratios, weights=counts)
