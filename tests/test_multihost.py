@@ -218,3 +218,12 @@ def test_a_training_split_padded_to_split_over_the_devices_draws_the_same_batche
         _, want = select_batch(plain, key, jnp.asarray(step), 3)
         _, got = select_batch(padded, key, jnp.asarray(step), 3)
         np.testing.assert_array_equal(got, want)
+
+
+def test_two_checkpoint_folders_saving_at_once_do_not_collide(tmp_path: Path) -> None:
+    """A run with train.keep_best saves checkpoints/ and best/ at the same step; on several
+    hosts the two background saves met at Orbax barriers of the same name, and one process hung
+    at its last save (seen in CI under load). Eight overlapping pairs of saves complete."""
+    reports = [report(r) for r in launch([str(tmp_path), "8"], script="multihost_saves.py",
+                                         env=ENV, timeout=120)]
+    assert [r["steps"] for r in reports] == [[list(range(1, 9))] * 2] * 2

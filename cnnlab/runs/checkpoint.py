@@ -215,9 +215,15 @@ class Checkpointer:
         self._queued: tuple[int, Any, jax.Array, dict] | None = None
         _ignore_orbax_teardown_errors()
         _quiet_background_errors()
+        # A run saves into checkpoints/ and best/ at the same step. On several hosts each
+        # manager's background save meets the other processes at barriers whose names are the
+        # same for every manager unless prefixed: two saves at once then collide ("barrier ...
+        # is already ongoing") and one process hangs. The folder's name keeps them apart.
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=True))
+                max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=self.directory.name)))
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
