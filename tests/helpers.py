@@ -329,3 +329,25 @@ def xla_probe() -> np.ndarray:
     w = rng.normal(size=(3, 3, 3, 16)).astype(np.float32)
     x = rng.normal(size=(32, 12, 12, 3)).astype(np.float32)
     return np.asarray(jax.jit(lambda w, x: jax.grad(loss)(w, x))(w, x))
+
+
+def saved_state(step_dir: Path) -> dict:
+    """A checkpoint's state as nested dicts of arrays, read with Orbax and NumPy only (not
+    cnnlab's restore code): a packed checkpoint's buffers (cnnlab/runs/packing.py) are cut by
+    the layout in its metadata, each leaf at its path; a tree-saved one is Orbax's tree."""
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(Path(step_dir) / "state")
+    layout = json.loads((Path(step_dir) / "meta" / "metadata").read_text()).get("packed_layout")
+    if layout is None:
+        return state
+    out: dict = {}
+    for leaf in layout:
+        flat = np.asarray(state["buffers"][leaf["buffer"]])
+        size = int(np.prod(leaf["shape"]))
+        node = out
+        for key in leaf["path"][:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(leaf["path"][-1])] = flat[leaf["offset"]:leaf["offset"] + size].reshape(
+            leaf["shape"])
+    return out

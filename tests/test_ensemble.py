@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from omegaconf import OmegaConf
 
@@ -20,7 +19,7 @@ from cnnlab.data.device import device_split
 from cnnlab.models import build_model
 from cnnlab.runs.weights import ema_variables
 from cnnlab.training import steps
-from tests.helpers import run_cli, train_tiny
+from tests.helpers import run_cli, saved_state, train_tiny
 from tests.test_evaluate import plain_softmax
 
 # 4 steps of one step per compiled chunk (the fastest to compile), a checkpoint after each, so
@@ -47,7 +46,7 @@ def runs(tmp_path_factory, fashion_dir):
 
 def _restore(run_dir: Path, step: int, folder: str = "checkpoints") -> dict:
     """A saved state as Orbax wrote it (nested dicts), without cnnlab's restore code."""
-    return ocp.StandardCheckpointer().restore(run_dir / folder / str(step) / "state")
+    return saved_state(run_dir / folder / str(step))
 
 
 def test_ema_of_a_real_run_is_the_bias_corrected_recurrence_over_its_trajectory(runs):

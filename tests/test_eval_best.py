@@ -12,11 +12,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cnnlab.runs.rundir import BEST as BEST_FOLDER
-from tests.helpers import run_cli, train_tiny
+from tests.helpers import run_cli, saved_state, train_tiny
 from tests.test_faults import FAULTS, _events, _params
 
 BEST = [*FAULTS, "dataset.val_size=256", "train.eval_every=5", "optimizer.lr=0.5"]
@@ -53,8 +52,7 @@ def test_eval_weights_best_evaluates_the_best_validation_steps_weights(
     assert member["step"] == best["step"]
     assert member["error"] == pytest.approx(best["test/error"], abs=1e-9)
     # best/ holds the very weights of the regular checkpoint of that step.
-    kept = ocp.StandardCheckpointer().restore(
-        run_with_val / BEST_FOLDER / str(best["step"]) / "state")
+    kept = saved_state(run_with_val / BEST_FOLDER / str(best["step"]))
     for a, b in zip(_params(run_with_val, best["step"]), jax.tree.leaves(kept["params"]),
                     strict=True):
         np.testing.assert_array_equal(a, b)

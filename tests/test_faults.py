@@ -24,7 +24,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.runs.checkpoint import NoUsableCheckpoint
 from cnnlab.runs.rundir import RunDir, RunDirBusy
 from cnnlab.training import actions
-from tests.helpers import TINY, run_cli, train_tiny
+from tests.helpers import TINY, run_cli, saved_state, train_tiny
 
 FAULTS = ["train.steps=20", "train.steps_per_call=5", "train.log_every=5",
           "checkpoint.every=5", "checkpoint.keep=10"]
@@ -44,7 +44,7 @@ def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
 
 
 def _params(run_dir: Path, step: int) -> list[np.ndarray]:
-    state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    state = saved_state(run_dir / "checkpoints" / str(step))
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 

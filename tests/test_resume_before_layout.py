@@ -11,16 +11,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from tests.helpers import REPO, train_tiny
+from tests.helpers import REPO, saved_state, train_tiny
 from tests.test_faults import CLI, FAULTS
 
 BEFORE = REPO / "tests" / "data" / "run_before_layout"
 
 
 def _params(run_dir: Path, step: int) -> list[np.ndarray]:
-    state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    state = saved_state(run_dir / "checkpoints" / str(step))
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 

@@ -11,13 +11,12 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cnnlab.models import build_model, init_variables
 from cnnlab.models.scan import unrolled
 from cnnlab.models.stack import repeats
-from tests.helpers import compose_config, train_tiny
+from tests.helpers import compose_config, saved_state, train_tiny
 
 TINY_CIFAR = ["model=resnet20", "model.width=4"]
 TINY_STACK = ["model.width=0.0625"]
@@ -149,7 +148,7 @@ def test_per_module_tools_see_every_block():
 
 
 def _params(run_dir, step: int) -> dict:
-    restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    restored = saved_state(run_dir / "checkpoints" / str(step))
     return {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_leaves_with_path(restored["params"])}
 

@@ -12,7 +12,7 @@ from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from cnnlab.training.loop import train
 from cnnlab.training.selection import EarlyStopping, Plateau
-from tests.helpers import TINY, compose_config
+from tests.helpers import TINY, compose_config, saved_state
 from tests.test_train import flat, load_params, read_jsonl, with_overrides
 
 # Validation errors in percent; each row: (values, patience, threshold, max_reductions,
@@ -174,9 +174,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(fashion_dir,
 
 
 def _restore_best(run_dir, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer().restore(run_dir / "best" / str(step) / "state")
+    return saved_state(run_dir / "best" / str(step))
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.training.loop import train
-from tests.helpers import TINY, compose_config, run_cli, wandb_run_contents
+from tests.helpers import TINY, compose_config, run_cli, saved_state, wandb_run_contents
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -96,7 +95,7 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
 
 
 def load_params(run_dir: Path, step: int) -> dict:
-    restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    restored = saved_state(run_dir / "checkpoints" / str(step))
     return restored
 
 
