@@ -97,19 +97,26 @@ def test_dispatching_a_chunk_reads_nothing_back_from_the_device(fashion_dir):
 MID_EPOCH = [*FAULTS, "dataset.max_examples=256"]  # 8 steps per epoch, chunks of 5
 
 
+def _straight_and_resumed_at_15(tmp_path, fashion_dir, monkeypatch, overrides):
+    """Two runs of `overrides` (FAULTS: 20 steps in chunks of 5): straight, and one sent
+    SIGTERM after step 10 (so stopped with a checkpoint at 15), then resumed to the end."""
+    straight = tmp_path / "straight"
+    assert train_tiny(straight, fashion_dir, overrides)["status"] == "finished"
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        _signal_at(patch, 10, signal.SIGTERM)
+        assert train_tiny(stopped, fashion_dir, overrides)["status"] == "interrupted"
+    summary = train_tiny(stopped, fashion_dir, overrides)
+    assert summary["status"] == "finished" and summary["resumed_from"] == 15
+    return straight, stopped
+
+
 def test_a_run_resumed_mid_epoch_equals_the_straight_one_and_the_per_step_order(
         tmp_path, fashion_dir, monkeypatch):
     """Stopped at step 15 (epoch 1, its 8th step; the chunk 15-20 crosses into epoch 2): the
     resumed run ends as the uninterrupted one, and both as a run drawing each step's
     permutation (`batch_indices`, the order before epoch orders)."""
-    straight = tmp_path / "straight"
-    assert train_tiny(straight, fashion_dir, MID_EPOCH)["status"] == "finished"
-    stopped = tmp_path / "stopped"
-    with monkeypatch.context() as patch:
-        _signal_at(patch, 10, signal.SIGTERM)
-        assert train_tiny(stopped, fashion_dir, MID_EPOCH)["status"] == "interrupted"
-    summary = train_tiny(stopped, fashion_dir, MID_EPOCH)
-    assert summary["status"] == "finished" and summary["resumed_from"] == 15
+    straight, stopped = _straight_and_resumed_at_15(tmp_path, fashion_dir, monkeypatch, MID_EPOCH)
     per_step = tmp_path / "per_step"
     monkeypatch.setattr(Run, "chunk_data", lambda self, step, num_steps: self.train_data)
     assert train_tiny(per_step, fashion_dir, MID_EPOCH)["status"] == "finished"
@@ -118,3 +125,16 @@ def test_a_run_resumed_mid_epoch_equals_the_straight_one_and_the_per_step_order(
             np.testing.assert_array_equal(a, b)
         assert ([(e["step"], e["train/loss"]) for e in _events(other)]
                 == [(e["step"], e["train/loss"]) for e in _events(straight)])
+
+
+def test_a_run_resumed_between_two_log_lines_logs_what_the_straight_one_does(
+        tmp_path, fashion_dir, monkeypatch):
+    """Logged every 10 steps, stopped at step 15 (a checkpoint between two log lines): the
+    resumed run's step-20 line averages steps 11-20 as the uninterrupted run's does, not only
+    the 5 steps after the checkpoint (the window's sums are saved with the checkpoint)."""
+    straight, stopped = _straight_and_resumed_at_15(
+        tmp_path, fashion_dir, monkeypatch, [*FAULTS, "train.log_every=10"])
+    logged = [[(e["step"], e["train/loss"], e["train/error"]) for e in _events(run)
+               if "train/loss" in e] for run in (straight, stopped)]
+    assert [step for step, *_ in logged[0]] == [10, 20]
+    assert logged[1] == logged[0]

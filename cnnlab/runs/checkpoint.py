@@ -155,6 +155,13 @@ def _checksum_text(described: list[tuple[Any, tuple[int, ...]]], device_sums: ja
     return digest.hexdigest()
 
 
+def _on_host(meta: dict) -> dict:
+    """`meta` with its device scalars (a training window's sums) as JSON numbers: read when the
+    checkpoint is handed to Orbax, by when the chunk that computed them has run."""
+    return jax.tree.map(lambda v: np.asarray(jax.device_get(v)).item()
+                        if isinstance(v, jax.Array) else v, meta)
+
+
 def verify(state: Any, meta: dict) -> dict:
     """`meta` without its checksum, once the checksum saved in it matches `state`'s (either
     kind); ValueError otherwise. A checkpoint without one (none of cnnlab's) passes."""
@@ -282,7 +289,7 @@ class Checkpointer:
             return
         (step, saved, described, sums, meta), self._queued = self._queued, None
         self._wait_pending()
-        meta = {**meta, CHECKSUM: _checksum_text(described, sums)}
+        meta = {**_on_host(meta), CHECKSUM: _checksum_text(described, sums)}
         try:
             with _orbax_errors_quiet(restore=False):
                 self._manager.save(step, args=ocp.args.Composite(

@@ -52,10 +52,22 @@ class LoopState:
     selected: dict[str, float] = dataclasses.field(default_factory=dict)
     stopping: dict[str, Any] | None = None
     plateau: dict[str, Any] | None = None
+    # The training metrics' sums since the last log line (TrainMetrics.window), so that a run
+    # resumed between two log lines logs the same averages as an uninterrupted one. Device
+    # arrays until the checkpoint is handed to Orbax (`to_meta`; Checkpointer.flush reads them).
+    train_window: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "LoopState":
         return cls(**meta)
+
+    def to_meta(self) -> dict[str, Any]:
+        """A checkpoint's metadata: a deep copy, but for `train_window`'s arrays, which a
+        copy would read back from the device at once."""
+        window = self.train_window
+        meta = dataclasses.asdict(dataclasses.replace(self, train_window=None))
+        meta["train_window"] = window
+        return meta
 
 
 @dataclasses.dataclass
@@ -139,6 +151,12 @@ class TrainMetrics:
             tick.event["images_per_sec"] = rate
             self.throughput.append(rate)
         self.window = steps.zero_metrics()
+
+    def resume_window(self, saved: dict[str, Any] | None) -> None:
+        """The sums since the last log line as a checkpoint saved them (none: from zero)."""
+        if saved:
+            zero = steps.zero_metrics()
+            self.window = {k: jnp.asarray(saved[k], zero[k].dtype) for k in zero}
 
     def restart_clock(self) -> None:
         """After host work (evaluation, saving), which throughput must not count."""
@@ -376,7 +394,7 @@ class Checkpoint:
         if self._due(tick):
             # A failed save (disk full) raises CheckpointWriteError: training stops here (or,
             # for a queued checkpoint, at the next tick).
-            meta = dataclasses.asdict(self.loop_state())
+            meta = self.loop_state().to_meta()
             if tick.last or tick.stop is not None:
                 self.checkpoints.save(tick.step, tick.state, meta)
                 self.checkpoints.wait()

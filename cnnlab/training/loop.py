@@ -110,6 +110,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
     tracker.write_summary(summary)
     clock = actions.Clock(loop.wall_time)
     metrics = actions.TrainMetrics(cfg.train)
+    metrics.resume_window(loop.train_window)
     keep_best = (cfg.early_stopping.keep_best and cfg.checkpoint.enabled
                  and run.dataset.val is not None)
     evaluation = actions.Evaluation(cfg, run.evaluator, run_dir, keep_best, loop)
@@ -126,7 +127,7 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         to_come=evaluation.seconds_to_come)
 
     def loop_state() -> actions.LoopState:
-        saved = actions.LoopState(wall_time=clock())
+        saved = actions.LoopState(wall_time=clock(), train_window=metrics.window)
         evaluation.save_into(saved)
         return saved
 
