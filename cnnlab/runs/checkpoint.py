@@ -158,8 +158,8 @@ def _checksum_text(described: list[tuple[Any, tuple[int, ...]]], device_sums: ja
 def _on_host(meta: dict) -> dict:
     """`meta` with its device scalars (a training window's sums) as JSON numbers: read when the
     checkpoint is handed to Orbax, by when the chunk that computed them has run."""
-    return jax.tree.map(lambda v: np.asarray(jax.device_get(v)).item()
-                        if isinstance(v, jax.Array) else v, meta)
+    return jax.tree.map(lambda v: jax.device_get(v).item() if isinstance(v, jax.Array) else v,
+                        meta)
 
 
 def verify(state: Any, meta: dict) -> dict:
@@ -344,7 +344,7 @@ class Checkpointer:
         return dict(self._manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta)
 
-    def _read_state(self, step: int, abstract: Any = None) -> Any:
+    def _read_state(self, step: int, abstract: Any) -> Any:
         return self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
 
@@ -354,9 +354,11 @@ class Checkpointer:
         which is defined over the run's own state structure."""
         self.wait()
         with _orbax_errors_quiet():
-            entries = self._read_meta(step).get(packing.LAYOUT)
-            state = self._read_state(step)
-        return state if entries is None else packing.unpack_saved(state["buffers"], entries)
+            saved = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        entries = saved.meta.get(packing.LAYOUT)
+        return saved.state if entries is None else packing.unpack_saved(saved.state["buffers"],
+                                                                        entries)
 
     def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest checkpoint that restores and verifies, falling

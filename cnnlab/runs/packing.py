@@ -35,12 +35,6 @@ def packable(leaves: list[Any]) -> bool:
     return all(leaf.sharding == first for leaf in leaves) and first.is_fully_replicated
 
 
-def _stored_dtype(leaf: Any) -> str:
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return str(jax.random.key_data(leaf).dtype)
-    return str(leaf.dtype)
-
-
 def layout(tree: Any) -> list[dict[str, Any]]:
     """Per leaf, in tree order: its Orbax path, dtype, shape, buffer (a dtype's name) and offset
     in that buffer."""
@@ -48,8 +42,8 @@ def layout(tree: Any) -> list[dict[str, Any]]:
     entries = []
     for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         path = [_name(key) for key in keys]
-        buffer = _stored_dtype(leaf)
-        shape = list(jax.random.key_data(leaf).shape if _is_key(leaf) else leaf.shape)
+        data = _stored(leaf)
+        buffer, shape = str(data.dtype), list(data.shape)
         entry = {"path": path, "dtype": str(leaf.dtype), "shape": shape,
                  "buffer": buffer, "offset": offsets.get(buffer, 0)}
         if _is_key(leaf):  # a typed PRNG key is saved as its key data
@@ -75,13 +69,17 @@ def _is_key(leaf: Any) -> bool:
     return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+def _stored(leaf: Any) -> Any:
+    """What a leaf is saved as: a typed PRNG key as its key data, any other leaf as itself."""
+    return jax.random.key_data(leaf) if _is_key(leaf) else leaf
+
+
 def pack(leaves: list[jax.Array]) -> dict[str, jax.Array]:
     """The leaves raveled and concatenated, one buffer per stored dtype, in leaf order (traced
     inside the snapshot's jit: a copy on the device)."""
     groups: dict[str, list[jax.Array]] = {}
-    for leaf in leaves:
-        data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
-        groups.setdefault(str(data.dtype), []).append(data.ravel())
+    for leaf in map(_stored, leaves):
+        groups.setdefault(str(leaf.dtype), []).append(leaf.ravel())
     return {name: jnp.concatenate(parts) for name, parts in groups.items()}
 
 
@@ -107,17 +105,16 @@ def check_fits(entries: list[dict[str, Any]], like_leaves: list[Any]) -> None:
         raise ValueError(f"it holds {len(entries)} arrays where this state has "
                          f"{len(like_leaves)}")
     for entry, leaf in zip(entries, like_leaves, strict=True):
-        shape = list(jax.random.key_data(leaf).shape if _is_key(leaf) else leaf.shape)
+        shape = list(_stored(leaf).shape)
         if entry["dtype"] != str(leaf.dtype) or entry["shape"] != shape:
             raise ValueError(f"{'.'.join(entry['path'])} is {entry['dtype']}{entry['shape']} "
                              f"there and {leaf.dtype}{shape} here")
 
 
 def unpack(buffers: dict[str, jax.Array], entries: list[dict[str, Any]], like: Any) -> Any:
-    """The packed state in `like`'s structure, each leaf on `like`'s sharding (checked to fit
-    first: `check_fits`)."""
+    """The packed state in `like`'s structure, each leaf on `like`'s sharding; the caller has
+    checked that it fits (`check_fits`, before reading the buffers)."""
     like_leaves, tree = jax.tree.flatten(like)
-    check_fits(entries, like_leaves)
     shardings = [leaf.sharding for leaf in like_leaves]
     split = jax.jit(lambda b: [_leaf(b, e) for e in entries], out_shardings=shardings)
     return jax.tree.unflatten(tree, split(buffers))
