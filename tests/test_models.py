@@ -140,6 +140,31 @@ def test_cpu_conv_gradients_equal_xla_autodiff(stride, pad, kernel, shape):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
 
 
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 3), (2, 1)])
+def test_cpu_conv_gradients_are_convolutions_in_the_forward_layout(stride, kernel):
+    """Every convolution of the forward and backward pass is labelled as the forward one (NHWC
+    input, HWIO kernel): autodiff's labels ([f, 0, 1, b]x[i, 0, 1, o] for the kernel gradient,
+    an o/i-swapped kernel for the input gradient) let XLA:CPU choose layouts it ran ~30x slower
+    in one-step programs (docs/speed.md)."""
+    import re
+
+    from jax import lax
+
+    from cnnlab.models.conv import conv_general_dilated
+
+    x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((kernel, kernel, 3, 4))
+
+    def labels(conv):
+        loss = lambda x, w: jnp.sum(conv(x, w, (stride, stride), ((1, 1), (1, 1)),  # noqa: E731
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+        text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text().replace(", ", ",")
+        return re.findall(r"convolution\(.*?dim_numbers = (\S+?),window", text)
+
+    canonical = "[b,0,1,f]x[0,1,i,o]->[b,0,1,f]"
+    assert labels(conv_general_dilated) == [canonical] * 3
+    assert labels(lax.conv_general_dilated).count(canonical) < 3  # the check can fail
+
+
 @pytest.mark.parametrize("kernel, stride, pad, shape", [
     (2, 2, 0, (2, 8, 8, 3)), (3, 2, 1, (2, 9, 7, 4)), (3, 1, 1, (1, 6, 6, 2)),
     (3, 2, 0, (2, 11, 11, 3)),

@@ -41,6 +41,14 @@ def test_a_run_written_before_the_layout_change_resumes_to_the_straight_runs_end
     assert summary["status"] == "finished" and summary["resumed_from"] == 15
     straight = tmp_path / "straight"
     assert train_tiny(straight, fashion_dir, FAULTS)["status"] == "finished"
+    # Not bit-exact since 2026-12-05: the CPU kernel gradient's sums run in another order
+    # (cnnlab/models/conv.py) and train.cpu_kernels defaults to eigen (the old run resumes on
+    # ynnpack, as it trained), so today's straight run rounds differently from its first step,
+    # and this tiny net at lr 0.1 amplifies that: up to 0.025 in a weight after 20 steps.
+    # (Weights not restored would be off by the whole training: 0.1-1 per weight.)
     for a, b in zip(_params(straight, 20), _params(run_dir, 20), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert _losses(run_dir) == _losses(straight)  # steps 5-15 from before, 20 from today
+        np.testing.assert_allclose(b, a, rtol=0, atol=0.05)
+    resumed, today = _losses(run_dir), _losses(straight)
+    assert resumed[:-1] == _losses(BEFORE)  # steps 5-15 as they were logged before
+    assert [s for s, _ in resumed] == [s for s, _ in today] == [5, 10, 15, 20]
+    np.testing.assert_allclose(resumed[-1][1], today[-1][1], rtol=0.01)

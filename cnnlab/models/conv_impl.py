@@ -5,9 +5,9 @@ table). Each candidate here writes the same convolution as large matmuls, and it
 are autodiff's of that formulation: transposed matmuls and the transposes of slices (pads),
 so they are matmul-shaped too.
 
-- `xla`: cnnlab's path before this module (`conv.conv_general_dilated`): XLA's forward,
-  the input gradient as a convolution with a materialized kernel, the kernel gradient as one
-  matmul per kernel offset (output maps of at most 4 pixels: one matmul).
+- `xla`: cnnlab's default path (`conv.conv_general_dilated`): XLA's forward convolution,
+  both gradients as XLA convolutions in canonical form (output maps of at most 4 pixels:
+  one matmul).
 - `im2col`: every kernel offset's input window side by side (kh*kw*C features per output
   pixel) times the kernel as a (kh*kw*C, O) matrix: one matmul, any kernel and stride.
 - `winograd2`, `winograd4`: Winograd's F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2015) for
@@ -43,8 +43,8 @@ def out_size(x_shape: tuple, w_shape: tuple, strides: tuple, pads: tuple) -> tup
 
 @IMPLS.register("xla")
 def xla(x: jax.Array, w: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
-    """cnnlab's path before the choice (`conv.conv_general_dilated`): XLA's forward
-    convolution with matmul gradients, im2col for output maps of at most 4 pixels."""
+    """cnnlab's default path (`conv.conv_general_dilated`): XLA's convolutions, the gradients
+    in canonical form, im2col for output maps of at most 4 pixels."""
     return conv.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
