@@ -14,7 +14,7 @@ import pytest
 from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from cnnlab.training import numerics, steps
-from tests.helpers import REPO, TINY, compose_config
+from tests.helpers import REPO, TINY, compose_config, optimized_xla  # noqa: F401
 
 
 def test_a_bad_matmul_precision_is_one_line_naming_the_choices():
@@ -29,10 +29,48 @@ def test_defaults_are_highest_and_deterministic_and_saved_configs_read_so():
     assert cfg.train.matmul_precision == "highest" and cfg.train.deterministic is True
     old = compose_config(TINY)
     old.train.matmul_precision, old.train.deterministic = None, None  # configs saved before
+    old.train.cpu_kernels = None
     assert numerics.matmul_precision(old.train) == "highest"
-    assert numerics.compiler_options(old.train) == {"xla_gpu_deterministic_ops": True}
+    # Saved before train.cpu_kernels: XLA's default library (YNNPACK), as they trained.
+    assert numerics.compiler_options(old.train, "cpu") == {"xla_gpu_deterministic_ops": True}
     old.train.deterministic = False
-    assert numerics.compiler_options(old.train) == {}
+    assert numerics.compiler_options(old.train, "cpu") == {}
+
+
+def test_cpu_kernels_are_a_compiler_option_of_cpu_steps_only():
+    cfg = compose_config(TINY)
+    assert cfg.train.cpu_kernels == "eigen"
+    no_ynnpack = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert numerics.compiler_options(cfg.train, "cpu") == {"xla_gpu_deterministic_ops": True,
+                                                          **no_ynnpack}
+    assert numerics.compiler_options(cfg.train, "gpu") == {"xla_gpu_deterministic_ops": True}
+    assert numerics.compiler_options(cfg.train, "tpu") == {"xla_gpu_deterministic_ops": True}
+    cfg.train.cpu_kernels = "ynnpack"
+    assert numerics.compiler_options(cfg.train, "cpu") == {"xla_gpu_deterministic_ops": True}
+
+
+def test_a_bad_cpu_kernels_value_is_one_line_naming_the_choices():
+    cfg = compose_config([*TINY, "train.cpu_kernels=mkl"])
+    with pytest.raises(ConfigError, match="train.cpu_kernels=mkl is not one of eigen, ynnpack"):
+        validate(cfg)
+
+
+@pytest.mark.usefixtures("optimized_xla")
+def test_the_cpu_step_compiles_with_the_kernel_library_the_config_names():
+    """Through `build`, as `cnnlab train` compiles it: with ynnpack the step's program holds
+    XLA's YNNPACK fusions, with eigen none (its convolutions stay XLA's own, run by Eigen)."""
+    from benchmarks.bench_cnnlab import synthetic_dataset
+    from cnnlab.training import build
+
+    def program(kernels: str) -> str:
+        cfg = compose_config([*TINY, "dataset=cifar10", "train.batch_size=4",
+                              f"train.cpu_kernels={kernels}"])
+        run = build.build(cfg, synthetic_dataset(16, (8, 8, 3), 10))
+        return run.train_chunk.lower(run.state, run.train_data, 1).compile().as_text()
+
+    assert "__ynn_fusion" in program("ynnpack")
+    eigen = program("eigen")
+    assert "__ynn_fusion" not in eigen and " convolution(" in eigen
 
 
 def test_configure_sets_jax_matmul_precision():

@@ -66,8 +66,8 @@ def _validate_loop(cfg: DictConfig) -> None:
 
 
 def _validate_scale(cfg: DictConfig) -> None:
-    """train.precision, train.matmul_precision, train.conv_impl and train.grad_accum; null
-    (configs saved before them) is fp32, highest, xla and 1."""
+    """train.precision, train.matmul_precision, train.conv_impl, train.cpu_kernels and
+    train.grad_accum; null (configs saved before them) is fp32, highest, xla, ynnpack and 1."""
     models.compute_dtype(cfg)
     models.conv_impl_choice(cfg)
     numerics.validate(cfg.train)

@@ -312,6 +312,9 @@ class TrainConfig:
     # None (configs saved before it): xla, as they were trained.
     conv_impl: str | None = described(
         "CPU convs: xla | im2col | winograd2 | winograd4 | auto", None)
+    # None (configs saved before it): ynnpack, XLA's default they trained with.
+    cpu_kernels: str | None = described(
+        "XLA:CPU's library for the step's convs and matmuls: eigen | ynnpack", None)
 
 
 @dataclasses.dataclass

@@ -355,7 +355,7 @@ def make_chunk(cfg: DictConfig, model: nn.Module, tx: optax.GradientTransformati
         frozen=frozen, batch_sharding=batch, grad_accum=cfg.train.grad_accum or 1,
         compute_dtype=compute_dtype(cfg)),
         replicated=None if batch is None else placement.replicated,
-        compiler_options=numerics.compiler_options(cfg.train),
+        compiler_options=numerics.compiler_options(cfg.train, placement.platform),
         # Transfer runs' optimizers and frozen masks name each block's parameters.
         stack_blocks=scans_blocks(model) and cfg.transfer.mode == "scratch")
 

@@ -1,4 +1,4 @@
-"""How a run's arithmetic is done off CPU: matmul precision and deterministic GPU ops.
+"""How a run's arithmetic is done: matmul precision, deterministic GPU ops, CPU kernels.
 
 `train.matmul_precision` (default `highest`): what float32 matrix products and convolutions
 compute in. `highest` is float32 everywhere, the numbers a CPU gives; `high` and `default`
@@ -12,6 +12,13 @@ faster and less exact. It sets `jax_default_matmul_precision`; bf16 runs
 bit-exact resume needs there. A compiler option of the step rather than `XLA_FLAGS`, which XLA
 reads once when it starts (in `cnnlab train` that is while the config is checked, before the
 run's settings apply). CPU and TPU programs are deterministic either way.
+
+`train.cpu_kernels` (default `eigen`): which library XLA:CPU runs the training step's
+convolutions and matmuls with. jaxlib 0.10.2 hands them to YNNPACK (`ynnpack`, XLA's default),
+whose convolutions run on one thread; `eigen` turns YNNPACK's fusions off
+(`xla_cpu_experimental_ynn_fusion_type`, a compiler option of the step), and Eigen runs each
+convolution on every core: ResNet-56 and ResNet-18 train 17-18% faster on 2 cores, ResNet-20
+within noise (docs/speed.md). Only programs compiled for the CPU get the option.
 """
 
 from typing import Any
@@ -20,6 +27,12 @@ import jax
 from omegaconf import DictConfig
 
 from cnnlab.errors import require
+
+# train.cpu_kernels -> the step's XLA:CPU compiler options (none: XLA's default, YNNPACK).
+CPU_KERNELS: dict[str, dict[str, Any]] = {
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "ynnpack": {},
+}
 
 # train.matmul_precision -> jax_default_matmul_precision.
 MATMUL_PRECISIONS = {"highest": "highest", "high": "high", "default": "default"}
@@ -35,10 +48,18 @@ def deterministic(train: DictConfig) -> bool:
     return True if value is None else bool(value)
 
 
+def cpu_kernels(train: DictConfig) -> str:
+    """The setting's value (configs saved before the key: `ynnpack`, as they trained)."""
+    return train.get("cpu_kernels") or "ynnpack"
+
+
 def validate(train: DictConfig) -> None:
     value = matmul_precision(train)
     require(value in MATMUL_PRECISIONS,
             f"train.matmul_precision={value} is not one of {', '.join(MATMUL_PRECISIONS)}")
+    kernels = cpu_kernels(train)
+    require(kernels in CPU_KERNELS,
+            f"train.cpu_kernels={kernels} is not one of {', '.join(CPU_KERNELS)}")
 
 
 def configure(train: DictConfig) -> None:
@@ -47,6 +68,8 @@ def configure(train: DictConfig) -> None:
     jax.config.update("jax_default_matmul_precision", MATMUL_PRECISIONS[matmul_precision(train)])
 
 
-def compiler_options(train: DictConfig) -> dict[str, Any]:
-    """XLA options the training step is compiled with (`jax.jit(compiler_options=...)`)."""
-    return {"xla_gpu_deterministic_ops": True} if deterministic(train) else {}
+def compiler_options(train: DictConfig, platform: str) -> dict[str, Any]:
+    """XLA options the training step is compiled with (`jax.jit(compiler_options=...)`) for
+    devices of `platform` (`parallel.platform()`'s names)."""
+    options = {"xla_gpu_deterministic_ops": True} if deterministic(train) else {}
+    return {**options, **CPU_KERNELS[cpu_kernels(train)]} if platform == "cpu" else options
