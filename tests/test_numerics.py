@@ -4,6 +4,7 @@ and the checkpoint checksum of sharded state."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,9 +41,10 @@ def test_defaults_are_highest_and_deterministic_and_saved_configs_read_so():
 def test_cpu_kernels_are_a_compiler_option_of_cpu_steps_only():
     cfg = compose_config(TINY)
     assert cfg.train.cpu_kernels == "eigen"
-    no_ynnpack = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    no_ynn_convolutions = {"xla_cpu_experimental_ynn_fusion_type":
+                           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
     assert numerics.compiler_options(cfg.train, "cpu") == {"xla_gpu_deterministic_ops": True,
-                                                          **no_ynnpack}
+                                                          **no_ynn_convolutions}
     assert numerics.compiler_options(cfg.train, "gpu") == {"xla_gpu_deterministic_ops": True}
     assert numerics.compiler_options(cfg.train, "tpu") == {"xla_gpu_deterministic_ops": True}
     cfg.train.cpu_kernels = "ynnpack"
@@ -57,20 +59,30 @@ def test_a_bad_cpu_kernels_value_is_one_line_naming_the_choices():
 
 @pytest.mark.usefixtures("optimized_xla")
 def test_the_cpu_step_compiles_with_the_kernel_library_the_config_names():
-    """Through `build`, as `cnnlab train` compiles it: with ynnpack the step's program holds
-    XLA's YNNPACK fusions, with eigen none (its convolutions stay XLA's own, run by Eigen)."""
+    """Through `build`, as `cnnlab train` compiles it: with ynnpack the step's convolutions are
+    inside XLA's YNNPACK fusions, with eigen none is (they stay XLA's own, run by Eigen), while
+    its reductions are YNNPACK's either way."""
     from benchmarks.bench_cnnlab import synthetic_dataset
     from cnnlab.training import build
 
     def program(kernels: str) -> str:
-        cfg = compose_config([*TINY, "dataset=cifar10", "train.batch_size=4",
+        # Width 16: YNNPACK takes no convolution of width-4 layers.
+        cfg = compose_config([*TINY, "dataset=cifar10", "train.batch_size=8", "model.width=16",
                               f"train.cpu_kernels={kernels}"])
         run = build.build(cfg, synthetic_dataset(16, (8, 8, 3), 10))
         return run.train_chunk.lower(run.state, run.train_data, 1).compile().as_text()
 
-    assert "__ynn_fusion" in program("ynnpack")
+    def in_ynnpack(hlo: str) -> tuple[bool, bool]:
+        """(a convolution, a reduction) inside a computation a YNNPACK fusion calls."""
+        called = set(re.findall(r'calls=%([\w.\-]+).*"__ynn_fusion"', hlo))
+        bodies = {m.group(1): m.group(0)
+                  for m in re.finditer(r"^%([\w.\-]+) .*?^}", hlo, re.M | re.S)}
+        inside = " ".join(bodies[name] for name in called if name in bodies)
+        return " convolution(" in inside, " reduce(" in inside
+
+    assert in_ynnpack(program("ynnpack")) == (True, True)
     eigen = program("eigen")
-    assert "__ynn_fusion" not in eigen and " convolution(" in eigen
+    assert in_ynnpack(eigen) == (False, True) and " convolution(" in eigen
 
 
 def test_configure_sets_jax_matmul_precision():

@@ -43,9 +43,15 @@ def test_the_same_run_on_one_to_four_devices_and_two_processes(
     _a_two_process_slurm_job_trains_like_one_device(sharded, tmp_path, fashion_dir)
 
 
-def _close(a: dict, b: dict, rtol: float = 1e-4) -> bool:
-    return a.keys() == b.keys() and all(
-        abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a)
+def _close(a: dict, b: dict, rtol: float = 2e-3) -> bool:
+    """Losses of the same run on other device counts: the first log window within 1e-5, later
+    ones within `rtol`. Each device's kernel gradient sums its own images in one convolution
+    (cnnlab/models/conv.py), so per-device batches round differently from one whole batch, and
+    20 steps of this tiny net at lr 0.1 grow that to ~8e-4 by step 15 (measured 2026-12-05;
+    the first window, 4e-7)."""
+    first = min(a, key=int)
+    return (a.keys() == b.keys() and abs(a[first] - b[first]) <= 1e-5 * abs(b[first])
+            and all(abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a))
 
 
 def _four_devices_train_like_one(sharded: dict) -> None:

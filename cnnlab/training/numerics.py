@@ -14,11 +14,11 @@ reads once when it starts (in `cnnlab train` that is while the config is checked
 run's settings apply). CPU and TPU programs are deterministic either way.
 
 `train.cpu_kernels` (default `eigen`): which library XLA:CPU runs the training step's
-convolutions and matmuls with. jaxlib 0.10.2 hands them to YNNPACK (`ynnpack`, XLA's default),
-whose convolutions run on one thread; `eigen` turns YNNPACK's fusions off
-(`xla_cpu_experimental_ynn_fusion_type`, a compiler option of the step), and Eigen runs each
-convolution on every core: ResNet-56 and ResNet-18 train 17-18% faster on 2 cores, ResNet-20
-within noise (docs/speed.md). Only programs compiled for the CPU get the option.
+convolutions in. jaxlib 0.10.2 hands them to YNNPACK (`ynnpack`, XLA's default), whose
+convolutions run on one thread; `eigen` takes convolutions out of the YNNPACK fusion types
+(`xla_cpu_experimental_ynn_fusion_type`, a compiler option of the step), so that Eigen runs
+each on every core, while dots and reductions stay YNNPACK's. On 2 cores: ResNet-20 +40%,
+ResNet-18 +41%, ResNet-56 +23% (docs/speed.md). Only programs compiled for the CPU get it.
 """
 
 from typing import Any
@@ -29,8 +29,12 @@ from omegaconf import DictConfig
 from cnnlab.errors import require
 
 # train.cpu_kernels -> the step's XLA:CPU compiler options (none: XLA's default, YNNPACK).
+# XLA's default in jaxlib 0.10.2 hands YNNPACK individual dots, individual convolutions and
+# reductions; `eigen` leaves it the dots and reductions: with XLA's own reduction loops too,
+# test_fidelity's float32 step was 1.3e-2 off its float64 gradient instead of 1e-5.
 CPU_KERNELS: dict[str, dict[str, Any]] = {
-    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type":
+              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
     "ynnpack": {},
 }
 
