@@ -15,7 +15,7 @@ import pytest
 from cnnlab.runs.checkpoint import Checkpointer
 from tests.helpers import TINY, train_tiny
 from tests.multihost_run import launch, report
-from tests.sharded_runs import COMMON, losses
+from tests.sharded_runs import COMMON, losses, losses_agree
 
 ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
@@ -26,17 +26,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> di
     run_dir = tmp_path_factory.mktemp("one_device")
     train_tiny(run_dir, fashion_dir, COMMON)
     return losses(run_dir)
-
-
-def _close(a: dict, b: dict, rtol: float = 2e-3) -> bool:
-    """Losses of the same run on other device counts: the first log window within 1e-5, later
-    ones within `rtol`. Each device's kernel gradient sums its own images in one convolution
-    (cnnlab/models/conv.py), so per-device batches round differently from one whole batch, and
-    20 steps of this tiny net at lr 0.1 grow that to ~8e-4 by step 15 (measured 2026-12-05;
-    the first window, 4e-7)."""
-    first = min(a, key=int)
-    return (a.keys() == b.keys() and abs(a[first] - b[first]) <= 1e-5 * abs(b[first])
-            and all(abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a))
 
 
 # A training set that pads: 1,024 - 98 held out = 926 rows, padded to 928 over 4 devices (no
@@ -62,7 +51,7 @@ def test_a_device_resident_job_decodes_and_places_only_each_process_share(
     assert [r["placed_bytes"] for r in reports] == [464 * 28 * 28] * 2
     assert [r["equality_checks"] for r in reports] == [0, 0]
     # The statistics summed over the processes, the batches drawn in one process's order.
-    assert _close(losses(run_dir), losses(one))
+    assert losses_agree(losses(run_dir), losses(one))
 
 
 @pytest.mark.parametrize("subsets", [
@@ -124,7 +113,7 @@ def test_a_streamed_job_reads_and_places_only_each_process_share(
     assert [r["placed_rows"] for r in reports] == [320, 320]
     assert [r["equality_checks"] for r in reports] == [0, 0]
     # The batches are the one-process run's, in its order.
-    assert _close(losses(run_dir), reference)
+    assert losses_agree(losses(run_dir), reference)
 
 
 # The signal test's runs, small so that its two two-process jobs stay in `make test`: 12 steps
@@ -161,7 +150,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_the_job_resumes(
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 8
     # 4 devices sum in another order than one, and the difference grows with the steps (4.5e-4
     # relative at step 8 seen on 256 images; step 2 equal): 1e-3, not the 1e-4 of 20 steps of 5.
-    assert _close(losses(run_dir), losses(one))
+    assert losses_agree(losses(run_dir), losses(one))
 
 
 def test_one_time_work_is_done_by_process_0_while_the_other_waits(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, xla_optimizations, xla_probe
+from tests.sharded_runs import losses_agree
 from tests.test_faults import _events, _params
-from tests.test_parallel import _close
 
 FINAL = 20  # the runs' last step (tests/test_faults.py's FAULTS)
 
@@ -71,7 +71,7 @@ def test_four_devices_train_like_one(optimized):
     out, summaries = optimized
     one, four = dict(_losses(out / "straight")), dict(_losses(out / "four"))
     assert summaries["four"]["devices"] == 4 and summaries["straight"]["devices"] == 1
-    assert len(one) == 4 and _close(four, one)
+    assert len(one) == 4 and losses_agree(four, one)
     assert four[FINAL] < four[5]  # and it trains
     assert summaries["four"]["final/test/error"] == pytest.approx(
         summaries["straight"]["final/test/error"], abs=0.2)
