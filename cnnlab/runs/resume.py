@@ -25,7 +25,7 @@ UNTRACKED = ("logger.", "progress", "compile_cache_dir", "dataset.data_dir", "da
              "train.deterministic",
              # The convolution's implementation on CPU: the same numbers up to float rounding.
              "train.conv_impl",
-             # The library XLA:CPU runs convolutions and matmuls with: the same, up to rounding.
+             # The library XLA:CPU runs convolutions in: the same numbers up to float rounding.
              "train.cpu_kernels",
              # Where it computes and how its data arrives (the same numbers up to the order of
              # float sums, the same batches): a run resumes on another device count or path.
