@@ -7,7 +7,7 @@ import pytest
 
 from cnnlab.models import build_model, count_params
 from cnnlab.models.blocks import pad_shortcut
-from tests.helpers import compose_config
+from tests.helpers import compose_config, optimized_xla  # noqa: F401  (fixture)
 
 # He et al. 2016, Table 6 (CIFAR-10), in millions, as printed.
 PAPER_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
@@ -163,6 +163,40 @@ def test_cpu_conv_gradients_are_convolutions_in_the_forward_layout(stride, kerne
     canonical = "[b,0,1,f]x[0,1,i,o]->[b,0,1,f]"
     assert labels(conv_general_dilated) == [canonical] * 3
     assert labels(lax.conv_general_dilated).count(canonical) < 3  # the check can fail
+
+
+@pytest.mark.usefixtures("optimized_xla")
+@pytest.mark.parametrize("store", [True, False])
+def test_cpu_residual_stream_is_computed_once_not_in_every_consumer(monkeypatch, store):
+    """Each block's output is a buffer of its own (Layers.stored), so no fusion of the
+    optimized training gradient reads more than three convolutions' outputs, however deep the
+    stage (the widest: a ReLU mask's backward, reading its block's last convolution, the stem's
+    and the input gradient's). Without it, XLA:CPU recomputed the residual stream's
+    BatchNorm/add/ReLU chain back to the stage's start in every consumer: fusions reading 6
+    outputs here, 11 in ResNet-56, the time growing with the square of depth (docs/speed.md)."""
+    import re
+
+    from cnnlab.models import conv
+    from cnnlab.training.numerics import compiler_options
+
+    if not store:  # the check can fail: the same program without the stored outputs
+        monkeypatch.setattr(conv, "stored", lambda x: x)
+    cfg = compose_config(["model=resnet20", "model.width=8"])
+    model = build_model(cfg, 10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), x, train=False)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(out ** 2)
+
+    hlo = (jax.jit(jax.grad(loss)).lower(variables["params"])
+           .compile(compiler_options(cfg.train, "cpu")).as_text())
+    convolutions = set(re.findall(r"%([\w.\-]+) = \S+ convolution\(", hlo))
+    reads = [len(convolutions & set(re.findall(r"%([\w.\-]+)", operands))) for operands in
+             re.findall(r"= \S+ fusion\((.*?)\), kind=", hlo)]
+    assert (max(reads) <= 3) == store, max(reads)
 
 
 @pytest.mark.parametrize("kernel, stride, pad, shape", [

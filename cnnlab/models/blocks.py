@@ -298,6 +298,9 @@ class BasicBlock(nn.Module):
             shortcut = Shortcut(self.features, self.stride, lay, self.shortcut, name="shortcut")
             y = _add_shortcut(y, shortcut, x, self.survival if survival is None else survival,
                               self.per_example, train)
+            # The residual stream, computed once (Layers.stored: XLA:CPU would recompute every
+            # earlier block's output chain in each later consumer).
+            return lay.stored(lay.act(y))
         return lay.act(y)
 
 
@@ -336,6 +339,7 @@ class Bottleneck(nn.Module):
             shortcut = Shortcut(out, self.stride, lay, self.shortcut, name="shortcut")
             y = _add_shortcut(y, shortcut, x, self.survival if survival is None else survival,
                               self.per_example, train)
+            return lay.stored(lay.act(y))
         return lay.act(y)
 
 

@@ -79,14 +79,30 @@ def _input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding: tuple
                                     dimension_numbers=_NHWC)
 
 
+def stored(x: jax.Array) -> jax.Array:
+    """`x` itself, computed once into a buffer of its own: divided by a 1 that XLA cannot see
+    is a 1 (exact). XLA:CPU fuses cheap elementwise producers into every consumer, so a value
+    that several consumers read is recomputed in each of them. Along a ResNet's residual
+    stream (each block's output = ReLU(BN(conv) + its input)) that recomputation chains: the
+    ninth block's output was a fusion re-running the BatchNorm, add and ReLU of all nine blocks
+    of its stage, once per consumer, forward and backward (ResNet-56: fusions of up to 11
+    convolution outputs). A division is one of the operations XLA:CPU counts as expensive and
+    never duplicates, and its gradient is again such a division. `lax.optimization_barrier`
+    alone cannot do this: XLA:CPU removes barriers before it fuses (it is kept here only to
+    hide the 1 from the algebraic simplifier)."""
+    return x / lax.optimization_barrier(jnp.ones((), x.dtype))
+
+
 def _materialized(x: jax.Array) -> jax.Array:
-    """`x` itself (times the identity over channels: exact), as an operation XLA cannot fuse
-    into its consumer. XLA:CPU recomputes cheap elementwise producers inside each consumer;
-    for the kernel gradient's transpose of a ResNet block's input, that meant re-running the
-    BatchNorm, ReLU and residual adds of every block since the last convolution, read in
-    transposed order: 130 of ResNet-20's 285 ms a step (about 2.5 ms per transpose instead of
-    0.3 ms). `lax.optimization_barrier` does not stop it: XLA:CPU removes barriers before
-    fusing."""
+    """`x` as an operation XLA cannot fuse into its consumer, for the kernel gradient's
+    transpose: without it, the transpose recomputed the input's BatchNorm/ReLU chain in
+    transposed order (ResNet-20: 130 of a 285 ms step, about 2.5 ms per transpose instead of
+    0.3 ms). Times the identity over channels (exact), which measured a few percent faster
+    than `stored` in ResNet-20/-56 steps; inputs of few channels (an RGB stem) are `stored`
+    instead, as a matmul with 3 columns runs far below a matmul's pace (ResNet-18: -6% a
+    step)."""
+    if x.shape[-1] < 8:
+        return stored(x)
     return jnp.einsum("nhwc,cd->nhwd", x, jnp.eye(x.shape[-1], dtype=x.dtype))
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from cnnlab import parallel
 from cnnlab.errors import ConfigError
-from cnnlab.models import geometry
+from cnnlab.models import conv, geometry
 from cnnlab.models.conv_choice import XLA_CONV, ConvChoice
 from cnnlab.registry import Registry
 
@@ -370,6 +370,11 @@ class Layers:
             dtype=self.dtype,
             name=name,
         )(x)
+
+    def stored(self, x: jax.Array) -> jax.Array:
+        """`x`, kept in a buffer of its own on CPU (cnnlab.models.conv.stored: XLA:CPU would
+        recompute a residual stream's whole chain in each consumer); unchanged elsewhere."""
+        return x if self.conv_impl is None else conv.stored(x)
 
     def dense(self, features: int, name: str | None = None) -> nn.Dense:
         return nn.Dense(
