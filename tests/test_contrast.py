@@ -33,7 +33,7 @@ ROWS = [_row(kind, depth) for kind in ("plain", "resnet") for depth in (20, 56)]
 
 
 def test_keys_that_the_other_keys_determine_are_not_grouped_by():
-    # model.name follows from depth and residual, scan_blocks from depth (as in conf/model/).
+    # model.name follows from depth and residual, and scan_blocks (set per depth here) from depth.
     assert group_keys(ROWS, "model.residual") == ["model.depth"]
     assert group_keys(ROWS, "model.depth") == ["model.residual"]
 

@@ -106,10 +106,12 @@ def _assert_close(got: dict, want: dict, what: str, tolerance: float = TOLERANCE
 
 # Each 20-layer net at both input shapes (28x28x1, 32x32x3): plain and residual blocks, one and
 # three input channels; in `make test-quick` each at one of them. The 56-layer nets stack the
-# same blocks deeper, as one scan per stage (their configs' scan_blocks): each at one shape, the
-# other net's. A batch of 8 (BN's statistics over 8 x 7 x 7 values per channel at the least):
-# PyTorch's float64 step on CPU is most of these tests' time, about linear in the batch.
+# same blocks deeper, each at one shape, the other net's: ResNet-56 as one scan per stage
+# (SCANNED), plain-56 unrolled, as its config runs. A batch of 8 (BN's statistics over
+# 8 x 7 x 7 values per channel at the least): PyTorch's float64 step on CPU is most of these
+# tests' time, about linear in the batch.
 FLOAT64_BATCH = 8
+SCANNED = {"resnet56": ("model.scan_blocks=true",)}
 FLOAT64_CASES = [
     pytest.param("resnet20", 20, True, "fashion_mnist"),
     pytest.param("plain20", 20, False, "cifar10"),
@@ -123,13 +125,13 @@ FLOAT64_CASES = [
 @pytest.mark.parametrize("model, depth, residual, dataset", FLOAT64_CASES)
 def test_loss_gradients_and_bn_statistics_equal_pytorch_in_float64(
         model, depth, residual, dataset):
-    """The network's maths, exactly: cnnlab's model on its default CPU path (the matmul kernel
-    gradient of cnnlab/models/conv.py included) against PyTorch, both in float64, so that what
+    """The network's maths, exactly: cnnlab's model on its default CPU path (the gradients and
+    stored outputs of cnnlab/models/conv.py included) against PyTorch, both in float64, so that what
     differs is the implementation and not rounding (see the float32 test below for how far
     float32 rounding alone moves the gradients)."""
     import optax
 
-    r = _cnnlab_run(model, dataset, batch=FLOAT64_BATCH)
+    r = _cnnlab_run(model, dataset, SCANNED.get(model, ()), batch=FLOAT64_BATCH)
     params, stats = _numpy(r.state.params), _numpy(r.state.batch_stats)
     loss64, grads64, _, stats64 = _torch_step(r, depth, residual, params, stats, torch.float64)
     with jax.enable_x64(True):
