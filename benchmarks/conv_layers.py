@@ -31,6 +31,7 @@ from benchmarks.bench_cnnlab import overrides_for
 from benchmarks.suite import ENTRIES, usable_cores
 from cnnlab.cli.preflight import compose
 from cnnlab.models import build_model, conv, conv_impl
+from cnnlab.training import numerics
 
 MODELS = ("resnet20", "resnet56", "resnet18", "vgg11")
 PASSES = ("forward", "input grad", "kernel grad")
@@ -89,15 +90,18 @@ def jax_impls(names: list[str]) -> dict[str, Callable]:
     return {n: table.get(n) or conv_impl.IMPLS.get(n) for n in names}
 
 
-def jax_passes(fn: Callable, strides: tuple, pads: tuple) -> dict[str, Callable]:
-    """The three passes of `fn` as jitted functions of (x, w, dy)."""
+def jax_passes(fn: Callable, strides: tuple, pads: tuple,
+               options: dict | None = None) -> dict[str, Callable]:
+    """The three passes of `fn` as jitted functions of (x, w, dy), compiled with XLA
+    `options` (the training step's: `train.cpu_kernels`)."""
     def f(x, w):
         return fn(x, w, strides, pads)
 
+    jit = functools.partial(jax.jit, compiler_options=options or None)
     return {
-        "forward": jax.jit(lambda x, w, dy: f(x, w)),
-        "input grad": jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0]),
-        "kernel grad": jax.jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0]),
+        "forward": jit(lambda x, w, dy: f(x, w)),
+        "input grad": jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0]),
+        "kernel grad": jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0]),
     }
 
 
@@ -133,7 +137,7 @@ def _time(call: Callable) -> float:
 
 
 def time_layer(shape: tuple, impls: dict[str, Callable], with_torch: bool,
-               reps: int) -> dict[str, dict[str, float]]:
+               reps: int, options: dict | None = None) -> dict[str, dict[str, float]]:
     """Best seconds of each (pass, implementation), the implementations interleaved."""
     x_shape, w_shape, strides, pads = shape
     rng = np.random.default_rng(0)
@@ -145,7 +149,7 @@ def time_layer(shape: tuple, impls: dict[str, Callable], with_torch: bool,
     calls: dict[str, dict[str, Callable]] = {p: {} for p in PASSES}
     for name, fn in impls.items():
         if name in ("lax", "cnnlab") or conv_impl.applies(name, w_shape, strides):
-            for p, jitted in jax_passes(fn, strides, pads).items():
+            for p, jitted in jax_passes(fn, strides, pads, options).items():
                 calls[p][name] = (lambda j: lambda: j(x, w, dy))(jitted)
     if with_torch:
         for p, call in torch_passes(x_shape, w_shape, strides, pads).items():
@@ -211,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--label", default="conv_layers", help="results file name")
+    p.add_argument("--cpu-kernels", default="eigen", choices=list(numerics.CPU_KERNELS),
+                   help="the library XLA:CPU runs convolutions in (train.cpu_kernels)")
     args = p.parse_args(argv)
+    options = numerics.CPU_KERNELS[args.cpu_kernels]
     if not args.no_torch:
         import torch
 
@@ -219,19 +226,21 @@ def main(argv: list[str] | None = None) -> None:
     impls = jax_impls(args.impls)
     results = []
     for shape, nets in distinct_layers(args.models).items():
-        seconds = time_layer(shape, impls, not args.no_torch, args.reps)
+        seconds = time_layer(shape, impls, not args.no_torch, args.reps, options)
         results.append({"layer": describe(shape), "shape": shape, "networks": nets,
                         "gflop": flops(*shape) / 1e9, "seconds": seconds})
         print(json.dumps(results[-1]), flush=True)
     ceiling = matmul_ceiling()
     header = (f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f} on "
-              f"{os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; XLA's "
+              f"{os.cpu_count()} cores; train.cpu_kernels={args.cpu_kernels}; "
+              f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; XLA's "
               "fp32 matmul (the ceiling), GFLOP/s: "
               + ", ".join(f"n={n}: {g:.0f}" for n, g in ceiling.items()))
     names = [*args.impls, *([] if args.no_torch else ["torch"])]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.label}.json").write_text(json.dumps(
         {"results": results, "matmul_gflops": ceiling, "xla_flags": os.environ.get("XLA_FLAGS"),
+         "cpu_kernels": args.cpu_kernels,
          "loadavg": os.getloadavg()}, indent=1))
     table = markdown(results, names, header)
     (RESULTS / f"{args.label}.md").write_text(table)
