@@ -191,8 +191,10 @@ def markdown(results: list[dict], names: list[str], header: str) -> str:
             times = r["seconds"][p]
             cells = [f"{1e3 * times[c]:.0f} ms ({r['gflop'] / times[c]:.0f})" if c in times
                      else "-" for c in cols]
-            # The fastest of what train.conv_impl can select (lax and cnnlab: references).
-            best = min((t, c) for c, t in times.items() if c in conv_impl.IMPLS)[1]
+            # The fastest of what train.conv_impl can select (`cnnlab` is its `xla`; lax and
+            # torch are references).
+            selectable = {("xla" if c == "cnnlab" else c): t for c, t in times.items()}
+            best = min((t, c) for c, t in selectable.items() if c in conv_impl.IMPLS)[1]
             lines.append(f"| {r['layer']} | {', '.join(r['networks'])} | {p} | "
                          f"{r['gflop']:.2f} | " + " | ".join(cells) + f" | {best} |")
     return "\n".join(lines) + "\n"
@@ -202,7 +204,7 @@ def render(label: str, names: list[str]) -> str:
     """The markdown table of a finished run's JSON (benchmarks/results/LABEL.json)."""
     data = json.loads((RESULTS / f"{label}.json").read_text())
     header = (f"Load average (1 min) at the end: {data['loadavg'][0]:.2f}; "
-              f"XLA_FLAGS={data['xla_flags'] or ''!r}; XLA's fp32 matmul (the ceiling), "
+              f"train.cpu_kernels={data.get('cpu_kernels', 'ynnpack')}; XLA_FLAGS={data['xla_flags'] or ''!r}; XLA's fp32 matmul (the ceiling), "
               "GFLOP/s: " + ", ".join(f"n={n}: {g:.0f}" for n, g in data["matmul_gflops"].items()))
     return markdown(data["results"], names, header)
 
