@@ -204,8 +204,9 @@ def render(label: str, names: list[str]) -> str:
     """The markdown table of a finished run's JSON (benchmarks/results/LABEL.json)."""
     data = json.loads((RESULTS / f"{label}.json").read_text())
     header = (f"Load average (1 min) at the end: {data['loadavg'][0]:.2f}; "
-              f"train.cpu_kernels={data.get('cpu_kernels', 'ynnpack')}; XLA_FLAGS={data['xla_flags'] or ''!r}; XLA's fp32 matmul (the ceiling), "
-              "GFLOP/s: " + ", ".join(f"n={n}: {g:.0f}" for n, g in data["matmul_gflops"].items()))
+              f"train.cpu_kernels={data.get('cpu_kernels', 'ynnpack')}; "
+              f"XLA_FLAGS={data['xla_flags'] or ''!r}; XLA's fp32 matmul (the ceiling), GFLOP/s: "
+              + ", ".join(f"n={n}: {g:.0f}" for n, g in data["matmul_gflops"].items()))
     return markdown(data["results"], names, header)
 
 
