@@ -59,12 +59,15 @@ def peak_device_mib(device: jax.Device) -> float | None:
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
-def timed_calls(chunk, state, train_data, steps_per_call: int, n: int) -> tuple:
-    """`n` calls of the chunk, each timed to completion (the state is waited on)."""
+def timed_calls(bench, state, steps_per_call: int, n: int, step: int = 0) -> tuple:
+    """`n` calls of the run's chunk from `step` on, each timed to completion (the state is
+    waited on); each gets its data as `cnnlab train`'s loop hands it over (`chunk_data`: the
+    epochs' orders, drawn once per epoch)."""
     times = []
-    for _ in range(n):
+    for i in range(n):
         t0 = time.perf_counter()
-        state, _ = chunk(state, train_data, steps_per_call)
+        data = bench.chunk_data(step + i * steps_per_call, steps_per_call)
+        state, _ = bench.train_chunk(state, data, steps_per_call)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
     return state, times
@@ -74,11 +77,12 @@ def run(entry: Entry, extra: list[str]) -> dict:
     cfg = compose(overrides_for(entry, extra))
     spc = cfg.train.steps_per_call
     bench = build(cfg, synthetic_dataset(entry.num_images, entry.shape, entry.num_classes))
-    state, warm = timed_calls(bench.train_chunk, bench.state, bench.train_data, spc,
-                              max(1, math.ceil(entry.warmup / spc)))
+    warm_calls = max(1, math.ceil(entry.warmup / spc))
+    bench.epoch_orders  # noqa: B018  (drawn from the state's key before the chunk donates it)
+    state, warm = timed_calls(bench, bench.state, spc, warm_calls)
     calls = max(1, math.ceil(entry.steps / spc))
     start = time.perf_counter()
-    state, times = timed_calls(bench.train_chunk, state, bench.train_data, spc, calls)
+    state, times = timed_calls(bench, state, spc, calls, step=warm_calls * spc)
     elapsed = time.perf_counter() - start
     device = jax.devices()[0]
     median_call = statistics.median(times)
