@@ -87,7 +87,8 @@ def stored(x: jax.Array) -> jax.Array:
     ninth block's output was a fusion re-running the BatchNorm, add and ReLU of all nine blocks
     of its stage, once per consumer, forward and backward (ResNet-56: fusions of up to 11
     convolution outputs). A division is one of the operations XLA:CPU counts as expensive and
-    never duplicates, and its gradient is again such a division. `lax.optimization_barrier`
+    never duplicates into several consumers (one consumer still fuses it), and its gradient is
+    again such a division. `lax.optimization_barrier`
     alone cannot do this: XLA:CPU removes barriers before it fuses (it is kept here only to
     hide the 1 from the algebraic simplifier)."""
     return x / lax.optimization_barrier(jnp.ones((), x.dtype))
@@ -97,12 +98,9 @@ def _materialized(x: jax.Array) -> jax.Array:
     """`x` as an operation XLA cannot fuse into its consumer, for the kernel gradient's
     transpose: without it, the transpose recomputed the input's BatchNorm/ReLU chain in
     transposed order (ResNet-20: 130 of a 285 ms step, about 2.5 ms per transpose instead of
-    0.3 ms). Times the identity over channels (exact), which measured a few percent faster
-    than `stored` in ResNet-20/-56 steps; inputs of few channels (an RGB stem) are `stored`
-    instead, as a matmul with 3 columns runs far below a matmul's pace (ResNet-18: -6% a
-    step)."""
-    if x.shape[-1] < 8:
-        return stored(x)
+    0.3 ms). Times the identity over channels (exact). `stored` cannot stand in for it here:
+    with the transpose as its one consumer, XLA fuses the division into it (ResNet-20: 200-220
+    ms a step against 170-205)."""
     return jnp.einsum("nhwc,cd->nhwd", x, jnp.eye(x.shape[-1], dtype=x.dtype))
 
 
@@ -122,7 +120,10 @@ def _kernel_gradient(x: jax.Array, w_shape: tuple, strides: tuple, padding: tupl
     # Float32 accumulation under bfloat16 compute (train.precision): the sum runs over every
     # pixel of the batch, far past bfloat16's 8-bit mantissa; float64 stays float64.
     accumulate = jnp.promote_types(dy.dtype, jnp.float32)
-    x = _materialized(x)
+    # Inputs of few channels (an RGB stem's) are left to the transpose: a matmul of 3 columns
+    # runs far below a matmul's pace (ResNet-18: 615 against 655 ms a step).
+    if x.shape[-1] >= 8:
+        x = _materialized(x)
     grad = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
                                     pads, rhs_dilation=strides, dimension_numbers=_NHWC,
                                     preferred_element_type=accumulate)
