@@ -59,18 +59,22 @@ def test_a_bad_cpu_kernels_value_is_one_line_naming_the_choices():
 
 @pytest.mark.usefixtures("optimized_xla")
 def test_the_cpu_step_compiles_with_the_kernel_library_the_config_names():
-    """Through `build`, as `cnnlab train` compiles it: with ynnpack the step's convolutions are
-    inside XLA's YNNPACK fusions, with eigen none is (they stay XLA's own, run by Eigen), while
-    its reductions are YNNPACK's either way."""
+    """Through `build`, as `cnnlab train` compiles them: with ynnpack the training step's and
+    the evaluation's convolutions are inside XLA's YNNPACK fusions, with eigen none is (they
+    stay XLA's own, run by Eigen), while the step's reductions are YNNPACK's either way."""
     from benchmarks.bench_cnnlab import synthetic_dataset
-    from cnnlab.training import build
+    from cnnlab.training import build, evaluate
 
-    def program(kernels: str) -> str:
+    def programs(kernels: str) -> tuple[str, str]:
         # Width 16: YNNPACK takes no convolution of width-4 layers.
         cfg = compose_config([*TINY, "dataset=cifar10", "train.batch_size=8", "model.width=16",
-                              f"train.cpu_kernels={kernels}"])
+                              "train.eval_batch_size=8", f"train.cpu_kernels={kernels}"])
         run = build.build(cfg, synthetic_dataset(16, (8, 8, 3), 10))
-        return run.train_chunk.lower(run.state, run.train_data, 1).compile().as_text()
+        ev = run.evaluator
+        split, index = next(evaluate._batches(ev.splits["test"], ev.batch_size))
+        return (run.train_chunk.lower(run.state, run.train_data, 1).compile().as_text(),
+                ev._eval_batch.lower(run.state.params, run.state.batch_stats, split, index)
+                .compile().as_text())
 
     def in_ynnpack(hlo: str) -> tuple[bool, bool]:
         """(a convolution, a reduction) inside a computation a YNNPACK fusion calls."""
@@ -80,9 +84,11 @@ def test_the_cpu_step_compiles_with_the_kernel_library_the_config_names():
         inside = " ".join(bodies[name] for name in called if name in bodies)
         return " convolution(" in inside, " reduce(" in inside
 
-    assert in_ynnpack(program("ynnpack")) == (True, True)
-    eigen = program("eigen")
+    ynnpack, ynnpack_eval = programs("ynnpack")
+    assert in_ynnpack(ynnpack) == (True, True) and in_ynnpack(ynnpack_eval)[0]
+    eigen, eigen_eval = programs("eigen")
     assert in_ynnpack(eigen) == (False, True) and " convolution(" in eigen
+    assert not in_ynnpack(eigen_eval)[0] and " convolution(" in eigen_eval
 
 
 def test_configure_sets_jax_matmul_precision():

@@ -314,7 +314,7 @@ class TrainConfig:
         "CPU convs: xla | im2col | winograd2 | winograd4 | auto", None)
     # None (configs saved before it): ynnpack, XLA's default they trained with.
     cpu_kernels: str | None = described(
-        "the CPU step's convolutions in: eigen | ynnpack", None)
+        "CPU training/eval convolutions in: eigen | ynnpack", None)
 
 
 @dataclasses.dataclass

@@ -326,7 +326,9 @@ class Run:
         views = make_eval_views(cfg.eval, cfg.augment, self.dataset.image_shape)
         return Evaluator(self.model, self.eval_splits(cfg.train.eval_batch_size),
                          cfg.train.eval_batch_size, cfg.eval.ema_decay, views, cfg.eval.top_k,
-                         batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size))
+                         batch_sharding=self.placement.eval_batch(cfg.train.eval_batch_size),
+                         compiler_options=numerics.compiler_options(cfg.train,
+                                                                    self.placement.platform))
 
 
 def share_of(placement: parallel.Placement) -> Share | None:

@@ -193,7 +193,7 @@ class Evaluator:
     def __init__(self, model: Any, splits: dict[str, DeviceSplit], batch_size: int,
                  ema_decay: float | None = None, views: steps.Views | None = None,
                  top_k: int | None = None, clock: progress.Clock = time.perf_counter,
-                 batch_sharding: Any = None) -> None:
+                 batch_sharding: Any = None, compiler_options: dict | None = None) -> None:
         self.batch_size = batch_size
         self.splits = splits
         # The real examples (the splits are padded to whole batches), for the log lines.
@@ -201,9 +201,10 @@ class Evaluator:
                       else int(np.sum(jax.device_get(split.mask)))
                       for name, split in splits.items()}
         self._eval_batch = steps.make_eval_batch(model, batch_size, top_k=top_k,
-                                                 batch_sharding=batch_sharding)
-        self._tta_batch = (steps.make_eval_batch(model, batch_size, views, top_k, batch_sharding)
-                           if views else None)
+                                                 batch_sharding=batch_sharding,
+                                                 compiler_options=compiler_options)
+        self._tta_batch = (steps.make_eval_batch(model, batch_size, views, top_k, batch_sharding,
+                                                 compiler_options) if views else None)
         # The latest call's confusion counts by `<split><variant>`: fetched only when written.
         self.confusions: dict[str, jax.Array] = {}
         self._ema_decay = ema_decay

@@ -443,18 +443,21 @@ def top_k_key(k: int) -> str:
 
 
 def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = None,
-                    top_k: int | None = None, batch_sharding: Any = None) -> Callable:
+                    top_k: int | None = None, batch_sharding: Any = None,
+                    compiler_options: dict | None = None) -> Callable:
     """`eval_batch(params, batch_stats, split, index) -> summed metrics` of the index-th batch.
 
     The loss is the negative log of the predicted probability of the label (with `views`: of
     the averaged probability), the error that of its argmax. Also `confusion`, the batch's
     (K, K) counts (`confusion_counts`), and with `top_k` < K classes the top-k hits
     (`top_k_key`, ranked by `label_rank`). The padded tail (`split.mask`) counts nowhere.
-    `batch_sharding`: the batch split over the devices, as in training.
+    `batch_sharding`: the batch split over the devices, as in training. `compiler_options`:
+    XLA's, as the training step's (training/numerics: on CPU, Eigen's multi-threaded
+    convolutions).
     """
     log_probs = make_log_probs(model, views)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options or None)
     def eval_batch(params: Any, batch_stats: Any, split: DeviceSplit, index: jax.Array) -> dict:
         images, labels, mask = constrain(_eval_slice(split, index, batch_size), batch_sharding)
         logp = log_probs(params, batch_stats, split, images)
