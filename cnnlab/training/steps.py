@@ -451,10 +451,7 @@ def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = Non
     the averaged probability), the error that of its argmax. Also `confusion`, the batch's
     (K, K) counts (`confusion_counts`), and with `top_k` < K classes the top-k hits
     (`top_k_key`, ranked by `label_rank`). The padded tail (`split.mask`) counts nowhere.
-    `batch_sharding`: the batch split over the devices, as in training. `compiler_options`:
-    XLA's, as the training step's (training/numerics: on CPU, Eigen's multi-threaded
-    convolutions).
-    """
+    `batch_sharding` and `compiler_options` (training/numerics): as the training step's."""
     log_probs = make_log_probs(model, views)
 
     @functools.partial(jax.jit, compiler_options=compiler_options or None)
