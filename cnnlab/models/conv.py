@@ -88,9 +88,9 @@ def stored(x: jax.Array) -> jax.Array:
     of its stage, once per consumer, forward and backward (ResNet-56: fusions of up to 11
     convolution outputs). A division is one of the operations XLA:CPU counts as expensive and
     never duplicates into several consumers (one consumer still fuses it), and its gradient is
-    again such a division. `lax.optimization_barrier`
-    alone cannot do this: XLA:CPU removes barriers before it fuses (it is kept here only to
-    hide the 1 from the algebraic simplifier)."""
+    again such a division. `lax.optimization_barrier` alone cannot do this: XLA:CPU removes
+    barriers before it fuses (it is kept here only to hide the 1 from the algebraic
+    simplifier)."""
     return x / lax.optimization_barrier(jnp.ones((), x.dtype))
 
 

@@ -74,7 +74,8 @@ def configure(train: DictConfig) -> None:
 
 
 def compiler_options(train: DictConfig, platform: str) -> dict[str, Any]:
-    """XLA options the training step is compiled with (`jax.jit(compiler_options=...)`) for
-    devices of `platform` (`parallel.platform()`'s names)."""
+    """XLA options the training step (and, with the same kernels, the evaluation) is compiled
+    with (`jax.jit(compiler_options=...)`) for devices of `platform` (`parallel.platform()`'s
+    names)."""
     options = {"xla_gpu_deterministic_ops": True} if deterministic(train) else {}
     return {**options, **CPU_KERNELS[cpu_kernels(train)]} if platform == "cpu" else options
