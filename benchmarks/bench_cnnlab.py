@@ -78,7 +78,6 @@ def run(entry: Entry, extra: list[str]) -> dict:
     spc = cfg.train.steps_per_call
     bench = build(cfg, synthetic_dataset(entry.num_images, entry.shape, entry.num_classes))
     warm_calls = max(1, math.ceil(entry.warmup / spc))
-    bench.epoch_orders  # noqa: B018  (drawn from the state's key before the chunk donates it)
     state, warm = timed_calls(bench, bench.state, spc, warm_calls)
     calls = max(1, math.ceil(entry.steps / spc))
     start = time.perf_counter()
