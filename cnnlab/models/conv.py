@@ -10,7 +10,9 @@ laid out as the forward pass's (NHWC input, HWIO kernel): the input gradient con
 output gradient with the kernel flipped and swapped, materialized (`_input_gradient`); the
 kernel gradient convolves the input, transposed to (C, H, W, N), with the output gradient
 transposed to (Ho, Wo, N, O) as the kernel (`_kernel_gradient`). The forward pass is XLA's
-own. On GPU/TPU, XLA's convolutions are used unchanged.
+own. On GPU/TPU, XLA's convolutions are used unchanged. `stored` (used by the residual blocks,
+through `Layers.stored`) keeps a value XLA:CPU would recompute in each of its consumers in one
+buffer instead.
 
 (Until 2026-12-05 the kernel gradient was one matmul per kernel offset, each reading a strided
 slice of the padded input. In jaxlib 0.10.2 those slices cost more than the matmuls: each was
