@@ -79,6 +79,10 @@ MUTANTS = (
            "return scan_blocks(self, [spec.name for spec in run], block, x, train,",
            "return x + 0 * scan_blocks(self, [spec.name for spec in run], block, x, train,",
            ("tests/test_zoo.py::test_scanned_residual_blocks_each_count",)),
+    Mutant("the CPU matmul kernel gradient sums only its first batch tile",
+           "cnnlab/models/conv.py",
+           "lax.fori_loop(0, n // tile, add_tile,", "lax.fori_loop(0, 1, add_tile,",
+           ("tests/test_models.py", "tests/test_fidelity.py")),
 )
 
 

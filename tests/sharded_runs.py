@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from cnnlab.cli import preflight
 from cnnlab.errors import ConfigError
@@ -49,6 +51,32 @@ def collectives(data_dir: Path, devices: int) -> list[str]:
     return sorted({op for op in ("all-reduce", "all-gather", "reduce-scatter") if op in text})
 
 
+def kernel_gradient_collectives(devices: int) -> list[str]:
+    """The collectives of a layer's CPU kernel gradient taken as matmuls over batch tiles
+    (cnnlab/models/conv.py), its batch split over `devices`, in 4 tiles: each tile must take
+    images from every device's share, or XLA gathers the whole batch on every device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from cnnlab.models import conv
+
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    x = jax.ShapeDtypeStruct((32, 16, 16, 8), jnp.float32,
+                             sharding=NamedSharding(mesh, PartitionSpec("data")))
+    w = jnp.ones((3, 3, 8, 8))
+    pads = ((1, 1), (1, 1))
+    assert conv.takes_matmul_kernel_gradient(w.shape, (1, 1), pads, (32, 16, 16, 8))
+    per_image = 18 * 16 * 3 * 8 * 4  # bytes of one image's shifted input
+    conv.MATMUL_TILE_BYTES, budget = 8 * per_image, conv.MATMUL_TILE_BYTES
+    try:
+        loss = lambda w, x: jnp.sum(conv.conv_general_dilated(  # noqa: E731
+            x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+        text = jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
+    finally:
+        conv.MATMUL_TILE_BYTES = budget
+    return sorted({op for op in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter")
+                   if op in text})
+
+
 def main(data_dir: Path, out: Path) -> None:
     results: dict = {"device_count": jax.device_count()}
     for devices in (1, 4):
@@ -74,6 +102,7 @@ def main(data_dir: Path, out: Path) -> None:
     results["resumed"] = {"losses": losses(resumed), "test_errors": test_errors(resumed),
                           "resumed_from": summary["resumed_from"], "devices": summary["devices"]}
     results["collectives"] = {n: collectives(data_dir, n) for n in (1, 4)}
+    results["kernel_gradient_collectives"] = kernel_gradient_collectives(4)
     try:
         build(preflight.compose([*TINY, f"dataset.data_dir={data_dir}", "train.batch_size=30"]))
     except ConfigError as error:

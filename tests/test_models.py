@@ -140,6 +140,56 @@ def test_cpu_conv_gradients_equal_xla_autodiff(stride, pad, kernel, shape):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
 
 
+@pytest.mark.parametrize("shape, out, pads, tile_bytes", [
+    ((12, 16, 16, 8), 8, ((1, 1), (1, 1)), 1),  # one image per tile: 12 tiles
+    ((6, 17, 18, 16), 32, ((1, 1), (1, 1)), None),  # the default budget: one tile
+    ((8, 18, 20, 24), 16, ((0, 0), (0, 0)), 2 * 16 * 18 * 72 * 8),  # tiles of 2 images
+    ((4, 16, 16, 8), 8, ((0, 2), (2, 0)), 1),  # uneven padding
+])
+def test_cpu_kernel_gradient_of_few_channels_is_a_tiled_matmul_equal_to_autodiff(
+        monkeypatch, shape, out, pads, tile_bytes):
+    """Stride-1 3x3 layers of 8-24 input channels on wide maps take their kernel gradient as
+    matmuls over batch tiles (conv._matmul_kernel_gradient), equal to autodiff's in float64,
+    however the batch is tiled; and no convolution computes it any more."""
+    from jax import lax
+
+    from cnnlab.models import conv
+
+    if tile_bytes is not None:
+        monkeypatch.setattr(conv, "MATMUL_TILE_BYTES", tile_bytes)
+    dn, strides = ("NHWC", "HWIO", "NHWC"), (1, 1)
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
+        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, shape[-1], out), jnp.float64)
+
+        def kernel_grad(fn):
+            loss = lambda w: jnp.sum(jnp.sin(fn(x, w, strides, pads, dimension_numbers=dn)))  # noqa: E731
+            return jax.grad(loss)(w), jax.jit(jax.grad(loss)).lower(w).as_text()
+
+        (expected, _), (got, text) = kernel_grad(lax.conv_general_dilated), kernel_grad(
+            conv.conv_general_dilated)
+        y_shape = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn).shape
+    assert conv.takes_matmul_kernel_gradient(w.shape, strides, pads, y_shape)
+    expected, got = np.asarray(expected), np.asarray(got)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * abs(expected).max())
+    assert text.count("stablehlo.convolution") == 1  # the forward pass's only
+
+
+@pytest.mark.parametrize("shape, out, stride", [
+    ((2, 8, 8, 16), 16, 1),  # an 8x8 map: the convolution was faster
+    ((2, 16, 16, 32), 32, 1),  # 32 input channels: a tie
+    ((2, 32, 32, 3), 16, 1),  # an RGB stem
+    ((2, 32, 32, 16), 32, 2),  # stride 2
+])
+def test_the_matmul_kernel_gradient_stays_where_it_was_measured_faster(shape, out, stride):
+    from cnnlab.models import conv
+
+    pads = ((1, 1), (1, 1))
+    y_shape = (shape[0], shape[1] // stride, shape[2] // stride, out)
+    assert not conv.takes_matmul_kernel_gradient((3, 3, shape[-1], out), (stride, stride), pads,
+                                                 y_shape)
+
+
 @pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 3), (2, 1)])
 def test_cpu_conv_gradients_are_convolutions_in_the_forward_layout(stride, kernel):
     """Every convolution of the forward and backward pass is labelled as the forward one (NHWC

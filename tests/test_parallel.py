@@ -63,6 +63,9 @@ def _a_streamed_run_splits_its_batches_too(sharded: dict) -> None:
 def _the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
     # One device: no collective at all; four: the loss, gradients and BN statistics all-reduced.
     assert sharded["collectives"] == {"1": [], "4": ["all-reduce"]}
+    # The CPU kernel gradient's batch tiles keep each device's images on it: the sum over
+    # the devices is the only collective.
+    assert sharded["kernel_gradient_collectives"] == ["all-reduce"]
 
 
 def _summary_records_devices(sharded: dict) -> None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnlab.models import conv
+from cnnlab.models import conv, geometry
 from cnnlab.registry import Registry
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -61,8 +61,7 @@ TILE_BYTES = 4 << 20
 
 def batch_tile(n: int, bytes_per_image: int) -> int:
     """The largest divisor of the batch `n` whose images' intermediates fit in `TILE_BYTES`."""
-    return max(t for t in range(1, n + 1) if n % t == 0 and (t == 1 or t * bytes_per_image
-                                                             <= TILE_BYTES))
+    return geometry.tile_size(n, bytes_per_image, TILE_BYTES)
 
 
 def tiled(fn: Impl, x: jax.Array, w: jax.Array, strides: tuple, pads: tuple,

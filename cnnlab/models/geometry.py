@@ -72,3 +72,9 @@ def window_pads(label: str, spatial: tuple[int, int], kernel: int, stride: int,
 
 def output_size(size: int, kernel: int, stride: int, pads: tuple[int, int]) -> int:
     return (size + sum(pads) - kernel) // stride + 1
+
+
+def tile_size(n: int, bytes_per_item: int, budget: int) -> int:
+    """The largest divisor of `n` whose items take at most `budget` bytes (1 if none does)."""
+    return max(t for t in range(1, n + 1) if n % t == 0 and (t == 1 or t * bytes_per_item
+                                                             <= budget))
