@@ -177,6 +177,30 @@ def test_a_scanned_run_resumes_unrolled_from_its_checkpoint(fashion_dir, tmp_pat
                                    err_msg=key)
 
 
+@pytest.mark.parametrize("name", ["resnet56", "plain56"])
+def test_the_56_layer_nets_scan_their_blocks_on_accelerators_only(name):
+    """Their `model.scan_blocks: null` unrolls the blocks on CPU (faster steps, less memory)
+    and scans them in a model built for GPU or TPU (fewer collectives, a shorter compile), as
+    `cnnlab compile` builds it for a target (parallel.compiling_for); true or false forces."""
+    import types
+
+    from cnnlab import parallel
+    from cnnlab.models import build_model
+    from cnnlab.models.scan import scans_blocks
+
+    def scans(overrides: list[str], platform: str | None) -> bool:
+        cfg = compose_config([f"model={name}", *overrides])
+        if platform is None:
+            return scans_blocks(build_model(cfg, 10))
+        with parallel.compiling_for([types.SimpleNamespace(platform=platform)]):
+            return scans_blocks(build_model(cfg, 10))
+
+    assert compose_config([f"model={name}"]).model.scan_blocks is None
+    assert [scans([], p) for p in (None, "gpu", "tpu")] == [False, True, True]
+    assert scans(["model.scan_blocks=true"], None) and not scans(["model.scan_blocks=false"],
+                                                                  "tpu")
+
+
 def test_a_pattern_net_does_not_claim_scanned_blocks():
     """The pattern family builds a stack with no residual blocks: its options must say
     scan_blocks=false, not leave it MISSING ('???', which is truthy and sent its init down the

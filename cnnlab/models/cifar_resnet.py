@@ -48,7 +48,8 @@ class CifarResNetOptions:
     stochastic_depth_mode: str = described("one draw per block and batch | per example")
     dropout_at: DropoutPlaces = described("dropout rates by place (0: none): stage, head, block")
     # cnnlab.models.scan: the same variables and numbers.
-    scan_blocks: bool = described("run each stage's blocks as one scan: compile time flat")
+    scan_blocks: bool | None = described(
+        "run each stage's blocks as one scan: compile time flat; null: on GPU/TPU only")
 
     def validate(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:

@@ -60,7 +60,8 @@ class StackOptions:
     stochastic_depth_mode: str = described("one draw per block and batch | per example")
     dropout_at: DropoutPlaces = described("dropout added by place (0: none)")
     # cnnlab.models.scan: the same variables and numbers.
-    scan_blocks: bool = described("run repeated residual blocks as one scan: compile time flat")
+    scan_blocks: bool | None = described(
+        "run repeated residual blocks as one scan: compile time flat; null: on GPU/TPU only")
 
     def validate(self) -> None:
         body, head = self.specs()
