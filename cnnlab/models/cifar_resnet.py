@@ -49,7 +49,7 @@ class CifarResNetOptions:
     dropout_at: DropoutPlaces = described("dropout rates by place (0: none): stage, head, block")
     # cnnlab.models.scan: the same variables and numbers.
     scan_blocks: bool | None = described(
-        "run each stage's blocks as one scan: compile time flat; null: on GPU/TPU only")
+        "each stage's blocks as one scan (flat compile); null: off CPU")
 
     def validate(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:

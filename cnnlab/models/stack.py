@@ -61,7 +61,7 @@ class StackOptions:
     dropout_at: DropoutPlaces = described("dropout added by place (0: none)")
     # cnnlab.models.scan: the same variables and numbers.
     scan_blocks: bool | None = described(
-        "run repeated residual blocks as one scan: compile time flat; null: on GPU/TPU only")
+        "residual block runs as one scan (flat compile); null: off CPU")
 
     def validate(self) -> None:
         body, head = self.specs()
