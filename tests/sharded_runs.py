@@ -43,12 +43,18 @@ def test_errors(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["test/error"] for e in map(json.loads, lines) if "test/error" in e}
 
 
+def collectives_in(hlo: str) -> list[str]:
+    """The cross-device collectives a compiled program's text holds."""
+    return sorted({op for op in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter")
+                   if op in hlo})
+
+
 def collectives(data_dir: Path, devices: int) -> list[str]:
     """The cross-device collectives XLA put into the compiled training chunk."""
     cfg = preflight.compose([*TINY, f"dataset.data_dir={data_dir}", f"train.devices={devices}"])
     run = build(cfg)
-    text = run.train_chunk.lower(run.state, run.train_data, num_steps=1).compile().as_text()
-    return sorted({op for op in ("all-reduce", "all-gather", "reduce-scatter") if op in text})
+    return collectives_in(
+        run.train_chunk.lower(run.state, run.train_data, num_steps=1).compile().as_text())
 
 
 def kernel_gradient_collectives(devices: int) -> list[str]:
@@ -70,11 +76,9 @@ def kernel_gradient_collectives(devices: int) -> list[str]:
     try:
         loss = lambda w, x: jnp.sum(conv.conv_general_dilated(  # noqa: E731
             x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
-        text = jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
+        return collectives_in(jax.jit(jax.grad(loss)).lower(w, x).compile().as_text())
     finally:
         conv.MATMUL_TILE_BYTES = budget
-    return sorted({op for op in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter")
-                   if op in text})
 
 
 def main(data_dir: Path, out: Path) -> None:
