@@ -83,6 +83,15 @@ MUTANTS = (
            "cnnlab/models/conv.py",
            "lax.fori_loop(0, n // tile, add_tile,", "lax.fori_loop(0, 1, add_tile,",
            ("tests/test_models.py", "tests/test_fidelity.py")),
+    Mutant("the strided input gradient's phases interleaved in the wrong order",
+           "cnnlab/models/conv.py",
+           "grad = grad.reshape(n, *phases, sr, sc, c).transpose(0, 1, 3, 2, 4, 5)",
+           "grad = grad.reshape(n, *phases, sc, sr, c).transpose(0, 1, 4, 2, 3, 5)",
+           ("tests/test_models.py", "tests/test_fidelity.py")),
+    Mutant("the 1x1 kernel gradient reads consecutive pixels, not every s-th",
+           "cnnlab/models/conv.py",
+           "pixels = x[:, ::strides[0], ::strides[1]]", "pixels = x",
+           ("tests/test_models.py",)),
 )
 
 

@@ -81,6 +81,22 @@ def kernel_gradient_collectives(devices: int) -> list[str]:
         conv.MATMUL_TILE_BYTES = budget
 
 
+def pointwise_gradient_collectives(devices: int) -> list[str]:
+    """The collectives of a 1x1/2 layer's CPU gradients (its kernel gradient one matmul over
+    every image's pixels, conv._pointwise_kernel_gradient), its batch split over `devices`."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from cnnlab.models import conv
+
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    x = jax.ShapeDtypeStruct((32, 9, 9, 8), jnp.float32,
+                             sharding=NamedSharding(mesh, PartitionSpec("data")))
+    loss = lambda w, x: jnp.sum(conv.conv_general_dilated(  # noqa: E731
+        x, w, (2, 2), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+    return collectives_in(jax.jit(jax.grad(loss)).lower(jnp.ones((1, 1, 8, 16)), x)
+                          .compile().as_text())
+
+
 def main(data_dir: Path, out: Path) -> None:
     results: dict = {"device_count": jax.device_count()}
     for devices in (1, 4):
@@ -107,6 +123,7 @@ def main(data_dir: Path, out: Path) -> None:
                           "resumed_from": summary["resumed_from"], "devices": summary["devices"]}
     results["collectives"] = {n: collectives(data_dir, n) for n in (1, 4)}
     results["kernel_gradient_collectives"] = kernel_gradient_collectives(4)
+    results["pointwise_gradient_collectives"] = pointwise_gradient_collectives(4)
     try:
         build(preflight.compose([*TINY, f"dataset.data_dir={data_dir}", "train.batch_size=30"]))
     except ConfigError as error:

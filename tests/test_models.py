@@ -140,6 +140,31 @@ def test_cpu_conv_gradients_equal_xla_autodiff(stride, pad, kernel, shape):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
 
 
+def _float64_conv_gradient(shape: tuple, kernel: tuple, strides: tuple, pads: tuple,
+                           wrt: int) -> tuple:
+    """One NHWC convolution's gradient with respect to its input (`wrt` 0) or kernel (1) in
+    float64, as autodiff of lax's convolution computes it and as cnnlab's CPU convolution does,
+    each with the StableHLO text of its jitted gradient: (expected, got, expected's text,
+    got's text)."""
+    from jax import lax
+
+    from cnnlab.models import conv
+
+    dn = ("NHWC", "HWIO", "NHWC")
+    with jax.enable_x64(True):
+        args = (jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64),
+                jax.random.normal(jax.random.PRNGKey(1), kernel, jnp.float64))
+
+        def gradient(fn):
+            loss = lambda *a: jnp.sum(jnp.sin(fn(*a, strides, pads, dimension_numbers=dn)))  # noqa: E731
+            grad = jax.grad(loss, wrt)
+            return np.asarray(grad(*args)), jax.jit(grad).lower(*args).as_text()
+
+        (expected, reference), (got, text) = (gradient(lax.conv_general_dilated),
+                                              gradient(conv.conv_general_dilated))
+    return expected, got, reference, text
+
+
 @pytest.mark.parametrize("shape, out, pads, tile_bytes", [
     ((12, 16, 16, 8), 8, ((1, 1), (1, 1)), 1),  # one image per tile: 12 tiles
     ((6, 17, 18, 16), 32, ((1, 1), (1, 1)), None),  # the default budget: one tile
@@ -151,26 +176,16 @@ def test_cpu_kernel_gradient_of_few_channels_is_a_tiled_matmul_equal_to_autodiff
     """Stride-1 3x3 layers of 8-24 input channels on wide maps take their kernel gradient as
     matmuls over batch tiles (conv._matmul_kernel_gradient), equal to autodiff's in float64,
     however the batch is tiled; and no convolution computes it any more."""
-    from jax import lax
-
     from cnnlab.models import conv
+    from cnnlab.models.geometry import output_size
 
     if tile_bytes is not None:
         monkeypatch.setattr(conv, "MATMUL_TILE_BYTES", tile_bytes)
-    dn, strides = ("NHWC", "HWIO", "NHWC"), (1, 1)
-    with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
-        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, shape[-1], out), jnp.float64)
-
-        def kernel_grad(fn):
-            loss = lambda w: jnp.sum(jnp.sin(fn(x, w, strides, pads, dimension_numbers=dn)))  # noqa: E731
-            return jax.grad(loss)(w), jax.jit(jax.grad(loss)).lower(w).as_text()
-
-        (expected, _), (got, text) = kernel_grad(lax.conv_general_dilated), kernel_grad(
-            conv.conv_general_dilated)
-        y_shape = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn).shape
-    assert conv.takes_matmul_kernel_gradient(w.shape, strides, pads, y_shape)
-    expected, got = np.asarray(expected), np.asarray(got)
+    kernel = (3, 3, shape[-1], out)
+    y_shape = (shape[0], *(output_size(n, 3, 1, p)
+                           for n, p in zip(shape[1:3], pads, strict=True)), out)
+    assert conv.takes_matmul_kernel_gradient(kernel, (1, 1), pads, y_shape)
+    expected, got, _, text = _float64_conv_gradient(shape, kernel, (1, 1), pads, wrt=1)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * abs(expected).max())
     assert text.count("stablehlo.convolution") == 1  # the forward pass's only
 
@@ -180,6 +195,7 @@ def test_cpu_kernel_gradient_of_few_channels_is_a_tiled_matmul_equal_to_autodiff
     ((2, 16, 16, 32), 32, 1),  # 32 input channels: a tie
     ((2, 32, 32, 3), 16, 1),  # an RGB stem
     ((2, 32, 32, 16), 32, 2),  # stride 2
+    ((2, 56, 56, 64), 64, 1),  # ResNet-18's 56x56x64: faster alone, slower in the step
 ])
 def test_the_matmul_kernel_gradient_stays_where_it_was_measured_faster(shape, out, stride):
     from cnnlab.models import conv
@@ -188,6 +204,55 @@ def test_the_matmul_kernel_gradient_stays_where_it_was_measured_faster(shape, ou
     y_shape = (shape[0], shape[1] // stride, shape[2] // stride, out)
     assert not conv.takes_matmul_kernel_gradient((3, 3, shape[-1], out), (stride, stride), pads,
                                                  y_shape)
+
+
+@pytest.mark.parametrize("shape, out, stride", [
+    ((2, 9, 9, 16), 32, 2),  # a projection shortcut (option B): odd sizes, every other pixel
+    ((3, 6, 5, 24), 8, 1),  # a bottleneck's 1x1
+    ((2, 8, 8, 4), 6, 3),
+])
+def test_cpu_pointwise_kernel_gradient_is_one_matmul_equal_to_autodiff(shape, out, stride):
+    """Unpadded 1x1 layers take their kernel gradient as one matmul of the pixels they read
+    with dy (conv._pointwise_kernel_gradient), equal to autodiff's in float64; no convolution
+    computes it any more."""
+    expected, got, _, text = _float64_conv_gradient(
+        shape, (1, 1, shape[-1], out), (stride, stride), ((0, 0), (0, 0)), wrt=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * abs(expected).max())
+    assert text.count("stablehlo.convolution") == 1  # the forward pass's only
+
+
+@pytest.mark.parametrize("shape, out, pads", [
+    ((2, 32, 32, 16), 32, ((1, 1), (1, 1))),  # ResNet-20's 32x32x16 -> 32 layer
+    ((3, 9, 7, 5), 6, ((1, 1), (1, 1))),  # odd sizes: the last phase row is cropped
+    ((2, 8, 10, 4), 3, ((0, 1), (0, 1))),  # "SAME" for even sizes
+    ((2, 7, 9, 2), 3, ((2, 0), (0, 2))),  # uneven padding
+    ((2, 6, 6, 32), 8, ((0, 0), (0, 0))),  # none
+])
+def test_cpu_strided_input_gradient_is_one_undilated_convolution_equal_to_autodiff(
+        shape, out, pads):
+    """Stride-2 3x3 layers of few channels take their input gradient as one stride-1
+    convolution of dy with the s*s phases as output channels (conv._phase_input_gradient),
+    equal to autodiff's (dy dilated by the strides) in float64, and no dilated convolution
+    is left in the program."""
+    from cnnlab.models import conv
+
+    kernel = (3, 3, shape[-1], out)
+    assert conv.takes_phase_input_gradient(kernel, (2, 2))
+    expected, got, reference, text = _float64_conv_gradient(shape, kernel, (2, 2), pads, wrt=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * abs(expected).max())
+    assert "lhs_dilate = [2, 2]" in reference  # the check can fail
+    assert "lhs_dilate = [2, 2]" not in text
+
+
+@pytest.mark.parametrize("kernel, channels, stride", [
+    (3, 64, 2),  # 64 channels (ResNet-18's 56x56x64 -> 128): the dilated form was faster
+    (1, 16, 2),  # a 1x1 projection: 4x the multiply-adds
+    (3, 16, 1),  # stride 1: nothing to interleave
+])
+def test_the_phase_input_gradient_stays_where_it_was_measured_faster(kernel, channels, stride):
+    from cnnlab.models import conv
+
+    assert not conv.takes_phase_input_gradient((kernel, kernel, channels, 32), (stride, stride))
 
 
 @pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 3), (2, 1)])

@@ -66,6 +66,7 @@ def _the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
     # The CPU kernel gradient's batch tiles keep each device's images on it: the sum over
     # the devices is the only collective.
     assert sharded["kernel_gradient_collectives"] == ["all-reduce"]
+    assert sharded["pointwise_gradient_collectives"] == ["all-reduce"]  # 1x1: one matmul
 
 
 def _summary_records_devices(sharded: dict) -> None:

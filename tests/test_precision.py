@@ -207,18 +207,20 @@ def test_configs_saved_before_the_keys_mean_fp32_and_one_microbatch():
         "train.precision": ["fp32", "bf16"]}
 
 
-@pytest.mark.parametrize("shape, out, stride", [
-    ((4, 9, 9, 3), 8, 2),  # the convolution form
-    ((4, 16, 16, 8), 8, 1),  # matmuls over batch tiles (conv.takes_matmul_kernel_gradient)
+@pytest.mark.parametrize("shape, out, stride, kernel", [
+    ((4, 9, 9, 3), 8, 2, 3),  # the convolution form; the input gradient's phases
+    ((4, 16, 16, 8), 8, 1, 3),  # matmuls over batch tiles (conv.takes_matmul_kernel_gradient)
+    ((4, 9, 9, 16), 8, 2, 1),  # one matmul (conv._pointwise_kernel_gradient)
 ])
-def test_cpu_conv_kernel_gradient_in_bfloat16(shape, out, stride):
+def test_cpu_conv_kernel_gradient_in_bfloat16(shape, out, stride, kernel):
     from jax import lax
 
     from cnnlab.models.conv import conv_general_dilated
 
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, shape[-1], out))
-    args, dn = ((stride, stride), ((1, 1), (1, 1))), ("NHWC", "HWIO", "NHWC")
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, shape[-1], out))
+    pad = (kernel // 2, kernel // 2)
+    args, dn = ((stride, stride), (pad, pad)), ("NHWC", "HWIO", "NHWC")
 
     def loss(conv, dtype):
         return lambda x, w: jnp.sum(jnp.sin(conv(x.astype(dtype), w.astype(dtype), *args,

@@ -11,7 +11,10 @@ output gradient with the kernel flipped and swapped, materialized (`_input_gradi
 kernel gradient convolves the input, transposed to (C, H, W, N), with the output gradient
 transposed to (Ho, Wo, N, O) as the kernel (`_kernel_gradient`); stride-1 3x3 layers of
 few channels on wide maps (ResNet-20's 32x32x16) take it as matmuls over batch tiles instead
-(`_matmul_kernel_gradient`), where that convolution ran at half a matmul's pace. The forward
+(`_matmul_kernel_gradient`), where that convolution ran at half a matmul's pace, and 1x1
+layers as one matmul (`_pointwise_kernel_gradient`). Stride-2 3x3 layers of few channels take
+their input gradient as one undilated convolution over the input's phases
+(`_phase_input_gradient`): XLA:CPU runs a dilated `dy` slowly. The forward
 pass is XLA's own. On GPU/TPU, XLA's convolutions are used unchanged. `stored` (used by the
 residual blocks, through `Layers.stored`) keeps a value XLA:CPU would recompute in each of its
 consumers in one buffer instead.
@@ -31,10 +34,12 @@ call); dx comes back in x's dtype and the kernel gradient in w's, as custom_vjp 
 """
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnnlab.models import geometry
@@ -74,6 +79,8 @@ def _input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding: tuple
     materialized in HWIO (`optimization_barrier`, a few KB): left to XLA, the swap can become
     the convolution's dimension labels (01oi), which its CPU runtime ran on a generic path
     ~9x slower than the forward pass when a chunk held one step (train.steps_per_call=1)."""
+    if takes_phase_input_gradient(w.shape, strides):
+        return _phase_input_gradient(x_shape, w, strides, padding, dy)
     kernel = lax.optimization_barrier(jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
     pads = []
     for size, k, s, (lo, _), out in zip(x_shape[1:3], w.shape[:2], strides, padding,
@@ -82,6 +89,62 @@ def _input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding: tuple
         pads.append((before, size + k - 1 - ((out - 1) * s + 1) - before))
     return lax.conv_general_dilated(dy, kernel, (1, 1), pads, lhs_dilation=strides,
                                     dimension_numbers=_NHWC)
+
+
+def takes_phase_input_gradient(w_shape: tuple, strides: tuple) -> bool:
+    """Whether a layer's input gradient is `_phase_input_gradient`'s: a stride-2 3x3 layer of
+    at most 32 input channels. Alone, on one AMD EPYC's 2 cores (batch 128): 32x32x16 -> 32
+    took 1.8 against 5.1 ms, 16x16x32 -> 64 1.4 against 1.6; with 64 channels and more
+    (ResNet-18's), and for 1x1 kernels, the dilated convolution was faster (16/9 of its
+    multiply-adds for a 3x3 kernel, 4x for a 1x1)."""
+    kh, kw, c, _ = w_shape
+    return tuple(strides) == (2, 2) and (kh, kw) == (3, 3) and c <= 32
+
+
+def _phase_taps(k: int, s: int, lo: int) -> list[list[tuple[int, int]]]:
+    """Along one axis, for each phase p (input positions s*a + p): the kernel offsets i that
+    reach it and the output row a + d each comes from, as (i, d). The forward pass reads input
+    s*h + i - lo into output h, so i must be congruent to p + lo mod s, and d = (p + lo - i)/s."""
+    return [[(i, (p + lo - i) // s) for i in range(k) if (p + lo - i) % s == 0] for p in range(s)]
+
+
+def _phase_input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding: tuple,
+                          dy: jax.Array) -> jax.Array:
+    """dL/dx of a strided convolution as one stride-1 convolution of `dy` (sub-pixel form):
+    the input's s*s phases (positions s*a + p along each axis) are each a sum of a few kernel
+    offsets applied to `dy` at rows a + d, so one small kernel over `dy` with s*s*C output
+    channels (zero where a phase has no such offset) computes all phases, interleaved after.
+    XLA:CPU runs the usual form, `dy` dilated by the strides, far below a convolution's pace
+    on few channels (ResNet-20's 32x32x16 -> 32 layer: 5.1 ms against 1.8)."""
+    kh, kw, c, o = w.shape
+    n = dy.shape[0]
+    taps, spans, pads, phases = [], [], [(0, 0, 0)], []
+    for size, k, s, (lo, _), out in zip(x_shape[1:3], (kh, kw), strides, padding,
+                                        dy.shape[1:3], strict=True):
+        axis = _phase_taps(k, s, lo)
+        d = [d for phase in axis for _, d in phase]
+        first, span, count = min(d), max(d) - min(d) + 1, -(-size // s)
+        taps.append(axis)
+        spans.append(span)
+        phases.append(count)
+        # `dy` rows first .. count + span - 2 + first, zeros outside it (lax.pad crops if < 0).
+        pads.append((-first, count + span - 1 - out + first, 0))
+    pads.append((0, 0, 0))
+    # Which kernel offset (kh * kw: none, a zero) each (window row, window column, phase row,
+    # phase column) takes, with the window relative to the first row any phase reads.
+    (rows, cols), (sr, sc) = taps, strides
+    first_row, first_col = -pads[1][0], -pads[2][0]
+    which = np.full((spans[0], spans[1], sr, sc), kh * kw)
+    for pr, pc in itertools.product(range(sr), range(sc)):
+        for (i, di), (j, dj) in itertools.product(rows[pr], cols[pc]):
+            which[di - first_row, dj - first_col, pr, pc] = i * kw + j
+    offsets = jnp.concatenate([w.reshape(kh * kw, c, o), jnp.zeros((1, c, o), w.dtype)])
+    kernel = offsets[which].transpose(0, 1, 5, 2, 3, 4).reshape(*spans, o, sr * sc * c)
+    grad = lax.conv_general_dilated(lax.pad(dy, jnp.zeros((), dy.dtype), pads),
+                                    lax.optimization_barrier(kernel), (1, 1), ((0, 0), (0, 0)),
+                                    dimension_numbers=_NHWC)
+    grad = grad.reshape(n, *phases, sr, sc, c).transpose(0, 1, 3, 2, 4, 5)
+    return grad.reshape(n, phases[0] * sr, phases[1] * sc, c)[:, :x_shape[1], :x_shape[2]]
 
 
 def stored(x: jax.Array) -> jax.Array:
@@ -117,12 +180,15 @@ def _kernel_gradient(x: jax.Array, w_shape: tuple, strides: tuple, padding: tupl
     (C, kh, kw, O). Autodiff writes the same sum with exotic dimension labels and lets XLA
     pick the layouts per program; in some programs (one step per call) that took a generic
     path: ResNet-20 at 13.5 s a step instead of 0.37 s. Layers of few channels on wide maps
-    take a matmul instead (`_matmul_kernel_gradient`)."""
+    take matmuls instead (`_matmul_kernel_gradient`), and so do 1x1 layers
+    (`_pointwise_kernel_gradient`)."""
     # Float32 accumulation under bfloat16 compute (train.precision): the sum runs over every
     # pixel of the batch, far past bfloat16's 8-bit mantissa; float64 stays float64.
     accumulate = jnp.promote_types(dy.dtype, jnp.float32)
     if takes_matmul_kernel_gradient(w_shape, strides, padding, dy.shape):
         return _matmul_kernel_gradient(x, w_shape, padding, dy, accumulate)
+    if w_shape[:2] == (1, 1) and all(p == (0, 0) for p in padding):
+        return _pointwise_kernel_gradient(x, strides, dy, accumulate)
     pads = []
     for size, k, s, (lo, hi), out in zip(x.shape[1:3], w_shape[:2], strides, padding,
                                          dy.shape[1:3], strict=True):
@@ -151,10 +217,24 @@ def takes_matmul_kernel_gradient(w_shape: tuple, strides: tuple, padding: tuple,
     the matmul beat the convolution by 1.3-2.8x, alone, on one AMD EPYC's 2 cores (32x32x16,
     batch 128: 3.0 against 5.1-5.3 ms; 32x32x8: 1.5 against 3.0; 16x16x24: 1.8 against 2.4).
     Outside it, it lost or tied: 16x16x32 tied, 8x8x16 and 8x8x64 lost, and so did 3-channel
-    stems (their columns too few for a matmul's pace)."""
+    stems (their columns too few for a matmul's pace). ResNet-18's 56x56x64 layers (batch 16)
+    took 17 against 24 ms alone, but their step was slower with it (716 against 668 ms,
+    medians of 16 interleaved calls), so wider layers keep the convolution."""
     kh, kw, c, o = w_shape
     return (tuple(strides) == (1, 1) and (kh, kw) == (3, 3) and 8 <= c <= 24 and o <= 32
             and out_shape[1] * out_shape[2] >= 256 and min(min(p) for p in padding) >= 0)
+
+
+def _pointwise_kernel_gradient(x: jax.Array, strides: tuple, dy: jax.Array,
+                               accumulate: jnp.dtype) -> jax.Array:
+    """dL/dw of an unpadded 1x1 convolution: one matmul of the pixels it reads (every s-th)
+    with `dy`, over every (image, row, column). The convolution form took 2.7-6x as long, alone
+    (ResNet-18's 1x1/2 projections, batch 16: 3.7 against 1.2 ms at 56x56x64; ResNet-50's
+    56x56x256 -> 64: 62 against 10 ms)."""
+    pixels = x[:, ::strides[0], ::strides[1]][:, :dy.shape[1], :dy.shape[2]]
+    grad = lax.dot_general(pixels.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                           (((0,), (0,)), ((), ())), preferred_element_type=accumulate)
+    return grad[None, None]
 
 
 def _tile_kernel_gradient(x: jax.Array, dy: jax.Array, padding: tuple,
