@@ -97,6 +97,23 @@ def pointwise_gradient_collectives(devices: int) -> list[str]:
                           .compile().as_text())
 
 
+def tiled_conv_collectives(devices: int) -> list[str]:
+    """The collectives of a layer computed by `train.conv_impl=im2col` (cnnlab/models/conv_impl
+    .py: batch tiles in a loop, forward and both gradients), its batch split over `devices`,
+    in 4 tiles of 8 images."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from cnnlab.models import conv_impl
+
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    x = jax.ShapeDtypeStruct((32, 8, 8, 4), jnp.float32,
+                             sharding=NamedSharding(mesh, PartitionSpec("data")))
+    loss = lambda w, x: jnp.sum(conv_impl.tiled(  # noqa: E731
+        conv_impl.im2col, x, w, (1, 1), ((1, 1), (1, 1)), tile=8) ** 2)
+    return collectives_in(jax.jit(jax.grad(loss, (0, 1))).lower(jnp.ones((3, 3, 4, 4)), x)
+                          .compile().as_text())
+
+
 def main(data_dir: Path, out: Path) -> None:
     results: dict = {"device_count": jax.device_count()}
     for devices in (1, 4):
@@ -124,6 +141,7 @@ def main(data_dir: Path, out: Path) -> None:
     results["collectives"] = {n: collectives(data_dir, n) for n in (1, 4)}
     results["kernel_gradient_collectives"] = kernel_gradient_collectives(4)
     results["pointwise_gradient_collectives"] = pointwise_gradient_collectives(4)
+    results["tiled_conv_collectives"] = tiled_conv_collectives(4)
     try:
         build(preflight.compose([*TINY, f"dataset.data_dir={data_dir}", "train.batch_size=30"]))
     except ConfigError as error:

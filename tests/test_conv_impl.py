@@ -57,9 +57,14 @@ def candidates_for(kernel, stride):
     # One image per tile (a 1-byte budget): the loop over tiles and the kernel gradient's sum
     # over them.
     *[(*layer, 1) for layer in LAYERS[:4:3]],
+    # Three tiles of two images each (images k and k + 3): each result back in its place.
+    ((6, 7, 9, 3), 3, 5, 1, SAME3, "pairs"),
+    ((6, 9, 7, 4), 3, 5, 2, SAME3, "pairs"),
 ])
 def test_candidates_equal_xla_in_float64(shape, kernel, out, stride, pads, budget, monkeypatch):
-    if budget is not None:
+    if budget == "pairs":
+        monkeypatch.setattr(conv_impl, "batch_tile", lambda n, bytes_per_image: 2)
+    elif budget is not None:
         monkeypatch.setattr(conv_impl, "TILE_BYTES", budget)
     with jax.enable_x64(True):
         x, w, dy = random_layer(shape, kernel, out, stride, pads, jnp.float64)

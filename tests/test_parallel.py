@@ -67,6 +67,7 @@ def _the_step_is_partitioned_over_the_devices(sharded: dict) -> None:
     # the devices is the only collective.
     assert sharded["kernel_gradient_collectives"] == ["all-reduce"]
     assert sharded["pointwise_gradient_collectives"] == ["all-reduce"]  # 1x1: one matmul
+    assert sharded["tiled_conv_collectives"] == ["all-reduce"]  # train.conv_impl's tiles too
 
 
 def _summary_records_devices(sharded: dict) -> None:

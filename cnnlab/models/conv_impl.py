@@ -67,16 +67,38 @@ def batch_tile(n: int, bytes_per_image: int) -> int:
 def tiled(fn: Impl, x: jax.Array, w: jax.Array, strides: tuple, pads: tuple,
           tile: int) -> jax.Array:
     """`fn` over batch tiles of `tile` images (a loop), its gradients too: the input gradient
-    tile by tile, the kernel gradient summed over the tiles."""
+    tile by tile, the kernel gradient summed over the tiles. A tile holds images k, k + n/tile,
+    k + 2n/tile, ... (as in `conv._matmul_kernel_gradient`): a batch split over devices keeps
+    each device's images on it, where tiles of consecutive images had XLA gather the whole
+    batch on every device."""
     return _tiled(fn, strides, pads, tile, x, w)
+
+
+def _strided_tiles(a: jax.Array, tile: int) -> jax.Array:
+    """(tile, n / tile, ...): tile k is `_strided_tiles(a, tile)[:, k]`."""
+    return a.reshape(tile, a.shape[0] // tile, *a.shape[1:])
+
+
+def _tile_loop(body: Callable[[jax.Array], jax.Array], *tiles: jax.Array) -> jax.Array:
+    """`body` of each tile k of the strided `tiles` (`_strided_tiles`), its results put back
+    in the batch's order."""
+    count = tiles[0].shape[1]
+    pick = lambda a, k: jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)  # noqa: E731
+    out = jax.eval_shape(body, *(pick(a, 0) for a in tiles))
+    result = jnp.zeros((out.shape[0], count, *out.shape[1:]), out.dtype)
+
+    def put(k: jax.Array, result: jax.Array) -> jax.Array:
+        value = body(*(pick(a, k) for a in tiles))
+        return jax.lax.dynamic_update_index_in_dim(result, value[:, None], k, axis=1)
+
+    result = jax.lax.fori_loop(0, count, put, result)
+    return result.reshape(-1, *out.shape[1:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _tiled(fn: Impl, strides: tuple, pads: tuple, tile: int, x: jax.Array,
            w: jax.Array) -> jax.Array:
-    xs = x.reshape(-1, tile, *x.shape[1:])
-    ys = jax.lax.map(lambda xt: fn(xt, w, strides, pads), xs)
-    return ys.reshape(x.shape[0], *ys.shape[2:])
+    return _tile_loop(lambda xt: fn(xt, w, strides, pads), _strided_tiles(x, tile))
 
 
 def _tiled_fwd(fn, strides, pads, tile, x, w):
@@ -85,20 +107,19 @@ def _tiled_fwd(fn, strides, pads, tile, x, w):
 
 def _tiled_bwd(fn, strides, pads, tile, residuals, dy):
     x, w = residuals
-    xs = x.reshape(-1, tile, *x.shape[1:])
-    dys = dy.reshape(-1, tile, *dy.shape[1:])
+    xs, dys = _strided_tiles(x, tile), _strided_tiles(dy, tile)
 
     def input_grad(dyt):
         # Linear in x: the tile's values do not matter, only its shape.
         zeros = jnp.zeros((tile, *x.shape[1:]), x.dtype)
         return jax.vjp(lambda xt: fn(xt, w, strides, pads), zeros)[1](dyt)[0]
 
-    def kernel_grad(acc, pair):
-        xt, dyt = pair
-        return acc + jax.vjp(lambda v: fn(xt, v, strides, pads), w)[1](dyt)[0], None
+    def kernel_grad(k, acc):
+        xt, dyt = (jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False) for a in (xs, dys))
+        return acc + jax.vjp(lambda v: fn(xt, v, strides, pads), w)[1](dyt)[0]
 
-    dx = jax.lax.map(input_grad, dys).reshape(x.shape)
-    dw, _ = jax.lax.scan(kernel_grad, jnp.zeros_like(w), (xs, dys))
+    dx = _tile_loop(input_grad, dys)
+    dw = jax.lax.fori_loop(0, xs.shape[1], kernel_grad, jnp.zeros_like(w))
     return dx, dw
 
 
