@@ -60,20 +60,23 @@ def test_a_bad_cpu_kernels_value_is_one_line_naming_the_choices():
 @pytest.mark.usefixtures("optimized_xla")
 def test_the_cpu_step_compiles_with_the_kernel_library_the_config_names():
     """Through `build`, as `cnnlab train` compiles them: with ynnpack the training step's and
-    the evaluation's convolutions are inside XLA's YNNPACK fusions, with eigen none is (they
-    stay XLA's own, run by Eigen), while the step's reductions are YNNPACK's either way."""
+    the evaluation's (and `cnnlab eval`'s ensemble predictions') convolutions are inside
+    XLA's YNNPACK fusions, with eigen none is (they stay XLA's own, run by Eigen), while the
+    step's reductions are YNNPACK's either way."""
     from benchmarks.bench_cnnlab import synthetic_dataset
-    from cnnlab.training import build, evaluate
+    from cnnlab.training import build, ensemble, evaluate
 
-    def programs(kernels: str) -> tuple[str, str]:
+    def programs(kernels: str) -> tuple[str, str, str]:
         # Width 16: YNNPACK takes no convolution of width-4 layers.
         cfg = compose_config([*TINY, "dataset=cifar10", "train.batch_size=8", "model.width=16",
                               "train.eval_batch_size=8", f"train.cpu_kernels={kernels}"])
         run = build.build(cfg, synthetic_dataset(16, (8, 8, 3), 10))
         ev = run.evaluator
         split, index = next(evaluate._batches(ev.splits["test"], ev.batch_size))
+        variables = (run.state.params, run.state.batch_stats, split, index)
         return (run.train_chunk.lower(run.state, run.train_data, 1).compile().as_text(),
-                ev._eval_batch.lower(run.state.params, run.state.batch_stats, split, index)
+                ev._eval_batch.lower(*variables).compile().as_text(),
+                ensemble.jitted_predict(run, ev.batch_size, None).lower(*variables)
                 .compile().as_text())
 
     def in_ynnpack(hlo: str) -> tuple[bool, bool]:
@@ -84,11 +87,12 @@ def test_the_cpu_step_compiles_with_the_kernel_library_the_config_names():
         inside = " ".join(bodies[name] for name in called if name in bodies)
         return " convolution(" in inside, " reduce(" in inside
 
-    ynnpack, ynnpack_eval = programs("ynnpack")
-    assert in_ynnpack(ynnpack) == (True, True) and in_ynnpack(ynnpack_eval)[0]
-    eigen, eigen_eval = programs("eigen")
+    ynnpack, *ynnpack_evals = programs("ynnpack")
+    assert in_ynnpack(ynnpack) == (True, True)
+    assert all(in_ynnpack(hlo)[0] for hlo in ynnpack_evals)
+    eigen, *eigen_evals = programs("eigen")
     assert in_ynnpack(eigen) == (False, True) and " convolution(" in eigen
-    assert not in_ynnpack(eigen_eval)[0] and " convolution(" in eigen_eval
+    assert all(not in_ynnpack(hlo)[0] and " convolution(" in hlo for hlo in eigen_evals)
 
 
 def test_configure_sets_jax_matmul_precision():

@@ -27,7 +27,7 @@ from cnnlab.errors import ConfigError
 from cnnlab.progress import CompileTimer, duration
 from cnnlab.runs.rundir import RunDir
 from cnnlab.runs.weights import WEIGHTS, ema_variables
-from cnnlab.training import steps
+from cnnlab.training import numerics, steps
 from cnnlab.training.build import Run, build, load_for_evaluation
 from cnnlab.training.evaluate import (
     confusion_matrix,
@@ -75,13 +75,21 @@ def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: DeviceSpl
     return np.asarray(jax.device_get(jnp.concatenate(batches)[:count]))
 
 
+def jitted_predict(run: Run, batch_size: int, views: Any) -> Any:
+    """The run's `steps.make_predict_batch`, compiled with the XLA options its training step
+    and evaluation use (training/numerics: on CPU, `train.cpu_kernels`)."""
+    return jax.jit(steps.make_predict_batch(run.model, batch_size, views),
+                   compiler_options=numerics.compiler_options(run.cfg.train,
+                                                              run.placement.platform))
+
+
 def _members(run_dir: Path, run: Run, ev: DictConfig, label: str) -> list[Member]:
     """Restore each selected checkpoint of one run into `run.state` and predict its test set;
     `label` (`run 1/3`) begins the lines that say what is evaluated and how long it took."""
     cfg, dataset = run.cfg, run.dataset
     batch_size = ev.batch_size or cfg.train.eval_batch_size
     views = make_eval_views(ev, cfg.augment, dataset.image_shape)
-    predict_batch = steps.make_predict_batch(run.model, batch_size, views)
+    predict_batch = jitted_predict(run, batch_size, views)
     split = device_split(dataset.test, dataset.preprocess, batch_size)
     source = WEIGHTS.get(ev.weights)
     checkpoints = RunDir(run_dir).checkpointer(source.folder)

@@ -477,10 +477,10 @@ def make_eval_batch(model: nn.Module, batch_size: int, views: Views | None = Non
 
 def make_predict_batch(model: nn.Module, batch_size: int, views: Views | None = None) -> Callable:
     """`predict_batch(params, batch_stats, split, index) -> (batch_size, K)` log probabilities of
-    the index-th batch, padded tail included (`split.mask` marks the real examples)."""
+    the index-th batch, padded tail included (`split.mask` marks the real examples). Not jitted:
+    the caller compiles it with the run's XLA options (training/numerics)."""
     log_probs = make_log_probs(model, views)
 
-    @jax.jit
     def predict_batch(params: Any, batch_stats: Any, split: DeviceSplit,
                       index: jax.Array) -> jax.Array:
         images, _, _ = _eval_slice(split, index, batch_size)
