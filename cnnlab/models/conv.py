@@ -118,13 +118,14 @@ def _phase_input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding:
     on few channels (ResNet-20's 32x32x16 -> 32 layer: 5.1 ms against 1.8)."""
     kh, kw, c, o = w.shape
     n = dy.shape[0]
-    taps, spans, pads, phases = [], [], [(0, 0, 0)], []
+    taps, firsts, spans, pads, phases = [], [], [], [(0, 0, 0)], []
     for size, k, s, (lo, _), out in zip(x_shape[1:3], (kh, kw), strides, padding,
                                         dy.shape[1:3], strict=True):
         axis = _phase_taps(k, s, lo)
         d = [d for phase in axis for _, d in phase]
         first, span, count = min(d), max(d) - min(d) + 1, -(-size // s)
         taps.append(axis)
+        firsts.append(first)
         spans.append(span)
         phases.append(count)
         # `dy` rows first .. count + span - 2 + first, zeros outside it (lax.pad crops if < 0).
@@ -132,8 +133,7 @@ def _phase_input_gradient(x_shape: tuple, w: jax.Array, strides: tuple, padding:
     pads.append((0, 0, 0))
     # Which kernel offset (kh * kw: none, a zero) each (window row, window column, phase row,
     # phase column) takes, with the window relative to the first row any phase reads.
-    (rows, cols), (sr, sc) = taps, strides
-    first_row, first_col = -pads[1][0], -pads[2][0]
+    (rows, cols), (first_row, first_col), (sr, sc) = taps, firsts, strides
     which = np.full((spans[0], spans[1], sr, sc), kh * kw)
     for pr, pc in itertools.product(range(sr), range(sc)):
         for (i, di), (j, dj) in itertools.product(rows[pr], cols[pc]):
@@ -262,21 +262,31 @@ def _matmul_kernel_gradient(x: jax.Array, w_shape: tuple, padding: tuple, dy: ja
     """dL/dw as matmuls over batch tiles (`_tile_kernel_gradient`), summed in a loop. It needs
     neither the transposes of the convolution form nor its convolution, which XLA:CPU's
     Eigen runs at half a matmul's pace for few channels (ResNet-20's step: 162 against 170 ms,
-    ResNet-56's: 467 against 494 ms; medians of interleaved calls, idle). A tile holds images
-    k, k + n/tile, k + 2n/tile, ...: a batch split over devices (its leading images on the
-    first) keeps each device's images on that device, where tiles of consecutive images would
-    have had XLA gather the whole batch on every device."""
+    ResNet-56's: 467 against 494 ms; medians of interleaved calls, idle). Its tiles are
+    `batch_tiles`', which keep a batch split over devices on its devices."""
     n, out_rows, out_cols = dy.shape[:3]
     per_image = (out_rows + 2) * out_cols * 3 * x.shape[-1] * x.dtype.itemsize
     tile = geometry.tile_size(n, per_image, MATMUL_TILE_BYTES)
-    xs = x.reshape(tile, n // tile, *x.shape[1:])
-    dys = dy.reshape(tile, n // tile, *dy.shape[1:])
+    xs, dys = batch_tiles(x, tile), batch_tiles(dy, tile)
 
     def add_tile(k: jax.Array, total: jax.Array) -> jax.Array:
-        pick = functools.partial(lax.dynamic_index_in_dim, index=k, axis=1, keepdims=False)
-        return total + _tile_kernel_gradient(pick(xs), pick(dys), padding, accumulate)
+        xt, dyt = tile_at(xs, k), tile_at(dys, k)
+        return total + _tile_kernel_gradient(xt, dyt, padding, accumulate)
 
     return lax.fori_loop(0, n // tile, add_tile, jnp.zeros(w_shape, accumulate))
+
+
+def batch_tiles(a: jax.Array, tile: int) -> jax.Array:
+    """The batch `a` as (tile, n / tile, ...) for a loop over tiles of `tile` images: tile k
+    (`tile_at`) holds images k, k + n/tile, k + 2n/tile, ... A batch split over devices (its
+    leading images on the first) keeps each device's images on it in every tile; tiles of
+    consecutive images had XLA gather the whole batch on every device."""
+    return a.reshape(tile, a.shape[0] // tile, *a.shape[1:])
+
+
+def tile_at(tiles: jax.Array, k: jax.Array) -> jax.Array:
+    """Tile `k` (a traced loop index) of `batch_tiles`' layout."""
+    return lax.dynamic_index_in_dim(tiles, k, axis=1, keepdims=False)
 
 
 def _bwd(strides: tuple, padding: tuple, residuals: tuple, dy: jax.Array) -> tuple:

@@ -67,28 +67,20 @@ def batch_tile(n: int, bytes_per_image: int) -> int:
 def tiled(fn: Impl, x: jax.Array, w: jax.Array, strides: tuple, pads: tuple,
           tile: int) -> jax.Array:
     """`fn` over batch tiles of `tile` images (a loop), its gradients too: the input gradient
-    tile by tile, the kernel gradient summed over the tiles. A tile holds images k, k + n/tile,
-    k + 2n/tile, ... (as in `conv._matmul_kernel_gradient`): a batch split over devices keeps
-    each device's images on it, where tiles of consecutive images had XLA gather the whole
-    batch on every device."""
+    tile by tile, the kernel gradient summed over the tiles. The tiles are `conv.batch_tiles`',
+    which keep a batch split over devices on its devices."""
     return _tiled(fn, strides, pads, tile, x, w)
 
 
-def _strided_tiles(a: jax.Array, tile: int) -> jax.Array:
-    """(tile, n / tile, ...): tile k is `_strided_tiles(a, tile)[:, k]`."""
-    return a.reshape(tile, a.shape[0] // tile, *a.shape[1:])
-
-
-def _tile_loop(body: Callable[[jax.Array], jax.Array], *tiles: jax.Array) -> jax.Array:
-    """`body` of each tile k of the strided `tiles` (`_strided_tiles`), its results put back
-    in the batch's order."""
-    count = tiles[0].shape[1]
-    pick = lambda a, k: jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)  # noqa: E731
-    out = jax.eval_shape(body, *(pick(a, 0) for a in tiles))
+def _tile_loop(body: Callable[[jax.Array], jax.Array], tiles: jax.Array) -> jax.Array:
+    """`body` of each tile of `tiles` (`conv.batch_tiles`), its results put back in the
+    batch's order."""
+    count = tiles.shape[1]
+    out = jax.eval_shape(body, conv.tile_at(tiles, 0))
     result = jnp.zeros((out.shape[0], count, *out.shape[1:]), out.dtype)
 
     def put(k: jax.Array, result: jax.Array) -> jax.Array:
-        value = body(*(pick(a, k) for a in tiles))
+        value = body(conv.tile_at(tiles, k))
         return jax.lax.dynamic_update_index_in_dim(result, value[:, None], k, axis=1)
 
     result = jax.lax.fori_loop(0, count, put, result)
@@ -98,7 +90,7 @@ def _tile_loop(body: Callable[[jax.Array], jax.Array], *tiles: jax.Array) -> jax
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _tiled(fn: Impl, strides: tuple, pads: tuple, tile: int, x: jax.Array,
            w: jax.Array) -> jax.Array:
-    return _tile_loop(lambda xt: fn(xt, w, strides, pads), _strided_tiles(x, tile))
+    return _tile_loop(lambda xt: fn(xt, w, strides, pads), conv.batch_tiles(x, tile))
 
 
 def _tiled_fwd(fn, strides, pads, tile, x, w):
@@ -107,7 +99,7 @@ def _tiled_fwd(fn, strides, pads, tile, x, w):
 
 def _tiled_bwd(fn, strides, pads, tile, residuals, dy):
     x, w = residuals
-    xs, dys = _strided_tiles(x, tile), _strided_tiles(dy, tile)
+    xs, dys = conv.batch_tiles(x, tile), conv.batch_tiles(dy, tile)
 
     def input_grad(dyt):
         # Linear in x: the tile's values do not matter, only its shape.
@@ -115,7 +107,7 @@ def _tiled_bwd(fn, strides, pads, tile, residuals, dy):
         return jax.vjp(lambda xt: fn(xt, w, strides, pads), zeros)[1](dyt)[0]
 
     def kernel_grad(k, acc):
-        xt, dyt = (jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False) for a in (xs, dys))
+        xt, dyt = conv.tile_at(xs, k), conv.tile_at(dys, k)
         return acc + jax.vjp(lambda v: fn(xt, v, strides, pads), w)[1](dyt)[0]
 
     dx = _tile_loop(input_grad, dys)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def _predict(predict_batch: Any, params: Any, batch_stats: Any, split: DeviceSpl
     return np.asarray(jax.device_get(jnp.concatenate(batches)[:count]))
 
 
-def jitted_predict(run: Run, batch_size: int, views: Any) -> Any:
+def jitted_predict(run: Run, batch_size: int, views: steps.Views | None) -> Callable:
     """The run's `steps.make_predict_batch`, compiled with the XLA options its training step
     and evaluation use (training/numerics: on CPU, `train.cpu_kernels`)."""
     return jax.jit(steps.make_predict_batch(run.model, batch_size, views),
