@@ -71,6 +71,7 @@ LONGEST = {
     "test_multihost.py::test_a_device_resident_job_decodes_and_places_only_each_process_share":
     60,
     "test_optimized_xla.py::test_a_sigterm_and_resume_ends_bit_identical_to_the_straight_run": 80,
+    "test_optimized_xla.py::test_the_documented_four_cpu_device_run_finishes": 60,
     "test_zoo.py::test_zoo_model_output_depends_on_every_layer[densenet_bc100]": 60,
     "test_zoo.py::test_zoo_model_output_depends_on_every_layer[resnet1202]": 55,
     "test_zoo.py::test_zoo_model_output_depends_on_every_layer[plain152]": 45,

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from cnnlab import host_pool
 from tests.helpers import train_tiny, xla_probe
 from tests.test_faults import FAULTS, _signal_at
 
@@ -47,4 +48,5 @@ def main(data_dir: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    host_pool.size_host_pool()  # as `cnnlab` does: 4 host devices need the threads
     main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnlab import host_pool
 from cnnlab.cli import preflight
 from cnnlab.errors import ConfigError
 from cnnlab.training.build import build
@@ -150,4 +151,5 @@ def main(data_dir: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    host_pool.size_host_pool()  # as `cnnlab` does: 4 host devices need the threads
     main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab import parallel
+from cnnlab import host_pool, parallel
 from cnnlab.cli.preflight import validate
 from cnnlab.errors import ConfigError
 from tests.helpers import REPO, compose_config
@@ -145,3 +145,22 @@ def _a_two_process_slurm_job_trains_like_one_device(
     losses = {str(e["step"]): e["train/loss"] for e in metrics if "train/loss" in e}
     assert losses_agree(losses, sharded["devices1"]["losses"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "20"]
+
+
+@pytest.mark.parametrize("environ, threads", [
+    ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=4"},
+     16),
+    ({"JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, 8),
+    ({"JAX_NUM_CPU_DEVICES": "3"}, 12),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, None),
+    ({}, None),
+    ({"NPROC": "6", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, None),
+])
+def test_several_host_devices_get_four_pool_threads_each(environ: dict, threads: int | None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """cnnlab/host_pool.py: what `cnnlab` sets before JAX starts (NPROC sizes XLA:CPU's
+    thread pool); a user's own NPROC is kept. Two cores here, so the devices decide."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = dict(environ)
+    assert host_pool.size_host_pool(environ) == threads
+    assert environ == (before if threads is None else {**before, "NPROC": str(threads)})

@@ -11,6 +11,7 @@ import sys
 from cnnlab.cli.args import fail
 from cnnlab.cli.usage import USAGE
 from cnnlab.errors import ConfigError
+from cnnlab.host_pool import size_host_pool
 
 # Each command's module (cnnlab/cli/<module>.py) and function, imported only when it runs, so that
 # `cnnlab --version` and `--help` start without JAX.
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; valid choices: {', '.join(COMMANDS)}")
     module, function = COMMANDS[command]
+    # Before JAX starts its CPU client (the commands below start it).
+    size_host_pool()
     try:
         # Importing a command finds the configs (cnnlab/config/groups.py): an install without
         # them is one line too.
