@@ -15,15 +15,17 @@ such run finished; 4 leaves a margin. Real accelerators, and one CPU device per 
 cluster, gloo), do not share a pool this way and are left alone.
 """
 
+import collections
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
 
 THREADS_PER_HOST_DEVICE = 4
 _FORCED = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
-def host_devices(environ: MutableMapping[str, str]) -> int:
+def host_devices(environ: Mapping[str, str]) -> int:
     """The CPU devices JAX will create in a process started with `environ` (JAX's own setting,
     JAX_NUM_CPU_DEVICES, wins over XLA's flag, as in jax's make_cpu_client)."""
     if environ.get("JAX_NUM_CPU_DEVICES", "").strip().lstrip("-").isdigit():
@@ -41,7 +43,27 @@ def size_host_pool(environ: MutableMapping[str, str] = os.environ) -> int | None
     devices = host_devices(environ)
     if devices <= 1 or "NPROC" in environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(cores or 1, THREADS_PER_HOST_DEVICE * devices)
+    threads = max(_cores(), THREADS_PER_HOST_DEVICE * devices)
     environ["NPROC"] = str(threads)
     return threads
+
+
+def pool_warning(devices: Sequence[Any], environ: Mapping[str, str] = os.environ) -> str | None:
+    """One line for a run on several CPU devices of one process whose pool (as `environ` sizes
+    it) has fewer than THREADS_PER_HOST_DEVICE threads each: a script that started JAX itself,
+    without `size_host_pool`. None otherwise."""
+    per_process = collections.Counter(d.process_index for d in devices if d.platform == "cpu")
+    used = max(per_process.values(), default=0)
+    nproc = environ.get("NPROC", "")
+    threads = max(int(nproc) if nproc.isdigit() else _cores(), host_devices(dict(environ)))
+    if used <= 1 or threads >= THREADS_PER_HOST_DEVICE * used:
+        return None
+    return (f"{used} CPU devices share XLA:CPU's {threads} threads, and all-reduces can block "
+            f"them all and hang the run: run it through `cnnlab`, or set "
+            f"NPROC={THREADS_PER_HOST_DEVICE * used} before JAX starts (docs/scale.md)")
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cnnlab import host_pool
 from cnnlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -116,14 +117,15 @@ def initialize_distributed(mode: str | bool | None) -> bool:
 def resolve_devices(wanted: int | None) -> list[jax.Device]:
     """The devices a run uses: all (`wanted` null) or the first `wanted` of them."""
     available = jax.devices()
-    if wanted is None:
-        return available
-    if isinstance(wanted, bool) or not isinstance(wanted, int) or not (
-            1 <= wanted <= len(available)):
+    if wanted is not None and (isinstance(wanted, bool) or not isinstance(wanted, int) or not (
+            1 <= wanted <= len(available))):
         raise ConfigError(f"train.devices={wanted!r}: this machine has {len(available)} "
                           f"{available[0].platform} device(s); choose 1..{len(available)} or "
                           "null (all)")
-    return available[:wanted]
+    devices = available if wanted is None else available[:wanted]
+    if warning := host_pool.pool_warning(devices):
+        log.warning(warning)
+    return devices
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,3 +164,31 @@ def test_several_host_devices_get_four_pool_threads_each(environ: dict, threads:
     before = dict(environ)
     assert host_pool.size_host_pool(environ) == threads
     assert environ == (before if threads is None else {**before, "NPROC": str(threads)})
+
+
+class _Device:
+    def __init__(self, platform: str, process_index: int = 0) -> None:
+        self.platform, self.process_index = platform, process_index
+
+
+@pytest.mark.parametrize("devices, environ, warns", [
+    ([_Device("cpu")] * 4, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, True),
+    ([_Device("cpu")] * 2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, True),
+    ([_Device("cpu")], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, False),
+    ([_Device("cpu")] * 4, {"NPROC": "16"}, False),  # as `cnnlab` sets it
+    ([_Device("cpu")] * 4, {"NPROC": "12"}, True),
+    ([_Device("cpu", p) for p in range(4)], {}, False),  # one per process (gloo): no pool shared
+    ([_Device("gpu")] * 4, {}, False),
+])
+def test_a_run_on_host_devices_without_enough_threads_is_warned(
+        devices: list, environ: dict, warns: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where JAX was started without `cnnlab` (a script of its own): one line saying what to
+    set. The pool has max(NPROC or the cores, the host devices) threads; 2 cores here."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    warning = host_pool.pool_warning(devices, environ)
+    if not warns:
+        assert warning is None
+    else:
+        assert warning is not None and "hang" in warning
+        assert f"NPROC={4 * len(devices)} before JAX starts" in warning
+        assert warning.startswith(f"{len(devices)} CPU devices share")
