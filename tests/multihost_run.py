@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from cnnlab import host_pool  # noqa: E402
 from tests.helpers import train_tiny  # noqa: E402
 from tests.sharded_runs import COMMON  # noqa: E402
 
@@ -48,9 +49,10 @@ def launch(args: list[str], delay: float = 0.0, script: str = "multihost_run.py"
     for i in range(2):
         if i and delay:
             time.sleep(delay)
+        task_env = {**os.environ, **job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}
+        host_pool.size_host_pool(task_env)  # as `cnnlab` does for its forced host devices
         tasks.append(subprocess.Popen(
-            [*command, *args], env={**os.environ, **job, "SLURM_PROCID": str(i),
-                                    "SLURM_LOCALID": str(i)},
+            [*command, *args], env=task_env,
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [task.communicate(timeout=timeout) for task in tasks]
