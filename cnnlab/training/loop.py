@@ -72,6 +72,7 @@ def _build_and_train(cfg: DictConfig, run_dir: RunDir, saved: list[int], config:
     """The run built (data, model, restored state) and trained; `labels`: the W&B run's group,
     tags and name."""
     run = build(cfg, with_source=not saved)
+    signals.raise_pending()  # a signal while the data loaded ends the run here at the latest
     # What `cnnlab eval` and `viz` normalize with, so that they need not read the training set.
     run_dir.save_input_stats(input_stats(run.dataset))
     checkpoint = actions.Checkpoint(cfg, run_dir)

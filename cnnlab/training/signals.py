@@ -47,15 +47,25 @@ class StopOnSignal:
     def start(self, placement: Any = None) -> None:
         """From now on a signal stops the run at the next step boundary (the training loop is
         about to run: its first chunk compiles, then runs and is saved)."""
+        self.raise_pending()
         self.placement = placement if placement is not None and placement.spans_processes else None
         self.started = True
+
+    def raise_pending(self) -> None:
+        """`Interrupted` for a signal before `start` whose raise was lost: Python only prints
+        an exception raised in some callbacks, and a handler runs in whatever code the signal
+        lands in (CI saw one land in jax's garbage-collection callback while the data loaded:
+        the run trained on and exited with 0)."""
+        if not self.started and self.received is not None:
+            raise Interrupted(self.received)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.started and self._forward(signum, frame):
             return
-        if self.received is not None or not self.started:
+        first = self.received is None
+        self.received = signum  # kept if the raise below is lost (`raise_pending`)
+        if not first or not self.started:
             raise Interrupted(signum)
-        self.received = signum
 
     def __call__(self, tick: Tick) -> None:
         signum = self.received if self.placement is None else self._agree(tick)
