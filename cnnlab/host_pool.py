@@ -55,7 +55,7 @@ def pool_warning(devices: Sequence[Any], environ: Mapping[str, str] = os.environ
     per_process = collections.Counter(d.process_index for d in devices if d.platform == "cpu")
     used = max(per_process.values(), default=0)
     nproc = environ.get("NPROC", "")
-    threads = max(int(nproc) if nproc.isdigit() else _cores(), host_devices(dict(environ)))
+    threads = max(int(nproc) if nproc.isdigit() else _cores(), host_devices(environ))
     if used <= 1 or threads >= THREADS_PER_HOST_DEVICE * used:
         return None
     return (f"{used} CPU devices share XLA:CPU's {threads} threads, and all-reduces can block "
