@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:  # run as a script: `benchmarks` must be importabl
     sys.path.insert(0, str(REPO))
 
 from benchmarks.suite import ENTRIES, FRAMEWORKS, usable_cores  # noqa: E402
+from cnnlab import host_memory  # noqa: E402
 
 CHILD = {"cnnlab": ["benchmarks.bench_cnnlab"], "eager": ["benchmarks.torch_suite"],
          "compiled": ["benchmarks.torch_suite", "--compile"]}
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variant", type=parse_variant, action="append", default=[],
                    help="LABEL=OVERRIDE...: one more cnnlab row per entry with these overrides")
     p.add_argument("--threads", type=int, help="PyTorch threads (default: usable cores)")
+    p.add_argument("--torch-huge-pages", action="store_true",
+                   help="run PyTorch with the glibc.malloc.hugetlb=1 that the cnnlab command "
+                        "sets for itself (default: as a PyTorch script starts)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "bench.json",
                    help="the JSON; the markdown goes beside it (.md)")
     return p.parse_args(argv)
@@ -87,10 +91,20 @@ def child_command(framework: str, model: str, args: argparse.Namespace,
     return cmd
 
 
-def run_child(cmd: list[str]) -> dict:
-    """The child's JSON line, or {"error": ...} with the end of its stderr."""
+def child_env(framework: str, args: argparse.Namespace) -> dict[str, str]:
+    """The child's environment: cnnlab's runs get the huge pages the `cnnlab` command restarts
+    itself with (cnnlab/host_memory.py), PyTorch's only with --torch-huge-pages."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if framework == "cnnlab" or args.torch_huge_pages:
+        tunables = host_memory.restart_tunables(env, host_memory.thp_mode(),
+                                                host_memory.glibc_version())
+        env |= {"GLIBC_TUNABLES": tunables} if tunables else {}
+    return env
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> dict:
+    """The child's JSON line, or {"error": ...} with the end of its stderr."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
@@ -113,7 +127,8 @@ def run_entry(model: str, args: argparse.Namespace) -> list[dict]:
     variants = [Variant("", ()), *args.variant]
     torch_runs = {}
     for framework in (f for f in args.frameworks if f != "cnnlab"):
-        torch_runs[framework] = run_child(child_command(framework, model, args, ()))
+        torch_runs[framework] = run_child(child_command(framework, model, args, ()),
+                                          child_env(framework, args))
         log_result(f"{model} {framework}", torch_runs[framework])
     rows = []
     for variant in variants:
@@ -121,7 +136,8 @@ def run_entry(model: str, args: argparse.Namespace) -> list[dict]:
                "overrides": [*args.overrides, *variant.overrides], **torch_runs}
         if "cnnlab" in args.frameworks:
             row["cnnlab"] = run_child(child_command("cnnlab", model, args,
-                                                    tuple(row["overrides"])))
+                                                    tuple(row["overrides"])),
+                                      child_env("cnnlab", args))
             log_result(f"{model}{' ' + variant.label if variant.label else ''} cnnlab",
                        row["cnnlab"])
         rows.append(finish_row(row))
@@ -186,7 +202,7 @@ def describe_machine(rows: list[dict]) -> dict:
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
         "ram_gib": _ram_gib(), "load_average": os.getloadavg(), "gpus": _gpus(),
         "devices": devices, "versions": {p: _version(p) for p in PACKAGES},
-        "commit": _git_commit(),
+        "commit": _git_commit(), "thp_mode": host_memory.thp_mode(),
     }
 
 
@@ -199,6 +215,16 @@ def _gpu_line(machine: dict, rows: list[dict]) -> str:
     return "GPU: not measured (no GPU on this machine)"
 
 
+def _huge_pages_line(machine: dict, rows: list[dict]) -> str:
+    runs = {f: {row[f].get("host_huge_pages") for row in rows if f in row and "error" not in row[f]}
+            for f in FRAMEWORKS}
+    said = [f"{f} {'on' if seen == {True} else 'off' if seen == {False} else 'mixed'}"
+            for f, seen in runs.items() if seen and None not in seen]
+    return (f"Host huge pages (the kernel's THP mode: {machine.get('thp_mode') or 'none'}): "
+            f"{', '.join(said) or 'not reported'} (cnnlab/host_memory.py; "
+            "PyTorch as a script starts unless --torch-huge-pages)")
+
+
 def machine_markdown(machine: dict, rows: list[dict]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
     ram = f"{machine['ram_gib']:.1f} GiB" if machine["ram_gib"] else "unknown"
@@ -209,6 +235,7 @@ def machine_markdown(machine: dict, rows: list[dict]) -> list[str]:
         f"Versions: {versions}; cnnlab commit {machine['commit']}",
         f"Devices: {'; '.join(machine['devices']) or 'none ran'}",
         _gpu_line(machine, rows),
+        _huge_pages_line(machine, rows),
         f"Date: {machine['date']}; load average (1, 5, 15 min) at the start "
         f"{machine['load_at_start']:.2f}, at the end: {load}",
         *([BUSY] if machine["load_at_start"] >= 0.5 else []),

@@ -28,6 +28,7 @@ from benchmarks.suite import (
     peak_rss_mib,
     warmup_overhead_s,
 )
+from cnnlab import host_memory
 from cnnlab.cli.preflight import compose
 from cnnlab.data.preprocess import PreprocessStats
 from cnnlab.data.types import ArraySplit, Dataset
@@ -96,7 +97,7 @@ def run(entry: Entry, extra: list[str]) -> dict:
         "peak_mib": peak_rss_mib() if on_cpu else peak_device_mib(device),
         "peak_kind": "process peak RSS" if on_cpu else "device peak bytes in use",
         "platform": device.platform, "device": str(device.device_kind),
-        "threads": None, "overrides": list(extra),
+        "threads": None, "overrides": list(extra), "host_huge_pages": host_memory.huge_pages(),
     }
 
 

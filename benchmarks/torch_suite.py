@@ -32,6 +32,7 @@ from benchmarks.suite import (
     warmup_overhead_s,
 )
 from benchmarks.torch_resnet import CIFAR_MEAN, CIFAR_STD, CifarResNet, augment, count_params
+from cnnlab import host_memory
 
 
 def vgg11_cifar(num_classes: int) -> nn.Module:
@@ -121,6 +122,7 @@ def run(entry: Entry, compiled: bool, threads: int | None) -> dict:
         "platform": "cpu" if on_cpu else "gpu",
         "device": "cpu" if on_cpu else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "host_huge_pages": host_memory.huge_pages(),
     }
 
 

@@ -1,11 +1,13 @@
 """The benchmark suite (benchmarks/bench.py): a real quick run end to end, and its rows."""
 
 import json
+import os
 
 import pytest
 
 from benchmarks import bench
 from benchmarks.suite import ENTRIES
+from cnnlab import host_memory
 
 pytest.importorskip("torch")  # the PyTorch side (the bench extra; installed with dev)
 
@@ -28,12 +30,22 @@ def test_a_quick_run_reports_both_frameworks_beside_the_machine(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert machine["cpu"] in text and f"jax {machine['versions']['jax']}" in text
     assert "GPU: " in text
+    # cnnlab runs as the `cnnlab` command restarts itself (cnnlab/host_memory.py), PyTorch as a
+    # script starts: each run says which it had, and the machine's lines say both.
+    restarts = host_memory.restart_tunables(os.environ, host_memory.thp_mode(),
+                                            host_memory.glibc_version())
+    assert row["cnnlab"]["host_huge_pages"] == (restarts is not None or host_memory.huge_pages())
+    assert row["eager"]["host_huge_pages"] == host_memory.huge_pages()
+    said = "on" if row["cnnlab"]["host_huge_pages"] else "off"
+    assert f"Host huge pages (the kernel's THP mode: {machine['thp_mode'] or 'none'}): " \
+           f"cnnlab {said}, eager " in text
     assert sum(line.startswith("| resnet20 ") for line in text.splitlines()) == 2  # 2 tables
 
 
-def fake_child(calls: list[list[str]]):
-    def run_child(cmd: list[str]) -> dict:
+def fake_child(calls: list[list[str]], envs: list[dict] | None = None):
+    def run_child(cmd: list[str], env: dict[str, str]) -> dict:
         calls.append(cmd)
+        (envs if envs is not None else []).append(env)
         framework = "cnnlab" if "benchmarks.bench_cnnlab" in cmd else (
             "compiled" if "--compile" in cmd else "eager")
         return {"framework": framework, "params": 10, "input": "32x32x3", "batch_size": 8,
@@ -56,6 +68,22 @@ def test_a_variant_is_a_row_of_its_own_beside_the_same_pytorch_runs(monkeypatch)
     assert len(calls) == 4  # PyTorch runs once per entry, whatever the variants
     lines = bench.results_markdown([base, variant])
     assert any(line.startswith("| resnet56 [spc1] |") and "| 2.00x |" in line for line in lines)
+
+
+def test_cnnlab_runs_with_the_huge_pages_its_command_sets_and_pytorch_when_asked(monkeypatch):
+    monkeypatch.setattr(host_memory, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for torch_too in (False, True):
+        calls, envs = [], []
+        monkeypatch.setattr(bench, "run_child", fake_child(calls, envs))
+        args = bench.parse_args(["--models", "resnet20", "--frameworks", "cnnlab", "eager",
+                                 *(["--torch-huge-pages"] if torch_too else [])])
+        bench.run_entry("resnet20", args)
+        tunables = {("cnnlab" if "benchmarks.bench_cnnlab" in cmd else "eager"):
+                    env.get("GLIBC_TUNABLES") for cmd, env in zip(calls, envs, strict=True)}
+        on = "glibc.malloc.hugetlb=1"
+        assert tunables == {"cnnlab": on, "eager": on if torch_too else None}
 
 
 def test_disagreeing_parameter_counts_are_reported_and_fail_the_suite():

@@ -82,7 +82,7 @@ def test_complexity_is_within_ruffs_default_limit():
 # data is read and shaped before a model or a run exists, configs are read before anything is
 # checked, a run's files are written by runs/ and read by analysis/, the CLI sits on top.
 LAYERS = (
-    {"errors", "registry", "host_pool"},
+    {"errors", "registry", "host_pool", "host_memory"},
     {"progress", "parallel"},
     {"data"},
     {"models"},

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from cnnlab import host_memory
 from cnnlab.training.loop import train
 from tests.helpers import TINY, compose_config, run_cli, saved_state, wandb_run_contents
 
@@ -43,6 +44,11 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final_step"] == 60
+    # The command restarted itself with huge pages where that changes something (on Linux
+    # with glibc and the kernel's THP mode `madvise`, as on CI's machines): cnnlab/host_memory.py.
+    restarted = host_memory.restart_tunables(os.environ, host_memory.thp_mode(),
+                                             host_memory.glibc_version())
+    assert summary["host_huge_pages"] == (restarted is not None or host_memory.huge_pages())
     assert summary["final/test/error"] == events[-1]["test/error"]
     assert summary["best/test/error"] == min(e["test/error"] for e in events if "test/error" in e)
     # ResNet-8, width 4, 1 input channel, 10 classes: stem 36 + 6 convs and the head.

@@ -11,6 +11,7 @@ import sys
 from cnnlab.cli.args import fail
 from cnnlab.cli.usage import USAGE
 from cnnlab.errors import ConfigError
+from cnnlab.host_memory import restart_with_huge_pages
 from cnnlab.host_pool import size_host_pool
 
 # Each command's module (cnnlab/cli/<module>.py) and function, imported only when it runs, so that
@@ -44,6 +45,9 @@ def version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`cnnlab ARGS`; `argv` None: this process is the command (`sys.argv`), and may execute
+    itself again first (host_memory: huge pages for XLA:CPU's buffers); a list: called from
+    Python (the tests), in this process as it is."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; valid choices: {', '.join(COMMANDS)}")
     module, function = COMMANDS[command]
+    if argv is None:
+        restart_with_huge_pages()
     # Before JAX starts its CPU client (the commands below start it).
     size_host_pool()
     try:

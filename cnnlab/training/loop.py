@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import parallel
+from cnnlab import host_memory, parallel
 from cnnlab.errors import ConfigError
 from cnnlab.models import count_params
 from cnnlab.progress import CompileTimer, duration
@@ -105,6 +105,8 @@ def _train(run: Run, run_dir: RunDir, state: Any, loop: actions.LoopState,
         "params": run.num_params, "macs": run.macs, "steps": cfg.train.steps,
         "seed": cfg.seed, "resumed_from": resumed_from, **run.placement.describe(),
         "precision": cfg.train.precision or "fp32",
+        # CPU timings depend on it (cnnlab/host_memory.py), results do not.
+        "host_huge_pages": host_memory.huge_pages(),
     }
     if run.transfer is not None:
         summary["transfer"] = _transfer_summary(run, tracker)
