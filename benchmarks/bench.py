@@ -97,8 +97,7 @@ def child_env(framework: str, args: argparse.Namespace) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if framework == "cnnlab" or args.torch_huge_pages:
-        tunables = host_memory.restart_tunables(env, host_memory.thp_mode(),
-                                                host_memory.glibc_version())
+        tunables = host_memory.command_tunables(env)
         env |= {"GLIBC_TUNABLES": tunables} if tunables else {}
     return env
 

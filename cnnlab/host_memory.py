@@ -65,11 +65,17 @@ def restart_tunables(environ: Mapping[str, str], mode: str | None,
     return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
 
 
+def command_tunables(environ: Mapping[str, str] = os.environ) -> str | None:
+    """`restart_tunables` on this host: the GLIBC_TUNABLES the `cnnlab` command restarts with
+    from `environ` (None: it does not restart)."""
+    return restart_tunables(environ, thp_mode(), glibc_version())
+
+
 def restart_with_huge_pages(environ: MutableMapping[str, str] = os.environ) -> None:
     """Execute this process again with `glibc.malloc.hugetlb=1` where that changes something
     (see `restart_tunables`); return where it does not. Call it first thing in a command: what
     ran before is run again."""
-    tunables = restart_tunables(environ, thp_mode(), glibc_version())
+    tunables = command_tunables(environ)
     if tunables is None:
         return
     before = environ.get("GLIBC_TUNABLES")

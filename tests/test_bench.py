@@ -1,7 +1,6 @@
 """The benchmark suite (benchmarks/bench.py): a real quick run end to end, and its rows."""
 
 import json
-import os
 
 import pytest
 
@@ -32,9 +31,8 @@ def test_a_quick_run_reports_both_frameworks_beside_the_machine(tmp_path):
     assert "GPU: " in text
     # cnnlab runs as the `cnnlab` command restarts itself (cnnlab/host_memory.py), PyTorch as a
     # script starts: each run says which it had, and the machine's lines say both.
-    restarts = host_memory.restart_tunables(os.environ, host_memory.thp_mode(),
-                                            host_memory.glibc_version())
-    assert row["cnnlab"]["host_huge_pages"] == (restarts is not None or host_memory.huge_pages())
+    restarts = host_memory.command_tunables() is not None
+    assert row["cnnlab"]["host_huge_pages"] == (restarts or host_memory.huge_pages())
     assert row["eager"]["host_huge_pages"] == host_memory.huge_pages()
     said = "on" if row["cnnlab"]["host_huge_pages"] else "off"
     assert f"Host huge pages (the kernel's THP mode: {machine['thp_mode'] or 'none'}): " \

@@ -100,8 +100,7 @@ def page_faults_per_call(tunables: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(host_memory.restart_tunables({}, host_memory.thp_mode(),
-                                                 host_memory.glibc_version()) is None,
+@pytest.mark.skipif(host_memory.command_tunables({}) is None,
                     reason="the restart changes nothing here (glibc, or the kernel's THP mode)")
 def test_huge_pages_take_the_page_faults_out_of_xlas_calls():
     """What the restart is for: XLA:CPU maps its buffers afresh at each call, a page fault per

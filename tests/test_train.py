@@ -46,9 +46,8 @@ def test_short_real_run_learns_and_logs_everywhere(fashion_dir, tmp_path):
     assert summary["status"] == "finished" and summary["final_step"] == 60
     # The command restarted itself with huge pages where that changes something (on Linux
     # with glibc and the kernel's THP mode `madvise`, as on CI's machines): cnnlab/host_memory.py.
-    restarted = host_memory.restart_tunables(os.environ, host_memory.thp_mode(),
-                                             host_memory.glibc_version())
-    assert summary["host_huge_pages"] == (restarted is not None or host_memory.huge_pages())
+    restarted = host_memory.command_tunables() is not None
+    assert summary["host_huge_pages"] == (restarted or host_memory.huge_pages())
     assert summary["final/test/error"] == events[-1]["test/error"]
     assert summary["best/test/error"] == min(e["test/error"] for e in events if "test/error" in e)
     # ResNet-8, width 4, 1 input channel, 10 classes: stem 36 + 6 convs and the head.
