@@ -94,6 +94,6 @@ def restart_with_huge_pages(environ: MutableMapping[str, str] = os.environ) -> N
 def huge_pages(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process's large host allocations get transparent huge pages (for a run's
     summary: it changes CPU timings, not results)."""
-    mode = thp_mode()
-    glibc_asks = _tunables(environ).get(TUNABLE) == "1" and glibc_version() is not None
-    return mode == "always" or (mode == "madvise" and glibc_asks)
+    mode, glibc = thp_mode(), glibc_version()
+    glibc_asks = _tunables(environ).get(TUNABLE) == "1" and glibc is not None
+    return mode == "always" or (mode == "madvise" and glibc_asks and glibc >= FIRST_GLIBC)

@@ -47,6 +47,21 @@ def test_the_kernels_thp_mode_is_the_bracketed_word(tmp_path: Path):
     assert host_memory.thp_mode(str(tmp_path / "absent")) is None
 
 
+@pytest.mark.parametrize("mode, glibc, tunables, expected", [
+    ("madvise", GLIBC, ON, True),
+    ("madvise", GLIBC, "glibc.malloc.hugetlb=0", False),
+    ("madvise", GLIBC, "", False),
+    ("always", GLIBC, "", True),  # the kernel's own
+    ("never", GLIBC, ON, False),
+    ("madvise", (2, 31), ON, False),  # an older glibc ignores the tunable
+    ("madvise", None, ON, False),
+])
+def test_what_a_run_records_as_its_huge_pages(monkeypatch, mode, glibc, tunables, expected):
+    monkeypatch.setattr(host_memory, "thp_mode", lambda: mode)
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: glibc)
+    assert host_memory.huge_pages({"GLIBC_TUNABLES": tunables}) is expected
+
+
 class Restarted(Exception):
     pass
 
