@@ -12,6 +12,12 @@ description of the machine.
     python benchmarks/bench.py --models resnet20 vgg11 --frameworks cnnlab eager
     python benchmarks/bench.py --models resnet56 --variant spc1=train.steps_per_call=1
     python benchmarks/bench.py --quick --models resnet20         # seconds, for smoke tests
+    python benchmarks/bench.py --models resnet56 --frameworks cnnlab eager --rounds 3
+
+`--rounds N` runs every (entry, framework) N times, the frameworks' order reversed each round,
+and reports each framework's median run: on a machine whose speed drifts (a shared VM's slow
+spells cost one run 20% and spare the next), one run per framework compares whichever spell
+each happened to meet.
 """
 
 from __future__ import annotations
@@ -58,6 +64,12 @@ def parse_variant(text: str) -> Variant:
     return Variant(label, tuple(shlex.split(overrides)))
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(ENTRIES), default=list(ENTRIES))
@@ -69,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cnnlab config overrides for every cnnlab run (train.steps_per_call=1)")
     p.add_argument("--variant", type=parse_variant, action="append", default=[],
                    help="LABEL=OVERRIDE...: one more cnnlab row per entry with these overrides")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="runs of every (entry, framework), alternating; the median is reported")
     p.add_argument("--threads", type=int, help="PyTorch threads (default: usable cores)")
     p.add_argument("--torch-huge-pages", action="store_true",
                    help="run PyTorch with the glibc.malloc.hugetlb=1 that the cnnlab command "
@@ -122,25 +136,46 @@ def log_result(what: str, result: dict) -> None:
 
 
 def run_entry(model: str, args: argparse.Namespace) -> list[dict]:
-    """The rows of one entry: the base row and one per variant, the PyTorch runs shared."""
+    """The rows of one entry: the base row and one per variant, the PyTorch runs shared. With
+    `args.rounds` > 1 every run is repeated, the order of the runs reversed each round so that
+    no framework always runs first, and each keeps its median run (`median_run`)."""
     variants = [Variant("", ()), *args.variant]
-    torch_runs = {}
-    for framework in (f for f in args.frameworks if f != "cnnlab"):
-        torch_runs[framework] = run_child(child_command(framework, model, args, ()),
-                                          child_env(framework, args))
-        log_result(f"{model} {framework}", torch_runs[framework])
+    jobs = [(f, None) for f in args.frameworks if f != "cnnlab"]
+    jobs += [("cnnlab", v) for v in variants] if "cnnlab" in args.frameworks else []
+    runs: dict[tuple, list[dict]] = {job: [] for job in jobs}
+    for round_index in range(args.rounds):
+        for framework, variant in jobs if round_index % 2 == 0 else reversed(jobs):
+            overrides = (*args.overrides, *variant.overrides) if variant else ()
+            result = run_child(child_command(framework, model, args, overrides),
+                               child_env(framework, args))
+            runs[framework, variant].append(result)
+            label = f" {variant.label}" if variant and variant.label else ""
+            of = f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
+            log_result(f"{model}{label} {framework}{of}", result)
+    torch_runs = {f: median_run(runs[f, None]) for f, v in jobs if v is None}
     rows = []
     for variant in variants:
         row = {"model": model, "variant": variant.label,
                "overrides": [*args.overrides, *variant.overrides], **torch_runs}
         if "cnnlab" in args.frameworks:
-            row["cnnlab"] = run_child(child_command("cnnlab", model, args,
-                                                    tuple(row["overrides"])),
-                                      child_env("cnnlab", args))
-            log_result(f"{model}{' ' + variant.label if variant.label else ''} cnnlab",
-                       row["cnnlab"])
+            row["cnnlab"] = median_run(runs["cnnlab", variant])
         rows.append(finish_row(row))
     return rows
+
+
+def median_run(results: list[dict]) -> dict:
+    """The run of median images/s (of an even number, the slower of the middle two), with
+    every round's images/s and step time beside it (`rounds`, in the order they ran); the
+    first failed run if any failed. One run is returned as it is."""
+    if len(results) == 1:
+        return results[0]
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    ranked = sorted(results, key=lambda r: r["images_per_sec"])
+    rounds = [{"images_per_sec": r["images_per_sec"], "step_ms_median": r["step_ms_median"]}
+              for r in results]
+    return {**ranked[(len(ranked) - 1) // 2], "rounds": rounds}
 
 
 def finish_row(row: dict) -> dict:
@@ -161,6 +196,34 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_generation(cpuinfo: str) -> str | None:
+    """The first CPU's family and model numbers and its widest vector instructions, from
+    /proc/cpuinfo's text: "AMD EPYC" alone names Zen 4 and Zen 5 machines alike, whose
+    timings differ by 2x (2026-12-06)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block has ended
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                   if flag in flags), None)
+    return ", ".join([f"family {fields['cpu family']} model {fields['model']}",
+                      *([vector] if vector else [])])
+
+
+def _cpu_generation() -> str | None:
+    try:
+        return cpu_generation(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
 
 
 def _ram_gib() -> float | None:
@@ -198,7 +261,8 @@ def describe_machine(rows: list[dict]) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
+        "cpu": _cpu_model(), "cpu_generation": _cpu_generation(),
+        "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
         "ram_gib": _ram_gib(), "load_average": os.getloadavg(), "gpus": _gpus(),
         "devices": devices, "versions": {p: _version(p) for p in PACKAGES},
         "commit": _git_commit(), "thp_mode": host_memory.thp_mode(),
@@ -228,9 +292,11 @@ def machine_markdown(machine: dict, rows: list[dict]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
     ram = f"{machine['ram_gib']:.1f} GiB" if machine["ram_gib"] else "unknown"
     load = ", ".join(f"{x:.2f}" for x in machine["load_average"])
+    generation = f" ({machine['cpu_generation']})" if machine.get("cpu_generation") else ""
     return [
-        f"Machine: {machine['cpu']}, {machine['cpu_count']} CPUs ({machine['usable_cores']} "
-        f"usable by this process), {ram} RAM; {machine['os']}, Python {machine['python']}",
+        f"Machine: {machine['cpu']}{generation}, {machine['cpu_count']} CPUs "
+        f"({machine['usable_cores']} usable by this process), {ram} RAM; {machine['os']}, "
+        f"Python {machine['python']}",
         f"Versions: {versions}; cnnlab commit {machine['commit']}",
         f"Devices: {'; '.join(machine['devices']) or 'none ran'}",
         _gpu_line(machine, rows),
@@ -298,6 +364,36 @@ def results_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _per_round(run: dict | None) -> str:
+    if not run or "error" in run:
+        return "-" if not run else "failed"
+    return ", ".join(f"{r['images_per_sec']:.1f}" for r in run.get("rounds", [run]))
+
+
+def _round_ratios(row: dict) -> str:
+    """cnnlab's images/s over eager's, round by round (the two ran minutes apart)."""
+    c, e = row.get("cnnlab"), row.get("eager")
+    if not c or not e or "error" in c or "error" in e:
+        return "-"
+    return ", ".join(f"{a['images_per_sec'] / b['images_per_sec']:.2f}x"
+                     for a, b in zip(c.get("rounds", [c]), e.get("rounds", [e]), strict=True))
+
+
+def rounds_markdown(rows: list[dict]) -> list[str]:
+    """Every round's images/s, where the suite ran more than one (--rounds)."""
+    if not any("rounds" in row[f] for row in rows for f in FRAMEWORKS if f in row):
+        return []
+    lines = ["", "Rounds (images/s in the order they ran; the tables above give each "
+             "framework's median run):", "",
+             "| model | cnnlab img/s | eager img/s | compiled img/s | cnnlab/eager by round |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        c, e, t = (row.get(f) for f in FRAMEWORKS)
+        lines.append(f"| {_label(row)} | {_per_round(c)} | {_per_round(e)} | {_per_round(t)} "
+                     f"| {_round_ratios(row)} |")
+    return lines
+
+
 def failures_markdown(rows: list[dict]) -> list[str]:
     """The last line of each failed run's stderr (the JSON holds 15)."""
     failed = [f"- {_label(row)} {f}: {row[f]['error'].splitlines()[-1] if row[f]['error'] else '?'}"
@@ -311,7 +407,8 @@ def markdown(machine: dict, rows: list[dict]) -> str:
             "torch.cuda.max_memory_allocated. Compile s: the warm-up's time beyond that of as "
             "many steady-state steps. Step ms: the median timed step.")
     return "\n".join(["# cnnlab benchmark suite", "", *machine_markdown(machine, rows), "",
-                      *results_markdown(rows), *failures_markdown(rows), "", peak, ""])
+                      *results_markdown(rows), *rounds_markdown(rows), *failures_markdown(rows),
+                      "", peak, ""])
 
 
 def main(argv: list[str] | None = None) -> int:

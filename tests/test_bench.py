@@ -28,6 +28,7 @@ def test_a_quick_run_reports_both_frameworks_beside_the_machine(tmp_path):
     assert machine["usable_cores"] >= 1 and machine["versions"]["jax"]
     text = out.with_suffix(".md").read_text()
     assert machine["cpu"] in text and f"jax {machine['versions']['jax']}" in text
+    assert machine["cpu_generation"] is None or f"({machine['cpu_generation']})" in text
     assert "GPU: " in text
     # cnnlab runs as the `cnnlab` command restarts itself (cnnlab/host_memory.py), PyTorch as a
     # script starts: each run says which it had, and the machine's lines say both.
@@ -82,6 +83,61 @@ def test_cnnlab_runs_with_the_huge_pages_its_command_sets_and_pytorch_when_asked
                     env.get("GLIBC_TUNABLES") for cmd, env in zip(calls, envs, strict=True)}
         on = "glibc.malloc.hugetlb=1"
         assert tunables == {"cnnlab": on, "eager": on if torch_too else None}
+
+
+def test_rounds_alternate_the_order_and_report_each_frameworks_median_run(monkeypatch):
+    """--rounds 3: the runs' order reversed each round, each framework's median run reported,
+    and every round's images/s listed (each fake run is faster than the one before it)."""
+    order = []
+
+    def run_child(cmd: list[str], env: dict[str, str]) -> dict:
+        framework = "cnnlab" if "benchmarks.bench_cnnlab" in cmd else "eager"
+        order.append(framework)
+        speed = float(len(order))
+        return {"framework": framework, "params": 10, "input": "32x32x3", "batch_size": 8,
+                "images_per_sec": speed, "step_ms_median": 1000 / speed, "peak_mib": speed,
+                "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_child", run_child)
+    args = bench.parse_args(["--models", "resnet20", "--frameworks", "cnnlab", "eager",
+                             "--rounds", "3"])
+    (row,) = bench.run_entry("resnet20", args)
+    assert order == ["eager", "cnnlab", "cnnlab", "eager", "eager", "cnnlab"]
+    # cnnlab ran at 2, 3, 6 images/s, eager at 1, 4, 5: the medians are whole runs of their own.
+    assert row["cnnlab"]["images_per_sec"] == 3.0 and row["cnnlab"]["peak_mib"] == 3.0
+    assert row["eager"]["images_per_sec"] == 4.0
+    assert [r["images_per_sec"] for r in row["cnnlab"]["rounds"]] == [2.0, 3.0, 6.0]
+    assert "| 0.75x |" in bench.results_markdown([row])[2]
+    assert bench.rounds_markdown([row])[-1] == (
+        "| resnet20 | 2.0, 3.0, 6.0 | 1.0, 4.0, 5.0 | - | 2.00x, 0.75x, 1.20x |")
+
+
+def test_a_median_run_of_an_even_count_is_the_slower_middle_one_and_a_failure_wins():
+    runs = [{"images_per_sec": v, "step_ms_median": 1000 / v} for v in (4.0, 1.0, 3.0, 2.0)]
+    assert bench.median_run(runs)["images_per_sec"] == 2.0
+    assert bench.median_run([runs[0], {"error": "killed"}, runs[1]]) == {"error": "killed"}
+    # One round (the default): the run as it came, and no table of rounds.
+    assert bench.median_run(runs[:1]) is runs[0]
+    row = bench.finish_row({"model": "resnet20", "variant": "", "overrides": [],
+                            "cnnlab": {**runs[0], "params": 1, "input": "-", "batch_size": 8}})
+    assert bench.rounds_markdown([row]) == []
+
+
+def test_rounds_must_be_a_whole_number_of_at_least_one(capsys):
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(["--rounds", bad])
+        assert stop.value.code == 2 and f"got {bad!r}" in capsys.readouterr().err
+
+
+def test_the_machine_names_its_cpu_generation_and_vector_width():
+    zen4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f avx512bw\n\n"
+            "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: avx2\n")
+    assert bench.cpu_generation(zen4) == "family 25 model 17, AVX-512"
+    assert bench.cpu_generation(zen4.replace(" avx512f avx512bw", "")) == (
+        "family 25 model 17, AVX2")
+    assert bench.cpu_generation("processor\t: 0\nCPU implementer\t: 0x41\n") is None
 
 
 def test_disagreeing_parameter_counts_are_reported_and_fail_the_suite():
