@@ -2,6 +2,7 @@
 step on every process (an action of the training loop, cnnlab/training/actions.py)."""
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -41,8 +42,19 @@ class StopOnSignal:
         # cnnlab/parallel.py's Placement, where its mesh spans processes (set by `start`).
         self.placement: Any = None
         self._agreed: jax.Array | None = None  # queued after the previous chunk
+        self._unraisable_hook = None
         if threading.current_thread() is threading.main_thread():  # handlers: main thread only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._unraisable_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """Python's report of an exception it could not raise, less our own `Interrupted`: a
+        handler that lands in a callback whose exceptions Python only prints (jax's garbage-
+        collection callback, seen in CI) would otherwise print a traceback above the run's one
+        line, though the signal is not lost (`raise_pending` raises it again)."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self._unraisable_hook(unraisable)
 
     def start(self, placement: Any = None) -> None:
         """From now on a signal stops the run at the next step boundary (the training loop is
@@ -107,3 +119,5 @@ class StopOnSignal:
     def close(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._unraisable_hook is not None and sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._unraisable_hook
