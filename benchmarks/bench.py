@@ -365,8 +365,12 @@ def results_markdown(rows: list[dict]) -> list[str]:
 
 
 def _per_round(run: dict | None) -> str:
-    if not run or "error" in run:
-        return "-" if not run else "failed"
+    """Every round's images/s of one framework's run, marked as `_num` marks a missing or
+    failed run."""
+    if run is None:
+        return "-"
+    if "error" in run:
+        return "failed"
     return ", ".join(f"{r['images_per_sec']:.1f}" for r in run.get("rounds", [run]))
 
 
