@@ -41,7 +41,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a script: `benchmarks` must be importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.suite import ENTRIES, FRAMEWORKS, usable_cores  # noqa: E402
+from benchmarks.suite import ENTRIES, FRAMEWORKS, positive_int, usable_cores  # noqa: E402
 from cnnlab import host_memory  # noqa: E402
 
 CHILD = {"cnnlab": ["benchmarks.bench_cnnlab"], "eager": ["benchmarks.torch_suite"],
@@ -62,12 +62,6 @@ def parse_variant(text: str) -> Variant:
     if not sep or not label or not overrides.strip():
         raise argparse.ArgumentTypeError(f"--variant wants LABEL=OVERRIDE..., got {text!r}")
     return Variant(label, tuple(shlex.split(overrides)))
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

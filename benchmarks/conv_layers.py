@@ -5,7 +5,11 @@ PyTorch (same shape, as many threads as the process may use), with GFLOP/s; and 
 matmul, the ceiling a matmul formulation can reach.
 
 Each (shape, pass) times every implementation in turn, `--reps` rounds interleaved, and keeps
-the fastest call of each (the machine may be shared; the load average is recorded).
+the fastest call of each (the machine may be shared; the load average is recorded). The order
+reverses each round (`call_orders`), so that no implementation always follows the same one:
+the call right after PyTorch's ran slower, whichever it was (2026-12-06, Intel Xeon: the
+first column's 16x16x32 input gradient at 144-172 GFLOP/s against 213-228 for the second, the
+two columns' code the same).
 
     python -m benchmarks.conv_layers                      # all four networks
     python -m benchmarks.conv_layers --models resnet20 --impls lax cnnlab im2col
@@ -28,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks.bench_cnnlab import overrides_for
-from benchmarks.suite import ENTRIES, usable_cores
+from benchmarks.suite import ENTRIES, positive_int, usable_cores
 from cnnlab.cli.preflight import compose
 from cnnlab.models import build_model, conv, conv_impl
 from cnnlab.training import numerics
@@ -154,13 +158,26 @@ def time_layer(shape: tuple, impls: dict[str, Callable], with_torch: bool,
     if with_torch:
         for p, call in torch_passes(x_shape, w_shape, strides, pads).items():
             calls[p]["torch"] = call
-    best: dict[str, dict[str, float]] = {p: {} for p in PASSES}
+    return best_times(calls, reps)
+
+
+def call_orders(names: list[str], reps: int) -> list[list[str]]:
+    """The order of each of `reps` rounds: `names`, reversed every other round (as
+    `bench.py --rounds` orders its runs). A name then follows its left neighbour in one round
+    and its right one in the next, so from two rounds on none always follows the same one."""
+    return [names if r % 2 == 0 else names[::-1] for r in range(reps)]
+
+
+def best_times(calls: dict[str, dict[str, Callable]], reps: int) -> dict[str, dict[str, float]]:
+    """The fastest of `reps` timed calls of each (pass, implementation), after one untimed call
+    each (compiling, warming up), the implementations in `call_orders`."""
+    best: dict[str, dict[str, float]] = {p: {} for p in calls}
     for p, table in calls.items():
         for call in table.values():
             call()  # compile / warm up
-        for _ in range(reps):
-            for name, call in table.items():
-                best[p][name] = min(best[p].get(name, np.inf), _time(call))
+        for order in call_orders(list(table), reps):
+            for name in order:
+                best[p][name] = min(best[p].get(name, np.inf), _time(table[name]))
     return best
 
 
@@ -216,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impls", nargs="*",
                    default=["lax", "cnnlab", *conv_impl.IMPLS.names()])
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=positive_int, default=6,
+                   help="timed rounds, the order reversed each round")
     p.add_argument("--label", default="conv_layers", help="results file name")
     p.add_argument("--cpu-kernels", default="eigen", choices=list(numerics.CPU_KERNELS),
                    help="the library XLA:CPU runs convolutions in (train.cpu_kernels)")

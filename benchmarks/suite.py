@@ -77,6 +77,13 @@ def entry_from_args(args: argparse.Namespace) -> Entry:
                                warmup=entry.warmup if args.warmup is None else args.warmup)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of rounds or repetitions)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"wants a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity), not the machine's count."""
     try:
