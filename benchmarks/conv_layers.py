@@ -7,9 +7,9 @@ matmul, the ceiling a matmul formulation can reach.
 Each (shape, pass) times every implementation in turn, `--reps` rounds interleaved, and keeps
 the fastest call of each (the machine may be shared; the load average is recorded). The order
 reverses each round (`call_orders`), so that no implementation always follows the same one:
-the call right after PyTorch's ran slower, whichever it was (2026-12-06, Intel Xeon: the
-first column's 16x16x32 input gradient at 144-172 GFLOP/s against 213-228 for the second, the
-two columns' code the same).
+the call right after PyTorch's could run slower, whichever it was (2026-12-06, Intel Xeon:
+the 16x16x32 input gradient at 172 and 144 GFLOP/s in the first column, cnnlab's then lax's,
+against 228 and 213 in the second; its forward pass, the same code in both, 133 against 219).
 
     python -m benchmarks.conv_layers                      # all four networks
     python -m benchmarks.conv_layers --models resnet20 --impls lax cnnlab im2col
