@@ -41,7 +41,13 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a script: `benchmarks` must be importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.suite import ENTRIES, FRAMEWORKS, positive_int, usable_cores  # noqa: E402
+from benchmarks.suite import (  # noqa: E402
+    ENTRIES,
+    FRAMEWORKS,
+    alternating_orders,
+    positive_int,
+    usable_cores,
+)
 from cnnlab import host_memory  # noqa: E402
 
 CHILD = {"cnnlab": ["benchmarks.bench_cnnlab"], "eager": ["benchmarks.torch_suite"],
@@ -137,8 +143,8 @@ def run_entry(model: str, args: argparse.Namespace) -> list[dict]:
     jobs = [(f, None) for f in args.frameworks if f != "cnnlab"]
     jobs += [("cnnlab", v) for v in variants] if "cnnlab" in args.frameworks else []
     runs: dict[tuple, list[dict]] = {job: [] for job in jobs}
-    for round_index in range(args.rounds):
-        for framework, variant in jobs if round_index % 2 == 0 else reversed(jobs):
+    for round_index, order in enumerate(alternating_orders(jobs, args.rounds)):
+        for framework, variant in order:
             overrides = (*args.overrides, *variant.overrides) if variant else ()
             result = run_child(child_command(framework, model, args, overrides),
                                child_env(framework, args))

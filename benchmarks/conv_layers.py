@@ -6,8 +6,8 @@ matmul, the ceiling a matmul formulation can reach.
 
 Each (shape, pass) times every implementation in turn, `--reps` rounds interleaved, and keeps
 the fastest call of each (the machine may be shared; the load average is recorded). The order
-reverses each round (`call_orders`), so that no implementation always follows the same one:
-the call right after PyTorch's could run slower, whichever it was (2026-12-06, Intel Xeon:
+reverses each round (`suite.alternating_orders`), so that no implementation always follows the
+same one: the call right after PyTorch's could run slower, whichever it was (2026-12-06, Intel Xeon:
 the 16x16x32 input gradient at 172 and 144 GFLOP/s in the first column, cnnlab's then lax's,
 against 228 and 213 in the second; its forward pass, the same code in both, 133 against 219).
 
@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks.bench_cnnlab import overrides_for
-from benchmarks.suite import ENTRIES, positive_int, usable_cores
+from benchmarks.suite import ENTRIES, alternating_orders, positive_int, usable_cores
 from cnnlab.cli.preflight import compose
 from cnnlab.models import build_model, conv, conv_impl
 from cnnlab.training import numerics
@@ -161,21 +161,14 @@ def time_layer(shape: tuple, impls: dict[str, Callable], with_torch: bool,
     return best_times(calls, reps)
 
 
-def call_orders(names: list[str], reps: int) -> list[list[str]]:
-    """The order of each of `reps` rounds: `names`, reversed every other round (as
-    `bench.py --rounds` orders its runs). A name then follows its left neighbour in one round
-    and its right one in the next, so from two rounds on none always follows the same one."""
-    return [names if r % 2 == 0 else names[::-1] for r in range(reps)]
-
-
 def best_times(calls: dict[str, dict[str, Callable]], reps: int) -> dict[str, dict[str, float]]:
     """The fastest of `reps` timed calls of each (pass, implementation), after one untimed call
-    each (compiling, warming up), the implementations in `call_orders`."""
+    each (compiling, warming up), the implementations in `alternating_orders`."""
     best: dict[str, dict[str, float]] = {p: {} for p in calls}
     for p, table in calls.items():
         for call in table.values():
             call()  # compile / warm up
-        for order in call_orders(list(table), reps):
+        for order in alternating_orders(list(table), reps):
             for name in order:
                 best[p][name] = min(best[p].get(name, np.inf), _time(table[name]))
     return best

@@ -77,6 +77,14 @@ def entry_from_args(args: argparse.Namespace) -> Entry:
                                warmup=entry.warmup if args.warmup is None else args.warmup)
 
 
+def alternating_orders(items: list, rounds: int) -> list[list]:
+    """The order of each of `rounds` rounds: `items`, reversed every other round. An item then
+    follows its left neighbour in one round and its right one in the next, so from two rounds on
+    none always follows the same one, and none always runs first (bench.py's runs,
+    conv_layers.py's calls)."""
+    return [list(items) if r % 2 == 0 else list(items)[::-1] for r in range(rounds)]
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1 (a count of rounds or repetitions)."""
     if not text.isdigit() or int(text) < 1:

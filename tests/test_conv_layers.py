@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from benchmarks import conv_layers
+from benchmarks import conv_layers, suite
 
 
 def test_the_order_reverses_each_round_so_no_name_always_follows_the_same_one():
-    orders = conv_layers.call_orders(["lax", "cnnlab", "torch"], 4)
+    orders = suite.alternating_orders(["lax", "cnnlab", "torch"], 4)
     assert orders == [["lax", "cnnlab", "torch"], ["torch", "cnnlab", "lax"]] * 2
     sequence = [name for order in orders for name in order]
     for name in ("lax", "cnnlab", "torch"):
